@@ -1,0 +1,106 @@
+"""Base config: a small GPT-2-style model on the Python standard library, on a CPU.
+
+Command (first run builds the dataset and tokenizer, ~20 s; later runs reuse them):
+  python -m tpu_lm.main --config=configs/base.py
+
+Hardware and result: see README.md ("Base config"). Length is set in steps, not
+time, so the final numbers are the same on every machine; only the wall time
+changes with CPU speed.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_train_steps = 600
+  c.log_every_steps = 50
+  c.eval_every_steps = 300
+  c.checkpoint_every_steps = 200
+  c.keep_checkpoints = 3
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "python_stdlib"  # or "text_files" (+ data.path), or a TFDS catalog name
+  c.data.path = ""  # for text_files: a directory or glob of text files
+  c.data.data_dir = "~/tensorflow_datasets"
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.text_key = "text"
+  c.data.max_documents = 0  # read at most this many documents per split (0: all)
+  c.data.tokenizer = "sentencepiece"  # or "bytes"
+  c.data.vocab_size = 2048  # sentencepiece only; bytes has 259
+  c.data.seq_len = 256
+  c.data.global_batch_size = 32
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = 2
+  c.model.d_model = 160
+  c.model.num_heads = 2
+  c.model.num_kv_heads = 0  # 0: same as num_heads (multi-head); fewer: grouped-query
+  c.model.head_dim = 0  # 0: d_model // num_heads
+  c.model.mlp_dim = 640
+  c.model.max_len = 256  # learned positions only
+  c.model.norm = "layernorm"  # or "rmsnorm"
+  c.model.position = "learned"  # or "rope"
+  c.model.rope_theta = 10_000.0
+  c.model.mlp = "gelu"  # or "swiglu"
+  c.model.use_bias = True
+  c.model.tie_embeddings = True
+  c.model.dropout_rate = 0.0
+  c.model.dtype = "float32"  # compute dtype; params are always float32
+  c.model.remat = "none"  # "none", "full", "dots", "dots_no_batch"
+  c.model.scan_layers = False
+  c.model.attention = "xla"
+  c.model.init_std = 0.02
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.optimizer = "adamw"  # "adamw", "sgd", "adafactor"
+  c.optim.learning_rate = 6e-3
+  c.optim.schedule = "cosine"  # "cosine", "linear", "rsqrt", "constant"
+  c.optim.warmup_steps = 30
+  c.optim.min_lr_ratio = 0.1  # the cosine/linear schedules end at this fraction of the peak
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.momentum = 0.9  # sgd only
+  c.optim.weight_decay = 0.1  # decoupled; never applied to norms and biases
+  c.optim.grad_clip_norm = 1.0  # 0: no clipping
+  c.optim.l1_penalty = 0.0
+
+  # Device mesh: -1 takes the devices the other axes leave. The default is pure
+  # data parallelism; fsdp / tensor shard the parameters instead of replicating.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # Logical axis name -> mesh axes. Parameters and activations are annotated with
+  # the names on the left where they are created.
+  c.mesh.rules = (
+      ("act_batch", ("data", "fsdp")),
+      ("act_length", None),
+      ("act_embed", None),
+      ("act_heads", "tensor"),
+      ("act_kv", None),
+      ("act_mlp", "tensor"),
+      ("act_vocab", "tensor"),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("kv", None),
+      ("pos", None),
+      ("norm", None),
+      ("layers", None),
+  )
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_prompts = 3
+  c.sample.prompt_tokens = 32
+  c.sample.new_tokens = 48
+  c.sample.temperature = 0.7
+  c.sample.top_k = 40
+
+  c.peak_flops_per_device = 0.0  # 0: look up the accelerator; used for MFU only
+  return c

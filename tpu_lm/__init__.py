@@ -1,0 +1,1 @@
+"""tpu_lm: a JAX research codebase for Transformer language models."""

@@ -1,0 +1,131 @@
+"""Config validation and derived values: every user mistake found before any work.
+
+`validate` takes the ConfigDict as the user wrote it and raises `UserError` with
+one sentence naming the field and what is allowed. `model_config` turns the
+`model` section into the frozen `ModelConfig` the layers receive.
+"""
+
+from tpu_lm.errors import UserError
+from tpu_lm.model import ModelConfig
+
+CHOICES = {
+    "data.tokenizer": ("sentencepiece", "bytes"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.position": ("learned", "rope"),
+    "model.mlp": ("gelu", "swiglu"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.attention": ("xla",),
+    "optim.optimizer": ("adamw", "sgd", "adafactor"),
+    "optim.schedule": ("cosine", "linear", "rsqrt", "constant"),
+}
+POSITIVE_INTS = (
+    "num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+    "keep_checkpoints", "data.seq_len", "data.global_batch_size", "model.num_layers",
+    "model.d_model", "model.num_heads", "model.mlp_dim", "model.max_len",
+)
+NON_NEGATIVE = (
+    "data.max_documents", "model.num_kv_heads", "model.head_dim", "model.dropout_rate",
+    "optim.learning_rate", "optim.warmup_steps", "optim.min_lr_ratio", "optim.weight_decay",
+    "optim.grad_clip_norm", "optim.l1_penalty", "sample.num_prompts",
+    "sample.new_tokens", "sample.temperature", "sample.top_k", "peak_flops_per_device",
+)
+VOCAB_MULTIPLE = 128  # the model's vocabulary is padded to this for even sharding
+
+
+def _get(config, dotted):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def fail(field, value, allowed):
+  raise UserError(f"config field {field} is {value!r}: {allowed}.")
+
+
+def tokenizer_vocab_size(config) -> int:
+  return 259 if config.data.tokenizer == "bytes" else config.data.vocab_size
+
+
+def validate(config) -> None:
+  """Raises UserError on the first bad value; returns None when the config is usable."""
+  for field, allowed in CHOICES.items():
+    value = _get(config, field)
+    if value not in allowed:
+      fail(field, value, "use one of " + ", ".join(repr(a) for a in allowed))
+  for field in POSITIVE_INTS:
+    value = _get(config, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      fail(field, value, "it must be a positive integer")
+  for field in NON_NEGATIVE:
+    value = _get(config, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+      fail(field, value, "it must be a number >= 0")
+
+  m = config.model
+  heads, kv_heads = m.num_heads, m.num_kv_heads or m.num_heads
+  if not m.head_dim and m.d_model % heads:
+    fail("model.num_heads", heads, f"it must divide model.d_model ({m.d_model}), or set model.head_dim")
+  if heads % kv_heads:
+    fail("model.num_kv_heads", kv_heads, f"it must divide model.num_heads ({heads})")
+  head_dim = m.head_dim or m.d_model // heads
+  if m.position == "rope" and head_dim % 2:
+    fail("model.head_dim", head_dim, "rotary positions need an even head dimension")
+  if not 0 <= m.dropout_rate < 1:
+    fail("model.dropout_rate", m.dropout_rate, "it must be in [0, 1)")
+  if m.position == "learned" and config.data.seq_len > m.max_len:
+    fail(
+        "data.seq_len", config.data.seq_len,
+        f"it is longer than the model's learned positions (model.max_len={m.max_len}); raise model.max_len",
+    )
+  if config.data.tokenizer == "sentencepiece" and not 260 <= config.data.vocab_size <= 1 << 20:
+    fail("data.vocab_size", config.data.vocab_size, "a SentencePiece vocabulary must be between 260 and 1048576")
+  if config.data.dataset == "text_files" and not config.data.path:
+    fail("data.path", "", "data.dataset='text_files' needs a directory or glob of text files")
+  if not 0 <= config.optim.min_lr_ratio <= 1:
+    fail("optim.min_lr_ratio", config.optim.min_lr_ratio, "it must be in [0, 1]")
+  if config.optim.warmup_steps > config.num_train_steps:
+    fail("optim.warmup_steps", config.optim.warmup_steps, f"it must not exceed num_train_steps ({config.num_train_steps})")
+  for axis in ("data", "fsdp", "tensor"):
+    v = config.mesh[axis]
+    if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
+      fail(f"mesh.{axis}", v, "it must be a positive integer or -1 (fill with the remaining devices)")
+  if [config.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
+    raise UserError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1.")
+  rules = config.mesh.rules
+  if not all(isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str) for r in rules):
+    fail("mesh.rules", rules, "it must be a sequence of (logical name, mesh axes) pairs")
+  if m.position == "learned" and config.sample.num_prompts and (
+      config.sample.prompt_tokens + config.sample.new_tokens > m.max_len
+  ):
+    fail(
+        "sample.new_tokens", config.sample.new_tokens,
+        f"prompt plus new tokens must fit model.max_len ({m.max_len})",
+    )
+
+
+def model_config(config) -> ModelConfig:
+  m = config.model
+  vocab = tokenizer_vocab_size(config)
+  return ModelConfig(
+      vocab_size=-(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
+      num_layers=m.num_layers,
+      d_model=m.d_model,
+      num_heads=m.num_heads,
+      num_kv_heads=m.num_kv_heads or m.num_heads,
+      head_dim=m.head_dim or m.d_model // m.num_heads,
+      mlp_dim=m.mlp_dim,
+      max_len=m.max_len,
+      norm=m.norm,
+      position=m.position,
+      rope_theta=m.rope_theta,
+      mlp=m.mlp,
+      use_bias=m.use_bias,
+      tie_embeddings=m.tie_embeddings,
+      dropout_rate=m.dropout_rate,
+      dtype=m.dtype,
+      remat=m.remat,
+      scan_layers=m.scan_layers,
+      init_std=m.init_std,
+  )

@@ -1,0 +1,147 @@
+"""Tokenizers: SentencePiece (trained once on the training split and cached) or bytes.
+
+Both are lossless (`decode(encode(text)) == text`), which bits-per-byte relies on,
+and both share the special ids pad=0, bos=1, eos=2. A SentencePiece model is read
+back from its serialized protobuf; nothing here unpickles.
+"""
+
+import hashlib
+import io
+import os
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import numpy as np
+import sentencepiece as spm
+
+from tpu_lm.errors import UserError
+
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+class Tokenizer(Protocol):
+  vocab_size: int
+  name: str
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+  def decode(self, ids: Iterable[int]) -> str: ...
+
+
+class ByteTokenizer:
+  """UTF-8 bytes shifted past the three special ids."""
+
+  OFFSET = 3
+  vocab_size = 256 + OFFSET
+  name = "bytes"
+
+  def encode_batch(self, texts):
+    return [[b + self.OFFSET for b in t.encode("utf-8")] for t in texts]
+
+  def decode(self, ids):
+    return bytes(int(i) - self.OFFSET for i in ids if int(i) >= self.OFFSET).decode(
+        "utf-8", errors="replace"
+    )
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece BPE model, set up for source code and prose alike.
+
+  Identity normalisation, no dummy prefix, kept whitespace and '\\n' as its own
+  piece make it lossless; byte fallback covers any character unseen in training.
+  """
+
+  def __init__(self, model_proto: bytes, path: str = "<memory>"):
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(model_proto)
+    except Exception as e:  # sentencepiece raises bare RuntimeError/OSError here
+      raise UserError(
+          f"tokenizer file {path} is corrupt ({e}): delete it and it is retrained"
+          " on the next run."
+      ) from None
+    if (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()) != (PAD_ID, BOS_ID, EOS_ID):
+      raise UserError(
+          f"tokenizer file {path} was not made by tpu_lm (its pad/bos/eos ids differ):"
+          " delete it or point data.data_dir elsewhere."
+      )
+    self.vocab_size = self._sp.get_piece_size()
+    # The hash ties cached tokenized splits to this exact model: a retrained
+    # tokenizer never reads tokens made by another.
+    self.name = f"spm{self.vocab_size}-{hashlib.sha256(model_proto).hexdigest()[:10]}"
+    self.model_proto = model_proto
+
+  def encode_batch(self, texts):
+    return self._sp.encode(texts, num_threads=os.cpu_count() or 1)
+
+  def decode(self, ids):
+    return self._sp.decode([int(i) for i in ids])
+
+
+def _training_chunks(texts: Iterable[str], lines_per_chunk: int = 8) -> Iterator[str]:
+  # SentencePiece learns from "sentences"; chunks of a few lines keep newlines and
+  # indentation inside them, so pieces like "\n    " can be learned.
+  for text in texts:
+    lines = text.splitlines(keepends=True)
+    for i in range(0, len(lines), lines_per_chunk):
+      yield "".join(lines[i : i + lines_per_chunk])[:4000]
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
+  """Trains a BPE model on `texts`; returns its serialized protobuf."""
+  out = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_chunks(texts),
+        model_writer=out,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        pad_id=PAD_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        unk_id=3,
+        byte_fallback=True,
+        character_coverage=0.9995,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_by_whitespace=False,
+        split_digits=True,
+        user_defined_symbols=["\n"],
+        input_sentence_size=300_000,
+        shuffle_input_sentence=True,
+        max_sentence_length=4096,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
+  except RuntimeError as e:
+    raise UserError(
+        f"could not train a SentencePiece vocabulary of {vocab_size} on this data ({e}):"
+        " lower data.vocab_size or use data.tokenizer='bytes'."
+    ) from None
+  return out.getvalue()
+
+
+def load_or_train(path: str, vocab_size: int, texts: Iterable[str]) -> SentencePieceTokenizer:
+  """The cached tokenizer at `path`, training and writing it first if absent."""
+  if os.path.exists(path):
+    with open(path, "rb") as f:
+      tok = SentencePieceTokenizer(f.read(), path)
+    if tok.vocab_size != vocab_size:
+      raise UserError(
+          f"tokenizer file {path} has vocabulary {tok.vocab_size}, but data.vocab_size"
+          f" is {vocab_size}: set data.vocab_size={tok.vocab_size} or delete the file."
+      )
+    return tok
+  proto = train_sentencepiece(texts, vocab_size)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(proto)
+  os.replace(tmp, path)  # atomic: a crash never leaves half a tokenizer
+  return SentencePieceTokenizer(proto, path)
+
+
+def token_dtype(vocab_size: int):
+  return np.uint16 if vocab_size <= np.iinfo(np.uint16).max else np.int32

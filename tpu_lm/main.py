@@ -1,0 +1,44 @@
+"""Entry point: python -m tpu_lm.main --config=configs/base.py [--workdir=DIR] [--config.x=y]."""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from tpu_lm.errors import UserError  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (Python).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default ./workdirs/<config name>.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of a user error.")
+flags.mark_flags_as_required(["config"])
+
+
+def default_workdir() -> str:
+  name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
+  return os.path.join("workdirs", name)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}: every option is a --flag.")
+  workdir = _WORKDIR.value
+  if not workdir:
+    workdir = default_workdir()
+    print(f"no --workdir given: using {os.path.abspath(workdir)}", flush=True)
+  logging.set_verbosity(logging.WARNING)  # absl's INFO lines (e.g. libtpu probing) are noise here
+  from tpu_lm import train  # after flag parsing: --help stays fast
+
+  try:
+    train.train_and_evaluate(_CONFIG.value, workdir)
+  except UserError as e:
+    if _DEBUG.value:
+      raise
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

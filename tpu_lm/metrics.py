@@ -1,0 +1,75 @@
+"""Training FLOPs and MFU, and where metrics go: console, metrics.jsonl, TensorBoard."""
+
+import json
+import math
+import os
+import sys
+
+import jax
+
+# bf16 dense peak FLOP/s per device, by `device_kind` substring (first match wins).
+PEAK_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12),
+)
+
+
+def flops_per_token(num_params_no_pos: int, num_layers: int, d_model: int, seq_len: int) -> float:
+  """Training FLOPs per token: 6N + 12·L·d·T (PaLM appendix B; nanoGPT).
+
+  6N covers the forward and backward matmuls with the weights, 12·L·d·T the
+  attention scores and weighted sums; N excludes position embeddings.
+  """
+  return 6 * num_params_no_pos + 12 * num_layers * d_model * seq_len
+
+
+def peak_flops_per_device(configured: float) -> float:
+  """The configured peak, else the accelerator's from the table; 0 when unknown (CPU)."""
+  if configured:
+    return configured
+  kind = jax.devices()[0].device_kind
+  return next((f for name, f in PEAK_FLOPS if name in kind), 0.0)
+
+
+def console(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def format_seconds(s: float) -> str:
+  s = int(max(s, 0))
+  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Writer:
+  """Appends each record to DIR/metrics.jsonl and DIR's TensorBoard events (process 0)."""
+
+  def __init__(self, workdir: str):
+    self._active = jax.process_index() == 0
+    if not self._active:
+      return
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    try:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(workdir, flush_secs=30)
+    except ImportError:  # TensorBoard files are optional; metrics.jsonl is not
+      print("tensorboardX is not installed: no TensorBoard event files.", file=sys.stderr)
+      self._tb = None
+
+  def write(self, step: int, record: dict) -> None:
+    if not self._active:
+      return
+    clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in record.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    self._jsonl.flush()
+    if self._tb:
+      for k, v in clean.items():
+        if isinstance(v, float) and math.isfinite(v):
+          self._tb.add_scalar(k, v, int(step))
+
+  def close(self) -> None:
+    if self._active:
+      self._jsonl.close()
+      if self._tb:
+        self._tb.close()

@@ -1,0 +1,295 @@
+"""Train state, the jitted train/eval steps, and the training loop.
+
+The steps are pure functions of their arguments; the loop owns everything with
+side effects (data, checkpoints, logging). The dropout key is derived from the
+seed and the step, and the data order from the seed and the iterator state, so
+a run resumed from a checkpoint continues exactly as if it had never stopped.
+"""
+
+import functools
+import math
+import time
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from tpu_lm import checkpoint as checkpoint_lib
+from tpu_lm import config as config_lib
+from tpu_lm import metrics as metrics_lib
+from tpu_lm import model as model_lib
+from tpu_lm import optim, sampling, sharding
+from tpu_lm.data import pipeline, sources
+from tpu_lm.data import tokenizer as tokenizer_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+
+
+def token_nats(logits_BxTxV, batch):
+  """Summed cross-entropy over real (non-padding) targets, and their count."""
+  weights_BxT = (batch["segment_ids"] > 0).astype(jnp.float32)
+  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+  return (nll_BxT * weights_BxT).sum(), weights_BxT.sum()
+
+
+def apply_model(model, params, batch, rngs=None):
+  return model.apply(
+      {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"], rngs=rngs
+  )
+
+
+def train_step(state: TrainState, batch, *, model, tx, seed: int, l1: float):
+  rng = jax.random.fold_in(jax.random.key(seed), state.step)
+
+  def loss_fn(params):
+    nats, count = token_nats(apply_model(model, params, batch, {"dropout": rng}), batch)
+    loss = nats / jnp.maximum(count, 1)
+    objective = loss + optim.l1_penalty(params, l1) if l1 else loss
+    return objective, loss
+
+  (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def eval_step(params, batch, *, model):
+  return token_nats(apply_model(model, params, batch), batch)
+
+
+def init_boxed(rng, *, model, tx, seq_len: int) -> TrainState:
+  """The initial state with parameters still in their logical-partitioning boxes."""
+  dummy = jnp.zeros((1, seq_len), jnp.int32)
+  params = model.init(rng, dummy, dummy, dummy)["params"]
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+class Setup:
+  """Everything compiled for one config on one mesh: model, shardings, jitted steps."""
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
+    self.rules = sharding.rules_tuple(config.mesh.rules)
+    self.model_cfg = config_lib.model_config(config)
+    deterministic = self.model_cfg.dropout_rate == 0
+    self.train_model = model_lib.Transformer(self.model_cfg, deterministic=deterministic)
+    self.eval_model = model_lib.Transformer(self.model_cfg, deterministic=True)
+    self.tx = optim.make(config.optim, config.num_train_steps)
+    self.lr = optim.schedule(config.optim, config.num_train_steps)
+    init = functools.partial(init_boxed, model=self.eval_model, tx=self.tx, seq_len=config.data.seq_len)
+    with self.context():
+      abstract = jax.eval_shape(init, jax.random.key(0))
+      self.state_shardings = sharding.logical_sharding(nn.get_partition_spec(abstract), mesh, self.rules)
+      self.abstract_state = jax.eval_shape(lambda rng: nn.meta.unbox(init(rng)), jax.random.key(0))
+      sharding.check_divisible(self.abstract_state, self.state_shardings)
+    self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
+    self.init = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=self.state_shardings)
+    self.train_step = jax.jit(
+        functools.partial(
+            train_step, model=self.train_model, tx=self.tx, seed=config.seed, l1=config.optim.l1_penalty
+        ),
+        in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, None),
+        donate_argnums=0,
+    )
+    self.eval_step = jax.jit(
+        functools.partial(eval_step, model=self.eval_model),
+        in_shardings=(self.state_shardings.params, self.batch_sharding),
+    )
+
+  def context(self):
+    """Mesh and logical rules for tracing: the models' sharding constraints read them."""
+    return _Both(jax.sharding.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
+
+  def device_batch(self, local_batch: dict) -> dict:
+    """This process's rows -> one global array per field, sharded over the batch axes."""
+    return {
+        k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()
+    }
+
+  def flops_per_step(self) -> float:
+    params = self.abstract_state.params
+    n = model_lib.num_params(params, exclude_positions=True)
+    d = self.config.data
+    return metrics_lib.flops_per_token(n, self.model_cfg.num_layers, self.model_cfg.d_model, d.seq_len) * (
+        d.global_batch_size * d.seq_len
+    )
+
+
+class _Both:
+  def __init__(self, *managers):
+    self._managers = managers
+
+  def __enter__(self):
+    for m in self._managers:
+      m.__enter__()
+
+  def __exit__(self, *exc):
+    for m in reversed(self._managers):
+      m.__exit__(*exc)
+
+
+def evaluate(setup: Setup, params, corpus) -> dict:
+  """Loss, perplexity and bits per byte over the whole validation split."""
+  d = setup.config.data
+  total, count = jnp.zeros(()), jnp.zeros(())
+  for batch in pipeline.eval_batches(
+      corpus.validation, seq_len=d.seq_len, global_batch=d.global_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+  ):
+    nats, n = setup.eval_step(params, setup.device_batch(batch))
+    total, count = total + nats, count + n
+  total, count = float(total), float(count)
+  loss = total / max(count, 1)
+  return {
+      "eval_loss": loss,
+      "eval_ppl": math.exp(min(loss, 50)),
+      "eval_bpb": total / math.log(2) / max(corpus.validation.num_bytes, 1),
+  }
+
+
+def print_samples(setup: Setup, params, corpus) -> None:
+  s = setup.config.sample
+  prompts = pipeline.first_tokens(corpus.validation, s.num_prompts, s.prompt_tokens)
+  if not len(prompts):
+    return
+  sampler = sampling.make_sampler(
+      setup.eval_model.apply, new_tokens=s.new_tokens, temperature=s.temperature, top_k=s.top_k
+  )
+  with setup.context():
+    out = np.asarray(sampler(params, prompts, jax.random.key(setup.config.seed)))
+  tok = corpus.tokenizer
+  for row in out:
+    prompt, continuation = row[: s.prompt_tokens], row[s.prompt_tokens :]
+    if tokenizer_lib.EOS_ID in continuation:
+      continuation = continuation[: list(continuation).index(tokenizer_lib.EOS_ID)]
+    metrics_lib.console("--- sample ---\n" + tok.decode(prompt) + "\033[1m" + tok.decode(continuation) + "\033[0m")
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final eval."""
+  t_start = time.time()
+  config_lib.validate(config)
+  checkpoint_lib.check_writable(workdir)
+  mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.AXES})
+  setup = Setup(config, mesh)
+  d = config.data
+  if d.global_batch_size % (jax.process_count() * mesh.shape["data"] * mesh.shape["fsdp"]):
+    config_lib.fail(
+        "data.global_batch_size", d.global_batch_size,
+        f"it must be divisible by the processes ({jax.process_count()}) and by the data-parallel"
+        f" devices (mesh data*fsdp = {mesh.shape['data'] * mesh.shape['fsdp']})",
+    )
+
+  # Process 0 builds the dataset and tokenizer; the others then read its cache.
+  if jax.process_index() == 0:
+    corpus = sources.prepare(d)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("tpu_lm data prepared")
+    if jax.process_index() != 0:
+      corpus = sources.prepare(d)
+  metrics_lib.console(
+      f"data: {d.dataset}, {len(corpus.train.tokens):,} train tokens, validation"
+      f" {corpus.validation.num_bytes:,} bytes; tokenizer {corpus.tokenizer.name};"
+      f" zlib -9 on the validation text: {corpus.zlib_bits_per_byte:.3f} bits/byte"
+  )
+  train_iter = pipeline.train_iter(
+      corpus.train, seq_len=d.seq_len, global_batch=d.global_batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+  )
+
+  ckpt = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", config.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract = checkpoint_lib.abstract_like(setup.abstract_state, setup.state_shardings)
+    state = ckpt.restore(latest, abstract, train_iter)
+    metrics_lib.console(f"resuming from the checkpoint at step {latest} in {ckpt.directory}")
+  else:
+    state = setup.init(jax.random.key(config.seed))
+    metrics_lib.console(f"starting from scratch; checkpoints go to {ckpt.directory}")
+
+  n_params = model_lib.num_params(setup.abstract_state.params)
+  flops_per_step = setup.flops_per_step()
+  peak = metrics_lib.peak_flops_per_device(config.peak_flops_per_device) * jax.device_count()
+  metrics_lib.console(
+      f"model: {n_params:,} parameters, {flops_per_step / (d.global_batch_size * d.seq_len):,.0f}"
+      f" training FLOPs/token; mesh {dict(mesh.shape)} on {jax.device_count()}"
+      f" {jax.devices()[0].platform} device(s)"
+  )
+
+  writer = metrics_lib.Writer(workdir)
+  step = int(state.step)
+  with setup.context():
+    t0 = time.time()
+    compiled_step = setup.train_step.lower(state, setup.device_batch(_peek(train_iter))).compile()
+    metrics_lib.console(f"compiled the train step in {time.time() - t0:.1f} s")
+  window, t_window, steps_done = [], time.time(), 0
+  t_train = time.time()
+  while step < config.num_train_steps:
+    state, m = compiled_step(state, setup.device_batch(next(train_iter)))
+    step += 1
+    steps_done += 1
+    window.append(m)
+    if step % config.log_every_steps == 0 or step == config.num_train_steps:
+      fetched = jax.device_get(window)  # the only host sync of the loop
+      elapsed = time.time() - t_window
+      loss = float(np.mean([x["loss"] for x in fetched]))
+      sec_per_step = elapsed / len(fetched)
+      tokens_per_s = d.global_batch_size * d.seq_len / sec_per_step
+      record = {
+          "loss": loss, "ppl": math.exp(min(loss, 50)), "lr": float(setup.lr(step - 1)),
+          "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_s": tokens_per_s,
+          "step_time_s": sec_per_step,
+      }
+      mfu = f"{100 * flops_per_step / sec_per_step / peak:.1f}%" if peak else "n/a (unknown peak)"
+      if peak:
+        record["mfu"] = flops_per_step / sec_per_step / peak
+      eta = (config.num_train_steps - step) * (time.time() - t_train) / steps_done
+      metrics_lib.console(
+          f"step {step:>6}/{config.num_train_steps}  loss {loss:.4f}  ppl {record['ppl']:.2f}"
+          f"  lr {record['lr']:.2e}  grad_norm {record['grad_norm']:.3f}  {tokens_per_s:,.0f} tok/s"
+          f"  MFU {mfu}  ETA {metrics_lib.format_seconds(eta)}"
+      )
+      writer.write(step, record)
+      window, t_window = [], time.time()
+    if step % config.checkpoint_every_steps == 0 and step < config.num_train_steps:
+      ckpt.save(step, state, train_iter, config.to_dict())
+    if step % config.eval_every_steps == 0 and step < config.num_train_steps:
+      _log_eval(setup, state, corpus, writer, step)
+      t_window = time.time()  # eval time is not training throughput
+  if ckpt.latest_step() != step:
+    ckpt.save(step, state, train_iter, config.to_dict())
+  result = _log_eval(setup, state, corpus, writer, step)
+  print_samples(setup, state.params, corpus)
+  ckpt.close()
+  writer.close()
+  metrics_lib.console(f"done: step {step}, total wall time {time.time() - t_start:.0f} s; workdir {workdir}")
+  return result
+
+
+def _log_eval(setup, state, corpus, writer, step) -> dict:
+  with setup.context():
+    result = evaluate(setup, state.params, corpus)
+  metrics_lib.console(
+      f"eval at step {step}: loss {result['eval_loss']:.4f}  ppl {result['eval_ppl']:.2f}"
+      f"  bits/byte {result['eval_bpb']:.4f}  (zlib -9: {corpus.zlib_bits_per_byte:.4f})"
+  )
+  writer.write(step, result)
+  return result
+
+
+def _peek(it):
+  """The next batch, without advancing the iterator (to compile for its shapes)."""
+  state = it.get_state()
+  batch = next(it)
+  it.set_state(state)
+  return batch
