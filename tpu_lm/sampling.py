@@ -22,14 +22,19 @@ def sample_logits(logits_BxV, rng, temperature: float, top_k: int):
   return jax.random.categorical(rng, logits_BxV, axis=-1)
 
 
-def make_sampler(apply_fn, *, new_tokens: int, temperature: float, top_k: int):
-  """A jitted (params, prompts [B, P], rng) -> [B, P + new_tokens]; the prompt part unchanged."""
+def make_sampler(apply_fn, *, vocab_size: int, new_tokens: int, temperature: float, top_k: int):
+  """A jitted (params, prompts [B, P], rng) -> [B, P + new_tokens]; the prompt part unchanged.
+
+  Only ids below `vocab_size` (the tokenizer's) are sampled: the model's
+  vocabulary is padded past it for sharding, and those ids mean nothing.
+  """
   return jax.jit(functools.partial(
-      _continue, apply_fn=apply_fn, new_tokens=new_tokens, temperature=temperature, top_k=top_k
+      _continue, apply_fn=apply_fn, vocab_size=vocab_size, new_tokens=new_tokens,
+      temperature=temperature, top_k=top_k,
   ))
 
 
-def _continue(params, prompts_BxP, rng, *, apply_fn, new_tokens, temperature, top_k):
+def _continue(params, prompts_BxP, rng, *, apply_fn, vocab_size, new_tokens, temperature, top_k):
   b, p = prompts_BxP.shape
   buf_BxT = jnp.concatenate([prompts_BxP, jnp.zeros((b, new_tokens), prompts_BxP.dtype)], axis=1)
   segments_BxT = jnp.ones_like(buf_BxT)
@@ -38,6 +43,7 @@ def _continue(params, prompts_BxP, rng, *, apply_fn, new_tokens, temperature, to
   def step(i, buf_BxT):
     logits_BxTxV = apply_fn({"params": params}, buf_BxT, segments_BxT, positions_BxT)
     logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxTxV, i - 1, axis=1, keepdims=False)
+    logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab_size, logits_BxV, -jnp.inf)
     token_B = sample_logits(logits_BxV, jax.random.fold_in(rng, i), temperature, top_k)
     return jax.lax.dynamic_update_index_in_dim(buf_BxT, token_B.astype(buf_BxT.dtype), i, axis=1)
 

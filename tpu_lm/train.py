@@ -59,7 +59,7 @@ def train_step(state: TrainState, batch, *, model, tx, seed: int, l1: float):
   (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def eval_step(params, batch, *, model):
@@ -163,7 +163,7 @@ def print_samples(setup: Setup, params, corpus) -> None:
   if not len(prompts):
     return
   sampler = sampling.make_sampler(
-      setup.eval_model.apply, new_tokens=s.new_tokens, temperature=s.temperature, top_k=s.top_k
+      setup.eval_model.apply, vocab_size=corpus.tokenizer.vocab_size, new_tokens=s.new_tokens, temperature=s.temperature, top_k=s.top_k
   )
   with setup.context():
     out = np.asarray(sampler(params, prompts, jax.random.key(setup.config.seed)))

@@ -36,7 +36,7 @@ class ByteTokenizer:
   name = "bytes"
 
   def encode_batch(self, texts):
-    return [[b + self.OFFSET for b in t.encode("utf-8")] for t in texts]
+    return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.uint16) + self.OFFSET for t in texts]
 
   def decode(self, ids):
     return bytes(int(i) - self.OFFSET for i in ids if int(i) >= self.OFFSET).decode(

@@ -1,0 +1,67 @@
+"""Shared fixtures. The first lines give every test 8 fake CPU devices."""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+from configs import tiny  # noqa: E402
+
+WORDS = (
+    "the model reads a token and predicts the next one while the optimizer moves each weight"
+    " a little downhill on the loss so that later text becomes less surprising to it"
+).split()
+
+
+def write_corpus(directory, num_files: int = 24, seed: int = 0) -> str:
+  """Deterministic pseudo-text files: enough to train on, small enough to be quick."""
+  rng = random.Random(seed)
+  os.makedirs(directory, exist_ok=True)
+  for i in range(num_files):
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(rng.randint(10, 30))]
+    with open(os.path.join(directory, f"doc{i:03d}.txt"), "w") as f:
+      f.write("\n".join(lines) + "\n")
+  return str(directory)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+  return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+# configs/tiny.py shrunk further: the same overrides serve in-process tests
+# (tiny_config) and subprocess tests (tiny_flags).
+TINY = {
+    "num_train_steps": 6, "optim.warmup_steps": 2, "log_every_steps": 2, "eval_every_steps": 3, "checkpoint_every_steps": 3,
+    "data.dataset": "text_files", "data.seq_len": 32, "data.global_batch_size": 8,
+    "model.d_model": 32, "model.mlp_dim": 64, "model.max_len": 64,
+    "sample.num_prompts": 1, "sample.prompt_tokens": 8, "sample.new_tokens": 8,
+}
+
+
+def tiny_config(corpus_dir: str = "", data_dir: str = ""):
+  c = tiny.get_config()
+  for dotted, value in {**TINY, "data.path": corpus_dir, "data.data_dir": data_dir}.items():
+    *parents, leaf = dotted.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def tiny_flags(corpus_dir: str, data_dir: str, workdir: str) -> list[str]:
+  overrides = {**TINY, "data.path": corpus_dir, "data.data_dir": data_dir}
+  return [f"--workdir={workdir}", "--config=configs/tiny.py"] + [
+      f"--config.{k}={v}" for k, v in overrides.items()
+  ]

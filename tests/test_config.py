@@ -1,0 +1,39 @@
+import pytest
+
+from configs import base
+from tpu_lm import config as config_lib
+from tpu_lm.errors import UserError
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("model.norm", "batchnorm", "config field model.norm is 'batchnorm': use one of 'layernorm', 'rmsnorm'."),
+        ("model.num_kv_heads", 3, "config field model.num_kv_heads is 3: it must divide model.num_heads (2)."),
+        ("data.seq_len", 512, "config field data.seq_len is 512: it is longer than the model's learned positions"),
+        ("num_train_steps", 0, "config field num_train_steps is 0: it must be a positive integer."),
+        ("optim.schedule", "step", "config field optim.schedule is 'step': use one of"),
+        ("mesh.fsdp", 0, "config field mesh.fsdp is 0: it must be a positive integer or -1"),
+    ],
+)
+def test_bad_values_name_the_field(field, value, message):
+  c = base.get_config()
+  section, _, leaf = field.rpartition(".")
+  (c[section] if section else c)[leaf] = value
+  with pytest.raises(UserError) as e:
+    config_lib.validate(c)
+  assert str(e.value).startswith(message)
+
+
+def test_odd_head_dim_with_rope_is_rejected():
+  c = base.get_config()
+  c.model.position, c.model.d_model, c.model.num_heads, c.model.mlp_dim = "rope", 150, 2, 600
+  with pytest.raises(UserError, match="even head dimension"):
+    config_lib.validate(c)
+
+
+def test_base_config_is_valid_and_pads_vocab():
+  c = base.get_config()
+  config_lib.validate(c)
+  c.data.tokenizer = "bytes"
+  assert config_lib.model_config(c).vocab_size == 384

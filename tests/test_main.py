@@ -1,0 +1,48 @@
+"""The real command, in a subprocess: training, resume, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import tiny_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*flags):
+  env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+  return subprocess.run(
+      [sys.executable, "-m", "tpu_lm.main", *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
+
+
+def test_trains_then_resumes_from_its_checkpoint(corpus_dir, data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  first = _run(*tiny_flags(corpus_dir, data_dir, workdir))
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "starting from scratch" in first.stdout
+  assert "bits/byte" in first.stdout and "zlib -9" in first.stdout
+  assert "--- sample ---" in first.stdout
+  records = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
+  train_steps = [r["step"] for r in records if "loss" in r]
+  assert train_steps == [2, 4, 6]
+  assert {"loss", "ppl", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
+  assert [r["step"] for r in records if "eval_bpb" in r] == [3, 6]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  assert sorted(os.listdir(f"{workdir}/checkpoints")) == ["3", "6"]
+
+  second = _run(*tiny_flags(corpus_dir, data_dir, workdir), "--config.num_train_steps=8")
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "resuming from the checkpoint at step 6" in second.stdout
+  records = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
+  assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]
+
+
+def test_bad_config_is_one_line_and_exit_2(tmp_path):
+  result = _run("--config=configs/tiny.py", f"--workdir={tmp_path}/w", "--config.model.num_heads=3")
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert lines == ["error: config field model.num_heads is 3: it must divide model.d_model (64), or set model.head_dim."]
+  assert "Traceback" not in result.stdout + result.stderr
+  assert not os.path.exists(f"{tmp_path}/w/checkpoints")

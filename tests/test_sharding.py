@@ -1,0 +1,67 @@
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_config
+from tpu_lm import sharding, train
+from tpu_lm.data import packing, pipeline
+from tpu_lm.errors import UserError
+
+
+def _batches(n):
+  rng = np.random.default_rng(0)
+  docs = [list(rng.integers(3, 259, rng.integers(5, 80))) for _ in range(60)]
+  stream = packing.from_documents(docs, 0, 1, 2, np.uint16)
+  it = pipeline.train_iter(stream, seq_len=32, global_batch=8, seed=0)
+  return [next(it) for _ in range(n)]
+
+
+def _train(mesh_sizes, devices, batches, **model):
+  config = tiny_config()
+  config.model.update(model)
+  config.mesh.update(mesh_sizes)
+  setup = train.Setup(config, sharding.make_mesh(mesh_sizes, devices))
+  losses = []
+  with setup.context():
+    state = setup.init(jax.random.key(0))
+    for b in batches:
+      state, m = setup.train_step(state, setup.device_batch(b))
+      losses.append(float(m["loss"]))
+  return np.array(losses), jax.device_get(state.params), setup
+
+
+@pytest.fixture(scope="module")
+def one_device():
+  batches = _batches(4)
+  return batches, _train({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1], batches)
+
+
+@pytest.mark.parametrize(
+    "mesh",
+    [{"data": 8, "fsdp": 1, "tensor": 1}, {"data": 1, "fsdp": 8, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}],
+    ids=["data_parallel", "fsdp", "fsdp_tensor"],
+)
+def test_parallel_training_matches_one_device(mesh, one_device):
+  assert len(jax.devices()) == 8
+  batches, (ref_losses, ref_params, _) = one_device
+  losses, params, setup = _train(mesh, jax.devices(), batches)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params)
+  if mesh["fsdp"] > 1:  # parameters really are split, not replicated
+    emb = setup.state_shardings.params["embed"]["embedding"]
+    assert emb.spec[1] == "fsdp"
+
+
+def test_mesh_shape_fills_and_rejects():
+  assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
+  with pytest.raises(UserError, match="has 6 devices but 8"):
+    sharding.mesh_shape({"data": 3, "fsdp": 2, "tensor": 1}, 8)
+  with pytest.raises(UserError, match="cannot fill"):
+    sharding.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+
+
+def test_indivisible_parameter_names_itself():
+  config = tiny_config()
+  config.model.num_heads = 2  # 2 heads cannot be split over 4 tensor devices
+  with pytest.raises(UserError, match="cannot be split"):
+    train.Setup(config, sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4}))
