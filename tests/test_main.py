@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import tiny_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,10 +41,25 @@ def test_trains_then_resumes_from_its_checkpoint(corpus_dir, data_dir, tmp_path)
   assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]
 
 
-def test_bad_config_is_one_line_and_exit_2(tmp_path):
-  result = _run("--config=configs/tiny.py", f"--workdir={tmp_path}/w", "--config.model.num_heads=3")
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--config.model.num_heads=3"],
+         "error: config field model.num_heads is 3: it must divide model.d_model (64), or set model.head_dim."),
+        (["--config.model.nmu_layers=3"],
+         "error: unknown config field 'nmu_layers' in --config.model.nmu_layers"
+         ' (Did you mean "num_layers" instead of "nmu_layers"?): check the name against the config file.'
+         ),
+        (["--config.model.num_layers=two"],
+         "error: flag --config.model.num_layers=two: invalid literal for int() with base 10: 'two'."),
+        (["--config=configs/no_such.py"],
+         "error: config file configs/no_such.py does not exist: pass --config=configs/<name>.py."),
+    ],
+    ids=["bad_value", "unknown_field", "wrong_type", "missing_file"],
+)
+def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path):
+  result = _run("--config=configs/tiny.py", f"--workdir={tmp_path}/w", *flags)
   assert result.returncode == 2
-  lines = result.stderr.strip().splitlines()
-  assert lines == ["error: config field model.num_heads is 3: it must divide model.d_model (64), or set model.head_dim."]
+  assert result.stderr.strip().splitlines() == [message]
   assert "Traceback" not in result.stdout + result.stderr
   assert not os.path.exists(f"{tmp_path}/w/checkpoints")

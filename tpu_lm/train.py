@@ -277,11 +277,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _log_eval(setup, state, corpus, writer, step) -> dict:
+  t0 = time.time()
   with setup.context():
     result = evaluate(setup, state.params, corpus)
   metrics_lib.console(
       f"eval at step {step}: loss {result['eval_loss']:.4f}  ppl {result['eval_ppl']:.2f}"
-      f"  bits/byte {result['eval_bpb']:.4f}  (zlib -9: {corpus.zlib_bits_per_byte:.4f})"
+      f"  bits/byte {result['eval_bpb']:.4f}  (zlib -9: {corpus.zlib_bits_per_byte:.4f});"
+      f" whole validation split in {time.time() - t0:.1f} s"
   )
   writer.write(step, result)
   return result
