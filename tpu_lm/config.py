@@ -5,6 +5,8 @@ one sentence naming the field and what is allowed. `model_config` turns the
 `model` section into the frozen `ModelConfig` the layers receive.
 """
 
+import dataclasses
+
 from tpu_lm.errors import UserError
 from tpu_lm.model import ModelConfig
 
@@ -106,26 +108,12 @@ def validate(config) -> None:
 
 
 def model_config(config) -> ModelConfig:
+  """The `model` section as the frozen ModelConfig layers receive, with derived sizes."""
   m = config.model
-  vocab = tokenizer_vocab_size(config)
-  return ModelConfig(
-      vocab_size=-(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
-      num_layers=m.num_layers,
-      d_model=m.d_model,
-      num_heads=m.num_heads,
-      num_kv_heads=m.num_kv_heads or m.num_heads,
-      head_dim=m.head_dim or m.d_model // m.num_heads,
-      mlp_dim=m.mlp_dim,
-      max_len=m.max_len,
-      norm=m.norm,
-      position=m.position,
-      rope_theta=m.rope_theta,
-      mlp=m.mlp,
-      use_bias=m.use_bias,
-      tie_embeddings=m.tie_embeddings,
-      dropout_rate=m.dropout_rate,
-      dtype=m.dtype,
-      remat=m.remat,
-      scan_layers=m.scan_layers,
-      init_std=m.init_std,
-  )
+  derived = {
+      "vocab_size": -(-tokenizer_vocab_size(config) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
+      "num_kv_heads": m.num_kv_heads or m.num_heads,
+      "head_dim": m.head_dim or m.d_model // m.num_heads,
+  }
+  copied = {f.name: m[f.name] for f in dataclasses.fields(ModelConfig) if f.name not in derived}
+  return ModelConfig(**copied, **derived)

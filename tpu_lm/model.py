@@ -41,6 +41,7 @@ class ModelConfig:
   remat: str = "none"
   scan_layers: bool = False
   init_std: float = 0.02
+  attention: str = "xla"  # attention kernel, see attention.py
 
 
 def _init(std, axes):
@@ -82,6 +83,7 @@ class Attention(nn.Module):
   init_std: float
   out_init_std: float
   dtype: str
+  implementation: str = "xla"
 
   @nn.compact
   def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
@@ -102,7 +104,9 @@ class Attention(nn.Module):
       q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.rope_theta)
       k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, self.rope_theta)
     q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("act_batch", "act_length", "act_heads", "act_kv"))
-    out_BxTxNxH = attention.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+    out_BxTxNxH = attention.dot_product_attention(
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, self.implementation
+    )
     out_BxTxNxH = nn.with_logical_constraint(out_BxTxNxH, ("act_batch", "act_length", "act_heads", "act_kv"))
     kernel_NxHxD = self.param("out_kernel", _init(self.out_init_std, ("heads", "kv", "embed")), (self.num_heads, self.head_dim, d))
     out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, kernel_NxHxD.astype(self.dtype))
@@ -151,7 +155,7 @@ class Block(nn.Module):
     h = _norm(cfg, "attn_norm")(x_BxTxD)
     h = Attention(
         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.use_bias, cfg.position == "rope",
-        cfg.rope_theta, cfg.init_std, out_std, cfg.dtype, name="attn",
+        cfg.rope_theta, cfg.init_std, out_std, cfg.dtype, cfg.attention, name="attn",
     )(h, segment_ids_BxT, positions_BxT)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
     h = _norm(cfg, "mlp_norm")(x_BxTxD)

@@ -190,13 +190,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         f" devices (mesh data*fsdp = {mesh.shape['data'] * mesh.shape['fsdp']})",
     )
 
-  # Process 0 builds the dataset and tokenizer; the others then read its cache.
-  if jax.process_index() == 0:
-    corpus = sources.prepare(d)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("tpu_lm data prepared")
-    if jax.process_index() != 0:
-      corpus = sources.prepare(d)
+  corpus = _prepare_corpus(d)
   metrics_lib.console(
       f"data: {d.dataset}, {len(corpus.train.tokens):,} train tokens, validation"
       f" {corpus.validation.num_bytes:,} bytes; tokenizer {corpus.tokenizer.name};"
@@ -208,14 +202,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   )
 
   ckpt = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", config.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    abstract = checkpoint_lib.abstract_like(setup.abstract_state, setup.state_shardings)
-    state = ckpt.restore(latest, abstract, train_iter)
-    metrics_lib.console(f"resuming from the checkpoint at step {latest} in {ckpt.directory}")
-  else:
-    state = setup.init(jax.random.key(config.seed))
-    metrics_lib.console(f"starting from scratch; checkpoints go to {ckpt.directory}")
+  state = _restore_or_init(setup, ckpt, train_iter)
 
   n_params = model_lib.num_params(setup.abstract_state.params)
   flops_per_step = setup.flops_per_step()
@@ -240,26 +227,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     steps_done += 1
     window.append(m)
     if step % config.log_every_steps == 0 or step == config.num_train_steps:
-      fetched = jax.device_get(window)  # the only host sync of the loop
-      elapsed = time.time() - t_window
-      loss = float(np.mean([x["loss"] for x in fetched]))
-      sec_per_step = elapsed / len(fetched)
-      tokens_per_s = d.global_batch_size * d.seq_len / sec_per_step
-      record = {
-          "loss": loss, "ppl": math.exp(min(loss, 50)), "lr": float(setup.lr(step - 1)),
-          "grad_norm": float(fetched[-1]["grad_norm"]), "tokens_per_s": tokens_per_s,
-          "step_time_s": sec_per_step,
-      }
-      mfu = f"{100 * flops_per_step / sec_per_step / peak:.1f}%" if peak else "n/a (unknown peak)"
-      if peak:
-        record["mfu"] = flops_per_step / sec_per_step / peak
-      eta = (config.num_train_steps - step) * (time.time() - t_train) / steps_done
-      metrics_lib.console(
-          f"step {step:>6}/{config.num_train_steps}  loss {loss:.4f}  ppl {record['ppl']:.2f}"
-          f"  lr {record['lr']:.2e}  grad_norm {record['grad_norm']:.3f}  {tokens_per_s:,.0f} tok/s"
-          f"  MFU {mfu}  ETA {metrics_lib.format_seconds(eta)}"
-      )
-      writer.write(step, record)
+      _log_train(setup, writer, step, jax.device_get(window), time.time() - t_window,  # host sync
+                 eta_s=(config.num_train_steps - step) * (time.time() - t_train) / steps_done,
+                 flops_per_step=flops_per_step, peak=peak)
       window, t_window = [], time.time()
     if step % config.checkpoint_every_steps == 0 and step < config.num_train_steps:
       ckpt.save(step, state, train_iter, config.to_dict())
@@ -274,6 +244,55 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.close()
   metrics_lib.console(f"done: step {step}, total wall time {time.time() - t_start:.0f} s; workdir {workdir}")
   return result
+
+
+def _prepare_corpus(data) -> sources.Corpus:
+  """Process 0 builds the dataset and tokenizer; the others then read its cache."""
+  if jax.process_index() == 0:
+    corpus = sources.prepare(data)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("tpu_lm data prepared")
+    if jax.process_index() != 0:
+      corpus = sources.prepare(data)
+  return corpus
+
+
+def _restore_or_init(setup: Setup, ckpt, train_iter) -> TrainState:
+  """The newest checkpoint's state (and data position), else a freshly initialised state."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    metrics_lib.console(f"starting from scratch; checkpoints go to {ckpt.directory}")
+    return setup.init(jax.random.key(setup.config.seed))
+  abstract = checkpoint_lib.abstract_like(setup.abstract_state, setup.state_shardings)
+  state = ckpt.restore(latest, abstract, train_iter)
+  metrics_lib.console(f"resuming from the checkpoint at step {latest} in {ckpt.directory}")
+  if latest >= setup.config.num_train_steps:
+    metrics_lib.console(
+        f"already trained to num_train_steps={setup.config.num_train_steps}: evaluating and sampling"
+        " only (raise --config.num_train_steps to train further)"
+    )
+  return state
+
+
+def _log_train(setup, writer, step, window, elapsed, *, eta_s, flops_per_step, peak) -> None:
+  d = setup.config.data
+  loss = float(np.mean([x["loss"] for x in window]))
+  sec_per_step = elapsed / len(window)
+  record = {
+      "loss": loss, "ppl": math.exp(min(loss, 50)), "lr": float(setup.lr(step - 1)),
+      "grad_norm": float(window[-1]["grad_norm"]),
+      "tokens_per_s": d.global_batch_size * d.seq_len / sec_per_step, "step_time_s": sec_per_step,
+  }
+  mfu = "n/a (unknown peak)"
+  if peak:
+    record["mfu"] = flops_per_step / sec_per_step / peak
+    mfu = f"{100 * record['mfu']:.1f}%"
+  metrics_lib.console(
+      f"step {step:>6}/{setup.config.num_train_steps}  loss {loss:.4f}  ppl {record['ppl']:.2f}"
+      f"  lr {record['lr']:.2e}  grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s"
+      f"  MFU {mfu}  ETA {metrics_lib.format_seconds(eta_s)}"
+  )
+  writer.write(step, record)
 
 
 def _log_eval(setup, state, corpus, writer, step) -> dict:

@@ -1,0 +1,75 @@
+"""Which base config gets the lowest validation bits/byte inside the 5-minute CPU budget?
+
+Runs `configs/base.py` with each variant's overrides (same token budget unless the
+variant says otherwise), reads each run's final eval and wall time, prints a
+table and writes it to results.md beside this file.
+
+usage (from the repository root):
+  python experiments/base_tuning/run.py                 # every variant, one after another
+  python experiments/base_tuning/run.py --only b16 base # some of them
+
+Each run takes 5-10 minutes on a 2-core CPU; run nothing else meanwhile, or the wall
+times mean nothing (the bits/byte do not depend on speed).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+VARIANTS = {
+    "base": [],
+    "b32_lr1e-2": ["--config.optim.learning_rate=1e-2"],
+    "b16": [
+        "--config.data.global_batch_size=16", "--config.num_train_steps=1200",
+        "--config.optim.warmup_steps=60",
+    ],
+}
+
+
+def speed_factor() -> str:
+  tool = os.path.join(ROOT, "..", "shared", "tools", "cpu_speed.py")
+  if not os.path.exists(tool):
+    return "unknown"
+  out = subprocess.run([sys.executable, tool], capture_output=True, text=True).stdout
+  return str(json.loads(out.strip().splitlines()[-1])["speed_factor"])
+
+
+def run(name: str, overrides: list[str]) -> dict:
+  workdir = os.path.join(HERE, "runs", name)
+  if os.path.exists(workdir):
+    raise SystemExit(f"{workdir} exists: delete it to rerun {name} from scratch.")
+  cmd = [sys.executable, "-m", "tpu_lm.main", "--config=configs/base.py", f"--workdir={workdir}",
+         "--config.sample.num_prompts=0", *overrides]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  if out.returncode:
+    raise SystemExit(f"{name} failed:\n{out.stderr[-2000:]}")
+  evals = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if "eval_bpb" in l]
+  wall = float(re.search(r"total wall time (\d+) s", out.stdout).group(1))
+  return {"variant": name, "overrides": " ".join(overrides) or "(none)", "steps": evals[-1]["step"],
+          "eval_bpb": evals[-1]["eval_bpb"], "eval_loss": evals[-1]["eval_loss"], "wall_s": wall}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--only", nargs="*", default=list(VARIANTS))
+  args = parser.parse_args()
+  factor = speed_factor()
+  rows = [run(name, VARIANTS[name]) for name in args.only]
+  header = "| variant | overrides | steps | eval bits/byte | eval loss | wall time (s) |\n|---|---|---|---|---|---|"
+  lines = [f"| {r['variant']} | `{r['overrides']}` | {r['steps']} | {r['eval_bpb']:.4f} | {r['eval_loss']:.4f}"
+           f" | {r['wall_s']:.0f} |" for r in rows]
+  table = "\n".join([header, *lines])
+  print(table)
+  with open(os.path.join(HERE, "results.md"), "a") as f:
+    f.write(f"\n## {datetime.date.today()}, 2-core CPU, speed factor {factor}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+  main()
