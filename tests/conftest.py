@@ -65,3 +65,13 @@ def tiny_flags(corpus_dir: str, data_dir: str, workdir: str) -> list[str]:
   return [f"--workdir={workdir}", "--config=configs/tiny.py"] + [
       f"--config.{k}={v}" for k, v in overrides.items()
   ]
+
+
+@pytest.fixture(scope="session")
+def trained_run(corpus_dir, data_dir, tmp_path_factory):
+  """A tiny run directory trained in-process once (checkpoint, config, tokenizer)."""
+  from tpu_lm import train
+
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
+  train.train_and_evaluate(tiny_config(corpus_dir, data_dir), workdir)
+  return workdir

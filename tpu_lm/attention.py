@@ -29,3 +29,17 @@ def dot_product_attention(
   return jax.nn.dot_product_attention(
       q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, implementation="xla"
   )
+
+
+def cached_attention(
+    q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, positions_BxT: jax.Array
+) -> jax.Array:
+  """Queries at absolute `positions` attend to cache slots 0..position (decoding).
+
+  Slots past a row's position may hold stale or padding keys; they are masked.
+  """
+  slots_S = jnp.arange(k_BxSxKxH.shape[1])
+  mask_Bx1xTxS = (slots_S[None, None, :] <= positions_BxT[:, :, None])[:, None]
+  return jax.nn.dot_product_attention(
+      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, implementation="xla"
+  )

@@ -16,9 +16,15 @@ from tpu_lm.errors import UserError
 
 
 class Checkpointer:
-  def __init__(self, directory: str, keep: int):
+  def __init__(self, directory: str, keep: int, *, read_only: bool = False):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+    if read_only:  # inference: never create, save or delete anything
+      options = ocp.CheckpointManagerOptions(
+          read_only=True, create=False, max_to_keep=None, save_interval_steps=0,
+          enable_async_checkpointing=False,
+      )
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
     self._mngr = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data", "config")
     )
@@ -47,6 +53,17 @@ class Checkpointer:
         ),
     )
     return restored["state"]
+
+  def restore_config(self, step: int) -> dict:
+    return self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+  def restore_state(self, step: int, abstract_state):
+    """The train state alone (for inference: no data iterator needed)."""
+    restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"]
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()

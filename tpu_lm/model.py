@@ -86,14 +86,23 @@ class Attention(nn.Module):
   implementation: str = "xla"
 
   @nn.compact
-  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
+  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, cache=None):
+    """Returns (out, cache). Without a cache: causal attention within segments.
+
+    With a cache ({"k", "v"}: [B, S, K, H]) the new keys and values are first
+    written at their absolute positions, then each query attends to every cached
+    position up to its own; used for decoding, one document per row.
+    """
     d = x_BxTxD.shape[-1]
     x_BxTxD = x_BxTxD.astype(self.dtype)
 
     def proj(heads, axes, name):
       kernel_DxNxH = self.param(f"{name}_kernel", _init(self.init_std, ("embed", axes, "kv")), (d, heads, self.head_dim))
       y = jnp.einsum("btd,dnh->btnh", x_BxTxD, kernel_DxNxH.astype(self.dtype))
-      if self.use_bias:
+      # No key bias: it adds q.b to every score of a query alike, which softmax
+      # cancels, so its gradient is exactly zero and Adam would only amplify
+      # rounding noise into it (and make parallel runs disagree on it).
+      if self.use_bias and name != "key":
         y = y + self.param(f"{name}_bias", _zeros((axes, "kv")), (heads, self.head_dim)).astype(self.dtype)
       return y
 
@@ -104,15 +113,26 @@ class Attention(nn.Module):
       q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.rope_theta)
       k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, self.rope_theta)
     q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("act_batch", "act_length", "act_heads", "act_kv"))
-    out_BxTxNxH = attention.dot_product_attention(
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, self.implementation
-    )
+    if cache is None:
+      out_BxTxNxH = attention.dot_product_attention(
+          q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, self.implementation
+      )
+    else:
+      rows_Bx1 = jnp.arange(x_BxTxD.shape[0])[:, None]
+      cache = {
+          name: nn.with_logical_constraint(
+              cache[name].at[rows_Bx1, positions_BxT].set(new.astype(cache[name].dtype)),
+              ("act_batch", "act_length", "act_heads", "act_kv"),
+          )
+          for name, new in (("k", k_BxTxKxH), ("v", v_BxTxKxH))
+      }
+      out_BxTxNxH = attention.cached_attention(q_BxTxNxH, cache["k"], cache["v"], positions_BxT)
     out_BxTxNxH = nn.with_logical_constraint(out_BxTxNxH, ("act_batch", "act_length", "act_heads", "act_kv"))
     kernel_NxHxD = self.param("out_kernel", _init(self.out_init_std, ("heads", "kv", "embed")), (self.num_heads, self.head_dim, d))
     out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, kernel_NxHxD.astype(self.dtype))
     if self.use_bias:
       out_BxTxD = out_BxTxD + self.param("out_bias", _zeros(("embed",)), (d,)).astype(self.dtype)
-    return out_BxTxD
+    return out_BxTxD, cache
 
 
 class Mlp(nn.Module):
@@ -142,38 +162,44 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block. Returns (x, None) so `nn.scan` can carry x."""
+  """Pre-norm residual block. Returns (x, cache): `nn.scan` carries x (cache None)."""
 
   cfg: ModelConfig
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
+  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, cache=None):
     cfg = self.cfg
     # GPT-2's scaled init for the projections into the residual stream.
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     h = _norm(cfg, "attn_norm")(x_BxTxD)
-    h = Attention(
+    h, cache = Attention(
         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.use_bias, cfg.position == "rope",
         cfg.rope_theta, cfg.init_std, out_std, cfg.dtype, cfg.attention, name="attn",
-    )(h, segment_ids_BxT, positions_BxT)
+    )(h, segment_ids_BxT, positions_BxT, cache)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
     h = _norm(cfg, "mlp_norm")(x_BxTxD)
     h = Mlp(cfg.mlp_dim, cfg.mlp, cfg.use_bias, cfg.init_std, out_std, cfg.dtype, name="mlp")(h)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_length", "act_embed"))
-    return x_BxTxD, None
+    return x_BxTxD, cache
 
 
 class Transformer(nn.Module):
-  """tokens [B, T] -> float32 logits [B, T, V]."""
+  """tokens [B, T] -> float32 logits [B, T, V]; with a KV cache, (logits, new cache).
+
+  The cache (see `init_cache`) holds one {"k", "v"} per layer; decoding runs
+  with per-layer parameters (`unstack_layers`), not the scanned layout.
+  """
 
   cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, tokens_BxT, segment_ids_BxT, positions_BxT):
+  def __call__(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache=None):
     cfg = self.cfg
+    if cache is not None and cfg.scan_layers:
+      raise ValueError("decode with scan_layers=False and unstack_layers(params)")
     embed = nn.Embed(
         cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
         embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed",
@@ -199,10 +225,12 @@ class Transformer(nn.Module):
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, self.deterministic, name="layers")(x_BxTxD, segment_ids_BxT, positions_BxT)
     else:
+      new_cache = []
       for i in range(cfg.num_layers):
-        x_BxTxD, _ = block(cfg, self.deterministic, name=f"layers_{i}")(
-            x_BxTxD, segment_ids_BxT, positions_BxT
+        x_BxTxD, layer_cache = block(cfg, self.deterministic, name=f"layers_{i}")(
+            x_BxTxD, segment_ids_BxT, positions_BxT, None if cache is None else cache[i]
         )
+        new_cache.append(layer_cache)
 
     x_BxTxD = _norm(cfg, "final_norm")(x_BxTxD)
     if cfg.tie_embeddings:
@@ -213,7 +241,15 @@ class Transformer(nn.Module):
           kernel_init=_init(cfg.init_std, ("embed", "vocab")), name="unembed",
       )(x_BxTxD)
     logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("act_batch", "act_length", "act_vocab"))
-    return logits_BxTxV.astype(jnp.float32)
+    if cache is None:
+      return logits_BxTxV.astype(jnp.float32)
+    return logits_BxTxV.astype(jnp.float32), new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[dict]:
+  """An empty KV cache for `batch` rows of up to `length` positions, in the compute dtype."""
+  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  return [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)} for _ in range(cfg.num_layers)]
 
 
 def num_params(params, *, exclude_positions: bool = False) -> int:

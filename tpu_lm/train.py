@@ -196,6 +196,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       f" {corpus.validation.num_bytes:,} bytes; tokenizer {corpus.tokenizer.name};"
       f" zlib -9 on the validation text: {corpus.zlib_bits_per_byte:.3f} bits/byte"
   )
+  if jax.process_index() == 0:
+    tokenizer_lib.save_for_run(corpus.tokenizer, workdir)
   train_iter = pipeline.train_iter(
       corpus.train, seq_len=d.seq_len, global_batch=d.global_batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),

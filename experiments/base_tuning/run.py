@@ -23,13 +23,15 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
+# configs/base.py is batch 8 x 2400 steps; the others spend the same 4.9M tokens
+# in fewer, larger steps (warmup kept at 5% of the steps), or change the peak lr.
 VARIANTS = {
     "base": [],
-    "b32_lr1e-2": ["--config.optim.learning_rate=1e-2"],
-    "b16": [
-        "--config.data.global_batch_size=16", "--config.num_train_steps=1200",
-        "--config.optim.warmup_steps=60",
-    ],
+    "b16": ["--config.data.global_batch_size=16", "--config.num_train_steps=1200",
+            "--config.optim.warmup_steps=60", "--config.eval_every_steps=600"],
+    "b32": ["--config.data.global_batch_size=32", "--config.num_train_steps=600",
+            "--config.optim.warmup_steps=30", "--config.eval_every_steps=300"],
+    "b8_lr3e-3": ["--config.optim.learning_rate=3e-3"],
 }
 
 

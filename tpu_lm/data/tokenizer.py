@@ -7,6 +7,7 @@ back from its serialized protobuf; nothing here unpickles.
 
 import hashlib
 import io
+import json
 import os
 from collections.abc import Iterable, Iterator
 from typing import Protocol
@@ -136,12 +137,73 @@ def load_or_train(path: str, vocab_size: int, texts: Iterable[str]) -> SentenceP
     return tok
   proto = train_sentencepiece(texts, vocab_size)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(proto)
-  os.replace(tmp, path)  # atomic: a crash never leaves half a tokenizer
+  _write_atomic(path, proto)  # a crash never leaves half a tokenizer
   return SentencePieceTokenizer(proto, path)
 
 
 def token_dtype(vocab_size: int):
   return np.uint16 if vocab_size <= np.iinfo(np.uint16).max else np.int32
+
+
+# A run directory keeps its own copy of the tokenizer, so generating from a run
+# needs nothing but the run directory.
+RUN_FILE = "tokenizer.json"
+
+
+def save_for_run(tok: Tokenizer, workdir: str) -> None:
+  meta = {"type": "bytes"}
+  if isinstance(tok, SentencePieceTokenizer):
+    meta = {"type": "sentencepiece", "file": "tokenizer.model", "name": tok.name}
+    _write_atomic(os.path.join(workdir, "tokenizer.model"), tok.model_proto)
+  _write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(meta).encode())
+
+
+def load_for_run(workdir: str) -> Tokenizer:
+  path = os.path.join(workdir, RUN_FILE)
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+    if meta["type"] == "bytes":
+      return ByteTokenizer()
+    model_path = os.path.join(workdir, meta["file"])
+    with open(model_path, "rb") as f:
+      return SentencePieceTokenizer(f.read(), model_path)
+  except FileNotFoundError as e:
+    raise UserError(
+        f"{e.filename} is missing: {workdir} is not a tpu_lm run directory, or it was trained"
+        " before runs kept their tokenizer (rerun python -m tpu_lm.main on it to write one)."
+    ) from None
+  except (ValueError, KeyError, TypeError):
+    raise UserError(f"{path} is corrupt: rerun python -m tpu_lm.main on {workdir} to rewrite it.") from None
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+class TextStream:
+  """Token ids in, new text out: detokenizes a growing sequence for streaming.
+
+  Holds text back while it ends in an incomplete UTF-8 sequence (a byte-level
+  piece), so a stream never shows a replacement character that later resolves.
+  """
+
+  def __init__(self, tok: Tokenizer):
+    self._tok, self._ids, self._sent = tok, [], ""
+
+  def push(self, token: int) -> str:
+    self._ids.append(int(token))
+    text = self._tok.decode(self._ids)
+    if text.endswith("\ufffd") or not text.startswith(self._sent):
+      return ""
+    delta, self._sent = text[len(self._sent):], text
+    return delta
+
+  def finish(self) -> str:
+    text = self._tok.decode(self._ids)
+    delta = text[len(self._sent):] if text.startswith(self._sent) else ""
+    self._sent = text
+    return delta

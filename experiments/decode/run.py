@@ -1,0 +1,135 @@
+"""Decode speed against the memory-bandwidth bound, for GPT-2 124M and a ~1B Llama.
+
+For each model and batch size: prefill a 128-token prompt, then decode with the KV
+cache (tpu_lm.decode.Decoder, one compiled while-loop). Decode tokens/s is measured
+as the difference between a long and a short generation, so prefill and the loop's
+fixed costs cancel:
+
+  tokens/s = batch * (N_long - N_short) / (t_long - t_short)
+
+The bound: each decode step must read every weight once and, per row, the KV cache
+up to the current position, so
+
+  bound tokens/s = batch * bandwidth / (weight bytes + batch * cache bytes per row)
+
+with the cache at the mean context length of the timed steps. Bandwidth is the
+chip's HBM bandwidth where known (H100, A100, TPU), else a measured streaming read
+of a 1 GiB array through XLA on this machine. Parameters are random (speed does not
+depend on their values) and cast to the compute dtype once, as serving does.
+
+usage: python experiments/decode/run.py [--models gpt2_124m llama_1b] [--batches 1 32]
+Writes a table to stdout and appends it to results.md beside this script.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tpu_lm import decode  # noqa: E402
+from tpu_lm import model as model_lib  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+MODELS = {
+    # GPT-2 small: 124M parameters, vocabulary padded to 50304.
+    "gpt2_124m": model_lib.ModelConfig(
+        vocab_size=50304, num_layers=12, d_model=768, num_heads=12, num_kv_heads=12, head_dim=64,
+        mlp_dim=3072, max_len=1024),
+    # TinyLlama-1.1B's shape: 22 layers, width 2048, 32 heads sharing 4 KV heads.
+    "llama_1b": model_lib.ModelConfig(
+        vocab_size=32000, num_layers=22, d_model=2048, num_heads=32, num_kv_heads=4, head_dim=64,
+        mlp_dim=5632, max_len=2048, norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False,
+        tie_embeddings=False),
+}
+
+# HBM bandwidth, bytes/s, by device kind (substring match, first hit wins).
+BANDWIDTH = [("H200", 4.8e12), ("H100", 3.35e12), ("A100", 2.0e12), ("v6", 1.64e12),
+             ("v5p", 2.76e12), ("v5", 0.82e12), ("v4", 1.2e12)]
+
+PROMPT = 128
+
+
+def bandwidth() -> tuple[float, str]:
+  kind = jax.devices()[0].device_kind
+  for name, bw in BANDWIDTH:
+    if name.lower() in kind.lower():
+      return bw, f"{kind} spec"
+  x = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
+  read = jax.jit(lambda a: jnp.sum(a))
+  read(x).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(5):
+    read(x).block_until_ready()
+  return 5 * x.nbytes / (time.perf_counter() - t0), f"{kind}, measured read"
+
+
+def run(name: str, batch: int, dtype: str, n_short: int, n_long: int, bw: float) -> dict:
+  cfg = dataclasses.replace(MODELS[name], dtype=dtype)
+  model = model_lib.Transformer(cfg)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = jax.jit(lambda k: model.init(k, tokens, tokens + 1, jnp.arange(8)[None])["params"])(jax.random.key(0))
+  params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                        is_leaf=lambda x: hasattr(x, "unbox"))
+  decoder = decode.Decoder(cfg, params, eos_id=-1, vocab_size=cfg.vocab_size)
+  rng = np.random.default_rng(0)
+  prompts = [[1, *rng.integers(3, cfg.vocab_size, PROMPT - 1)] for _ in range(batch)]
+
+  def timed(n):
+    decoder.generate(prompts, decode.Sampling(n, temperature=0))  # compile
+    t0 = time.perf_counter()
+    out = decoder.generate(prompts, decode.Sampling(n, temperature=0))
+    assert all(len(c.tokens) == n for c in out)
+    return time.perf_counter() - t0
+
+  t_short, t_long = timed(n_short), timed(n_long)
+  tok_s = batch * (n_long - n_short) / (t_long - t_short)
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(decoder.params))
+  weight_bytes -= cfg.vocab_size * cfg.d_model * jnp.dtype(dtype).itemsize  # embedding lookup reads one row
+  mean_ctx = PROMPT + (n_short + n_long) / 2
+  cache_bytes = 2 * cfg.num_layers * mean_ctx * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+  bound = batch * bw / (weight_bytes + batch * cache_bytes)
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  return {"model": name, "params": n_params, "batch": batch, "dtype": dtype, "tok_s": tok_s,
+          "step_ms": 1000 * batch / tok_s, "bound": bound, "frac": tok_s / bound}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--models", nargs="*", default=list(MODELS))
+  parser.add_argument("--batches", nargs="*", type=int, default=[1, 32])
+  parser.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")
+  parser.add_argument("--tokens", nargs=2, type=int, default=None, help="short and long generation lengths")
+  args = parser.parse_args()
+  on_cpu = jax.devices()[0].platform == "cpu"
+  dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+  n_short, n_long = args.tokens or ((16, 48) if on_cpu else (16, 112))
+  bw, bw_source = bandwidth()
+  rows = []
+  for name in args.models:
+    for batch in args.batches:
+      rows.append(run(name, batch, dtype, n_short, n_long, bw))
+      r = rows[-1]
+      print(f"{name} batch {batch}: {r['tok_s']:,.1f} tok/s, {100 * r['frac']:.0f}% of the bound", flush=True)
+  header = ("| model | params | batch | dtype | decode tok/s | ms/step | bandwidth bound tok/s | % of bound |\n"
+            "|---|---|---|---|---|---|---|---|")
+  lines = [f"| {r['model']} | {r['params'] / 1e6:,.0f}M | {r['batch']} | {r['dtype']} | {r['tok_s']:,.1f}"
+           f" | {r['step_ms']:.1f} | {r['bound']:,.1f} | {100 * r['frac']:.0f}% |" for r in rows]
+  table = "\n".join([header, *lines])
+  device = jax.devices()[0]
+  title = (f"## {datetime.date.today()}, {device.device_kind} ({device.platform}), jax {jax.__version__};"
+           f" bandwidth {bw / 1e9:,.1f} GB/s ({bw_source}); prompt {PROMPT}, tokens {n_short}->{n_long}")
+  print(title + "\n\n" + table)
+  with open(os.path.join(HERE, "results.md"), "a") as f:
+    f.write(f"\n{title}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,157 @@
+"""The real server in a subprocess, driven over HTTP on localhost."""
+
+import concurrent.futures
+import http.client
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from tpu_lm import decode, run_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _start(workdir, *flags):
+  env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "tpu_lm.serve", f"--workdir={workdir}", "--port=0", *flags],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )
+  line = proc.stdout.readline()  # blocks until the server listens (or dies)
+  match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+  if not match:
+    proc.kill()
+    raise AssertionError(f"server did not start: {line}{proc.stderr.read()[-3000:]}")
+  return proc, int(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+  proc, port = _start(trained_run, "--max_prompt_tokens=40", "--max_new_tokens=48", "--max_body_bytes=4000",
+                      "--max_batch=8")
+  yield port
+  proc.terminate()
+  assert proc.wait(timeout=30) == 0  # SIGTERM shuts it down cleanly
+  proc.stdout.close()
+  proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def local(trained_run):
+  """The same run in this process, on one device like the server: the expected outputs."""
+  return run_dir.load(trained_run, devices=jax.devices()[:1])
+
+
+def _post(port, body, path="/v1/completions", method="POST"):
+  conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+  conn.request(method, path, body=body if isinstance(body, (bytes, str)) else json.dumps(body),
+               headers={"Content-Type": "application/json"})
+  resp = conn.getresponse()
+  data = resp.read().decode()
+  conn.close()
+  return resp.status, data
+
+
+def _expected(local, prompt, **sampling):
+  [c] = local.decoder.generate([local.encode_prompt(prompt)], decode.Sampling(**sampling))
+  return local.tokenizer.decode(c.tokens), c.finish_reason
+
+
+def test_health(server):
+  status, data = _post(server, None, "/health", "GET")
+  assert status == 200
+  assert json.loads(data)["status"] == "ok"
+
+
+def test_completion_is_what_the_model_generates(server, local):
+  status, data = _post(server, {"prompt": "the model", "max_tokens": 12, "temperature": 0.9, "top_k": 20, "seed": 5})
+  assert status == 200, data
+  out = json.loads(data)
+  text, reason = _expected(local, "the model", max_new_tokens=12, temperature=0.9, top_k=20, seed=5)
+  assert out["choices"] == [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]
+  assert out["object"] == "text_completion"
+  assert out["usage"]["prompt_tokens"] == len("the model")  # byte tokenizer: one token per byte
+
+
+def test_streaming_sends_the_same_text_as_events(server, local):
+  conn = http.client.HTTPConnection("127.0.0.1", server, timeout=120)
+  conn.request("POST", "/v1/completions", body=json.dumps(
+      {"prompt": "a little", "max_tokens": 10, "temperature": 0, "stream": True}))
+  resp = conn.getresponse()
+  assert resp.status == 200
+  assert resp.getheader("Content-Type") == "text/event-stream"
+  events = [line[len("data: "):] for line in resp.read().decode().split("\n\n") if line.startswith("data: ")]
+  conn.close()
+  assert events[-1] == "[DONE]"
+  chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+  assert len(chunks) > 2  # several events, not one
+  text, reason = _expected(local, "a little", max_new_tokens=10, temperature=0)
+  assert "".join(c["text"] for c in chunks) == text
+  assert [c["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [reason]
+
+
+def test_concurrent_clients_each_get_their_own_completion(server, local):
+  requests = [{"prompt": f"the loss {i}", "max_tokens": 6 + i, "temperature": 1.0, "seed": i} for i in range(6)]
+  with concurrent.futures.ThreadPoolExecutor(6) as pool:
+    replies = list(pool.map(lambda r: _post(server, r), requests))
+  for r, (status, data) in zip(requests, replies):
+    assert status == 200, data
+    text, _ = _expected(local, r["prompt"], max_new_tokens=r["max_tokens"], temperature=1.0, seed=r["seed"])
+    assert json.loads(data)["choices"][0]["text"] == text
+
+
+def test_n_and_a_list_of_prompts_give_one_choice_each(server):
+  status, data = _post(server, {"prompt": ["a", "b"], "n": 2, "max_tokens": 4, "seed": 1})
+  assert status == 200, data
+  assert [c["index"] for c in json.loads(data)["choices"]] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "not valid JSON"),
+    ([1, 2], 400, "must be a JSON object"),
+    ({"max_tokens": 3}, 400, "'prompt' is required"),
+    ({"prompt": "a", "max_tokens": True}, 400, "'max_tokens' must be an integer from 1 to 48"),
+    ({"prompt": "a", "max_tokens": 49}, 400, "'max_tokens' must be an integer from 1 to 48"),
+    ({"prompt": "a", "temperature": -1}, 400, "'temperature' must be a number from 0 to 100"),
+    ({"prompt": "a", "top_p": 0}, 400, "'top_p' must be a number in (0, 1]"),
+    ({"prompt": "x" * 41}, 400, "prompt 0 has 41 tokens; this server accepts at most 40"),
+    ({"prompt": "x" * 40, "max_tokens": 30}, 400, "exceeds the model's context of 64 tokens"),
+    ({"prompt": "a", "stop": ["\n"]}, 400, "'stop' is not supported"),
+    ({"prompt": "a", "n": 9}, 400, "'n' must be an integer from 1 to 8"),
+    ({"prompt": "x" * 5000}, 413, "the limit is 4000"),
+], ids=["json", "not_object", "no_prompt", "bool_int", "too_many_tokens", "temperature", "top_p",
+        "prompt_too_long", "context", "stop", "n", "body_too_big"])
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, status, message):
+  got, data = _post(server, body)
+  assert got == status, data
+  error = json.loads(data)["error"]
+  assert message in error["message"]
+  assert _post(server, None, "/health", "GET")[0] == 200
+
+
+def test_wrong_route_method_and_missing_length(server):
+  assert _post(server, {"prompt": "a"}, "/v1/chat")[0] == 404
+  assert _post(server, {"prompt": "a"}, "/v1/completions", "PUT")[0] == 405
+  with socket.create_connection(("127.0.0.1", server), timeout=30) as s:
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b" 411 " in s.recv(4096).split(b"\r\n")[0] + b" "
+
+
+def test_a_request_that_outlives_its_timeout_gets_504(trained_run):
+  proc, port = _start(trained_run, "--request_timeout_s=0.01")
+  try:
+    status, data = _post(port, {"prompt": "the", "max_tokens": 40})
+    assert status == 504, data
+    assert "did not finish within 0.01 s" in json.loads(data)["error"]["message"]
+    assert _post(port, None, "/health", "GET")[0] == 200
+  finally:
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()

@@ -1,0 +1,228 @@
+"""Cached decoding: prefill every prompt in one forward pass, then generate all
+new tokens inside one compiled `lax.while_loop`, one token per row per step.
+
+Prompts of different lengths share a batch: each row is right-padded, and its
+tokens sit at their own absolute positions in the KV cache, so a row decodes
+exactly as it would alone. Each row has its own sampling settings and its own
+random stream (derived from its seed and the step), so a request's output does
+not depend on what it was batched with. The loop stops when every row has
+produced end-of-sequence or its own `max_new_tokens`.
+
+Shapes are rounded up to a few buckets (batch, prompt length, cache length,
+new tokens) so a server meets only a handful of compilations.
+"""
+
+import dataclasses
+import functools
+import threading
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from tpu_lm import model as model_lib
+from tpu_lm.data.tokenizer import PAD_ID
+from tpu_lm.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How one row is sampled. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+
+  max_new_tokens: int = 64
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+
+  def check(self) -> None:
+    for name, ok, allowed in (
+        ("max_new_tokens", self.max_new_tokens >= 1, "an integer >= 1"),
+        ("temperature", self.temperature >= 0, "a number >= 0 (0 is greedy)"),
+        ("top_k", self.top_k >= 0, "an integer >= 0 (0 keeps every token)"),
+        ("top_p", 0 < self.top_p <= 1, "a number in (0, 1] (1 keeps every token)"),
+        ("seed", 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
+    ):
+      if not ok:
+        raise UserError(f"{name}={getattr(self, name)!r} is invalid: it must be {allowed}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  tokens: list[int]  # the new tokens, without the end-of-sequence token
+  finish_reason: str  # "stop" (end-of-sequence) or "length" (max_new_tokens)
+
+
+def sample_tokens(logits_BxV, seeds_B, step, temperature_B, top_k_B, top_p_B):
+  """One token per row: greedy where temperature is 0, else top-k/top-p sampling."""
+  v = logits_BxV.shape[-1]
+  greedy_B = jnp.argmax(logits_BxV, axis=-1)
+  scaled_BxV = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
+  sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)  # descending
+  k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, v), v)
+  in_top_k_BxV = jnp.arange(v)[None] < k_B[:, None]
+  probs_BxV = jax.nn.softmax(jnp.where(in_top_k_BxV, sorted_BxV, -jnp.inf), axis=-1)
+  # Nucleus: keep a sorted token while the mass before it is below top_p (the
+  # first token is always kept).
+  keep_BxV = in_top_k_BxV & ((jnp.cumsum(probs_BxV, axis=-1) - probs_BxV) < top_p_B[:, None])
+  threshold_B1 = jnp.take_along_axis(sorted_BxV, jnp.sum(keep_BxV, axis=-1, keepdims=True) - 1, axis=-1)
+  masked_BxV = jnp.where(scaled_BxV >= threshold_B1, scaled_BxV, -jnp.inf)
+  keys_B = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds_B)
+  sampled_B = jax.vmap(jax.random.categorical)(keys_B, masked_BxV)
+  return jnp.where(temperature_B == 0, greedy_B, sampled_B).astype(jnp.int32)
+
+
+def _generate(params, tokens_BxP, lengths_B, max_new_B, temperature_B, top_k_B, top_p_B, seeds_B, *,
+              model, cache_len: int, max_new: int, eos_id: int, vocab_size: int, emit):
+  b, p = tokens_BxP.shape
+  cache = model_lib.init_cache(model.cfg, b, cache_len)
+  positions_BxP = jnp.broadcast_to(jnp.arange(p), (b, p))
+  logits_BxPxV, cache = model.apply({"params": params}, tokens_BxP, jnp.ones_like(tokens_BxP), positions_BxP, cache=cache)
+  logits_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  usable_V = jnp.arange(logits_BxV.shape[-1]) < vocab_size  # the model's vocab is padded for sharding
+
+  def cond(carry):
+    i, _, _, _, done_B = carry
+    return (i < max_new) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, logits_BxV, cache, out_BxN, done_B = carry
+    logits_BxV = jnp.where(usable_V, logits_BxV, -jnp.inf)
+    token_B = sample_tokens(logits_BxV, seeds_B, i, temperature_B, top_k_B, top_p_B)
+    token_B = jnp.where(done_B, PAD_ID, token_B)
+    out_BxN = out_BxN.at[:, i].set(token_B)
+    if emit is not None:
+      io_callback(emit, None, i, token_B, done_B)
+    done_B = done_B | (token_B == eos_id) | (i + 1 >= max_new_B)
+    # Finished rows keep stepping (the batch moves together); clamp their position.
+    positions_Bx1 = jnp.minimum(lengths_B + i, cache_len - 1)[:, None]
+    logits_Bx1xV, cache = model.apply(
+        {"params": params}, token_B[:, None], jnp.ones_like(token_B[:, None]), positions_Bx1, cache=cache
+    )
+    return i + 1, logits_Bx1xV[:, 0], cache, out_BxN, done_B
+
+  out_BxN = jnp.full((b, max_new), PAD_ID, jnp.int32)
+  carry = (jnp.int32(0), logits_BxV, cache, out_BxN, max_new_B <= 0)
+  _, _, _, out_BxN, _ = jax.lax.while_loop(cond, body, carry)
+  return out_BxN
+
+
+def _bucket(n: int, minimum: int, cap: int | None = None) -> int:
+  size = max(minimum, 1 << (max(n, 1) - 1).bit_length())
+  return min(size, cap) if cap else size
+
+
+class Decoder:
+  """Generates from one model's parameters, optionally sharded over a mesh.
+
+  `context` is a callable returning the mesh/logical-rules context the model's
+  sharding constraints read (as `train.Setup.context`); `batch_multiple` pads
+  the batch to a multiple of the data-parallel size.
+  """
+
+  def __init__(self, model_cfg: model_lib.ModelConfig, params, *, eos_id: int, vocab_size: int,
+               context: Callable | None = None, batch_multiple: int = 1):
+    if model_cfg.scan_layers:
+      params = model_lib.unstack_layers(params)
+    self.cfg = dataclasses.replace(model_cfg, scan_layers=False, remat="none", dropout_rate=0.0)
+    # Decoding reads every weight once per token: keep them in the compute dtype
+    # (bfloat16 halves the bytes read); float32 master copies are for training.
+    params = jax.tree.map(
+        lambda x: x.astype(self.cfg.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    self.params, self.eos_id, self.vocab_size = params, eos_id, vocab_size
+    self.max_len = model_cfg.max_len
+    self._context = context or (lambda: nn.logical_axis_rules(()))
+    self._batch_multiple = batch_multiple
+    self._lock = threading.Lock()  # one generate call at a time (the stream target is per call)
+    self._on_step = None
+    self._fn = jax.jit(
+        functools.partial(_generate, model=model_lib.Transformer(self.cfg), eos_id=eos_id, vocab_size=vocab_size),
+        static_argnames=("cache_len", "max_new", "emit"),
+    )
+
+  def check(self, prompt_len: int, sampling: Sampling) -> None:
+    """Raises UserError when a request cannot fit the model's context."""
+    sampling.check()
+    if prompt_len < 1:
+      raise UserError("the prompt is empty after tokenization: give at least one token.")
+    if prompt_len + sampling.max_new_tokens > self.max_len:
+      raise UserError(
+          f"the prompt ({prompt_len} tokens) plus max_new_tokens ({sampling.max_new_tokens}) exceeds"
+          f" the model's context of {self.max_len} tokens: shorten the prompt or ask for fewer tokens."
+      )
+
+  def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling | Sequence[Sampling],
+               on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> list[Completion]:
+    """Continues each prompt (token ids, BOS included) and returns its new tokens.
+
+    `on_step(i, tokens[B], finished[B])`, when given, is called from inside the
+    compiled loop with the i-th new token of every row (rows finished before
+    this step carry padding): that is how tokens are streamed as produced.
+    """
+    if isinstance(sampling, Sampling):
+      sampling = [sampling] * len(prompts)
+    if len(sampling) != len(prompts) or not prompts:
+      raise ValueError("need one Sampling per prompt and at least one prompt")
+    for p, s in zip(prompts, sampling):
+      self.check(len(p), s)
+    n = len(prompts)
+    b = _bucket(n, self._batch_multiple)
+    b += -b % self._batch_multiple
+    longest = max(len(p) for p in prompts)
+    p_len = _bucket(longest, 16, self.max_len)
+    max_new = _bucket(max(s.max_new_tokens for s in sampling), 16, self.max_len)
+    cache_len = min(self.max_len, -(-(longest + max_new) // 128) * 128)
+
+    tokens = np.full((b, p_len), PAD_ID, np.int32)
+    lengths = np.ones(b, np.int32)
+    fields = {"max_new": np.zeros(b, np.int32), "temperature": np.zeros(b, np.float32),
+              "top_k": np.zeros(b, np.int32), "top_p": np.ones(b, np.float32), "seed": np.zeros(b, np.uint32)}
+    for i, (p, s) in enumerate(zip(prompts, sampling)):
+      tokens[i, : len(p)] = p
+      lengths[i] = len(p)
+      for name, value in (("max_new", s.max_new_tokens), ("temperature", s.temperature),
+                          ("top_k", s.top_k), ("top_p", s.top_p), ("seed", s.seed)):
+        fields[name][i] = value
+
+    with self._lock, self._context():
+      self._on_step = _InOrder(on_step, n) if on_step else None
+      out = np.asarray(self._fn(
+          self.params, tokens, lengths, fields["max_new"], fields["temperature"], fields["top_k"],
+          fields["top_p"], fields["seed"], cache_len=cache_len, max_new=max_new,
+          emit=self._emit if on_step else None,
+      ))
+      if self._on_step:
+        self._on_step.flush()
+      self._on_step = None
+    results = []
+    for row, s in zip(out[:n], sampling):
+      row = [int(t) for t in row[: s.max_new_tokens]]
+      if self.eos_id in row:
+        results.append(Completion(row[: row.index(self.eos_id)], "stop"))
+      else:
+        results.append(Completion(row, "length"))
+    return results
+
+  def _emit(self, i, tokens_B, done_B):
+    if self._on_step is not None:
+      self._on_step(int(i), np.asarray(tokens_B), np.asarray(done_B))
+
+
+class _InOrder:
+  """Delivers loop callbacks in step order (an unordered host callback may arrive early)."""
+
+  def __init__(self, fn, rows: int):
+    self._fn, self._rows, self._next, self._pending = fn, rows, 0, {}
+
+  def __call__(self, i, tokens_B, done_B):
+    self._pending[i] = (tokens_B[: self._rows], done_B[: self._rows])
+    while self._next in self._pending:
+      self._fn(self._next, *self._pending.pop(self._next))
+      self._next += 1
+
+  def flush(self):
+    for i in sorted(self._pending):
+      self._fn(i, *self._pending.pop(i))

@@ -1,0 +1,347 @@
+"""HTTP API for a trained run: python -m tpu_lm.serve --workdir=RUN [--port=8000].
+
+  POST /v1/completions  OpenAI-style completions; "stream": true sends server-sent events
+  GET  /health          {"status": "ok", "step": ..., "queued": ...}
+
+Requests are served together: a single engine thread takes every request that
+is waiting (up to --max_batch sequences) and decodes them in one batch; the
+rest queue for the next batch, and none is dropped. A malformed request gets a
+4xx with a JSON error saying what was wrong, and the server keeps serving.
+Bound to 127.0.0.1 unless --host says otherwise.
+"""
+
+import dataclasses
+import json
+import os
+import queue
+import secrets
+import signal
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags, logging  # noqa: E402
+
+from tpu_lm import cli  # noqa: E402
+from tpu_lm.errors import UserError, exit_with  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by python -m tpu_lm.main.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind; 0.0.0.0 exposes the server to the network.")
+_PORT = flags.DEFINE_integer("port", 8000, "Port to listen on; 0 picks a free one (printed at start).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
+_TENSOR = flags.DEFINE_integer("tensor_parallel", 1, "Devices to split the model over.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Most sequences decoded together in one batch.")
+_MAX_PROMPT = flags.DEFINE_integer("max_prompt_tokens", 0, "Longest prompt accepted, in tokens (0: the model's context).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Largest max_tokens a request may ask for.")
+_MAX_BODY = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body accepted, in bytes.")
+_TIMEOUT = flags.DEFINE_float("request_timeout_s", 120.0, "A request not finished in this many seconds gets a 504.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of a startup error.")
+flags.mark_flags_as_required(["workdir"])
+
+
+class RequestError(Exception):
+  """A bad request: answered with `status` and a JSON error, never a crash."""
+
+  def __init__(self, status: int, message: str, param: str | None = None):
+    super().__init__(message)
+    self.status, self.param = status, param
+
+
+@dataclasses.dataclass
+class Limits:
+  max_prompt_tokens: int
+  max_new_tokens: int
+  max_body_bytes: int
+  timeout_s: float
+  max_batch: int
+
+
+@dataclasses.dataclass
+class _Job:
+  """One sequence to decode; its events go to the queue of the HTTP request it belongs to."""
+
+  index: int
+  prompt_ids: list[int]
+  sampling: object
+  events: queue.Queue
+  cancelled: threading.Event
+
+
+class Engine:
+  """One thread owning the model: drains the queue into batches and decodes them."""
+
+  def __init__(self, run, max_batch: int):
+    self.run, self.max_batch = run, max_batch
+    self._queue: queue.Queue = queue.Queue()
+    threading.Thread(target=self._loop, name="engine", daemon=True).start()
+
+  def queued(self) -> int:
+    return self._queue.qsize()
+
+  def submit(self, jobs: list[_Job]) -> None:
+    for job in jobs:
+      self._queue.put(job)
+
+  def _loop(self) -> None:
+    while True:
+      jobs = [self._queue.get()]
+      while len(jobs) < self.max_batch:
+        try:
+          jobs.append(self._queue.get_nowait())
+        except queue.Empty:
+          break
+      jobs = [j for j in jobs if not j.cancelled.is_set()]
+      if jobs:
+        self._decode(jobs)
+
+  def _decode(self, jobs: list[_Job]) -> None:
+    def on_step(_, tokens_B, done_B):
+      for job, token, done in zip(jobs, tokens_B, done_B):
+        if not done and token != self.run.decoder.eos_id:
+          job.events.put(("token", job.index, int(token)))
+
+    try:
+      completions = self.run.decoder.generate([j.prompt_ids for j in jobs], [j.sampling for j in jobs], on_step)
+    except Exception as e:  # keep serving: the requests in this batch get a 500
+      logging.exception("decode failed")
+      for job in jobs:
+        job.events.put(("error", job.index, f"decoding failed: {type(e).__name__}: {e}"))
+      return
+    for job, c in zip(jobs, completions):
+      job.events.put(("done", job.index, c))
+
+
+def parse_request(body: bytes, run, limits: Limits):
+  """JSON body -> (prompts as token ids, Sampling per choice, stream flag). Raises RequestError."""
+  from tpu_lm import decode
+
+  try:
+    req = json.loads(body)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise RequestError(400, f"the request body is not valid JSON ({e}).") from None
+  if not isinstance(req, dict):
+    raise RequestError(400, "the request body must be a JSON object.")
+  for unsupported in ("stop", "suffix", "echo", "logprobs", "best_of", "logit_bias"):
+    if req.get(unsupported) not in (None, False, 1 if unsupported == "best_of" else None):
+      raise RequestError(400, f"'{unsupported}' is not supported by this server: remove it.", unsupported)
+
+  def field(name, kinds, default, ok, allowed):
+    value = req.get(name, default)
+    if type(value) not in kinds or not ok(value):  # type(), not isinstance: True is not an int here
+      raise RequestError(400, f"'{name}' must be {allowed}; got {json.dumps(value)}.", name)
+    return value
+
+  prompt = req.get("prompt")
+  if isinstance(prompt, str):
+    prompts = [prompt]
+  elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+    prompts = prompt
+  else:
+    raise RequestError(400, "'prompt' is required: a string or a non-empty list of strings.", "prompt")
+  max_tokens = field("max_tokens", (int,), 16, lambda v: 1 <= v <= limits.max_new_tokens,
+                     f"an integer from 1 to {limits.max_new_tokens}")
+  temperature = field("temperature", (int, float), 1.0, lambda v: 0 <= v <= 100, "a number from 0 to 100")
+  top_p = field("top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
+  top_k = field("top_k", (int,), 0, lambda v: v >= 0, "an integer >= 0")
+  n = field("n", (int,), 1, lambda v: 1 <= v <= limits.max_batch, f"an integer from 1 to {limits.max_batch}")
+  seed = field("seed", (int,), secrets.randbits(31), lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
+  stream = field("stream", (bool,), False, lambda v: True, "true or false")
+  if len(prompts) * n > limits.max_batch:
+    raise RequestError(400, f"{len(prompts)} prompts x n={n} is more than the {limits.max_batch} sequences"
+                            " this server decodes at once: send fewer.", "n")
+
+  ids = [run.encode_prompt(p) for p in prompts]
+  for i, p in enumerate(ids):
+    if len(p) - 1 > limits.max_prompt_tokens:
+      raise RequestError(400, f"prompt {i} has {len(p) - 1} tokens; this server accepts at most"
+                              f" {limits.max_prompt_tokens}: shorten it.", "prompt")
+  samplings = [decode.Sampling(max_tokens, float(temperature), top_k, float(top_p), (seed + j) % 2**32)
+               for j in range(n)]
+  try:
+    for p in ids:
+      run.decoder.check(len(p), samplings[0])
+  except UserError as e:
+    raise RequestError(400, str(e), "max_tokens") from None
+  return ids, samplings, stream
+
+
+def make_handler(run, engine: Engine, limits: Limits):
+  model_name = f"tpu_lm/{os.path.basename(run.workdir)}@{run.step}"
+
+  class Handler(BaseHTTPRequestHandler):
+    server_version = "tpu_lm"
+
+    def log_message(self, fmt, *args):  # one line per request on stderr
+      sys.stderr.write(f"[serve] {self.address_string()} {fmt % args}\n")
+
+    def _json(self, status: int, obj: dict) -> None:
+      body = json.dumps(obj).encode()
+      self.send_response(status)
+      self.send_header("Content-Type", "application/json")
+      self.send_header("Content-Length", str(len(body)))
+      self.end_headers()
+      self.wfile.write(body)
+
+    def _error(self, status: int, message: str, param: str | None = None) -> None:
+      kind = "invalid_request_error" if status < 500 else "server_error"
+      self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": status}})
+
+    def do_GET(self):
+      if self.path.split("?")[0] == "/health":
+        self._json(200, {"status": "ok", "model": model_name, "step": run.step, "queued": engine.queued()})
+      else:
+        self._error(404, f"no route GET {self.path}: use POST /v1/completions or GET /health.")
+
+    def do_POST(self):
+      if self.path.split("?")[0] != "/v1/completions":
+        self._error(404, f"no route POST {self.path}: use POST /v1/completions.")
+        return
+      try:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+          raise RequestError(411, "a Content-Length header is required.")
+        if int(length) > limits.max_body_bytes:
+          self.close_connection = True  # the unread body must not be taken for the next request
+          raise RequestError(413, f"the request body is {length} bytes; the limit is {limits.max_body_bytes}.")
+        ids, samplings, stream = parse_request(self.rfile.read(int(length)), run, limits)
+      except RequestError as e:
+        self._error(e.status, str(e), e.param)
+        return
+      self._complete(ids, samplings, stream)
+
+    def do_PUT(self):
+      self._error(405, f"method PUT is not allowed on {self.path}: use POST /v1/completions.")
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def _complete(self, ids, samplings, stream: bool) -> None:
+      events: queue.Queue = queue.Queue()
+      cancelled = threading.Event()
+      jobs = [_Job(i * len(samplings) + j, p, s, events, cancelled)
+              for i, p in enumerate(ids) for j, s in enumerate(samplings)]
+      engine.submit(jobs)
+      deadline = time.time() + limits.timeout_s
+      head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
+              "created": int(time.time()), "model": model_name}
+      from tpu_lm.data.tokenizer import TextStream
+
+      streams = {j.index: TextStream(run.tokenizer) for j in jobs}
+      results, started = {}, False
+      try:
+        while len(results) < len(jobs):
+          try:
+            kind, index, payload = events.get(timeout=max(0.0, deadline - time.time()))
+          except queue.Empty:
+            cancelled.set()
+            message = f"the request did not finish within {limits.timeout_s:g} s: ask for fewer tokens or retry."
+            if started:
+              self._event({"error": {"message": message, "type": "timeout", "code": 504}})
+            else:
+              self._error(504, message)
+            return
+          if kind == "error":
+            cancelled.set()
+            if started:
+              self._event({"error": {"message": payload, "type": "server_error", "code": 500}})
+            else:
+              self._error(500, payload)
+            return
+          if kind == "token" and stream:
+            if not started:
+              self._start_stream()
+              started = True
+            text = streams[index].push(payload)
+            if text:
+              self._event({**head, "choices": [_choice(index, text, None)]})
+          elif kind == "done":
+            results[index] = payload
+            if stream:
+              if not started:
+                self._start_stream()
+                started = True
+              for t in payload.tokens[len(streams[index]._ids):]:  # any not streamed yet
+                streams[index].push(t)
+              self._event({**head, "choices": [_choice(index, streams[index].finish(), payload.finish_reason)]})
+        if stream:
+          self.wfile.write(b"data: [DONE]\n\n")
+          self.wfile.flush()
+          return
+        prompt_tokens = sum(len(p) - 1 for p in ids) * len(samplings)
+        completion_tokens = sum(len(c.tokens) for c in results.values())
+        self._json(200, {
+            **head,
+            "choices": [_choice(i, run.tokenizer.decode(results[i].tokens), results[i].finish_reason)
+                        for i in sorted(results)],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        })
+      except (BrokenPipeError, ConnectionResetError):  # the client left; its rows finish unseen
+        cancelled.set()
+
+    def _start_stream(self) -> None:
+      self.send_response(200)
+      self.send_header("Content-Type", "text/event-stream")
+      self.send_header("Cache-Control", "no-cache")
+      self.end_headers()
+
+    def _event(self, obj: dict) -> None:
+      self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+      self.wfile.flush()
+
+  return Handler
+
+
+def _choice(index: int, text: str, finish_reason: str | None) -> dict:
+  return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}: every option is a --flag.")
+  logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only checkpoint dir is read-only
+  try:
+    for name, value in (("max_batch", _MAX_BATCH.value), ("max_new_tokens", _MAX_NEW.value),
+                        ("max_body_bytes", _MAX_BODY.value)):
+      if value < 1:
+        raise UserError(f"--{name}={value} is invalid: it must be at least 1.")
+    if _TIMEOUT.value <= 0:
+      raise UserError(f"--request_timeout_s={_TIMEOUT.value} is invalid: it must be positive.")
+    if not 0 <= _PORT.value < 65536:
+      raise UserError(f"--port={_PORT.value} is invalid: give a port from 0 to 65535.")
+    from tpu_lm import run_dir
+
+    run = run_dir.load(_WORKDIR.value, step=_STEP.value, tensor_parallel=_TENSOR.value)
+    context = run.decoder.max_len
+    limits = Limits(
+        max_prompt_tokens=min(_MAX_PROMPT.value or context, context - 1),
+        max_new_tokens=min(_MAX_NEW.value, context - 1), max_body_bytes=_MAX_BODY.value,
+        timeout_s=_TIMEOUT.value, max_batch=_MAX_BATCH.value,
+    )
+    engine = Engine(run, limits.max_batch)
+    try:
+      server = ThreadingHTTPServer((_HOST.value, _PORT.value), make_handler(run, engine, limits))
+    except OSError as e:
+      raise UserError(f"cannot listen on {_HOST.value}:{_PORT.value} ({e.strerror}): pick another --port.") from None
+  except UserError as e:
+    if _DEBUG.value:
+      raise
+    exit_with(str(e))
+  server.daemon_threads = True
+  host, port = server.server_address[:2]
+  signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+  print(f"serving {run.workdir} (step {run.step}) on http://{host}:{port}"
+        f"  [context {context} tokens, max_batch {limits.max_batch}]", flush=True)
+  try:
+    server.serve_forever()
+  except KeyboardInterrupt:
+    pass
+  server.server_close()
+  print("server stopped", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
