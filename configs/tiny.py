@@ -23,6 +23,7 @@ def get_config():
   c.data.global_batch_size = 16
   c.model.num_layers = 2
   c.model.d_model = 64
+  base.gpt2_block(c.model)
   c.model.num_heads = 4
   c.model.mlp_dim = 256
   c.model.max_len = 128

@@ -9,8 +9,8 @@ from tpu_lm.errors import UserError
     "field, value, message",
     [
         ("model.norm", "batchnorm", "config field model.norm is 'batchnorm': use one of 'layernorm', 'rmsnorm'."),
-        ("model.num_kv_heads", 3, "config field model.num_kv_heads is 3: it must divide model.num_heads (2)."),
-        ("data.seq_len", 512, "config field data.seq_len is 512: it is longer than the model's learned positions"),
+        ("model.num_kv_heads", 3, "config field model.num_kv_heads is 3: it must divide model.num_heads (4)."),
+        ("data.seq_len", 512, "config field data.seq_len is 512: it is longer than the model's positions"),
         ("num_train_steps", 0, "config field num_train_steps is 0: it must be a positive integer."),
         ("optim.schedule", "step", "config field optim.schedule is 'step': use one of"),
         ("mesh.fsdp", 0, "config field mesh.fsdp is 0: it must be a positive integer or -1"),

@@ -76,3 +76,29 @@ def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path):
   assert result.stderr.strip().splitlines() == [message]
   assert "Traceback" not in result.stdout + result.stderr
   assert not os.path.exists(f"{tmp_path}/w/checkpoints")
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--config.mesh.data=3"], "error: mesh {'data': 3, 'fsdp': 1, 'tensor': 1} has 3 devices but 1 are available"),
+        (["--config.data.seq_len=256"], "error: config field data.seq_len is 256: it is longer than the model's positions"),
+        (["--config.model.num_kv_heads=3"], "error: config field model.num_kv_heads is 3: it must divide model.num_heads (4)"),
+        (["--config.data.dataset=no_such_dataset"], "error: data.dataset 'no_such_dataset' is neither one of"),
+        (["--config.data.dataset=text_files", "--config.data.path={tmp}/empty"],
+         "error: data.path '{tmp}/empty' matches no files"),
+        (["--config.data.dataset=text_files", "--config.data.path=/nonexistent/dir"],
+         "error: data.path '/nonexistent/dir' does not exist"),
+        (["--workdir=/proc/not_writable"], "error: cannot write to workdir /proc/not_writable"),
+    ],
+    ids=["mesh", "seq_len", "kv_heads", "dataset", "empty_dir", "missing_dir", "workdir"],
+)
+def test_more_bad_input_is_one_line_and_exit_2(flags, fragment, tmp_path):
+  os.makedirs(tmp_path / "empty")
+  flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+  fragment = fragment.replace("{tmp}", str(tmp_path))
+  result = _run("--config=configs/tiny.py", f"--workdir={tmp_path}/w", f"--config.data.data_dir={tmp_path}/tfds", *flags)
+  assert result.returncode == 2, result.stderr[-2000:]
+  [line] = result.stderr.strip().splitlines()
+  assert line.startswith(fragment), line
+  assert not os.path.exists(f"{tmp_path}/w/checkpoints")

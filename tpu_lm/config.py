@@ -23,7 +23,7 @@ CHOICES = {
 }
 POSITIVE_INTS = (
     "num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-    "keep_checkpoints", "data.seq_len", "data.global_batch_size", "model.num_layers",
+    "keep_checkpoints", "max_consecutive_nonfinite", "data.seq_len", "data.global_batch_size", "model.num_layers",
     "model.d_model", "model.num_heads", "model.mlp_dim", "model.max_len",
 )
 NON_NEGATIVE = (
@@ -76,10 +76,10 @@ def validate(config) -> None:
     fail("model.head_dim", head_dim, "rotary positions need an even head dimension")
   if not 0 <= m.dropout_rate < 1:
     fail("model.dropout_rate", m.dropout_rate, "it must be in [0, 1)")
-  if m.position == "learned" and config.data.seq_len > m.max_len:
+  if config.data.seq_len > m.max_len:
     fail(
         "data.seq_len", config.data.seq_len,
-        f"it is longer than the model's learned positions (model.max_len={m.max_len}); raise model.max_len",
+        f"it is longer than the model's positions (model.max_len={m.max_len}); raise model.max_len",
     )
   if config.data.tokenizer == "sentencepiece" and not 260 <= config.data.vocab_size <= 1 << 20:
     fail("data.vocab_size", config.data.vocab_size, "a SentencePiece vocabulary must be between 260 and 1048576")

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import io_callback
+from jax.experimental import io_callback, multihost_utils
 
 from tpu_lm import model as model_lib
 from tpu_lm.data.tokenizer import PAD_ID
@@ -189,11 +189,14 @@ class Decoder:
 
     with self._lock, self._context():
       self._on_step = _InOrder(on_step, n) if on_step else None
-      out = np.asarray(self._fn(
+      out = self._fn(
           self.params, tokens, lengths, fields["max_new"], fields["temperature"], fields["top_k"],
           fields["top_p"], fields["seed"], cache_len=cache_len, max_new=max_new,
           emit=self._emit if on_step else None,
-      ))
+      )
+      if not out.is_fully_addressable:  # rows spread over several processes: gather them
+        out = multihost_utils.process_allgather(out, tiled=True)
+      out = np.asarray(out)
       if self._on_step:
         self._on_step.flush()
       self._on_step = None

@@ -13,6 +13,13 @@ from tpu_lm.errors import UserError, exit_with  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (Python).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default ./workdirs/<config name>.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of a user error.")
+# Multi-process runs (several hosts, or several processes on one machine):
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0; with --num_processes and --process_id.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes taking part in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index, 0 .. num_processes - 1.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "jax.distributed.initialize() with cluster auto-detection (Cloud TPU pods, SLURM).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -35,15 +42,31 @@ def main(argv) -> None:
   if not workdir:
     workdir = default_workdir()
     print(f"no --workdir given: using {os.path.abspath(workdir)}", flush=True)
-  logging.set_verbosity(logging.WARNING)  # absl's INFO lines (e.g. libtpu probing) are noise here
-  from tpu_lm import train  # after flag parsing: --help stays fast
-
+  logging.set_verbosity(logging.ERROR)  # absl INFO/WARNING lines (libtpu probing, TFDS builder configs) are noise here
   try:
+    _init_distributed()
+    from tpu_lm import train  # after flag parsing: --help stays fast
+
     train.train_and_evaluate(config, workdir)
   except UserError as e:
     if _DEBUG.value:
       raise
     exit_with(str(e))
+
+
+def _init_distributed() -> None:
+  """Joins the processes of a multi-process run before anything touches a device."""
+  n, i = _NUM_PROCESSES.value, _PROCESS_ID.value
+  if n < 1 or not 0 <= i < n:
+    raise UserError(f"--process_id={i} with --num_processes={n}: the id must be in 0 .. {n - 1}.")
+  if n > 1 and not _COORDINATOR.value:
+    raise UserError(f"--num_processes={n} needs --coordinator_address=HOST:PORT (process 0's address).")
+  import jax
+
+  if n > 1:
+    jax.distributed.initialize(_COORDINATOR.value, num_processes=n, process_id=i)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
 
 
 if __name__ == "__main__":

@@ -44,11 +44,16 @@ def format_seconds(s: float) -> str:
 class Writer:
   """Appends each record to DIR/metrics.jsonl and DIR's TensorBoard events (process 0)."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int = 0):
+    """Records after `resume_step` (from a run that stopped before checkpointing
+    them) are dropped: the resumed run logs those steps again, identically."""
     self._active = jax.process_index() == 0
     if not self._active:
       return
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+      _truncate_after(path, resume_step)
+    self._jsonl = open(path, "a")
     try:
       from tensorboardX import SummaryWriter
 
@@ -73,3 +78,20 @@ class Writer:
       self._jsonl.close()
       if self._tb:
         self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill: drop it
+      pass
+  if len(kept) != len(lines):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)

@@ -22,9 +22,10 @@ from tpu_lm import checkpoint as checkpoint_lib
 from tpu_lm import config as config_lib
 from tpu_lm import metrics as metrics_lib
 from tpu_lm import model as model_lib
-from tpu_lm import optim, sampling, sharding
+from tpu_lm import decode, optim, preemption, sharding
 from tpu_lm.data import pipeline, sources
 from tpu_lm.data import tokenizer as tokenizer_lib
+from tpu_lm.errors import UserError
 
 
 @flax.struct.dataclass
@@ -32,6 +33,7 @@ class TrainState:
   step: jax.Array
   params: dict
   opt_state: optax.OptState
+  nonfinite_streak: jax.Array  # consecutive steps skipped for a NaN/Inf, up to this one
 
 
 def token_nats(logits_BxTxV, batch):
@@ -58,8 +60,21 @@ def train_step(state: TrainState, batch, *, model, tx, seed: int, l1: float):
 
   (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  # Non-finite guard: a step whose loss, gradients or new parameters hold a NaN or
+  # Inf changes nothing but the step counter (the batch is consumed), so no
+  # non-finite state can ever exist, let alone be checkpointed.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+  streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+  new_state = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), streak)
+  return new_state, {"loss": loss, "grad_norm": grad_norm, "nonfinite": 1 - finite.astype(jnp.int32),
+                     "nonfinite_streak": streak}
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def eval_step(params, batch, *, model):
@@ -70,7 +85,7 @@ def init_boxed(rng, *, model, tx, seq_len: int) -> TrainState:
   """The initial state with parameters still in their logical-partitioning boxes."""
   dummy = jnp.zeros((1, seq_len), jnp.int32)
   params = model.init(rng, dummy, dummy, dummy)["params"]
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.zeros((), jnp.int32))
 
 
 class Setup:
@@ -158,21 +173,21 @@ def evaluate(setup: Setup, params, corpus) -> dict:
 
 
 def print_samples(setup: Setup, params, corpus) -> None:
+  """Continuations of the first validation documents, by the KV-cache decoder."""
   s = setup.config.sample
   prompts = pipeline.first_tokens(corpus.validation, s.num_prompts, s.prompt_tokens)
   if not len(prompts):
     return
-  sampler = sampling.make_sampler(
-      setup.eval_model.apply, vocab_size=corpus.tokenizer.vocab_size, new_tokens=s.new_tokens, temperature=s.temperature, top_k=s.top_k
+  mesh = setup.mesh.shape
+  decoder = decode.Decoder(
+      setup.model_cfg, params, eos_id=tokenizer_lib.EOS_ID, vocab_size=corpus.tokenizer.vocab_size,
+      context=setup.context, batch_multiple=mesh["data"] * mesh["fsdp"],
   )
-  with setup.context():
-    out = np.asarray(sampler(params, prompts, jax.random.key(setup.config.seed)))
+  samplings = [decode.Sampling(s.new_tokens, s.temperature, s.top_k, seed=setup.config.seed + i)
+               for i in range(len(prompts))]
   tok = corpus.tokenizer
-  for row in out:
-    prompt, continuation = row[: s.prompt_tokens], row[s.prompt_tokens :]
-    if tokenizer_lib.EOS_ID in continuation:
-      continuation = continuation[: list(continuation).index(tokenizer_lib.EOS_ID)]
-    metrics_lib.console("--- sample ---\n" + tok.decode(prompt) + "\033[1m" + tok.decode(continuation) + "\033[0m")
+  for prompt, c in zip(prompts, decoder.generate([list(p) for p in prompts], samplings)):
+    metrics_lib.console("--- sample ---\n" + tok.decode(prompt) + "\033[1m" + tok.decode(c.tokens) + "\033[0m")
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -215,37 +230,72 @@ def train_and_evaluate(config, workdir: str) -> dict:
       f" {jax.devices()[0].platform} device(s)"
   )
 
-  writer = metrics_lib.Writer(workdir)
   step = int(state.step)
+  writer = metrics_lib.Writer(workdir, resume_step=step)
   with setup.context():
     t0 = time.time()
     compiled_step = setup.train_step.lower(state, setup.device_batch(_peek(train_iter))).compile()
     metrics_lib.console(f"compiled the train step in {time.time() - t0:.1f} s")
   window, t_window, steps_done = [], time.time(), 0
   t_train = time.time()
-  while step < config.num_train_steps:
-    state, m = compiled_step(state, setup.device_batch(next(train_iter)))
-    step += 1
-    steps_done += 1
-    window.append(m)
-    if step % config.log_every_steps == 0 or step == config.num_train_steps:
-      _log_train(setup, writer, step, jax.device_get(window), time.time() - t_window,  # host sync
-                 eta_s=(config.num_train_steps - step) * (time.time() - t_train) / steps_done,
-                 flops_per_step=flops_per_step, peak=peak)
-      window, t_window = [], time.time()
-    if step % config.checkpoint_every_steps == 0 and step < config.num_train_steps:
+  saved_step = step if ckpt.latest_step() == step else None
+  last_streak = None  # the previous step's non-finite streak, read one step late
+  watch = preemption.Watch()
+  try:
+    while step < config.num_train_steps:
+      state, m = compiled_step(state, setup.device_batch(next(train_iter)))
+      step += 1
+      steps_done += 1
+      window.append(m)
+      # Reading the previous step's counter waits for that step only: the step
+      # just dispatched keeps the device busy meanwhile.
+      if last_streak is not None and int(last_streak) >= config.max_consecutive_nonfinite:
+        _diverged(ckpt, writer, int(last_streak), step - 1, config.max_consecutive_nonfinite)
+      last_streak = m["nonfinite_streak"]
+      if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        _log_train(setup, writer, step, jax.device_get(window), time.time() - t_window,  # host sync
+                   eta_s=(config.num_train_steps - step) * (time.time() - t_train) / steps_done,
+                   flops_per_step=flops_per_step, peak=peak)
+        window, t_window = [], time.time()
+      if watch.should_stop(step):
+        if saved_step != step:
+          ckpt.save(step, state, train_iter, config.to_dict())
+        ckpt.close()  # waits until the checkpoint is committed
+        writer.close()
+        metrics_lib.console(
+            f"stopped by {watch.reason} at step {step}: checkpoint saved in {ckpt.directory};"
+            " run the same command again to resume")
+        return {"stopped_at": step}
+      if step % config.checkpoint_every_steps == 0 and step < config.num_train_steps:
+        ckpt.save(step, state, train_iter, config.to_dict())
+        saved_step = step
+      if step % config.eval_every_steps == 0 and step < config.num_train_steps:
+        _log_eval(setup, state, corpus, writer, step)
+        t_window = time.time()  # eval time is not training throughput
+    if last_streak is not None and int(last_streak) >= config.max_consecutive_nonfinite:
+      _diverged(ckpt, writer, int(last_streak), step, config.max_consecutive_nonfinite)
+    if saved_step != step:
       ckpt.save(step, state, train_iter, config.to_dict())
-    if step % config.eval_every_steps == 0 and step < config.num_train_steps:
-      _log_eval(setup, state, corpus, writer, step)
-      t_window = time.time()  # eval time is not training throughput
-  if ckpt.latest_step() != step:
-    ckpt.save(step, state, train_iter, config.to_dict())
-  result = _log_eval(setup, state, corpus, writer, step)
-  print_samples(setup, state.params, corpus)
-  ckpt.close()
+    result = _log_eval(setup, state, corpus, writer, step)
+    if watch.reason is None:  # a signal during the final eval: the checkpoint is all that matters
+      print_samples(setup, state.params, corpus)
+    ckpt.close()
+  finally:
+    watch.close()
   writer.close()
   metrics_lib.console(f"done: step {step}, total wall time {time.time() - t_start:.0f} s; workdir {workdir}")
   return result
+
+
+def _diverged(ckpt, writer, streak: int, step: int, limit: int) -> None:
+  ckpt.close()
+  writer.close()
+  raise UserError(
+      f"training diverged: the last {streak} steps (to step {step}) had a NaN or Inf loss, gradient or"
+      f" update and were skipped (max_consecutive_nonfinite={limit}); checkpoints only ever hold finite"
+      f" states (newest: step {ckpt.latest_step()}). Lower optim.learning_rate or set optim.grad_clip_norm,"
+      " then rerun to resume from it."
+  )
 
 
 def _prepare_corpus(data) -> sources.Corpus:
@@ -284,6 +334,7 @@ def _log_train(setup, writer, step, window, elapsed, *, eta_s, flops_per_step, p
       "loss": loss, "ppl": math.exp(min(loss, 50)), "lr": float(setup.lr(step - 1)),
       "grad_norm": float(window[-1]["grad_norm"]),
       "tokens_per_s": d.global_batch_size * d.seq_len / sec_per_step, "step_time_s": sec_per_step,
+      "nonfinite_steps": int(sum(x["nonfinite"] for x in window)),
   }
   mfu = "n/a (unknown peak)"
   if peak:
@@ -293,6 +344,7 @@ def _log_train(setup, writer, step, window, elapsed, *, eta_s, flops_per_step, p
       f"step {step:>6}/{setup.config.num_train_steps}  loss {loss:.4f}  ppl {record['ppl']:.2f}"
       f"  lr {record['lr']:.2e}  grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s"
       f"  MFU {mfu}  ETA {metrics_lib.format_seconds(eta_s)}"
+      + (f"  SKIPPED {record['nonfinite_steps']} non-finite step(s)" if record["nonfinite_steps"] else "")
   )
   writer.write(step, record)
 

@@ -23,8 +23,9 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
-# configs/base.py is batch 8 x 2400 steps; the others spend the same 4.9M tokens
-# in fewer, larger steps (warmup kept at 5% of the steps), or change the peak lr.
+# configs/base.py is the Llama block, batch 8 x 2400 steps; the others spend the same
+# 4.9M tokens in fewer, larger steps (warmup kept at 5% of the steps), change the
+# peak lr, or swap in the GPT-2 block (= configs/gpt2_small.py).
 VARIANTS = {
     "base": [],
     "b16": ["--config.data.global_batch_size=16", "--config.num_train_steps=1200",
@@ -32,6 +33,9 @@ VARIANTS = {
     "b32": ["--config.data.global_batch_size=32", "--config.num_train_steps=600",
             "--config.optim.warmup_steps=30", "--config.eval_every_steps=300"],
     "b8_lr3e-3": ["--config.optim.learning_rate=3e-3"],
+    "gpt2_block": ["--config.model.norm=layernorm", "--config.model.position=learned", "--config.model.mlp=gelu",
+                   "--config.model.use_bias=True", "--config.model.num_heads=2", "--config.model.num_kv_heads=0",
+                   "--config.model.mlp_dim=640", "--config.model.tie_embeddings=True"],
 }
 
 

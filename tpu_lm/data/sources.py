@@ -36,7 +36,7 @@ def _builder(data):
   import tensorflow_datasets as tfds
 
   tfds.disable_progress_bar()
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("absl").setLevel(logging.ERROR)  # e.g. "Using custom data configuration"
   data_dir = os.path.expanduser(data.data_dir)
   if data.dataset == "python_stdlib":
     b = builders.PythonStdlib(data_dir=data_dir)

@@ -1,0 +1,216 @@
+"""Faults, with real processes and real signals: SIGKILL, SIGTERM, NaN, damaged checkpoints."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_config, tiny_flags
+from tpu_lm import sharding, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Long enough to interrupt; every step logged; no mid-run eval or samples.
+LONG = ["--config.num_train_steps=14", "--config.log_every_steps=1", "--config.checkpoint_every_steps=3",
+        "--config.eval_every_steps=100", "--config.sample.num_prompts=0", "--config.optim.warmup_steps=2"]
+
+
+def _cmd(corpus_dir, data_dir, workdir, *extra):
+  return [sys.executable, "-m", "tpu_lm.main", *tiny_flags(corpus_dir, data_dir, workdir), *LONG, *extra]
+
+
+def _env():
+  return {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(cmd):
+  return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _records(workdir):
+  with open(f"{workdir}/metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+def _losses(workdir):
+  return {r["step"]: r["loss"] for r in _records(workdir) if "loss" in r}
+
+
+def _start_and_signal(cmd, workdir, sig, at_step, times=1):
+  """Starts a run, waits until it has logged `at_step`, sends `sig` (`times` times)."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(f"{workdir}/metrics.jsonl") and max(_losses(workdir), default=0) >= at_step:
+      break
+    time.sleep(0.05)
+  for _ in range(times):
+    proc.send_signal(sig)
+    time.sleep(0.02)
+  out, err = proc.communicate(timeout=240)
+  return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def reference(corpus_dir, data_dir, tmp_path_factory):
+  """The same run, never interrupted."""
+  workdir = str(tmp_path_factory.mktemp("reference") / "run")
+  result = _run(_cmd(corpus_dir, data_dir, workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_sigkill_anywhere_then_rerun_logs_bitwise_equal_losses(corpus_dir, data_dir, tmp_path, reference):
+  workdir = str(tmp_path / "run")
+  cmd = _cmd(corpus_dir, data_dir, workdir)
+  for at_step in (4, 10):  # once between checkpoints, once later; each rerun resumes
+    rc, _, _ = _start_and_signal(cmd, workdir, signal.SIGKILL, at_step)
+    assert rc == -signal.SIGKILL
+  final = _run(cmd)
+  assert final.returncode == 0, final.stderr[-3000:]
+  assert "resuming from the checkpoint" in final.stdout
+  steps = [r["step"] for r in _records(workdir) if "loss" in r]
+  assert steps == sorted(set(steps)), "steps logged twice: records past the checkpoint were not dropped"
+  assert _losses(workdir) == _losses(reference)  # every step, bitwise
+  assert _records(workdir)[-1] == _records(reference)[-1]  # the final eval
+
+
+def test_sigterm_saves_the_step_in_flight_and_exits_0(corpus_dir, data_dir, tmp_path, reference):
+  workdir = str(tmp_path / "run")
+  cmd = _cmd(corpus_dir, data_dir, workdir)
+  # A second SIGTERM during the save changes nothing.
+  rc, out, err = _start_and_signal(cmd, workdir, signal.SIGTERM, at_step=4, times=2)
+  assert rc == 0, err[-3000:]
+  assert "stopped by SIGTERM at step" in out
+  stopped = int(out.split("stopped by SIGTERM at step ")[1].split(":")[0])
+  assert max(_losses(workdir)) == stopped  # no step lost: the last one logged is the one saved
+  assert str(stopped) in os.listdir(f"{workdir}/checkpoints")
+  resumed = _run(cmd)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resuming from the checkpoint at step {stopped}" in resumed.stdout
+  assert _losses(workdir) == _losses(reference)
+
+
+def test_a_nonfinite_step_changes_nothing_but_the_step():
+  config = tiny_config()
+  setup = train.Setup(config, sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
+  rng = np.random.default_rng(0)
+  batch = {k: rng.integers(3, 200, (8, 32)).astype(np.int32) for k in ("inputs", "targets")}
+  batch |= {"segment_ids": np.ones((8, 32), np.int32), "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1))}
+  with setup.context():
+    state = setup.init(jax.random.key(0))
+    state, m = setup.train_step(state, setup.device_batch(batch))  # a good step first: Adam moments are set
+    assert int(m["nonfinite"]) == 0
+    emb = state.params["embed"]["embedding"]
+    poisoned = state.replace(params={**state.params, "embed": {"embedding": emb.at[5, 0].set(np.nan)}})
+    before = jax.device_get(poisoned)
+    after, m = setup.train_step(poisoned, setup.device_batch(batch))
+  after = jax.device_get(after)
+  assert np.isnan(float(m["loss"])) and int(m["nonfinite"]) == 1 and int(after.nonfinite_streak) == 1
+  assert int(after.step) == int(before.step) + 1
+  jax.tree.map(np.testing.assert_array_equal, (after.params, after.opt_state), (before.params, before.opt_state))
+
+
+def test_divergence_stops_with_one_line_and_keeps_a_finite_checkpoint(corpus_dir, data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  # An absurd learning rate: the first update leaves huge weights, and every later
+  # step's loss overflows to NaN.
+  result = _run(_cmd(corpus_dir, data_dir, workdir, "--config.optim.learning_rate=1e30",
+                     "--config.optim.grad_clip_norm=0", "--config.max_consecutive_nonfinite=3"))
+  assert result.returncode == 2, result.stderr[-3000:]
+  [line] = result.stderr.strip().splitlines()
+  assert line.startswith("error: training diverged: the last 3 steps") and "Lower optim.learning_rate" in line
+  assert "SKIPPED" in result.stdout
+  assert os.listdir(f"{workdir}/checkpoints") == ["3"]
+
+
+def _train_to_6(corpus_dir, data_dir, workdir):
+  result = _run(_cmd(corpus_dir, data_dir, workdir, "--config.num_train_steps=6"))
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_half_written_checkpoint_is_never_restored(corpus_dir, data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  _train_to_6(corpus_dir, data_dir, workdir)
+  # What a kill during the save of step 9 leaves: Orbax's temporary directory,
+  # incomplete. It must be ignored, and the run resume from step 6.
+  partial = f"{workdir}/checkpoints/9.orbax-checkpoint-tmp-1790000000"
+  shutil.copytree(f"{workdir}/checkpoints/6", partial)
+  for root, _, files in os.walk(partial):
+    for name in files:
+      os.truncate(os.path.join(root, name), 0)
+  result = _run(_cmd(corpus_dir, data_dir, workdir, "--config.num_train_steps=8"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resuming from the checkpoint at step 6" in result.stdout
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_damaged_checkpoint_is_one_line_and_nothing_is_deleted(corpus_dir, data_dir, tmp_path, damage):
+  workdir = str(tmp_path / "run")
+  _train_to_6(corpus_dir, data_dir, workdir)
+  state_dir = f"{workdir}/checkpoints/6/state"
+  victims = [os.path.join(root, f) for root, _, files in os.walk(state_dir) for f in files
+             if os.path.getsize(os.path.join(root, f)) > 100]
+  for path in victims:
+    if damage == "truncate":
+      os.truncate(path, os.path.getsize(path) // 2)
+    else:
+      os.remove(path)
+  listing = sorted(os.path.relpath(os.path.join(r, f), workdir) for r, _, fs in os.walk(workdir) for f in fs)
+  result = _run(_cmd(corpus_dir, data_dir, workdir, "--config.num_train_steps=8"))
+  assert result.returncode == 2
+  [line] = result.stderr.strip().splitlines()
+  assert line.startswith("error: the checkpoint at step 6 in ") and "could not be read" in line, line
+  assert "Traceback" not in result.stderr
+  after = sorted(os.path.relpath(os.path.join(r, f), workdir) for r, _, fs in os.walk(workdir) for f in fs)
+  assert set(listing) <= set(after)
+
+
+def test_a_checkpoint_of_another_shape_names_the_parameter(corpus_dir, data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  _train_to_6(corpus_dir, data_dir, workdir)
+  result = _run(_cmd(corpus_dir, data_dir, workdir, "--config.num_train_steps=8", "--config.model.mlp_dim=96"))
+  assert result.returncode == 2
+  [line] = result.stderr.strip().splitlines()
+  assert "params/layers_0/mlp/down/kernel" in line and "(64, 32)" in line and "(96, 32)" in line, line
+  assert os.listdir(f"{workdir}/checkpoints") == ["3", "6"] or sorted(os.listdir(f"{workdir}/checkpoints")) == ["3", "6"]
+
+
+def _free_port() -> int:
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_process_with_as_many_devices(corpus_dir, data_dir, tmp_path):
+  steps = ["--config.num_train_steps=4", "--config.log_every_steps=1", "--config.checkpoint_every_steps=2"]
+
+  def env(devices):
+    return {**_env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+
+  one_dir = str(tmp_path / "one")
+  one = subprocess.run(_cmd(corpus_dir, data_dir, one_dir, *steps), cwd=ROOT, env=env(4),
+                       capture_output=True, text=True, timeout=300)
+  assert one.returncode == 0, one.stderr[-3000:]
+  two_dir = str(tmp_path / "two")
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen(
+      _cmd(corpus_dir, data_dir, two_dir, *steps, f"--coordinator_address={address}", "--num_processes=2",
+           f"--process_id={i}"),
+      cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "on 4 cpu device(s)" in outs[0][0]
+  one_losses, two_losses = _losses(one_dir), _losses(two_dir)
+  assert list(two_losses) == [1, 2, 3, 4]
+  np.testing.assert_allclose(list(two_losses.values()), list(one_losses.values()), rtol=1e-6)
+  assert sorted(os.listdir(f"{two_dir}/checkpoints")) == ["2", "4"]
