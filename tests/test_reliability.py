@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -214,3 +215,41 @@ def test_two_processes_train_like_one_process_with_as_many_devices(corpus_dir, d
   assert list(two_losses) == [1, 2, 3, 4]
   np.testing.assert_allclose(list(two_losses.values()), list(one_losses.values()), rtol=1e-6)
   assert sorted(os.listdir(f"{two_dir}/checkpoints")) == ["2", "4"]
+
+
+def test_nothing_read_back_is_pickled(trained_run):
+  """Checkpoints, tokenizer, data state and metrics are JSON, protobuf, NumPy or TensorStore."""
+  pickle_magic = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+  files = [os.path.join(r, f) for r, _, fs in os.walk(trained_run) for f in fs]
+  assert any("checkpoints" in f for f in files) and any(f.endswith("tokenizer.json") for f in files)
+  for path in files:
+    with open(path, "rb") as f:
+      assert not f.read(2) in pickle_magic, f"{path} is a pickle"
+  for root, _, names in os.walk(os.path.join(ROOT, "tpu_lm")):
+    for name in (n for n in names if n.endswith(".py")):
+      source = open(os.path.join(root, name)).read()
+      for banned in (r"import pickle", r"cloudpickle", r"allow_pickle=True", r"(?<![\w.])eval\(", r"(?<![\w.])exec\("):
+        assert not re.search(banned, source), f"{name} uses {banned}"
+
+
+def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_step(corpus_dir, data_dir, tmp_path):
+  workdir = str(tmp_path / "two")
+  address = f"127.0.0.1:{_free_port()}"
+  env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen(
+      _cmd(corpus_dir, data_dir, workdir, "--config.num_train_steps=400", f"--coordinator_address={address}",
+           "--num_processes=2", f"--process_id={i}"),
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  deadline = time.time() + 240
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if os.path.exists(f"{workdir}/metrics.jsonl") and max(_losses(workdir), default=0) >= 3:
+      break
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)  # the scheduler reclaims the second host only
+  outs = [p.communicate(timeout=240) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  stopped = int(outs[0][0].split(" at step ")[1].split(":")[0])
+  assert "stopped by preemption" in outs[0][0]
+  assert max(_losses(workdir)) == stopped < 400
+  assert str(stopped) in os.listdir(f"{workdir}/checkpoints")
