@@ -107,13 +107,13 @@ def test_a_nonfinite_step_changes_nothing_but_the_step():
   with setup.context():
     state = setup.init(jax.random.key(0))
     state, m = setup.train_step(state, setup.device_batch(batch))  # a good step first: Adam moments are set
-    assert int(m["nonfinite"]) == 0
+    assert int(m["nonfinite_steps"]) == 0
     emb = state.params["embed"]["embedding"]
     poisoned = state.replace(params={**state.params, "embed": {"embedding": emb.at[5, 0].set(np.nan)}})
     before = jax.device_get(poisoned)
     after, m = setup.train_step(poisoned, setup.device_batch(batch))
   after = jax.device_get(after)
-  assert np.isnan(float(m["loss"])) and int(m["nonfinite"]) == 1 and int(after.nonfinite_streak) == 1
+  assert np.isnan(float(m["loss"])) and int(m["nonfinite_steps"]) == 1 and int(after.nonfinite_streak) == 1
   assert int(after.step) == int(before.step) + 1
   jax.tree.map(np.testing.assert_array_equal, (after.params, after.opt_state), (before.params, before.opt_state))
 
@@ -138,7 +138,10 @@ def _train_to_6(corpus_dir, data_dir, workdir):
 
 def test_a_half_written_checkpoint_is_never_restored(corpus_dir, data_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  _train_to_6(corpus_dir, data_dir, workdir)
+  keep_one = "--config.keep_checkpoints=1"  # the only good checkpoint must survive too
+  result = _run(_cmd(corpus_dir, data_dir, workdir, "--config.num_train_steps=6", keep_one))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert os.listdir(f"{workdir}/checkpoints") == ["6"]
   # What a kill during the save of step 9 leaves: Orbax's temporary directory,
   # incomplete. It must be ignored, and the run resume from step 6.
   partial = f"{workdir}/checkpoints/9.orbax-checkpoint-tmp-1790000000"
@@ -146,9 +149,10 @@ def test_a_half_written_checkpoint_is_never_restored(corpus_dir, data_dir, tmp_p
   for root, _, files in os.walk(partial):
     for name in files:
       os.truncate(os.path.join(root, name), 0)
-  result = _run(_cmd(corpus_dir, data_dir, workdir, "--config.num_train_steps=8"))
+  result = _run(_cmd(corpus_dir, data_dir, workdir, "--config.num_train_steps=8", keep_one))
   assert result.returncode == 0, result.stderr[-3000:]
   assert "resuming from the checkpoint at step 6" in result.stdout
+  assert [d for d in os.listdir(f"{workdir}/checkpoints") if "tmp" not in d] == ["8"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
@@ -253,3 +257,20 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_step(corpus_dir,
   assert "stopped by preemption" in outs[0][0]
   assert max(_losses(workdir)) == stopped < 400
   assert str(stopped) in os.listdir(f"{workdir}/checkpoints")
+
+
+def test_sigterm_before_training_starts_exits_0_with_nothing_to_save(corpus_dir, data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = subprocess.Popen(_cmd(corpus_dir, data_dir, workdir), cwd=ROOT, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  # The first line comes while the dataset is being built (or, if it already is,
+  # once the data is ready): either way before the first step.
+  first = proc.stdout.readline()
+  assert first.startswith(("Downloading and preparing", "data:")), first + proc.stderr.read()[-3000:]
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert "stopped by SIGTERM before training started: nothing to save" in out
+  assert not os.path.exists(f"{workdir}/metrics.jsonl") or not _losses(workdir)
+  again = _run(_cmd(corpus_dir, data_dir, workdir, "--config.num_train_steps=2"))  # nothing was left broken
+  assert again.returncode == 0, again.stderr[-3000:]

@@ -2,6 +2,13 @@
 
 import os
 
+from tpu_lm import preemption
+
+# First thing, before the slow imports: from here on a stop signal either ends the
+# process cleanly (before training there is nothing to save) or saves the step in
+# flight (see preemption.py).
+_WATCH = preemption.Watch(exit_early=True) if __name__ == "__main__" else None
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
@@ -29,6 +36,7 @@ def default_workdir() -> str:
 
 
 def main(argv) -> None:
+  watch = _WATCH or preemption.Watch(exit_early=True)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}: every option is a --flag.")
   filename = config_flags.get_config_filename(flags.FLAGS["config"])
@@ -47,7 +55,7 @@ def main(argv) -> None:
     _init_distributed()
     from tpu_lm import train  # after flag parsing: --help stays fast
 
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, watch)
   except UserError as e:
     if _DEBUG.value:
       raise

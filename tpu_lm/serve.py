@@ -263,7 +263,7 @@ def make_handler(run, engine: Engine, limits: Limits):
               if not started:
                 self._start_stream()
                 started = True
-              for t in payload.tokens[len(streams[index]._ids):]:  # any not streamed yet
+              for t in payload.tokens[streams[index].num_tokens:]:  # any not streamed yet
                 streams[index].push(t)
               self._event({**head, "choices": [_choice(index, streams[index].finish(), payload.finish_reason)]})
         if stream:

@@ -34,6 +34,11 @@ class TrainState:
   params: dict
   opt_state: optax.OptState
   nonfinite_streak: jax.Array  # consecutive steps skipped for a NaN/Inf, up to this one
+  # Sums over the current logging window (steps since the last multiple of
+  # log_every_steps). Kept in the state, so the loss logged after a resume
+  # mid-window is the same mean an uninterrupted run logs.
+  window_loss_sum: jax.Array
+  window_nonfinite: jax.Array
 
 
 def token_nats(logits_BxTxV, batch):
@@ -49,7 +54,7 @@ def apply_model(model, params, batch, rngs=None):
   )
 
 
-def train_step(state: TrainState, batch, *, model, tx, seed: int, l1: float):
+def train_step(state: TrainState, batch, *, model, tx, seed: int, l1: float, log_every: int):
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
   def loss_fn(params):
@@ -68,9 +73,18 @@ def train_step(state: TrainState, batch, *, model, tx, seed: int, l1: float):
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
   streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
-  new_state = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), streak)
-  return new_state, {"loss": loss, "grad_norm": grad_norm, "nonfinite": 1 - finite.astype(jnp.int32),
-                     "nonfinite_streak": streak}
+  step = state.step + 1
+  loss_sum = state.window_loss_sum + loss
+  nonfinite = state.window_nonfinite + 1 - finite.astype(jnp.int32)
+  steps_in_window = step - (step - 1) // log_every * log_every
+  metrics = {"loss": loss_sum / steps_in_window, "grad_norm": grad_norm, "nonfinite_steps": nonfinite,
+             "nonfinite_streak": streak}
+  window_ends = step % log_every == 0
+  new_state = TrainState(
+      step, keep(params, state.params), keep(opt_state, state.opt_state), streak,
+      jnp.where(window_ends, 0.0, loss_sum), jnp.where(window_ends, 0, nonfinite),
+  )
+  return new_state, metrics
 
 
 def _all_finite(tree) -> jax.Array:
@@ -85,7 +99,8 @@ def init_boxed(rng, *, model, tx, seq_len: int) -> TrainState:
   """The initial state with parameters still in their logical-partitioning boxes."""
   dummy = jnp.zeros((1, seq_len), jnp.int32)
   params = model.init(rng, dummy, dummy, dummy)["params"]
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.zeros((), jnp.int32))
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(zero, params, tx.init(params), zero, jnp.zeros((), jnp.float32), zero)
 
 
 class Setup:
@@ -110,7 +125,8 @@ class Setup:
     self.init = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=self.state_shardings)
     self.train_step = jax.jit(
         functools.partial(
-            train_step, model=self.train_model, tx=self.tx, seed=config.seed, l1=config.optim.l1_penalty
+            train_step, model=self.train_model, tx=self.tx, seed=config.seed, l1=config.optim.l1_penalty,
+            log_every=config.log_every_steps,
         ),
         in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, None),
@@ -190,9 +206,13 @@ def print_samples(setup: Setup, params, corpus) -> None:
     metrics_lib.console("--- sample ---\n" + tok.decode(prompt) + "\033[1m" + tok.decode(c.tokens) + "\033[0m")
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final eval."""
+def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = None) -> dict:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final eval.
+
+  `watch` (made first thing by `main`) turns SIGTERM/Ctrl-C into save-and-stop.
+  """
   t_start = time.time()
+  watch = watch or preemption.Watch()
   config_lib.validate(config)
   checkpoint_lib.check_writable(workdir)
   mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.AXES})
@@ -240,7 +260,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   t_train = time.time()
   saved_step = step if ckpt.latest_step() == step else None
   last_streak = None  # the previous step's non-finite streak, read one step late
-  watch = preemption.Watch()
+  watch.enter_loop()
   try:
     while step < config.num_train_steps:
       state, m = compiled_step(state, setup.device_batch(next(train_iter)))
@@ -328,13 +348,13 @@ def _restore_or_init(setup: Setup, ckpt, train_iter) -> TrainState:
 
 def _log_train(setup, writer, step, window, elapsed, *, eta_s, flops_per_step, peak) -> None:
   d = setup.config.data
-  loss = float(np.mean([x["loss"] for x in window]))
+  loss = float(window[-1]["loss"])  # the mean over the logging window, kept in the train state
   sec_per_step = elapsed / len(window)
   record = {
       "loss": loss, "ppl": math.exp(min(loss, 50)), "lr": float(setup.lr(step - 1)),
       "grad_norm": float(window[-1]["grad_norm"]),
       "tokens_per_s": d.global_batch_size * d.seq_len / sec_per_step, "step_time_s": sec_per_step,
-      "nonfinite_steps": int(sum(x["nonfinite"] for x in window)),
+      "nonfinite_steps": int(window[-1]["nonfinite_steps"]),
   }
   mfu = "n/a (unknown peak)"
   if peak:

@@ -202,6 +202,10 @@ class TextStream:
     delta, self._sent = text[len(self._sent):], text
     return delta
 
+  @property
+  def num_tokens(self) -> int:
+    return len(self._ids)
+
   def finish(self) -> str:
     text = self._tok.decode(self._ids)
     delta = text[len(self._sent):] if text.startswith(self._sent) else ""
