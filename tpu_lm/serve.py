@@ -126,8 +126,10 @@ def parse_request(body: bytes, run, limits: Limits):
   if not isinstance(req, dict):
     raise RequestError(400, "the request body must be a JSON object.")
   for unsupported in ("stop", "suffix", "echo", "logprobs", "best_of", "logit_bias"):
-    if req.get(unsupported) not in (None, False, 1 if unsupported == "best_of" else None):
-      raise RequestError(400, f"'{unsupported}' is not supported by this server: remove it.", unsupported)
+    value = req.get(unsupported)
+    if value in (None, False, "", [], {}) or (unsupported == "best_of" and value == 1):
+      continue  # absent or the neutral value clients send by default
+    raise RequestError(400, f"'{unsupported}' is not supported by this server: remove it.", unsupported)
 
   def field(name, kinds, default, ok, allowed):
     value = req.get(name, default)

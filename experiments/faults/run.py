@@ -13,7 +13,7 @@ usage (from the repository root):
 
 --steps shortens the run (both runs use the same value, so the schedule is the same);
 checkpoints are written every 50 steps so that a SIGKILL costs little. Writes
-results.md beside this script.
+README.md beside this script.
 """
 
 import argparse
@@ -123,7 +123,7 @@ def main():
   title = (f"## {datetime.date.today()}: {args.config}, {args.steps} steps, seed {args.seed},"
            f" {jax.devices()[0].platform}: {'PASS' if ok else 'FAIL'}")
   print(title + "\n\n" + table)
-  with open(os.path.join(HERE, "results.md"), "a") as f:
+  with open(os.path.join(HERE, "README.md"), "a") as f:
     f.write(f"\n{title}\n\n{table}\n")
   sys.exit(0 if ok else 1)
 
