@@ -53,10 +53,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10_000.0
   llama_block(c.model)  # gpt2_block(c.model) for the GPT-2 family (configs/gpt2_small.py)
   c.model.dropout_rate = 0.0
-  c.model.dtype = "float32"  # compute dtype; params are always float32
-  c.model.remat = "none"  # "none", "full", "dots", "dots_no_batch"
-  c.model.scan_layers = False
-  c.model.attention = "xla"
+  c.model.dtype = "float32"  # compute dtype: "float32", "bfloat16", "float16"; params are always float32
+  # Rematerialisation: "none", "full" (recompute each block), "dots", "dots_no_batch"
+  # (save matmul outputs), "qkv_attn" (save the attention projections and output).
+  c.model.remat = "none"
+  c.model.scan_layers = False  # one compiled block applied num_layers times
+  # "auto": cuDNN flash attention on GPU, Pallas splash on TPU, XLA elsewhere.
+  c.model.attention = "auto"
   c.model.init_std = 0.02
 
   c.optim = ml_collections.ConfigDict()
@@ -72,13 +75,29 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.1  # decoupled; never applied to norms and biases
   c.optim.grad_clip_norm = 1.0  # 0: no clipping
   c.optim.l1_penalty = 0.0
+  # Split each global batch into this many microbatches, summing their gradients
+  # (lax.scan): the same update with 1/k of the activation memory.
+  c.optim.grad_accum_steps = 1
+  # float16 compute needs loss scaling; "auto" turns it on exactly then. The scale
+  # doubles after loss_scale_period finite steps, halves on overflow (step skipped).
+  c.optim.loss_scale = "auto"  # "auto", "dynamic", "none"
+  c.optim.loss_scale_init = 2.0**15
+  c.optim.loss_scale_period = 2000
 
   # Device mesh: -1 takes the devices the other axes leave. The default is pure
   # data parallelism; fsdp / tensor shard the parameters instead of replicating.
   c.mesh = ml_collections.ConfigDict()
+  # A named layout instead of the three sizes: "data_parallel", "fsdp", or
+  # "fsdp_tensor" (tensor-parallel over mesh.tensor devices, FSDP over the rest).
+  c.mesh.preset = ""
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # Across slices (TPU multi-slice) or hosts (GPU nodes), over the slower network:
+  # each axis is (its ICI size) x (its DCN size) long; -1 fills the slices.
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_tensor = 1
   # Logical axis name -> mesh axes. Parameters and activations are annotated with
   # the names on the left where they are created.
   c.mesh.rules = (

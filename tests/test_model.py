@@ -62,7 +62,7 @@ def test_remat_and_scan_give_the_same_loss_and_gradients(family):
   params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params, is_leaf=lambda x: hasattr(x, "value"))
   ref_loss, ref_grads = _loss_and_grads(base, params, batch)
   stacked = model_lib.stack_layers(params, 3)
-  for remat in ("none", "full", "dots"):
+  for remat in ("none", "full", "dots", "qkv_attn"):
     for scan in (False, True):
       cfg = dataclasses.replace(base, remat=remat, scan_layers=scan)
       loss, grads = _loss_and_grads(cfg, stacked if scan else params, batch)

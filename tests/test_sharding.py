@@ -20,7 +20,7 @@ def _train(mesh_sizes, devices, batches, **model):
   config = tiny_config()
   config.model.update(model)
   config.mesh.update(mesh_sizes)
-  setup = train.Setup(config, sharding.make_mesh(mesh_sizes, devices))
+  setup = train.Setup(config, sharding.make_mesh(sharding.mesh_sizes(config.mesh), devices))
   losses = []
   with setup.context():
     state = setup.init(jax.random.key(0))
@@ -37,17 +37,24 @@ def one_device():
 
 
 @pytest.mark.parametrize(
-    "mesh",
-    [{"data": 8, "fsdp": 1, "tensor": 1}, {"data": 1, "fsdp": 8, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}],
-    ids=["data_parallel", "fsdp", "fsdp_tensor"],
+    "mesh, shape",
+    [
+        ({"preset": "data_parallel"}, (8, 1, 1)),
+        ({"preset": "fsdp"}, (1, 8, 1)),
+        ({"preset": "fsdp_tensor", "tensor": 2}, (1, 4, 2)),
+        ({"data": 2, "fsdp": 2, "tensor": 2}, (2, 2, 2)),
+    ],
+    ids=["data_parallel", "fsdp", "fsdp_tensor", "data_fsdp_tensor"],
 )
-def test_parallel_training_matches_one_device(mesh, one_device):
+def test_parallel_training_matches_one_device(mesh, shape, one_device):
+  """Every preset: same losses and (after 4 updates) same parameters as one device."""
   assert len(jax.devices()) == 8
   batches, (ref_losses, ref_params, _) = one_device
   losses, params, setup = _train(mesh, jax.devices(), batches)
+  assert tuple(setup.mesh.shape.values()) == shape
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params)
-  if mesh["fsdp"] > 1:  # parameters really are split, not replicated
+  if shape[1] > 1:  # parameters really are split, not replicated
     emb = setup.state_shardings.params["embed"]["embedding"]
     assert emb.spec[1] == "fsdp"
 

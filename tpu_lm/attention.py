@@ -1,7 +1,11 @@
 """Attention kernels behind one function; all respect causality and packed segments."""
 
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 
 def segment_causal_mask(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -15,6 +19,17 @@ def segment_causal_mask(segment_ids_BxT: jax.Array) -> jax.Array:
   return (causal_TxT[None] & same_BxTxT)[:, None]
 
 
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+
+
+def resolve(implementation: str, platform: str) -> str:
+  """`auto` -> the fastest kernel for `platform`: cuDNN flash attention on GPU, the
+  Pallas splash kernel on TPU, plain XLA elsewhere. Other names pass through."""
+  if implementation != "auto":
+    return implementation
+  return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(platform, "xla")
+
+
 def dot_product_attention(
     q_BxTxNxH: jax.Array,
     k_BxTxKxH: jax.Array,
@@ -23,12 +38,79 @@ def dot_product_attention(
     implementation: str = "xla",
 ) -> jax.Array:
   """Causal, segment-masked attention; K kv heads serve N query heads (GQA)."""
-  if implementation != "xla":
-    raise ValueError(f"unknown attention implementation {implementation!r}")
-  mask = segment_causal_mask(segment_ids_BxT)
-  return jax.nn.dot_product_attention(
-      q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, implementation="xla"
+  if implementation == "xla":
+    mask = segment_causal_mask(segment_ids_BxT)
+    dtype = q_BxTxNxH.dtype
+    if dtype == jnp.float16:
+      # XLA's attention accumulates scores in float32, a float16 x float16 -> float32
+      # product some backends (CPU) lack; float16 runs use cuDNN on GPU anyway.
+      q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = (x.astype(jnp.float32) for x in (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH))
+    out = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, implementation="xla")
+    return out.astype(dtype)
+  if implementation == "cudnn":
+    # is_causal lets cuDNN skip the blocks above the diagonal; the document mask
+    # on top is applied inside the same fused kernel.
+    same_doc = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=same_doc, is_causal=True, implementation="cudnn"
+    )
+  if implementation in ("splash", "splash_interpret"):
+    return _splash(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, interpret=implementation == "splash_interpret")
+  raise ValueError(f"unknown attention implementation {implementation!r}")
+
+
+def _splash(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *, interpret: bool):
+  """The TPU Pallas splash-attention kernel, one call per (row, kv head).
+
+  A Pallas kernel is not partitioned by XLA, so under a mesh it runs inside
+  shard_map: each device takes its rows (batch axes) and its heads (tensor axis).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+  t, n, h = q_BxTxNxH.shape[1:]
+  kv = k_BxTxKxH.shape[2]
+  mesh = jax.sharding.get_abstract_mesh()
+  spec = P(None, None, None, None)
+  if mesh is not None and not mesh.empty:
+    spec = nn.logical_to_mesh_axes(("act_batch", "act_length", "act_heads", "act_kv"))
+    if q_BxTxNxH.shape[0] % _axis_size(mesh, spec[0]):  # e.g. the one-row batch of init
+      spec = P(None, *spec[1:])
+  heads_per_device = n // _axis_size(mesh, spec[2])
+  kv_per_device = kv // _axis_size(mesh, spec[2])
+  block = min(512, t)
+  sizes = splash.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
+      block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
   )
+  group = heads_per_device // kv_per_device
+  kernel = splash.make_splash_mqa_single_device(
+      masks.MultiHeadMask([masks.CausalMask((t, t))] * group), block_sizes=sizes, interpret=interpret
+  )
+
+  def local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, seg_BxT):
+    b = q_BxTxNxH.shape[0]
+    q = (q_BxTxNxH * h**-0.5).reshape(b, t, kv_per_device, group, h).transpose(0, 2, 3, 1, 4)
+    k, v = (x.transpose(0, 2, 1, 3) for x in (k_BxTxKxH, v_BxTxKxH))  # [B, K, T, H]
+    per_kv_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over kv heads, segments shared
+    per_row = jax.vmap(lambda q, k, v, s: per_kv_head(q, k, v, splash.SegmentIds(s, s)))
+    out_BxKxGxTxH = per_row(q, k, v, seg_BxT)
+    return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, kv_per_device * group, h)
+
+  if spec == P(None, None, None, None):
+    return local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+  qkv_spec = P(spec[0], None, spec[2], None)
+  return jax.shard_map(
+      local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(spec[0], None)), out_specs=qkv_spec,
+      check_vma=False,
+  )(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+
+
+def _axis_size(mesh, axes) -> int:
+  if axes is None or mesh is None or mesh.empty:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
 
 
 def cached_attention(

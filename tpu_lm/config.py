@@ -8,6 +8,7 @@ one sentence naming the field and what is allowed. `model_config` turns the
 import dataclasses
 
 from tpu_lm.errors import UserError
+from tpu_lm import attention
 from tpu_lm.model import ModelConfig
 
 CHOICES = {
@@ -15,16 +16,19 @@ CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.position": ("learned", "rope"),
     "model.mlp": ("gelu", "swiglu"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch"),
-    "model.attention": ("xla",),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch", "qkv_attn"),
+    "model.attention": ("auto", "xla", "cudnn", "splash"),
+    "mesh.preset": ("", "data_parallel", "fsdp", "fsdp_tensor"),
+    "optim.loss_scale": ("auto", "dynamic", "none"),
     "optim.optimizer": ("adamw", "sgd", "adafactor"),
     "optim.schedule": ("cosine", "linear", "rsqrt", "constant"),
 }
 POSITIVE_INTS = (
     "num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
     "keep_checkpoints", "max_consecutive_nonfinite", "data.seq_len", "data.global_batch_size", "model.num_layers",
-    "model.d_model", "model.num_heads", "model.mlp_dim", "model.max_len",
+    "model.d_model", "model.num_heads", "model.mlp_dim", "model.max_len", "optim.grad_accum_steps",
+    "optim.loss_scale_period",
 )
 NON_NEGATIVE = (
     "data.max_documents", "model.num_kv_heads", "model.head_dim", "model.dropout_rate",
@@ -89,12 +93,22 @@ def validate(config) -> None:
     fail("optim.min_lr_ratio", config.optim.min_lr_ratio, "it must be in [0, 1]")
   if config.optim.warmup_steps > config.num_train_steps:
     fail("optim.warmup_steps", config.optim.warmup_steps, f"it must not exceed num_train_steps ({config.num_train_steps})")
-  for axis in ("data", "fsdp", "tensor"):
-    v = config.mesh[axis]
-    if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
-      fail(f"mesh.{axis}", v, "it must be a positive integer or -1 (fill with the remaining devices)")
-  if [config.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) > 1:
-    raise UserError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1.")
+  for axes in (("data", "fsdp", "tensor"), ("dcn_data", "dcn_fsdp", "dcn_tensor")):
+    for axis in axes:
+      v = config.mesh[axis]
+      if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
+        fail(f"mesh.{axis}", v, "it must be a positive integer or -1 (fill with the remaining devices)")
+    if [config.mesh[a] for a in axes].count(-1) > 1:
+      raise UserError(f"only one of {', '.join('mesh.' + a for a in axes)} may be -1.")
+  if config.mesh.preset == "fsdp_tensor" and config.mesh.tensor < 2:
+    fail("mesh.tensor", config.mesh.tensor, "mesh.preset='fsdp_tensor' needs the tensor-parallel size here, e.g. 4")
+  if config.data.global_batch_size % config.optim.grad_accum_steps:
+    fail(
+        "optim.grad_accum_steps", config.optim.grad_accum_steps,
+        f"it must divide data.global_batch_size ({config.data.global_batch_size})",
+    )
+  if config.optim.loss_scale == "dynamic" and m.dtype != "float16":
+    fail("optim.loss_scale", "dynamic", "loss scaling is for model.dtype='float16'; use 'auto' or 'none'")
   rules = config.mesh.rules
   if not all(isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str) for r in rules):
     fail("mesh.rules", rules, "it must be a sequence of (logical name, mesh axes) pairs")
@@ -107,10 +121,12 @@ def validate(config) -> None:
     )
 
 
-def model_config(config) -> ModelConfig:
-  """The `model` section as the frozen ModelConfig layers receive, with derived sizes."""
+def model_config(config, platform: str = "cpu") -> ModelConfig:
+  """The `model` section as the frozen ModelConfig layers receive, with derived sizes
+  and the attention kernel resolved for `platform` (the mesh's devices)."""
   m = config.model
   derived = {
+      "attention": attention.resolve(m.attention, platform),
       "vocab_size": -(-tokenizer_vocab_size(config) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
       "num_kv_heads": m.num_kv_heads or m.num_heads,
       "head_dim": m.head_dim or m.d_model // m.num_heads,

@@ -1,6 +1,7 @@
 """Entry point: python -m tpu_lm.main --config=configs/base.py [--workdir=DIR] [--config.x=y]."""
 
 import os
+import sys
 
 from tpu_lm import preemption
 
@@ -10,6 +11,13 @@ from tpu_lm import preemption
 _WATCH = preemption.Watch(exit_early=True) if __name__ == "__main__" else None
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if any(a.startswith("--compile_for") for a in sys.argv):
+  # libtpu, loaded to describe the slice, otherwise warns at length that this
+  # machine has no TPU: tell it which one we mean and that it is alone.
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # Only describing a slice, never driving one: several such processes may run at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -27,6 +35,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes taking part
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index, 0 .. num_processes - 1.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "jax.distributed.initialize() with cluster auto-detection (Cloud TPU pods, SLURM).")
+# Ahead-of-time check of a TPU slice from any machine (see aot.py):
+_COMPILE_FOR = flags.DEFINE_string(
+    "compile_for", None, "Compile the train step for this TPU slice (v5p-64, v5e-16, v6e-256, v4-128, ...),"
+    " report per-chip memory, FLOPs and step time, and exit; non-zero when it does not fit.")
+_COMPILE_SLICES = flags.DEFINE_integer("compile_slices", 1, "With --compile_for: how many such slices (multi-slice, DCN).")
+_MFU = flags.DEFINE_float("mfu", 0.4, "With --compile_for: the MFU to turn FLOPs into a step time.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -46,11 +60,21 @@ def main(argv) -> None:
     config = _CONFIG.value
   except Exception as e:  # a config file is user code: any error in it is the user's to fix
     exit_with(f"config file {filename} failed to load ({str(e).strip().splitlines()[-1]}): fix it and rerun.")
+  logging.set_verbosity(logging.ERROR)  # absl INFO/WARNING lines (libtpu probing, TFDS builder configs) are noise here
+  if _COMPILE_FOR.value:
+    try:
+      from tpu_lm import aot
+
+      aot.run(config, _COMPILE_FOR.value, _COMPILE_SLICES.value, _MFU.value)
+    except UserError as e:
+      if _DEBUG.value:
+        raise
+      exit_with(str(e))
+    return
   workdir = _WORKDIR.value
   if not workdir:
     workdir = default_workdir()
     print(f"no --workdir given: using {os.path.abspath(workdir)}", flush=True)
-  logging.set_verbosity(logging.ERROR)  # absl INFO/WARNING lines (libtpu probing, TFDS builder configs) are noise here
   try:
     _init_distributed()
     from tpu_lm import train  # after flag parsing: --help stays fast

@@ -16,34 +16,106 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tpu_lm.errors import UserError
 
 AXES = ("data", "fsdp", "tensor")
+DCN_AXES = tuple(f"dcn_{a}" for a in AXES)
+# Named ICI layouts; `mesh.preset` picks one, "" keeps mesh.data/fsdp/tensor as written.
+PRESETS = {
+    "data_parallel": {"data": -1, "fsdp": 1, "tensor": 1},  # params replicated, batch split
+    "fsdp": {"data": 1, "fsdp": -1, "tensor": 1},  # params and optimizer state split too
+    "fsdp_tensor": {"data": 1, "fsdp": -1},  # + heads/MLP split over mesh.tensor devices
+}
 
 
-def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
-  """Axis sizes with a -1 filled in; UserError when they do not multiply to num_devices."""
-  fixed = math.prod(s for s in sizes.values() if s != -1)
-  shape = []
-  for axis in AXES:
-    s = sizes[axis]
-    if s == -1:
-      if num_devices % fixed:
-        raise UserError(
-            f"mesh axes {dict(sizes)} cannot fill {num_devices} devices: the fixed axes"
-            f" multiply to {fixed}, which does not divide {num_devices}."
-        )
-      s = num_devices // fixed
-    shape.append(s)
-  if math.prod(shape) != num_devices:
+def mesh_sizes(mesh_cfg) -> dict[str, int]:
+  """The config's `mesh` section (preset applied) as {axis: size} for ICI and DCN axes."""
+  sizes = {a: mesh_cfg[a] for a in AXES}
+  sizes.update({a: mesh_cfg.get(a, 1) for a in DCN_AXES})
+  preset = mesh_cfg.get("preset", "")
+  if preset:
+    if preset not in PRESETS:
+      raise UserError(
+          f"config field mesh.preset is {preset!r}: use one of '', " + ", ".join(repr(p) for p in PRESETS) + "."
+      )
+    if preset == "fsdp_tensor" and sizes["tensor"] < 2:
+      raise UserError(
+          "config field mesh.tensor is {}: mesh.preset='fsdp_tensor' needs the tensor-parallel size"
+          " there, e.g. --config.mesh.tensor=4.".format(sizes["tensor"])
+      )
+    sizes.update(PRESETS[preset])
+  return sizes
+
+
+def _fill(sizes: dict[str, int], axes, total: int, what: str) -> tuple[int, ...]:
+  """Sizes of `axes` with a -1 filled in; UserError when they do not multiply to `total`."""
+  fixed = math.prod(sizes[a] for a in axes if sizes[a] != -1)
+  named = {a: sizes[a] for a in axes}
+  if any(sizes[a] == -1 for a in axes):
+    if total % fixed:
+      raise UserError(
+          f"mesh axes {named} cannot fill {total} {what}: the fixed axes"
+          f" multiply to {fixed}, which does not divide {total}."
+      )
+    named = {a: (total // fixed if s == -1 else s) for a, s in named.items()}
+  if math.prod(named.values()) != total:
     raise UserError(
-        f"mesh {dict(zip(AXES, shape))} has {math.prod(shape)} devices but {num_devices} are"
-        " available: make mesh.data * mesh.fsdp * mesh.tensor equal that, or set one to -1."
+        f"mesh {named} has {math.prod(named.values())} {what} but {total} are available: make "
+        + " * ".join(f"mesh.{a}" for a in axes) + " equal that, or set one to -1."
     )
-  return tuple(shape)
+  return tuple(named.values())
+
+
+def mesh_shape(sizes: dict[str, int], num_devices: int, num_slices: int = 1) -> tuple[int, ...]:
+  """Full axis sizes (ICI x DCN) with any -1 filled in; UserError when they do not fit."""
+  dcn = dcn_shape(sizes, num_slices)
+  ici = _fill(sizes, AXES, num_devices // math.prod(dcn), "devices per slice" if num_slices > 1 else "devices")
+  return tuple(i * d for i, d in zip(ici, dcn))
+
+
+def dcn_shape(sizes: dict[str, int], num_slices: int) -> tuple[int, ...]:
+  """How many slices (TPU) or hosts (GPU) each axis spans; (1, 1, 1) within one."""
+  dcn = {f"dcn_{a}": sizes.get(f"dcn_{a}", 1) for a in AXES}
+  if list(dcn.values()).count(-1) > 1:
+    raise UserError("only one of mesh.dcn_data, mesh.dcn_fsdp, mesh.dcn_tensor may be -1.")
+  return _fill(dcn, DCN_AXES, num_slices, "slices")
+
+
+def granule(device) -> int:
+  """A TPU device's slice; elsewhere its process (a GPU node, a CPU process)."""
+  slice_index = getattr(device, "slice_index", None)
+  return device.process_index if slice_index is None else slice_index
 
 
 def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(sizes, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), AXES)
+  """A Mesh over `devices` with axes AXES; each axis is ICI size x DCN size long.
+
+  Within a slice, devices are ordered by `mesh_utils.create_device_mesh` (which
+  follows the physical torus on TPU); across slices (`dcn_*` > 1) they are
+  grouped so that only the DCN part of each axis crosses slices, whose links are
+  slower. Without dcn_* every device is in one ICI mesh, as on one slice or host.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  dcn_asked = any(sizes.get(a, 1) != 1 for a in DCN_AXES)
+  groups: dict[int, list] = {}
+  for d in devices:
+    groups.setdefault(granule(d) if dcn_asked else 0, []).append(d)
+  dcn = dcn_shape(sizes, len(groups))
+  ici = _fill(sizes, AXES, len(devices) // len(groups), "devices per slice" if dcn_asked else "devices")
+  if len({len(g) for g in groups.values()}) > 1:
+    raise UserError(f"the {len(groups)} slices/processes have different device counts: a DCN mesh needs equal ones.")
+  grids = [_device_mesh(ici, g) for _, g in sorted(groups.items())]
+  # [dcn_d, dcn_f, dcn_t, ici_d, ici_f, ici_t] -> [d, f, t], the slice index outermost in each axis.
+  arr = np.stack(grids).reshape(*dcn, *ici).transpose(0, 3, 1, 4, 2, 5)
+  return Mesh(arr.reshape([a * b for a, b in zip(dcn, ici)]), AXES)
+
+
+def _device_mesh(shape, devices) -> np.ndarray:
+  if devices and devices[0].platform == "tpu":
+    from jax.experimental import mesh_utils
+
+    try:
+      return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (AssertionError, NotImplementedError, ValueError):
+      pass  # a shape the torus-aware layout does not handle: plain order still works
+  return np.asarray(devices).reshape(shape)
 
 
 def rules_tuple(rules) -> tuple:

@@ -6,6 +6,7 @@ seed and the step, and the data order from the seed and the iterator state, so
 a run resumed from a checkpoint continues exactly as if it had never stopped.
 """
 
+import dataclasses
 import functools
 import math
 import time
@@ -39,12 +40,28 @@ class TrainState:
   # mid-window is the same mean an uninterrupted run logs.
   window_loss_sum: jax.Array
   window_nonfinite: jax.Array
+  # Dynamic loss scaling (float16 compute; 1 and unused otherwise): the scale and
+  # the finite steps since it last changed.
+  loss_scale: jax.Array
+  scale_good_steps: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """What the train step needs besides the state and batch, read from the config once."""
+
+  seed: int
+  l1: float = 0.0
+  log_every: int = 1
+  accum_steps: int = 1
+  dynamic_scale: bool = False
+  scale_period: int = 2000
 
 
 def token_nats(logits_BxTxV, batch):
   """Summed cross-entropy over real (non-padding) targets, and their count."""
   weights_BxT = (batch["segment_ids"] > 0).astype(jnp.float32)
-  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), batch["targets"])
   return (nll_BxT * weights_BxT).sum(), weights_BxT.sum()
 
 
@@ -54,35 +71,89 @@ def apply_model(model, params, batch, rngs=None):
   )
 
 
-def train_step(state: TrainState, batch, *, model, tx, seed: int, l1: float, log_every: int):
-  rng = jax.random.fold_in(jax.random.key(seed), state.step)
+def loss_and_grads(params, batch, rng, *, model, opts: StepOptions, loss_scale):
+  """Mean token loss and its gradient over the global batch.
 
-  def loss_fn(params):
-    nats, count = token_nats(apply_model(model, params, batch, {"dropout": rng}), batch)
-    loss = nats / jnp.maximum(count, 1)
-    objective = loss + optim.l1_penalty(params, l1) if l1 else loss
-    return objective, loss
+  With accum_steps = k the batch is cut into k microbatches (row i goes to
+  microbatch i mod k, so each device keeps its own rows) and a lax.scan sums
+  their token losses and gradients: one gradient-sized carry, activations of one
+  microbatch at a time, and the same result as the whole batch at once. The
+  gradient is of the scaled loss (loss_scale > 1 only for float16).
+  """
+  def nats_fn(params, micro, rng):
+    nats, count = token_nats(apply_model(model, params, micro, {"dropout": rng}), micro)
+    return nats * loss_scale, (nats, count)
 
-  (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if opts.accum_steps == 1:
+    # Gradient of the mean loss directly (not of the sum, then divided): the
+    # original formulation, bit-for-bit what earlier runs computed.
+    def mean_fn(params):
+      nats, count = token_nats(apply_model(model, params, batch, {"dropout": rng}), batch)
+      loss = nats / jnp.maximum(count, 1)
+      return loss * loss_scale, loss
+
+    (_, loss), grads = jax.value_and_grad(mean_fn, has_aux=True)(params)
+  else:
+    k = opts.accum_steps
+    micro_batches = jax.tree.map(
+        lambda x: nn.with_logical_constraint(
+            x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), (None, "act_batch", "act_length")
+        ),
+        batch,
+    )
+
+    def body(carry, xs):
+      grad_sum, nats_sum, count_sum = carry
+      i, micro = xs
+      (_, (nats, count)), grads = jax.value_and_grad(nats_fn, has_aux=True)(params, micro, jax.random.fold_in(rng, i))
+      grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+      return (grad_sum, nats_sum + nats, count_sum + count), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grad_sum, nats, count), _ = jax.lax.scan(
+        body, (zeros, jnp.zeros(()), jnp.zeros(())), (jnp.arange(k), micro_batches)
+    )
+    count = jnp.maximum(count, 1)
+    loss = nats / count
+    grads = jax.tree.map(lambda g: g / count, grad_sum)
+  if opts.l1:
+    l1_grads = jax.grad(optim.l1_penalty)(params, opts.l1)
+    grads = jax.tree.map(lambda g, l: g + l * loss_scale, grads, l1_grads)
+  return loss, grads
+
+
+def train_step(state: TrainState, batch, *, model, tx, opts: StepOptions):
+  rng = jax.random.fold_in(jax.random.key(opts.seed), state.step)
+  scale = state.loss_scale if opts.dynamic_scale else jnp.ones((), jnp.float32)
+  loss, grads = loss_and_grads(state.params, batch, rng, model=model, opts=opts, loss_scale=scale)
+  if opts.dynamic_scale:
+    grads = jax.tree.map(lambda g: g / scale, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
   # Non-finite guard: a step whose loss, gradients or new parameters hold a NaN or
   # Inf changes nothing but the step counter (the batch is consumed), so no
-  # non-finite state can ever exist, let alone be checkpointed.
+  # non-finite state can ever exist, let alone be checkpointed. With float16 loss
+  # scaling this is also the overflow skip.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
   streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
   step = state.step + 1
   loss_sum = state.window_loss_sum + loss
   nonfinite = state.window_nonfinite + 1 - finite.astype(jnp.int32)
-  steps_in_window = step - (step - 1) // log_every * log_every
+  steps_in_window = step - (step - 1) // opts.log_every * opts.log_every
   metrics = {"loss": loss_sum / steps_in_window, "grad_norm": grad_norm, "nonfinite_steps": nonfinite,
-             "nonfinite_streak": streak}
-  window_ends = step % log_every == 0
+             "nonfinite_streak": streak, "loss_scale": scale}
+  window_ends = step % opts.log_every == 0
+  new_scale, good = state.loss_scale, state.scale_good_steps
+  if opts.dynamic_scale:
+    # Halve on overflow; double after a period of finite steps (and start counting anew).
+    grow = finite & (good + 1 >= opts.scale_period)
+    new_scale = jnp.where(finite, jnp.where(grow, scale * 2, scale), jnp.maximum(scale / 2, 1.0))
+    good = jnp.where(finite & ~grow, good + 1, 0)
   new_state = TrainState(
       step, keep(params, state.params), keep(opt_state, state.opt_state), streak,
-      jnp.where(window_ends, 0.0, loss_sum), jnp.where(window_ends, 0, nonfinite),
+      jnp.where(window_ends, 0.0, loss_sum), jnp.where(window_ends, 0, nonfinite), new_scale, good,
   )
   return new_state, metrics
 
@@ -95,12 +166,15 @@ def eval_step(params, batch, *, model):
   return token_nats(apply_model(model, params, batch), batch)
 
 
-def init_boxed(rng, *, model, tx, seq_len: int) -> TrainState:
+def init_boxed(rng, *, model, tx, seq_len: int, loss_scale: float = 1.0) -> TrainState:
   """The initial state with parameters still in their logical-partitioning boxes."""
   dummy = jnp.zeros((1, seq_len), jnp.int32)
   params = model.init(rng, dummy, dummy, dummy)["params"]
   zero = jnp.zeros((), jnp.int32)
-  return TrainState(zero, params, tx.init(params), zero, jnp.zeros((), jnp.float32), zero)
+  return TrainState(
+      zero, params, tx.init(params), zero, jnp.zeros((), jnp.float32), zero,
+      jnp.asarray(loss_scale, jnp.float32), zero,
+  )
 
 
 class Setup:
@@ -109,25 +183,32 @@ class Setup:
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
     self.rules = sharding.rules_tuple(config.mesh.rules)
-    self.model_cfg = config_lib.model_config(config)
+    self.model_cfg = config_lib.model_config(config, platform=mesh.devices.flat[0].platform)
     deterministic = self.model_cfg.dropout_rate == 0
     self.train_model = model_lib.Transformer(self.model_cfg, deterministic=deterministic)
     self.eval_model = model_lib.Transformer(self.model_cfg, deterministic=True)
     self.tx = optim.make(config.optim, config.num_train_steps)
     self.lr = optim.schedule(config.optim, config.num_train_steps)
-    init = functools.partial(init_boxed, model=self.eval_model, tx=self.tx, seq_len=config.data.seq_len)
+    o = config.optim
+    dynamic_scale = o.loss_scale == "dynamic" or (o.loss_scale == "auto" and self.model_cfg.dtype == "float16")
+    self.step_options = StepOptions(
+        seed=config.seed, l1=o.l1_penalty, log_every=config.log_every_steps, accum_steps=o.grad_accum_steps,
+        dynamic_scale=dynamic_scale, scale_period=o.loss_scale_period,
+    )
+    init = functools.partial(
+        init_boxed, model=self.eval_model, tx=self.tx, seq_len=config.data.seq_len,
+        loss_scale=o.loss_scale_init if dynamic_scale else 1.0,
+    )
+    key = jax.random.key(0)  # made outside the mesh context: the mesh may be a TPU slice described only (aot.py)
     with self.context():
-      abstract = jax.eval_shape(init, jax.random.key(0))
+      abstract = jax.eval_shape(init, key)
       self.state_shardings = sharding.logical_sharding(nn.get_partition_spec(abstract), mesh, self.rules)
-      self.abstract_state = jax.eval_shape(lambda rng: nn.meta.unbox(init(rng)), jax.random.key(0))
+      self.abstract_state = jax.eval_shape(lambda rng: nn.meta.unbox(init(rng)), key)
       sharding.check_divisible(self.abstract_state, self.state_shardings)
     self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
     self.init = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=self.state_shardings)
     self.train_step = jax.jit(
-        functools.partial(
-            train_step, model=self.train_model, tx=self.tx, seed=config.seed, l1=config.optim.l1_penalty,
-            log_every=config.log_every_steps,
-        ),
+        functools.partial(train_step, model=self.train_model, tx=self.tx, opts=self.step_options),
         in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, None),
         donate_argnums=0,
@@ -215,15 +296,10 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
   watch = watch or preemption.Watch()
   config_lib.validate(config)
   checkpoint_lib.check_writable(workdir)
-  mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.AXES})
+  mesh = sharding.make_mesh(sharding.mesh_sizes(config.mesh))
   setup = Setup(config, mesh)
   d = config.data
-  if d.global_batch_size % (jax.process_count() * mesh.shape["data"] * mesh.shape["fsdp"]):
-    config_lib.fail(
-        "data.global_batch_size", d.global_batch_size,
-        f"it must be divisible by the processes ({jax.process_count()}) and by the data-parallel"
-        f" devices (mesh data*fsdp = {mesh.shape['data'] * mesh.shape['fsdp']})",
-    )
+  check_batch(config, mesh, jax.process_count())
 
   corpus = _prepare_corpus(d)
   metrics_lib.console(
@@ -307,6 +383,20 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
   return result
 
 
+def check_batch(config, mesh, process_count: int) -> None:
+  """UserError unless the global batch splits evenly over processes (each loads its
+  own rows), data-parallel devices and, within each device, the microbatches of
+  gradient accumulation."""
+  d, k = config.data, config.optim.grad_accum_steps
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  if d.global_batch_size % math.lcm(process_count, dp * k):
+    config_lib.fail(
+        "data.global_batch_size", d.global_batch_size,
+        f"it must be divisible by the processes ({process_count}) and by the data-parallel"
+        f" devices (mesh data*fsdp = {dp})" + (f" times optim.grad_accum_steps ({k})" if k > 1 else ""),
+    )
+
+
 def _diverged(ckpt, writer, streak: int, step: int, limit: int) -> None:
   ckpt.close()
   writer.close()
@@ -356,6 +446,8 @@ def _log_train(setup, writer, step, window, elapsed, *, eta_s, flops_per_step, p
       "tokens_per_s": d.global_batch_size * d.seq_len / sec_per_step, "step_time_s": sec_per_step,
       "nonfinite_steps": int(window[-1]["nonfinite_steps"]),
   }
+  if setup.step_options.dynamic_scale:
+    record["loss_scale"] = float(window[-1]["loss_scale"])
   mfu = "n/a (unknown peak)"
   if peak:
     record["mfu"] = flops_per_step / sec_per_step / peak
@@ -364,6 +456,7 @@ def _log_train(setup, writer, step, window, elapsed, *, eta_s, flops_per_step, p
       f"step {step:>6}/{setup.config.num_train_steps}  loss {loss:.4f}  ppl {record['ppl']:.2f}"
       f"  lr {record['lr']:.2e}  grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s"
       f"  MFU {mfu}  ETA {metrics_lib.format_seconds(eta_s)}"
+      + (f"  loss scale {record['loss_scale']:g}" if "loss_scale" in record else "")
       + (f"  SKIPPED {record['nonfinite_steps']} non-finite step(s)" if record["nonfinite_steps"] else "")
   )
   writer.write(step, record)
