@@ -131,9 +131,17 @@ def test_divergence_stops_with_one_line_and_keeps_a_finite_checkpoint(corpus_dir
   assert os.listdir(f"{workdir}/checkpoints") == ["3"]
 
 
-def _train_to_6(corpus_dir, data_dir, workdir):
+@pytest.fixture(scope="module")
+def trained_to_6(corpus_dir, data_dir, tmp_path_factory):
+  """A run with checkpoints at steps 3 and 6, trained once; tests damage copies."""
+  workdir = str(tmp_path_factory.mktemp("six") / "run")
   result = _run(_cmd(corpus_dir, data_dir, workdir, "--config.num_train_steps=6"))
   assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def _train_to_6(trained_to_6, workdir):
+  shutil.copytree(trained_to_6, workdir)
 
 
 def test_a_half_written_checkpoint_is_never_restored(corpus_dir, data_dir, tmp_path):
@@ -156,9 +164,9 @@ def test_a_half_written_checkpoint_is_never_restored(corpus_dir, data_dir, tmp_p
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
-def test_a_damaged_checkpoint_is_one_line_and_nothing_is_deleted(corpus_dir, data_dir, tmp_path, damage):
+def test_a_damaged_checkpoint_is_one_line_and_nothing_is_deleted(corpus_dir, data_dir, tmp_path, damage, trained_to_6):
   workdir = str(tmp_path / "run")
-  _train_to_6(corpus_dir, data_dir, workdir)
+  _train_to_6(trained_to_6, workdir)
   state_dir = f"{workdir}/checkpoints/6/state"
   victims = [os.path.join(root, f) for root, _, files in os.walk(state_dir) for f in files
              if os.path.getsize(os.path.join(root, f)) > 100]
@@ -177,9 +185,9 @@ def test_a_damaged_checkpoint_is_one_line_and_nothing_is_deleted(corpus_dir, dat
   assert set(listing) <= set(after)
 
 
-def test_a_checkpoint_of_another_shape_names_the_parameter(corpus_dir, data_dir, tmp_path):
+def test_a_checkpoint_of_another_shape_names_the_parameter(corpus_dir, data_dir, tmp_path, trained_to_6):
   workdir = str(tmp_path / "run")
-  _train_to_6(corpus_dir, data_dir, workdir)
+  _train_to_6(trained_to_6, workdir)
   result = _run(_cmd(corpus_dir, data_dir, workdir, "--config.num_train_steps=8", "--config.model.mlp_dim=96"))
   assert result.returncode == 2
   [line] = result.stderr.strip().splitlines()

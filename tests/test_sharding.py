@@ -16,10 +16,11 @@ def _batches(n):
   return [next(it) for _ in range(n)]
 
 
-def _train(mesh_sizes, devices, batches, **model):
+def _train(mesh_sizes, devices, batches, accum=1, **model):
   config = tiny_config()
   config.model.update(model)
   config.mesh.update(mesh_sizes)
+  config.optim.grad_accum_steps = accum
   setup = train.Setup(config, sharding.make_mesh(sharding.mesh_sizes(config.mesh), devices))
   losses = []
   with setup.context():
@@ -43,14 +44,20 @@ def one_device():
         ({"preset": "fsdp"}, (1, 8, 1)),
         ({"preset": "fsdp_tensor", "tensor": 2}, (1, 4, 2)),
         ({"data": 2, "fsdp": 2, "tensor": 2}, (2, 2, 2)),
+        # Gradient accumulation: 4 microbatches of one row per device == the batch of 8 at once.
+        ({"data": 2, "fsdp": 1, "tensor": 1, "accum": 4}, (2, 1, 1)),
     ],
-    ids=["data_parallel", "fsdp", "fsdp_tensor", "data_fsdp_tensor"],
+    ids=["data_parallel", "fsdp", "fsdp_tensor", "data_fsdp_tensor", "accumulate_4"],
 )
 def test_parallel_training_matches_one_device(mesh, shape, one_device):
-  """Every preset: same losses and (after 4 updates) same parameters as one device."""
+  """Every preset, and accumulation: same losses and (after 4 updates) same
+  parameters as one device taking the whole batch at once."""
   assert len(jax.devices()) == 8
   batches, (ref_losses, ref_params, _) = one_device
-  losses, params, setup = _train(mesh, jax.devices(), batches)
+  mesh = dict(mesh)
+  accum = mesh.pop("accum", 1)
+  devices = jax.devices()[: 2 if accum > 1 else 8]
+  losses, params, setup = _train(mesh, devices, batches, accum)
   assert tuple(setup.mesh.shape.values()) == shape
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params)
