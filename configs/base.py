@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (save matmul outputs), "qkv_attn" (save the attention projections and output).
   c.model.remat = "none"
   c.model.scan_layers = False  # one compiled block applied num_layers times
+  # > 0: make the [batch, seq, vocab] logits this many positions at a time in the
+  # loss (recomputed in the backward pass): for large vocabularies. 0: all at once.
+  c.model.logits_chunk = 0
   # "auto": cuDNN flash attention on GPU, Pallas splash on TPU, XLA elsewhere.
   c.model.attention = "auto"
   c.model.init_std = 0.02

@@ -1,5 +1,6 @@
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,3 +94,21 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
   b = bf16.apply(variables, batch["inputs"], batch["segment_ids"], batch["positions"])
   assert b.dtype == jnp.float32
   np.testing.assert_allclose(a, b, atol=0.05)
+
+
+@pytest.mark.parametrize("family", [{}, LLAMA], ids=["gpt2_tied", "llama_untied"])
+def test_chunked_logits_give_the_same_loss_and_gradients(family):
+  """The loss made 8 positions at a time (never the whole [B, T, V]) equals the whole."""
+  cfg = _cfg(**family)
+  batch = _batch(2)
+  model = model_lib.Transformer(cfg)
+  params = nn.meta.unbox(model.init(jax.random.key(0), batch["inputs"], batch["segment_ids"], batch["positions"])["params"])
+
+  def loss(p, chunk):
+    nats, n = train.batch_nats(model, p, batch, logits_chunk=chunk)
+    return nats / n
+
+  ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, 0)
+  chunked_loss, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, 8)
+  np.testing.assert_allclose(chunked_loss, ref_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)

@@ -123,7 +123,8 @@ def test_splash_kernel_under_a_mesh_runs_per_shard():
 
 
 def test_auto_attention_picks_the_kernel_for_the_platform():
-  assert attention.resolve("auto", "gpu") == "cudnn"
+  assert attention.resolve("auto", "gpu", "bfloat16") == "cudnn"
+  assert attention.resolve("auto", "gpu", "float32") == "xla"  # cuDNN takes 16-bit inputs only
   assert attention.resolve("auto", "tpu") == "splash"
   assert attention.resolve("auto", "cpu") == "xla"
   assert attention.resolve("xla", "tpu") == "xla"

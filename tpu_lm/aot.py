@@ -117,7 +117,7 @@ def _program_flops(config) -> float:
   HLO (remat recompute included; backend-independent, so taken on the CPU).
 
   The analysis counts a loop body once, so scanned layers and accumulated
-  microbatches would be undercounted. Layers are identical and FLOPs are linear
+  microbatches (and logits chunks) would be undercounted. Layers are identical and FLOPs are linear
   in the batch, so the step is lowered unrolled with one layer and with two, for
   one row, and extrapolated: f(L) = f(1) + (L - 1)(f(2) - f(1)), times the global
   batch. The optimizer update, scaled along, stays < 0.1% of it. Attention is
@@ -128,6 +128,7 @@ def _program_flops(config) -> float:
   for layers in (1, 2):
     c = config.copy_and_resolve_references()
     c.model.num_layers, c.model.scan_layers, c.model.attention = layers, False, "xla"
+    c.model.logits_chunk = 0  # a loop too (same FLOPs but for the recomputed logits)
     c.optim.grad_accum_steps, c.data.global_batch_size = 1, 1
     c.mesh.update(preset="", data=1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
     setup = train.Setup(c, mesh)

@@ -22,12 +22,21 @@ def segment_causal_mask(segment_ids_BxT: jax.Array) -> jax.Array:
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
-def resolve(implementation: str, platform: str) -> str:
-  """`auto` -> the fastest kernel for `platform`: cuDNN flash attention on GPU, the
-  Pallas splash kernel on TPU, plain XLA elsewhere. Other names pass through."""
+def resolve(implementation: str, platform: str, dtype: str = "bfloat16", seq_len: int = 128) -> str:
+  """`auto` -> the fastest kernel for `platform`: cuDNN flash attention on GPU (it
+  takes only 16-bit inputs: float32 compute stays on XLA), the Pallas splash kernel
+  on TPU (for lengths it tiles), plain XLA elsewhere. Other names pass through."""
   if implementation != "auto":
     return implementation
-  return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(platform, "xla")
+  if platform in ("gpu", "cuda"):
+    return "cudnn" if dtype in ("bfloat16", "float16") else "xla"
+  if platform == "tpu" and splash_fits(seq_len):
+    return "splash"
+  return "xla"
+
+
+def splash_fits(seq_len: int) -> bool:
+  return seq_len <= 128 or seq_len % 128 == 0
 
 
 def dot_product_attention(
@@ -78,7 +87,10 @@ def _splash(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *, interpret: bool
       spec = P(None, *spec[1:])
   heads_per_device = n // _axis_size(mesh, spec[2])
   kv_per_device = kv // _axis_size(mesh, spec[2])
-  block = min(512, t)
+  # The largest standard tile that divides the length (short sequences: one tile).
+  if not splash_fits(t):
+    raise ValueError(f"the splash kernel needs a sequence length divisible by 128 or below 128, not {t}")
+  block = next((b for b in (512, 256, 128) if t % b == 0), t)
   sizes = splash.BlockSizes(
       block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
       block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,

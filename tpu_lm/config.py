@@ -107,6 +107,10 @@ def validate(config) -> None:
         "optim.grad_accum_steps", config.optim.grad_accum_steps,
         f"it must divide data.global_batch_size ({config.data.global_batch_size})",
     )
+  if m.logits_chunk and config.data.seq_len % m.logits_chunk:
+    fail("model.logits_chunk", m.logits_chunk, f"it must divide data.seq_len ({config.data.seq_len}), or be 0")
+  if m.attention == "splash" and not attention.splash_fits(config.data.seq_len):
+    fail("data.seq_len", config.data.seq_len, "the splash attention kernel needs a multiple of 128 (or at most 128)")
   if config.optim.loss_scale == "dynamic" and m.dtype != "float16":
     fail("optim.loss_scale", "dynamic", "loss scaling is for model.dtype='float16'; use 'auto' or 'none'")
   rules = config.mesh.rules
@@ -126,7 +130,7 @@ def model_config(config, platform: str = "cpu") -> ModelConfig:
   and the attention kernel resolved for `platform` (the mesh's devices)."""
   m = config.model
   derived = {
-      "attention": attention.resolve(m.attention, platform),
+      "attention": attention.resolve(m.attention, platform, m.dtype, config.data.seq_len),
       "vocab_size": -(-tokenizer_vocab_size(config) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
       "num_kv_heads": m.num_kv_heads or m.num_heads,
       "head_dim": m.head_dim or m.d_model // m.num_heads,

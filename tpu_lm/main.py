@@ -34,7 +34,8 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes taking part in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index, 0 .. num_processes - 1.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "jax.distributed.initialize() with cluster auto-detection (Cloud TPU pods, SLURM).")
+    "distributed", False, "jax.distributed.initialize() with cluster auto-detection (Cloud TPU pods, SLURM);"
+    " automatic where the environment names several processes.")
 # Ahead-of-time check of a TPU slice from any machine (see aot.py):
 _COMPILE_FOR = flags.DEFINE_string(
     "compile_for", None, "Compile the train step for this TPU slice (v5p-64, v5e-16, v6e-256, v4-128, ...),"
@@ -87,7 +88,9 @@ def main(argv) -> None:
 
 
 def _init_distributed() -> None:
-  """Joins the processes of a multi-process run before anything touches a device."""
+  """Joins the processes of a multi-process run before anything touches a device:
+  explicitly (--num_processes & co.), on request (--distributed), or when the
+  environment shows several processes (a multi-host TPU slice, SLURM, Open MPI)."""
   n, i = _NUM_PROCESSES.value, _PROCESS_ID.value
   if n < 1 or not 0 <= i < n:
     raise UserError(f"--process_id={i} with --num_processes={n}: the id must be in 0 .. {n - 1}.")
@@ -97,8 +100,17 @@ def _init_distributed() -> None:
 
   if n > 1:
     jax.distributed.initialize(_COORDINATOR.value, num_processes=n, process_id=i)
-  elif _DISTRIBUTED.value:
+  elif _DISTRIBUTED.value or _cluster_detected():
     jax.distributed.initialize()
+
+
+def _cluster_detected() -> bool:
+  env = os.environ
+  return (
+      "," in env.get("TPU_WORKER_HOSTNAMES", "")  # a multi-host Cloud TPU slice
+      or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+      or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+  )
 
 
 if __name__ == "__main__":

@@ -202,7 +202,9 @@ class Transformer(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache=None):
+  def __call__(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache=None, head=True):
+    """head=False: (final hidden states [B, T, D], unembedding [D, V]), both in the
+    compute dtype, for a loss that makes the logits a chunk at a time (train.py)."""
     cfg = self.cfg
     if cache is not None and cfg.scan_layers:
       raise ValueError("decode with scan_layers=False and unstack_layers(params)")
@@ -238,18 +240,26 @@ class Transformer(nn.Module):
         )
         new_cache.append(layer_cache)
 
-    x_BxTxD = _norm(cfg, "final_norm")(x_BxTxD)
+    x_BxTxD = _norm(cfg, "final_norm")(x_BxTxD).astype(cfg.dtype)
     if cfg.tie_embeddings:
-      logits_BxTxV = embed.attend(x_BxTxD)
-    else:
-      logits_BxTxV = nn.Dense(
-          cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
-          kernel_init=_init(cfg.init_std, ("embed", "vocab")), name="unembed",
-      )(x_BxTxD)
-    logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("act_batch", "act_length", "act_vocab"))
+      w_DxV = embed.embedding.astype(cfg.dtype).T
+    else:  # the same parameter (path, shape, init) nn.Dense(name="unembed") makes
+      w_DxV = Unembed(cfg.vocab_size, cfg.init_std, name="unembed")(cfg.d_model).astype(cfg.dtype)
+    if not head:
+      return x_BxTxD, w_DxV
+    logits_BxTxV = nn.with_logical_constraint(x_BxTxD @ w_DxV, ("act_batch", "act_length", "act_vocab"))
     if cache is None:
       return logits_BxTxV.astype(jnp.float32)
     return logits_BxTxV.astype(jnp.float32), new_cache
+
+
+class Unembed(nn.Module):
+  vocab_size: int
+  init_std: float
+
+  @nn.compact
+  def __call__(self, d_model: int) -> jax.Array:
+    return self.param("kernel", _init(self.init_std, ("embed", "vocab")), (d_model, self.vocab_size))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[dict]:

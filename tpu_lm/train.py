@@ -56,6 +56,7 @@ class StepOptions:
   accum_steps: int = 1
   dynamic_scale: bool = False
   scale_period: int = 2000
+  logits_chunk: int = 0  # see batch_nats
 
 
 def token_nats(logits_BxTxV, batch):
@@ -65,10 +66,43 @@ def token_nats(logits_BxTxV, batch):
   return (nll_BxT * weights_BxT).sum(), weights_BxT.sum()
 
 
-def apply_model(model, params, batch, rngs=None):
+def apply_model(model, params, batch, rngs=None, head=True):
   return model.apply(
-      {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"], rngs=rngs
+      {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"], rngs=rngs, head=head
   )
+
+
+def batch_nats(model, params, batch, rngs=None, logits_chunk: int = 0):
+  """Summed cross-entropy of the batch and its token count.
+
+  logits_chunk > 0: the [B, T, V] logits are never whole. The sequence is cut into
+  chunks of that many positions; a scan makes each chunk's logits, reduces them to
+  a loss, and (jax.checkpoint) makes them again in the backward pass instead of
+  keeping them: logits memory B x chunk x V instead of B x T x V, for one more
+  unembedding matmul. Same loss and gradients as the whole (to float rounding).
+  """
+  if not logits_chunk or logits_chunk >= batch["inputs"].shape[1]:
+    return token_nats(apply_model(model, params, batch, rngs), batch)
+  hidden_BxTxD, w_DxV = apply_model(model, params, batch, rngs, head=False)
+  b, t, d = hidden_BxTxD.shape
+  n = t // logits_chunk
+
+  def chunks(x):  # [B, T, ...] -> [n, B, chunk, ...]; each device keeps its rows
+    return x.reshape(b, n, logits_chunk, *x.shape[2:]).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def chunk_nats(w_DxV, xs):
+    h_BxCxD, targets_BxC, segments_BxC = xs
+    logits_BxCxV = nn.with_logical_constraint(h_BxCxD @ w_DxV, ("act_batch", "act_length", "act_vocab"))
+    return token_nats(logits_BxCxV, {"targets": targets_BxC, "segment_ids": segments_BxC})
+
+  def body(carry, xs):
+    nats, count = chunk_nats(w_DxV, xs)
+    return (carry[0] + nats, carry[1] + count), None
+
+  xs = (chunks(hidden_BxTxD), chunks(batch["targets"]), chunks(batch["segment_ids"]))
+  (nats, count), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), xs)
+  return nats, count
 
 
 def loss_and_grads(params, batch, rng, *, model, opts: StepOptions, loss_scale):
@@ -81,14 +115,14 @@ def loss_and_grads(params, batch, rng, *, model, opts: StepOptions, loss_scale):
   gradient is of the scaled loss (loss_scale > 1 only for float16).
   """
   def nats_fn(params, micro, rng):
-    nats, count = token_nats(apply_model(model, params, micro, {"dropout": rng}), micro)
+    nats, count = batch_nats(model, params, micro, {"dropout": rng}, opts.logits_chunk)
     return nats * loss_scale, (nats, count)
 
   if opts.accum_steps == 1:
     # Gradient of the mean loss directly (not of the sum, then divided): the
     # original formulation, bit-for-bit what earlier runs computed.
     def mean_fn(params):
-      nats, count = token_nats(apply_model(model, params, batch, {"dropout": rng}), batch)
+      nats, count = batch_nats(model, params, batch, {"dropout": rng}, opts.logits_chunk)
       loss = nats / jnp.maximum(count, 1)
       return loss * loss_scale, loss
 
@@ -162,8 +196,8 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def eval_step(params, batch, *, model):
-  return token_nats(apply_model(model, params, batch), batch)
+def eval_step(params, batch, *, model, logits_chunk: int = 0):
+  return batch_nats(model, params, batch, logits_chunk=logits_chunk)
 
 
 def init_boxed(rng, *, model, tx, seq_len: int, loss_scale: float = 1.0) -> TrainState:
@@ -193,7 +227,7 @@ class Setup:
     dynamic_scale = o.loss_scale == "dynamic" or (o.loss_scale == "auto" and self.model_cfg.dtype == "float16")
     self.step_options = StepOptions(
         seed=config.seed, l1=o.l1_penalty, log_every=config.log_every_steps, accum_steps=o.grad_accum_steps,
-        dynamic_scale=dynamic_scale, scale_period=o.loss_scale_period,
+        dynamic_scale=dynamic_scale, scale_period=o.loss_scale_period, logits_chunk=config.model.logits_chunk,
     )
     init = functools.partial(
         init_boxed, model=self.eval_model, tx=self.tx, seq_len=config.data.seq_len,
@@ -214,7 +248,7 @@ class Setup:
         donate_argnums=0,
     )
     self.eval_step = jax.jit(
-        functools.partial(eval_step, model=self.eval_model),
+        functools.partial(eval_step, model=self.eval_model, logits_chunk=config.model.logits_chunk),
         in_shardings=(self.state_shardings.params, self.batch_sharding),
     )
 
