@@ -46,9 +46,9 @@ def test_a_step_that_does_not_fit_exits_2_naming_the_shortfall():
     "flags, message",
     [
         (["--compile_for=v5p-12"], "error: --compile_for=v5p-12: v5p slices are v5p-N with N = 8, 16, 32, ... TensorCores."),
-        (["--compile_for=v5p-8", "--config.data.global_batch_size=8"],
-         "error: config field data.global_batch_size is 8: it must be divisible by the processes (1)"
-         " and by the data-parallel devices (mesh data*fsdp = 4) times optim.grad_accum_steps (4)."),
+        (["--compile_for=v5p-8", "--config.data.global_batch_size=4"],
+         "error: config field data.global_batch_size is 4: it must be divisible by the processes (1)"
+         " and by the data-parallel devices (mesh data*fsdp = 4) times optim.grad_accum_steps (2)."),
     ],
     ids=["slice_name", "batch"],
 )
