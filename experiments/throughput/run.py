@@ -78,7 +78,7 @@ def measure(model: str, batch: int, remat: str, accum: int, *, steps: int, warmu
       "segment_ids": np.ones((batch, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (batch, 1)),
   }
   row = {"model": model, "batch": batch, "seq_len": t, "remat": remat, "accum": accum,
-         "attention": setup.model_cfg.attention}
+         "attention": setup.model_cfg.attention, "logits_chunk": config.model.logits_chunk}
   try:
     with setup.context():
       state = setup.init(jax.random.key(0))
@@ -129,7 +129,7 @@ def main() -> None:
   cases = args.cases or DEFAULT_CASES["cpu" if platform == "cpu" else "gpu"]
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   versions = f"jax {jax.__version__}"
-  header = "| model | batch x T | remat | accum | attention | step ms | tokens/s | MFU | peak mem GiB |"
+  header = "| model | batch x T | remat | accum | logits chunk | attention | step ms | tokens/s | MFU | peak mem GiB |"
   lines = [
       f"\n### {datetime.date.today()} on {device} ({versions}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '').strip() or 'none'})\n",
       header, "|" + "---|" * (header.count("|") - 1),
@@ -141,10 +141,12 @@ def main() -> None:
                   steps=args.steps, warmup=args.warmup, attention=args.attention)
     row.update(device=device, date=str(datetime.date.today()), versions=versions)
     if "error" in row:
-      line = f"| {model} | {batch} x {row['seq_len']} | {remat} | {row['accum']} | {row['attention']} | {row['error']} | | | |"
+      line = (f"| {model} | {batch} x {row['seq_len']} | {remat} | {row['accum']} | {row['logits_chunk']} |"
+              f" {row['attention']} | {row['error']} | | | |")
     else:
       mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
-      line = (f"| {model} | {batch} x {row['seq_len']} | {remat} | {row['accum']} | {row['attention']} |"
+      line = (f"| {model} | {batch} x {row['seq_len']} | {remat} | {row['accum']} | {row['logits_chunk']} |"
+              f" {row['attention']} |"
               f" {row['step_ms']} | {row['tokens_per_s']:,} | {mfu} | {row['peak_memory_gib']} |")
     print(line, flush=True)
     lines.append(line)
