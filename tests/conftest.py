@@ -81,3 +81,21 @@ def trained_run(corpus_dir, data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("trained") / "run")
   train.train_and_evaluate(tiny_config(corpus_dir, data_dir), workdir)
   return workdir
+
+
+def train_steps(config, batches, devices):
+  """Trains `config` on `batches` over `devices` (its mesh section decides the
+  layout); returns (losses, final state on the host, setup)."""
+  import jax
+  import numpy as np
+
+  from tpu_lm import sharding, train
+
+  setup = train.Setup(config, sharding.make_mesh(sharding.mesh_sizes(config.mesh), devices))
+  losses = []
+  with setup.context():
+    state = setup.init(jax.random.key(0))
+    for b in batches:
+      state, m = setup.train_step(state, setup.device_batch(b))
+      losses.append(float(m["loss"]))
+  return np.array(losses), jax.device_get(state), setup

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, train_steps
 from tpu_lm import attention, sharding, topology, train
 from tpu_lm.data import packing, pipeline
 from tpu_lm.errors import UserError
@@ -23,14 +23,8 @@ def _batches(n, batch=8, seq_len=32, seed=0, learnable=False):
 
 
 def _run(config, batches, devices):
-  setup = train.Setup(config, sharding.make_mesh(sharding.mesh_sizes(config.mesh), devices))
-  losses = []
-  with setup.context():
-    state = setup.init(jax.random.key(0))
-    for b in batches:
-      state, m = setup.train_step(state, setup.device_batch(b))
-      losses.append(float(m["loss"]))
-  return np.array(losses), jax.device_get(state)
+  losses, state, _ = train_steps(config, batches, devices)
+  return losses, state
 
 
 def test_accumulation_must_divide_the_per_device_batch():

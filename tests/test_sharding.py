@@ -2,7 +2,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, train_steps
 from tpu_lm import sharding, train
 from tpu_lm.data import packing, pipeline
 from tpu_lm.errors import UserError
@@ -21,14 +21,8 @@ def _train(mesh_sizes, devices, batches, accum=1, **model):
   config.model.update(model)
   config.mesh.update(mesh_sizes)
   config.optim.grad_accum_steps = accum
-  setup = train.Setup(config, sharding.make_mesh(sharding.mesh_sizes(config.mesh), devices))
-  losses = []
-  with setup.context():
-    state = setup.init(jax.random.key(0))
-    for b in batches:
-      state, m = setup.train_step(state, setup.device_batch(b))
-      losses.append(float(m["loss"]))
-  return np.array(losses), jax.device_get(state.params), setup
+  losses, state, setup = train_steps(config, batches, devices)
+  return losses, state.params, setup
 
 
 @pytest.fixture(scope="module")
