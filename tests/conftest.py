@@ -5,12 +5,6 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# libtpu (the test extra) describes TPU slices for --compile_for; without these it
-# warns at length that this machine has no TPU.
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-# Only describing a slice, never driving one: several such processes may run at once.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import random  # noqa: E402
 

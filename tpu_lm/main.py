@@ -1,9 +1,8 @@
 """Entry point: python -m tpu_lm.main --config=configs/base.py [--workdir=DIR] [--config.x=y]."""
 
 import os
-import sys
 
-from tpu_lm import preemption
+from tpu_lm import preemption  # tpu_lm/__init__.py also quiets libtpu where there is no TPU
 
 # First thing, before the slow imports: from here on a stop signal either ends the
 # process cleanly (before training there is nothing to save) or saves the step in
@@ -11,13 +10,6 @@ from tpu_lm import preemption
 _WATCH = preemption.Watch(exit_early=True) if __name__ == "__main__" else None
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-if any(a.startswith("--compile_for") for a in sys.argv):
-  # libtpu, loaded to describe the slice, otherwise warns at length that this
-  # machine has no TPU: tell it which one we mean and that it is alone.
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  # Only describing a slice, never driving one: several such processes may run at once.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
