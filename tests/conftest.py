@@ -8,6 +8,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import random  # noqa: E402
 
+from tpu_lm.parallel import libtpu_env  # noqa: E402
+
+libtpu_env.quiet_where_no_tpu()  # as the commands do (subprocesses inherit it)
+
 import pytest  # noqa: E402
 
 from configs import tiny  # noqa: E402
@@ -70,26 +74,31 @@ def tiny_flags(corpus_dir: str, data_dir: str, workdir: str) -> list[str]:
 @pytest.fixture(scope="session")
 def trained_run(corpus_dir, data_dir, tmp_path_factory):
   """A tiny run directory trained in-process once (checkpoint, config, tokenizer)."""
-  from tpu_lm import train
+  from tpu_lm.training import loop
 
   workdir = str(tmp_path_factory.mktemp("trained") / "run")
-  train.train_and_evaluate(tiny_config(corpus_dir, data_dir), workdir)
+  loop.train_and_evaluate(tiny_config(corpus_dir, data_dir), workdir)
   return workdir
 
 
 def train_steps(config, batches, devices):
   """Trains `config` on `batches` over `devices` (its mesh section decides the
-  layout); returns (losses, final state on the host, setup)."""
+  layout); returns (losses, gradient norms, final state on the host, setup).
+
+  Gradient norms, not only losses, let equivalence tests see a wrong gradient
+  scale: AdamW and clipping absorb any constant factor in the update."""
   import jax
   import numpy as np
 
-  from tpu_lm import sharding, train
+  from tpu_lm.parallel import mesh as mesh_lib
+  from tpu_lm.training.setup import Setup
 
-  setup = train.Setup(config, sharding.make_mesh(sharding.mesh_sizes(config.mesh), devices))
-  losses = []
+  setup = Setup(config, mesh_lib.make_mesh(mesh_lib.mesh_sizes(config.mesh), devices))
+  losses, grad_norms = [], []
   with setup.context():
     state = setup.init(jax.random.key(0))
     for b in batches:
       state, m = setup.train_step(state, setup.device_batch(b))
-      losses.append(float(m["loss"]))
-  return np.array(losses), jax.device_get(state), setup
+      losses.append(float(m["step_loss"]))
+      grad_norms.append(float(m["grad_norm"]))
+  return np.array(losses), np.array(grad_norms), jax.device_get(state), setup

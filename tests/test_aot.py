@@ -8,11 +8,13 @@ import sys
 import pytest
 
 from configs import gpt2_124m
-from tpu_lm import aot, topology
+from tpu_lm.parallel import topology
+from tpu_lm.training import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_gpt2_124m_compiles_and_fits_a_v5p_8():
   report = aot.compile_for(gpt2_124m.get_config(), "v5p-8")
   assert report.slice.num_chips == 4 and report.mesh_shape == {"data": 4, "fsdp": 1, "tensor": 1}

@@ -2,13 +2,15 @@ import jax
 import numpy as np
 
 from tests.conftest import tiny_config
-from tpu_lm import checkpoint, sharding, train
+from tpu_lm.parallel import mesh as mesh_lib
+from tpu_lm.training import checkpoint
+from tpu_lm.training.setup import Setup
 from tpu_lm.data import packing, pipeline
 
 
 def _setup(mesh_sizes):
   config = tiny_config()
-  return config, train.Setup(config, sharding.make_mesh(mesh_sizes))
+  return config, Setup(config, mesh_lib.make_mesh(mesh_sizes))
 
 
 def test_checkpoint_round_trips_exactly_onto_another_mesh(tmp_path):
@@ -36,3 +38,23 @@ def test_checkpoint_round_trips_exactly_onto_another_mesh(tmp_path):
   np.testing.assert_array_equal(next(it2)["inputs"], expected_next["inputs"])
   ckpt.close()
   restored.close()
+
+
+def test_another_optimizer_is_named_not_called_damage(tmp_path):
+  """Only unreadable files are damage: a checkpoint of another optimizer says so."""
+  import pytest
+
+  from tpu_lm.errors import UserError
+
+  config, setup = _setup({"data": 8, "fsdp": 1, "tensor": 1})
+  stream = packing.from_documents([list(range(3, 100))] * 10, 0, 1, 2, np.uint16)
+  it = pipeline.train_iter(stream, seq_len=32, global_batch=8, seed=0)
+  with setup.context():
+    state = setup.init(jax.random.key(0))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
+  ckpt.save(0, state, it, config.to_dict())
+  ckpt.close()
+  config.optim.optimizer = "sgd"
+  sgd = Setup(config, mesh_lib.make_mesh({"data": 8, "fsdp": 1, "tensor": 1}))
+  with pytest.raises(UserError, match=r"holds another optimizer's state: opt_state/1/\S+ is missing there .* \(optim.optimizer or"):
+    checkpoint.Checkpointer(str(tmp_path), keep=2).check_structure(0, sgd.abstract_state)

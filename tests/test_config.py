@@ -1,7 +1,7 @@
 import pytest
 
 from configs import base
-from tpu_lm import config as config_lib
+from tpu_lm.config import checks, derived
 from tpu_lm.errors import UserError
 
 
@@ -21,7 +21,7 @@ def test_bad_values_name_the_field(field, value, message):
   section, _, leaf = field.rpartition(".")
   (c[section] if section else c)[leaf] = value
   with pytest.raises(UserError) as e:
-    config_lib.validate(c)
+    checks.validate(c)
   assert str(e.value).startswith(message)
 
 
@@ -29,11 +29,23 @@ def test_odd_head_dim_with_rope_is_rejected():
   c = base.get_config()
   c.model.position, c.model.d_model, c.model.num_heads, c.model.mlp_dim = "rope", 150, 2, 600
   with pytest.raises(UserError, match="even head dimension"):
-    config_lib.validate(c)
+    checks.validate(c)
 
 
 def test_base_config_is_valid_and_pads_vocab():
   c = base.get_config()
-  config_lib.validate(c)
+  checks.validate(c)
   c.data.tokenizer = "bytes"
-  assert config_lib.model_config(c).vocab_size == 384
+  assert derived.model_config(c).vocab_size == 384
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_samples_longer_than_the_context_are_refused_before_training(position):
+  """RoPE has no position table, but the decoder still stops at max_len: a run that
+  would fail only at sampling, after training, fails now."""
+  c = base.get_config()
+  c.model.position = position
+  c.model.max_len = c.data.seq_len = 64
+  c.sample.prompt_tokens, c.sample.new_tokens = 32, 48
+  with pytest.raises(UserError, match="sample.new_tokens is 48: sample.prompt_tokens .32. plus new tokens must fit"):
+    checks.validate(c)

@@ -2,33 +2,33 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from tpu_lm.data import builders, packing, pipeline, sources
+from tpu_lm.data import local_files, packing, pipeline, sources
 from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.errors import UserError
 
 
 def test_split_is_fixed_and_about_five_percent():
-  root, rel = builders.stdlib_files()
+  root, rel = local_files.stdlib_files()
   assert 1500 < len(rel) < 2500, "the stdlib corpus should hold about 1,800 files"
   assert not any("site-packages" in r for r in rel)
-  split = builders.split_files(rel)
+  split = local_files.split_files(rel)
   frac = len(split["validation"]) / len(rel)
   assert 0.03 < frac < 0.08
   # The rule depends on the path alone: the same file lands in the same split
   # whatever else is in the corpus.
-  assert builders.split_files(rel[::-1]) == split
-  assert set(builders.split_files(rel[:400])["validation"]) <= set(split["validation"])
+  assert local_files.split_files(rel[::-1]) == split
+  assert set(local_files.split_files(rel[:400])["validation"]) <= set(split["validation"])
 
 
 def test_a_tiny_directory_still_gets_a_validation_file():
-  split = builders.split_files(["a.txt", "b.txt"])
+  split = local_files.split_files(["a.txt", "b.txt"])
   assert len(split["validation"]) == 1 and len(split["train"]) == 1
   with pytest.raises(UserError, match="at least 2"):
-    builders.split_files(["a.txt"])
+    local_files.split_files(["a.txt"])
 
 
 def _stream(docs):
-  return packing.from_documents(docs, 0, tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID, np.uint16)
+  return packing.from_documents(docs, 0, 1, 2, np.uint16)
 
 
 def test_packing_predicts_every_target_once_and_never_across_documents():
@@ -110,6 +110,28 @@ def test_text_files_dataset_builds_and_caches(corpus_dir, data_dir):
   np.testing.assert_array_equal(again.train.tokens, corpus.train.tokens)
 
 
+def test_a_warm_cache_is_read_without_opening_the_dataset(corpus_dir, data_dir, tmp_path, monkeypatch):
+  """Warm starts skip TFDS (and TensorFlow's import); a changed file rebuilds."""
+  import shutil
+
+  corpus_copy = str(tmp_path / "corpus")
+  shutil.copytree(corpus_dir, corpus_copy)
+  config = tiny_config(corpus_copy, data_dir)
+  config.data.tokenizer, config.data.vocab_size = "sentencepiece", 300
+  cold = sources.prepare(config.data)
+  opened = []
+  real_builder = sources._builder
+  monkeypatch.setattr(sources, "_builder", lambda data: opened.append(data) or real_builder(data))
+  warm = sources.prepare(config.data)
+  assert opened == []
+  assert warm.tokenizer.name == cold.tokenizer.name and warm.zlib_bits_per_byte == cold.zlib_bits_per_byte
+  np.testing.assert_array_equal(warm.validation.tokens, cold.validation.tokens)
+  with open(f"{corpus_copy}/doc000.txt", "a") as f:
+    f.write("one more line\n")
+  changed = sources.prepare(config.data)
+  assert len(opened) == 1 and changed.train.num_bytes + changed.validation.num_bytes > cold.train.num_bytes + cold.validation.num_bytes
+
+
 def test_unknown_dataset_and_empty_directory_are_user_errors(tmp_path, data_dir):
   config = tiny_config(str(tmp_path / "empty"), data_dir)
   (tmp_path / "empty").mkdir()
@@ -118,3 +140,24 @@ def test_unknown_dataset_and_empty_directory_are_user_errors(tmp_path, data_dir)
   config.data.dataset = "no_such_dataset_anywhere"
   with pytest.raises(UserError, match="neither"):
     sources.prepare(config.data)
+
+
+def test_tokenizers_own_their_special_ids_and_a_run_records_them(tmp_path):
+  """A SentencePiece model made elsewhere, with its own ids, is used as it is."""
+  import io
+  import json
+
+  import sentencepiece as spm
+
+  out = io.BytesIO()
+  texts = ["".join(chr(97 + (i * j) % 26) + " " for i in range(40)) + "0123456789ABCDEFGHIJKLMNOPQRST" for j in range(300)]
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=out, vocab_size=60, unk_id=0, model_type="char",
+                                 bos_id=4, eos_id=5, pad_id=-1, minloglevel=2)
+  tok = tokenizer_lib.SentencePieceTokenizer(out.getvalue())
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (4, 5, 5)  # no pad piece: pads with EOS
+  tokenizer_lib.save_for_run(tok, str(tmp_path))
+  assert json.load(open(tmp_path / "tokenizer.json"))["special_ids"] == {"pad_id": 5, "bos_id": 4, "eos_id": 5}
+  again = tokenizer_lib.load_for_run(str(tmp_path))
+  assert (again.bos_id, again.eos_id, again.name) == (4, 5, tok.name)
+  stream = packing.from_documents(again.encode_batch(texts[:2]), 0, again.bos_id, again.eos_id, np.uint16)
+  assert stream.tokens[0] == 4 and stream.tokens[stream.doc_starts[1] - 1] == 5

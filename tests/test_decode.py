@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from tpu_lm import config as config_lib
-from tpu_lm import decode, sharding, train
-from tpu_lm import model as model_lib
+from tpu_lm.config import derived
+from tpu_lm.inference import decode
+from tpu_lm.parallel import mesh as mesh_lib
+from tpu_lm.training.setup import Setup
+from tpu_lm.model import transformer
 
 LLAMA = dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, num_kv_heads=2, tie_embeddings=False)
 VOCAB = 259  # the byte tokenizer's; the model's is padded to 384
@@ -18,9 +20,9 @@ EOS = 2
 
 
 def _model(family, seed=0, **overrides):
-  cfg = dataclasses.replace(config_lib.model_config(tiny_config()), **family, **overrides)
+  cfg = dataclasses.replace(derived.model_config(tiny_config()), **family, **overrides)
   tokens = jnp.zeros((1, 8), jnp.int32)
-  params = model_lib.Transformer(cfg).init(jax.random.key(seed), tokens, tokens + 1, jnp.arange(8)[None])["params"]
+  params = transformer.Transformer(cfg).init(jax.random.key(seed), tokens, tokens + 1, jnp.arange(8)[None])["params"]
   # Random init gives nearly flat logits; sharpen them so greedy choices are clear-cut.
   params = jax.tree.map(lambda x: x * 4 if x.ndim > 1 else x, params)
   return cfg, params
@@ -29,7 +31,7 @@ def _model(family, seed=0, **overrides):
 def _full_logits(cfg, params, tokens_BxT):
   def forward(params, tokens_BxT):
     b, t = tokens_BxT.shape
-    return model_lib.Transformer(cfg).apply(
+    return transformer.Transformer(cfg).apply(
         {"params": params}, tokens_BxT, jnp.ones_like(tokens_BxT), jnp.broadcast_to(jnp.arange(t), (b, t))
     )
 
@@ -44,7 +46,7 @@ def _prompts():
 @pytest.mark.parametrize("family", [{}, LLAMA], ids=["gpt2", "llama_gqa"])
 def test_cached_logits_equal_the_full_forward_pass_at_every_position(family):
   cfg, params = _model(family)
-  model = model_lib.Transformer(cfg)
+  model = transformer.Transformer(cfg)
   tokens = jnp.asarray(np.random.default_rng(1).integers(3, VOCAB, (2, 20)), jnp.int32)
   full = _full_logits(cfg, params, tokens)
   # Row 0 prefills 7 tokens, row 1 only 4 (right-padded): each then feeds its
@@ -52,7 +54,7 @@ def test_cached_logits_equal_the_full_forward_pass_at_every_position(family):
   lengths = np.array([7, 4])
   prefill = jnp.where(jnp.arange(7)[None] < lengths[:, None], tokens[:, :7], 0)
   step = jax.jit(lambda tok, pos, cache: model.apply({"params": params}, tok, jnp.ones_like(tok), pos, cache=cache))
-  logits, cache = step(prefill, jnp.broadcast_to(jnp.arange(7), (2, 7)), model_lib.init_cache(cfg, 2, 32))
+  logits, cache = step(prefill, jnp.broadcast_to(jnp.arange(7), (2, 7)), transformer.init_cache(cfg, 2, 32))
   for row in range(2):
     np.testing.assert_allclose(logits[row, : lengths[row]], full[row, : lengths[row]], rtol=1e-4, atol=1e-4)
   step = jax.jit(lambda tok, pos, cache: model.apply({"params": params}, tok, jnp.ones_like(tok), pos, cache=cache))
@@ -67,13 +69,13 @@ def test_cached_logits_equal_the_full_forward_pass_at_every_position(family):
 @pytest.mark.parametrize("family", [{}, LLAMA], ids=["gpt2", "llama_gqa"])
 def test_greedy_decoding_equals_repeated_argmax_of_the_full_forward_pass(family):
   cfg, params = _model(family)
-  decoder = decode.Decoder(cfg, params, eos_id=-1, vocab_size=VOCAB)
+  decoder = decode.Decoder(cfg, params, eos_id=-1, pad_id=0, vocab_size=VOCAB)
   prompt = _prompts()[0]
   [got] = decoder.generate([prompt], decode.Sampling(max_new_tokens=10, temperature=0))
   # A fixed-length buffer (causal attention ignores what follows) keeps this to one compile.
   seq = np.zeros(len(prompt) + 10, np.int32)
   seq[: len(prompt)] = prompt
-  forward = jax.jit(lambda p, t: model_lib.Transformer(cfg).apply(
+  forward = jax.jit(lambda p, t: transformer.Transformer(cfg).apply(
       {"params": p}, t, jnp.ones_like(t), jnp.arange(t.shape[1])[None]))
   for n in range(len(prompt), len(seq)):
     seq[n] = int(jnp.argmax(forward(params, seq[None])[0, n - 1, :VOCAB]))
@@ -89,7 +91,7 @@ def gpt2():
 
 def test_prompts_batched_together_give_what_each_gives_alone(gpt2):
   cfg, params = gpt2
-  decoder = decode.Decoder(cfg, params, eos_id=-1, vocab_size=VOCAB)
+  decoder = decode.Decoder(cfg, params, eos_id=-1, pad_id=0, vocab_size=VOCAB)
   samplings = [decode.Sampling(9, 0.0), decode.Sampling(12, 1.0, top_k=20, seed=3),
                decode.Sampling(6, 0.8, top_p=0.9, seed=4)]
   together = decoder.generate(_prompts(), samplings)
@@ -101,10 +103,10 @@ def test_prompts_batched_together_give_what_each_gives_alone(gpt2):
 def test_a_row_stops_at_end_of_sequence_and_the_others_go_on(gpt2):
   cfg, params = gpt2
   greedy = decode.Sampling(8, 0.0)
-  free = decode.Decoder(cfg, params, eos_id=-1, vocab_size=VOCAB).generate(_prompts(), greedy)
+  free = decode.Decoder(cfg, params, eos_id=-1, pad_id=0, vocab_size=VOCAB).generate(_prompts(), greedy)
   eos = free[0].tokens[3]  # declare row 0's fourth token the end-of-sequence id
   assert eos not in free[1].tokens[:8] or free[1].tokens.index(eos) > 3
-  stopped = decode.Decoder(cfg, params, eos_id=eos, vocab_size=VOCAB).generate(_prompts(), greedy)
+  stopped = decode.Decoder(cfg, params, eos_id=eos, pad_id=0, vocab_size=VOCAB).generate(_prompts(), greedy)
   assert stopped[0] == decode.Completion(free[0].tokens[: free[0].tokens.index(eos)], "stop")
   for free_row, row in zip(free[1:], stopped[1:]):
     expected = free_row.tokens[: free_row.tokens.index(eos)] if eos in free_row.tokens else free_row.tokens
@@ -113,7 +115,7 @@ def test_a_row_stops_at_end_of_sequence_and_the_others_go_on(gpt2):
 
 def test_streamed_tokens_arrive_in_order_and_match_the_result(gpt2):
   cfg, params = gpt2
-  decoder = decode.Decoder(cfg, params, eos_id=-1, vocab_size=VOCAB)
+  decoder = decode.Decoder(cfg, params, eos_id=-1, pad_id=0, vocab_size=VOCAB)
   seen = []
   result = decoder.generate(_prompts()[:2], [decode.Sampling(5, 0.0), decode.Sampling(7, 0.0)],
                             on_step=lambda i, tokens, done: seen.append((i, tokens.tolist(), done.tolist())))
@@ -151,25 +153,54 @@ def test_tensor_parallel_decode_gives_the_tokens_of_one_device():
   outputs = []
   for sizes, devices in (({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
                          ({"data": 2, "fsdp": 1, "tensor": 4}, jax.devices())):
-    setup = train.Setup(config, sharding.make_mesh(sizes, devices))
+    setup = Setup(config, mesh_lib.make_mesh(sizes, devices))
     with setup.context():
       params = setup.init(jax.random.key(0)).params
     params = jax.tree.map(lambda x: x * 4 if x.ndim > 1 else x, params)
-    decoder = decode.Decoder(setup.model_cfg, params, eos_id=-1, vocab_size=VOCAB, context=setup.context,
+    decoder = decode.Decoder(setup.model_cfg, params, eos_id=-1, pad_id=0, vocab_size=VOCAB, context=setup.context,
                              batch_multiple=sizes["data"])
     outputs.append(decoder.generate(_prompts(), [decode.Sampling(8, 0.0), decode.Sampling(8, 1.0, seed=1),
                                                  decode.Sampling(8, 0.0)]))
     if sizes["tensor"] > 1:  # the parameters really are split
-      assert params["layers_0"]["attn"]["query_kernel"].sharding.spec[1] == "tensor"
+      assert params["layers_0"]["attn"]["query"]["kernel"].sharding.spec[1] == "tensor"
   assert outputs[0] == outputs[1]
 
 
 def test_requests_that_do_not_fit_are_refused(gpt2):
   cfg, params = gpt2
-  decoder = decode.Decoder(cfg, params, eos_id=-1, vocab_size=VOCAB)
+  decoder = decode.Decoder(cfg, params, eos_id=-1, pad_id=0, vocab_size=VOCAB)
   from tpu_lm.errors import UserError
 
   with pytest.raises(UserError, match="exceeds the model.s context of 64"):
     decoder.generate([[1] * 30], decode.Sampling(max_new_tokens=40))
   with pytest.raises(UserError, match="top_p"):
     decoder.generate([[1, 5]], decode.Sampling(top_p=0.0))
+
+
+def test_a_scanned_bfloat16_run_decodes_like_its_own_parameters(corpus_dir, data_dir, tmp_path):
+  """A run trained with scan_layers=True in bfloat16: run_dir reads its scanned
+  float32 parameters straight into bfloat16, per layer, and decodes what a decoder
+  given the same parameters in the scanned layout does."""
+  import orbax.checkpoint as ocp
+
+  from tpu_lm.inference import run_dir
+  from tpu_lm.training import loop
+
+  config = tiny_config(corpus_dir, data_dir)
+  config.update(num_train_steps=2, checkpoint_every_steps=2, eval_every_steps=2)
+  config.model.update(scan_layers=True, dtype="bfloat16", remat="dots_no_batch")
+  config.sample.num_prompts = 0
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(config, workdir)
+  run = run_dir.load(workdir, devices=jax.devices()[:1])
+  assert {str(x.dtype) for x in jax.tree.leaves(run.decoder.params)} == {"bfloat16"}
+  assert "layers_1" in run.decoder.params and "layers" not in run.decoder.params
+  saved = ocp.StandardCheckpointer().restore(f"{workdir}/checkpoints/2/state")["params"]
+  assert saved["layers"]["attn"]["query"]["kernel"].shape[0] == 2  # the scanned layout on disk
+  mine = decode.Decoder(run.decoder.cfg.__class__(**{**run.decoder.cfg.__dict__, "scan_layers": True}), saved,
+                        eos_id=-1, pad_id=run.tokenizer.pad_id, vocab_size=run.tokenizer.vocab_size)
+  prompts = [run.encode_prompt("the model reads"), run.encode_prompt("a")]
+  greedy = decode.Sampling(12, 0.0)
+  got = [c.tokens for c in run.decoder.generate(prompts, greedy)]
+  want = [c.tokens[: len(g)] for c, g in zip(mine.generate(prompts, greedy), got)]
+  assert got == want and all(len(g) > 0 for g in got)

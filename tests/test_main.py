@@ -19,6 +19,7 @@ def _run(*flags):
   )
 
 
+@pytest.mark.slow
 def test_trains_then_resumes_from_its_checkpoint(corpus_dir, data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   # A constant schedule (after warmup) does not depend on num_train_steps, so a run
@@ -67,10 +68,18 @@ def test_trains_then_resumes_from_its_checkpoint(corpus_dir, data_dir, tmp_path)
          "error: flag --config.model.num_layers=two: invalid literal for int() with base 10: 'two'."),
         (["--config=configs/no_such.py"],
          "error: config file configs/no_such.py does not exist: pass --config=configs/<name>.py."),
+        (["--config={tmp}/syntax.py"],
+         "error: config file {tmp}/syntax.py failed to load at line 4 (SyntaxError: invalid syntax): fix it and rerun."),
+        (["--config={tmp}/raises.py"],
+         "error: config file {tmp}/raises.py failed to load at line 3 (KeyError: 'no_such_key'): fix it and rerun."),
     ],
-    ids=["bad_value", "unknown_field", "wrong_type", "missing_file"],
+    ids=["bad_value", "unknown_field", "wrong_type", "missing_file", "config_syntax_error", "config_raises"],
 )
 def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path):
+  (tmp_path / "syntax.py").write_text("import ml_collections\ndef get_config():\n  c = ml_collections.ConfigDict()\n  c.x = 1 +\n")
+  (tmp_path / "raises.py").write_text("import ml_collections\ndef get_config():\n  return {}['no_such_key']\n")
+  flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+  message = message.replace("{tmp}", str(tmp_path))
   result = _run("--config=configs/tiny.py", f"--workdir={tmp_path}/w", *flags)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [message]
@@ -79,26 +88,36 @@ def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flags, fragment",
+    "overrides, fragment",
     [
-        (["--config.mesh.data=3"], "error: mesh {'data': 3, 'fsdp': 1, 'tensor': 1} has 3 devices but 1 are available"),
-        (["--config.data.seq_len=256"], "error: config field data.seq_len is 256: it is longer than the model's positions"),
-        (["--config.model.num_kv_heads=3"], "error: config field model.num_kv_heads is 3: it must divide model.num_heads (4)"),
-        (["--config.data.dataset=no_such_dataset"], "error: data.dataset 'no_such_dataset' is neither one of"),
-        (["--config.data.dataset=text_files", "--config.data.path={tmp}/empty"],
-         "error: data.path '{tmp}/empty' matches no files"),
-        (["--config.data.dataset=text_files", "--config.data.path=/nonexistent/dir"],
-         "error: data.path '/nonexistent/dir' does not exist"),
-        (["--workdir=/proc/not_writable"], "error: cannot write to workdir /proc/not_writable"),
+        ({"mesh.data": 3}, "mesh {'data': 3, 'fsdp': 1, 'tensor': 1} has 3 devices but 8 are available"),
+        ({"data.seq_len": 256}, "config field data.seq_len is 256: it is longer than the model's positions"),
+        ({"model.num_kv_heads": 3}, "config field model.num_kv_heads is 3: it must divide model.num_heads (4)"),
+        ({"data.dataset": "no_such_dataset"}, "data.dataset 'no_such_dataset' is neither one of"),
+        ({"data.path": "{tmp}/empty"}, "data.path '{tmp}/empty' matches no files"),
+        ({"data.path": "/nonexistent/dir"}, "data.path '/nonexistent/dir' does not exist"),
+        ({"workdir": "/proc/not_writable"}, "cannot write to workdir /proc/not_writable"),
     ],
     ids=["mesh", "seq_len", "kv_heads", "dataset", "empty_dir", "missing_dir", "workdir"],
 )
-def test_more_bad_input_is_one_line_and_exit_2(flags, fragment, tmp_path):
+def test_more_bad_input_is_one_sentence_before_any_work(overrides, fragment, tmp_path, corpus_dir):
+  """In-process: the same UserError the command prints as one line (tested above)."""
+  from tests.conftest import tiny_config
+  from tpu_lm.errors import UserError
+  from tpu_lm.training import loop
+
   os.makedirs(tmp_path / "empty")
-  flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
-  fragment = fragment.replace("{tmp}", str(tmp_path))
-  result = _run("--config=configs/tiny.py", f"--workdir={tmp_path}/w", f"--config.data.data_dir={tmp_path}/tfds", *flags)
-  assert result.returncode == 2, result.stderr[-2000:]
-  [line] = result.stderr.strip().splitlines()
-  assert line.startswith(fragment), line
+  config = tiny_config(corpus_dir, str(tmp_path / "tfds"))
+  workdir = str(tmp_path / "w")
+  for key, value in overrides.items():
+    value = value.replace("{tmp}", str(tmp_path)) if isinstance(value, str) else value
+    if key == "workdir":
+      workdir = value
+      continue
+    section, leaf = key.split(".")
+    config[section][leaf] = value
+  with pytest.raises(UserError) as e:
+    loop.train_and_evaluate(config, workdir)
+  assert str(e.value).startswith(fragment.replace("{tmp}", str(tmp_path))), str(e.value)
+  assert "\n" not in str(e.value)
   assert not os.path.exists(f"{tmp_path}/w/checkpoints")

@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from tpu_lm import config as config_lib
-from tpu_lm import model as model_lib
-from tpu_lm import train
+from tpu_lm.config import derived
+from tpu_lm.model import params as params_lib
+from tpu_lm.model import transformer
+from tpu_lm.training import losses
 
 LLAMA = dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, num_kv_heads=2, tie_embeddings=False)
 
 
 def _cfg(**overrides):
-  return dataclasses.replace(config_lib.model_config(tiny_config()), **overrides)
+  return dataclasses.replace(derived.model_config(tiny_config()), **overrides)
 
 
 def _batch(seed=0, b=2, t=24, vocab=259):
@@ -30,7 +31,7 @@ def _batch(seed=0, b=2, t=24, vocab=259):
 @pytest.mark.parametrize("family", [{}, LLAMA], ids=["gpt2", "llama"])
 def test_packed_documents_do_not_see_each_other(family):
   cfg = _cfg(**family)
-  model = model_lib.Transformer(cfg)
+  model = transformer.Transformer(cfg)
   batch = _batch()
   params = model.init(jax.random.key(0), batch["inputs"], batch["segment_ids"], batch["positions"])
   logits = model.apply(params, batch["inputs"], batch["segment_ids"], batch["positions"])
@@ -44,10 +45,10 @@ def test_packed_documents_do_not_see_each_other(family):
 
 
 def _loss_and_grads(cfg, params, batch):
-  model = model_lib.Transformer(cfg)
+  model = transformer.Transformer(cfg)
 
   def loss(p):
-    nats, n = train.token_nats(train.apply_model(model, p, batch), batch)
+    nats, n = losses.token_nats(model, p, batch)
     return nats / n
 
   return jax.jit(jax.value_and_grad(loss))(params)
@@ -57,18 +58,19 @@ def _loss_and_grads(cfg, params, batch):
 def test_remat_and_scan_give_the_same_loss_and_gradients(family):
   base = _cfg(num_layers=3, **family)
   batch = _batch(1)
-  params = model_lib.Transformer(base).init(
+  params = transformer.Transformer(base).init(
       jax.random.key(0), batch["inputs"], batch["segment_ids"], batch["positions"]
   )["params"]
   params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params, is_leaf=lambda x: hasattr(x, "value"))
   ref_loss, ref_grads = _loss_and_grads(base, params, batch)
-  stacked = model_lib.stack_layers(params, 3)
+  stacked = params_lib.stack_layers(params, 3)
   # Each policy once, scanned or not (both layouts are covered by two policies each).
-  for remat, scan in (("none", True), ("full", False), ("dots", True), ("qkv_attn", False)):
+  for remat, scan in (("none", True), ("full", False), ("dots", True), ("qkv_attn", False),
+                      ("dots_no_batch", True), ("dots_no_batch", False)):
     cfg = dataclasses.replace(base, remat=remat, scan_layers=scan)
     loss, grads = _loss_and_grads(cfg, stacked if scan else params, batch)
     if scan:
-      grads = model_lib.unstack_layers(grads)
+      grads = params_lib.unstack_layers(grads)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, err_msg=f"remat={remat} scan={scan}")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads)
 
@@ -76,19 +78,19 @@ def test_remat_and_scan_give_the_same_loss_and_gradients(family):
 def test_grouped_query_attention_shapes():
   cfg = _cfg(**LLAMA)
   batch = _batch()
-  params = model_lib.Transformer(cfg).init(jax.random.key(0), batch["inputs"], batch["segment_ids"], batch["positions"])
+  params = transformer.Transformer(cfg).init(jax.random.key(0), batch["inputs"], batch["segment_ids"], batch["positions"])
   attn = params["params"]["layers_0"]["attn"]
-  assert attn["query_kernel"].value.shape == (32, 4, 8)
-  assert attn["key_kernel"].value.shape == (32, 2, 8)
+  assert attn["query"]["kernel"].value.shape == (32, 4 * 8)
+  assert attn["key"]["kernel"].value.shape == (32, 2 * 8)
   assert "unembed" in params["params"]
 
 
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
   batch = _batch()
   f32 = _cfg()
-  model = model_lib.Transformer(f32)
+  model = transformer.Transformer(f32)
   variables = model.init(jax.random.key(0), batch["inputs"], batch["segment_ids"], batch["positions"])
-  bf16 = model_lib.Transformer(dataclasses.replace(f32, dtype="bfloat16"))
+  bf16 = transformer.Transformer(dataclasses.replace(f32, dtype="bfloat16"))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
   a = model.apply(variables, batch["inputs"], batch["segment_ids"], batch["positions"])
   b = bf16.apply(variables, batch["inputs"], batch["segment_ids"], batch["positions"])
@@ -101,14 +103,50 @@ def test_chunked_logits_give_the_same_loss_and_gradients(family):
   """The loss made 8 positions at a time (never the whole [B, T, V]) equals the whole."""
   cfg = _cfg(**family)
   batch = _batch(2)
-  model = model_lib.Transformer(cfg)
+  model = transformer.Transformer(cfg)
   params = nn.meta.unbox(model.init(jax.random.key(0), batch["inputs"], batch["segment_ids"], batch["positions"])["params"])
 
   def loss(p, chunk):
-    nats, n = train.batch_nats(model, p, batch, logits_chunk=chunk)
+    nats, n = losses.token_nats(model, p, batch, logits_chunk=chunk)
     return nats / n
 
   ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, 0)
   chunked_loss, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, 8)
   np.testing.assert_allclose(chunked_loss, ref_loss, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
+
+
+def test_dropout_is_the_same_under_remat_and_differs_per_key():
+  """Dropout > 0 with scanned layers and with per-layer ones: remat recomputes the
+  same masks (the loss and gradients equal those without remat), and another key
+  draws other masks."""
+  batch = _batch(3)
+  for scan in (False, True):
+    base = _cfg(num_layers=2, dropout_rate=0.2, scan_layers=scan)
+    model = transformer.Transformer(base, deterministic=False)
+    params = nn.meta.unbox(model.init(jax.random.key(0), batch["inputs"], batch["segment_ids"], batch["positions"])["params"])
+
+    def loss_fn(cfg, rng):
+      m = transformer.Transformer(cfg, deterministic=False)
+      return jax.jit(jax.value_and_grad(lambda p: losses.token_nats(m, p, batch, {"dropout": rng})[0]))
+
+    ref_loss, ref_grads = loss_fn(base, jax.random.key(1))(params)
+    loss, grads = loss_fn(dataclasses.replace(base, remat="full"), jax.random.key(1))(params)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads)
+    other, _ = loss_fn(base, jax.random.key(2))(params)
+    deterministic = losses.token_nats(transformer.Transformer(base), params, batch)[0]
+    assert float(other) != float(ref_loss) and float(deterministic) != float(ref_loss)
+
+
+def test_head_dim_independent_of_the_width():
+  """model.head_dim: 4 heads of 16 in a width-32 model (used by Llama-style configs)."""
+  cfg = _cfg(head_dim=16, **LLAMA)
+  batch = _batch()
+  params = transformer.Transformer(cfg).init(jax.random.key(0), batch["inputs"], batch["segment_ids"], batch["positions"])
+  attn = params["params"]["layers_0"]["attn"]
+  assert attn["query"]["kernel"].value.shape == (32, 4 * 16)
+  assert attn["key"]["kernel"].value.shape == (32, 2 * 16)
+  assert attn["out"]["kernel"].value.shape == (4 * 16, 32)
+  logits = transformer.Transformer(cfg).apply(params, batch["inputs"], batch["segment_ids"], batch["positions"])
+  assert logits.shape == (2, 24, cfg.vocab_size) and np.all(np.isfinite(logits))

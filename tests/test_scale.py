@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config, train_steps
-from tpu_lm import attention, sharding, topology, train
+from tpu_lm.config import checks
+from tpu_lm.model import kernels
+from tpu_lm.parallel import mesh as mesh_lib
+from tpu_lm.parallel import topology
+from tpu_lm.training.setup import Setup, check_batch
 from tpu_lm.data import packing, pipeline
 from tpu_lm.errors import UserError
 
@@ -23,7 +27,7 @@ def _batches(n, batch=8, seq_len=32, seed=0, learnable=False):
 
 
 def _run(config, batches, devices):
-  losses, state, _ = train_steps(config, batches, devices)
+  losses, _, state, _ = train_steps(config, batches, devices)
   return losses, state
 
 
@@ -31,14 +35,15 @@ def test_accumulation_must_divide_the_per_device_batch():
   config = tiny_config("corpus")
   config.optim.grad_accum_steps = 3
   with pytest.raises(UserError, match="grad_accum_steps is 3: it must divide data.global_batch_size"):
-    train.config_lib.validate(config)
+    checks.validate(config)
   config.optim.grad_accum_steps = 2
   config.data.global_batch_size = 8
-  mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  mesh = mesh_lib.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
   with pytest.raises(UserError, match=r"data-parallel devices \(mesh data\*fsdp = 8\) times optim.grad_accum_steps"):
-    train.check_batch(config, mesh, 1)
+    check_batch(config, mesh, 1)
 
 
+@pytest.mark.slow
 def test_float16_with_loss_scaling_trains_like_float32():
   batches = _batches(16, learnable=True)
   losses = {}
@@ -64,7 +69,7 @@ def test_loss_scale_halves_and_skips_on_overflow_then_grows():
   config.optim.loss_scale_init = 2.0**24  # float16 gradients overflow at this scale
   config.optim.loss_scale_period = 2
   batches = _batches(12)
-  setup = train.Setup(config, sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
+  setup = Setup(config, mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
   with setup.context():
     state = setup.init(jax.random.key(0))
     first = jax.device_get(state.params)
@@ -93,10 +98,10 @@ def test_splash_kernel_matches_xla_forward_and_backward():
   q, k, v, seg = _qkv()
 
   def loss(impl):
-    return lambda q, k, v: (attention.dot_product_attention(q, k, v, seg, impl) ** 2).sum()
+    return lambda q, k, v: (kernels.dot_product_attention(q, k, v, seg, impl) ** 2).sum()
 
-  out = attention.dot_product_attention(q, k, v, seg, "splash_interpret")
-  ref = attention.dot_product_attention(q, k, v, seg, "xla")
+  out = kernels.dot_product_attention(q, k, v, seg, "splash_interpret")
+  ref = kernels.dot_product_attention(q, k, v, seg, "xla")
   np.testing.assert_allclose(out, ref, atol=2e-5)
   grads = jax.grad(loss("splash_interpret"), argnums=(0, 1, 2))(q, k, v)
   ref_grads = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
@@ -107,33 +112,33 @@ def test_splash_kernel_matches_xla_forward_and_backward():
 def test_splash_kernel_under_a_mesh_runs_per_shard():
   """Rows over data, heads over tensor: the kernel runs inside shard_map."""
   q, k, v, seg = _qkv(b=4)
-  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  rules = sharding.rules_tuple(tiny_config().mesh.rules)
+  mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = mesh_lib.rules_tuple(tiny_config().mesh.rules)
   import flax.linen as nn
 
   with jax.sharding.set_mesh(mesh), nn.logical_axis_rules(rules):
-    out = jax.jit(lambda *a: attention.dot_product_attention(*a, "splash_interpret"))(q, k, v, seg)
-  np.testing.assert_allclose(out, attention.dot_product_attention(q, k, v, seg, "xla"), atol=2e-5)
+    out = jax.jit(lambda *a: kernels.dot_product_attention(*a, "splash_interpret"))(q, k, v, seg)
+  np.testing.assert_allclose(out, kernels.dot_product_attention(q, k, v, seg, "xla"), atol=2e-5)
 
 
 def test_auto_attention_picks_the_kernel_for_the_platform():
-  assert attention.resolve("auto", "gpu", "bfloat16") == "cudnn"
-  assert attention.resolve("auto", "gpu", "float32") == "xla"  # cuDNN takes 16-bit inputs only
-  assert attention.resolve("auto", "tpu") == "splash"
-  assert attention.resolve("auto", "cpu") == "xla"
-  assert attention.resolve("xla", "tpu") == "xla"
+  assert kernels.resolve("auto", "gpu", "bfloat16") == "cudnn"
+  assert kernels.resolve("auto", "gpu", "float32") == "xla"  # cuDNN takes 16-bit inputs only
+  assert kernels.resolve("auto", "tpu") == "splash"
+  assert kernels.resolve("auto", "cpu") == "xla"
+  assert kernels.resolve("xla", "tpu") == "xla"
 
 
 def test_dcn_mesh_keeps_slices_together():
   """Two v5p-8 slices (libtpu's description): the data axis crosses slices only in
   its outer half; fsdp stays inside a slice."""
   devices = topology.devices(topology.parse("v5p-8", num_slices=2))
-  mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 2, "dcn_fsdp": 1, "dcn_tensor": 1}, devices)
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 2, "dcn_fsdp": 1, "dcn_tensor": 1}, devices)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
   for i in range(2):
     assert {d.slice_index for d in mesh.devices[i].ravel()} == {i}
   with pytest.raises(UserError, match="has 4 slices but 2 are available"):
-    sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 4}, devices)
+    mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 4}, devices)
 
 
 def test_slice_names_and_shapes():

@@ -12,7 +12,7 @@ import sys
 import jax
 import pytest
 
-from tpu_lm import decode, run_dir
+from tpu_lm.inference import decode, run_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

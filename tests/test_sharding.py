@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config, train_steps
-from tpu_lm import sharding, train
+from tpu_lm.parallel import mesh as mesh_lib
+from tpu_lm.training.setup import Setup
 from tpu_lm.data import packing, pipeline
 from tpu_lm.errors import UserError
 
@@ -21,8 +22,8 @@ def _train(mesh_sizes, devices, batches, accum=1, **model):
   config.model.update(model)
   config.mesh.update(mesh_sizes)
   config.optim.grad_accum_steps = accum
-  losses, state, setup = train_steps(config, batches, devices)
-  return losses, state.params, setup
+  losses, grad_norms, state, setup = train_steps(config, batches, devices)
+  return losses, grad_norms, state.params, setup
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +45,18 @@ def one_device():
     ids=["data_parallel", "fsdp", "fsdp_tensor", "data_fsdp_tensor", "accumulate_4"],
 )
 def test_parallel_training_matches_one_device(mesh, shape, one_device):
-  """Every preset, and accumulation: same losses and (after 4 updates) same
-  parameters as one device taking the whole batch at once."""
+  """Every preset, and accumulation: same losses, gradient norms and (after 4
+  updates) parameters as one device taking the whole batch at once. The gradient
+  norm is what shows a wrong gradient scale: AdamW and clipping absorb it."""
   assert len(jax.devices()) == 8
-  batches, (ref_losses, ref_params, _) = one_device
+  batches, (ref_losses, ref_norms, ref_params, _) = one_device
   mesh = dict(mesh)
   accum = mesh.pop("accum", 1)
   devices = jax.devices()[: 2 if accum > 1 else 8]
-  losses, params, setup = _train(mesh, devices, batches, accum)
+  losses, norms, params, setup = _train(mesh, devices, batches, accum)
   assert tuple(setup.mesh.shape.values()) == shape
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  np.testing.assert_allclose(norms, ref_norms, rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params)
   if shape[1] > 1:  # parameters really are split, not replicated
     emb = setup.state_shardings.params["embed"]["embedding"]
@@ -61,15 +64,15 @@ def test_parallel_training_matches_one_device(mesh, shape, one_device):
 
 
 def test_mesh_shape_fills_and_rejects():
-  assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
+  assert mesh_lib.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
   with pytest.raises(UserError, match="has 6 devices but 8"):
-    sharding.mesh_shape({"data": 3, "fsdp": 2, "tensor": 1}, 8)
+    mesh_lib.mesh_shape({"data": 3, "fsdp": 2, "tensor": 1}, 8)
   with pytest.raises(UserError, match="cannot fill"):
-    sharding.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+    mesh_lib.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
 
 
 def test_indivisible_parameter_names_itself():
   config = tiny_config()
   config.model.num_heads = 2  # 2 heads cannot be split over 4 tensor devices
   with pytest.raises(UserError, match="cannot be split"):
-    train.Setup(config, sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4}))
+    Setup(config, mesh_lib.make_mesh({"data": 2, "fsdp": 1, "tensor": 4}))

@@ -1,24 +1,64 @@
 """Flag parsing shared by the commands (main, generate, serve)."""
 
+import os
+import traceback
+
 from absl import flags
 
 from tpu_lm.errors import exit_with
 
 
 def parse_flags(argv):
-  """absl's parser, with its failures (bad file, unknown field, bad value) as one line."""
+  """absl's parser, with its failures (bad file, unknown field, bad value, a config
+  file that raises while it loads) as one line and exit code 2."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    # A config file that raises comes back with its traceback in the message:
-    # its first line names the flag, its last the error.
-    lines = [l for l in str(e).splitlines() if l.strip()]
-    exit_with(lines[0] + (f" {lines[-1].strip()}" if len(lines) > 1 else "") + ".")
-  except (AttributeError, KeyError) as e:  # ml_collections: an override names no field
+  except Exception as e:
+    exit_with(_one_line(e, argv))
+
+
+def _one_line(e: Exception, argv) -> str:
+  config_file = _config_file(argv)
+  if config_file and _raised_in(e, config_file):  # a config file is user code
+    return _config_failure(e, config_file)
+  if isinstance(e, flags.Error):
+    lines = [l for l in str(e).splitlines() if l.strip()]  # first line names the flag, last the error
+    return lines[0] + (f" {lines[-1].strip()}" if len(lines) > 1 else "") + "."
+  if isinstance(e, (AttributeError, KeyError)):  # ml_collections: an override names no field
     bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
     where = f" in {', '.join(bad)}" if bad else ""
     inner = e.args[0] if e.args else e
     text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
     name, *hint = str(text).splitlines()  # ml_collections adds 'Did you mean "x" ...?'
     hint = f" ({hint[0]})" if hint else ""
-    exit_with(f"unknown config field {name}{where}{hint}: check the name against the config file.")
+    return f"unknown config field {name}{where}{hint}: check the name against the config file."
+  raise e
+
+
+def _config_file(argv) -> str | None:
+  given = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  return os.path.abspath(given[-1].split(":")[0]) if given else None  # the last one wins, as in absl
+
+
+def _raised_in(e: BaseException, path: str) -> bool:
+  """Whether the error comes from running the config file (it is user code)."""
+  while e is not None:
+    if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == path:
+      return True
+    if any(os.path.abspath(f.filename) == path for f in traceback.extract_tb(e.__traceback__)):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _config_failure(e: BaseException, path: str) -> str:
+  """'config file F failed to load at F:LINE (Error: message): fix it and rerun.'"""
+  while not (isinstance(e, SyntaxError) or any(os.path.abspath(f.filename) == path for f in
+                                                 traceback.extract_tb(e.__traceback__))):
+    e = e.__cause__ or e.__context__
+  if isinstance(e, SyntaxError):
+    line, message = e.lineno, e.msg
+  else:
+    line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == path][-1]
+    message = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+  return f"config file {path} failed to load at line {line} ({type(e).__name__}: {message}): fix it and rerun."

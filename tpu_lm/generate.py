@@ -6,10 +6,12 @@ completion streams to the terminal token by token; several (more prompts, or
 --interactive keeps the model loaded and reads one prompt per line.
 """
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from tpu_lm.parallel import libtpu_env  # noqa: E402
+
+if __name__ == "__main__":
+  libtpu_env.quiet_where_no_tpu()
 
 from absl import app, flags, logging  # noqa: E402
 
@@ -46,9 +48,9 @@ def _prompts() -> list[str]:
 
 
 def _sampling(seed: int):
-  from tpu_lm import decode
+  from tpu_lm.inference.sampling import Sampling
 
-  s = decode.Sampling(_MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value, seed)
+  s = Sampling(_MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value, seed)
   s.check()
   return s
 
@@ -88,7 +90,7 @@ def main(argv) -> None:
       raise UserError(f"--num_samples={_NUM_SAMPLES.value} is invalid: it must be at least 1.")
     prompts = _prompts()
     _sampling(_SEED.value)  # bad sampling flags fail before the model loads
-    from tpu_lm import run_dir
+    from tpu_lm.inference import run_dir
 
     run = run_dir.load(_WORKDIR.value, step=_STEP.value, tensor_parallel=_TENSOR.value)
     print(f"[loaded {run.workdir} at step {run.step}]", file=sys.stderr, flush=True)

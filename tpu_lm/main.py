@@ -2,7 +2,8 @@
 
 import os
 
-from tpu_lm import preemption  # tpu_lm/__init__.py also quiets libtpu where there is no TPU
+from tpu_lm.parallel import libtpu_env
+from tpu_lm.training import preemption
 
 # First thing, before the slow imports: from here on a stop signal either ends the
 # process cleanly (before training there is nothing to save) or saves the step in
@@ -10,6 +11,8 @@ from tpu_lm import preemption  # tpu_lm/__init__.py also quiets libtpu where the
 _WATCH = preemption.Watch(exit_early=True) if __name__ == "__main__" else None
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if __name__ == "__main__":
+  libtpu_env.quiet_where_no_tpu()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -56,7 +59,7 @@ def main(argv) -> None:
   logging.set_verbosity(logging.ERROR)  # absl INFO/WARNING lines (libtpu probing, TFDS builder configs) are noise here
   if _COMPILE_FOR.value:
     try:
-      from tpu_lm import aot
+      from tpu_lm.training import aot
 
       aot.run(config, _COMPILE_FOR.value, _COMPILE_SLICES.value, _MFU.value)
     except UserError as e:
@@ -70,9 +73,9 @@ def main(argv) -> None:
     print(f"no --workdir given: using {os.path.abspath(workdir)}", flush=True)
   try:
     _init_distributed()
-    from tpu_lm import train  # after flag parsing: --help stays fast
+    from tpu_lm.training import loop  # after flag parsing: --help stays fast
 
-    train.train_and_evaluate(config, workdir, watch)
+    loop.train_and_evaluate(config, workdir, watch)
   except UserError as e:
     if _DEBUG.value:
       raise

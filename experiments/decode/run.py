@@ -1,7 +1,7 @@
 """Decode speed against the memory-bandwidth bound, for GPT-2 124M and a ~1B Llama.
 
 For each model and batch size: prefill a 128-token prompt (32 on a CPU), then decode with the KV
-cache (tpu_lm.decode.Decoder, one compiled while-loop). Decode tokens/s is measured
+cache (tpu_lm.inference.decode.Decoder, one compiled while-loop). Decode tokens/s is measured
 as the difference between a long and a short generation, so prefill and the loop's
 fixed costs cancel:
 
@@ -33,8 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from tpu_lm import decode  # noqa: E402
-from tpu_lm import model as model_lib  # noqa: E402
+from tpu_lm.parallel import libtpu_env  # noqa: E402
+
+libtpu_env.quiet_where_no_tpu()  # before JAX starts its backends
+from tpu_lm.inference import decode  # noqa: E402
+
+from tpu_lm.model import transformer as model_lib  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,7 +81,7 @@ def run(name: str, batch: int, dtype: str, prompt_len: int, n_short: int, n_long
   params = jax.jit(lambda k: model.init(k, tokens, tokens + 1, jnp.arange(8)[None])["params"])(jax.random.key(0))
   params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
                         is_leaf=lambda x: hasattr(x, "unbox"))
-  decoder = decode.Decoder(cfg, params, eos_id=-1, vocab_size=cfg.vocab_size)
+  decoder = decode.Decoder(cfg, params, eos_id=-1, pad_id=0, vocab_size=cfg.vocab_size)
   rng = np.random.default_rng(0)
   prompts = [[1, *rng.integers(3, cfg.vocab_size, prompt_len - 1)] for _ in range(batch)]
 

@@ -51,7 +51,7 @@ def last_records(workdir: str) -> dict:
 
 
 def final_params(workdir: str):
-  from tpu_lm import run_dir
+  from tpu_lm.inference import run_dir
 
   run = run_dir.load(workdir)
   return run.step, jax.device_get(run.decoder.params)

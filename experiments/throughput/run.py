@@ -2,7 +2,7 @@
 
 Models: GPT-2 124M (configs/gpt2_124m.py: T=1024, vocab 50304) and the Llama-style
 ~1B (configs/llama_1b.py: T=2048, vocab 32768), AdamW, bf16 compute, fp32 master
-weights. Each case builds `tpu_lm.train.Setup` from the config (the same jitted,
+weights. Each case builds `tpu_lm.training.setup.Setup` from the config (the same jitted,
 sharded, donated train step `python -m tpu_lm.main` runs) on all local devices,
 feeds it fixed random token batches (one document per row; the input pipeline is
 not what is measured), runs warm-up steps, then times `--steps` steps ending in a
@@ -42,7 +42,13 @@ import numpy as np  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from configs import gpt2_124m, llama_1b  # noqa: E402
-from tpu_lm import metrics, sharding, train  # noqa: E402
+from tpu_lm.parallel import libtpu_env  # noqa: E402
+
+libtpu_env.quiet_where_no_tpu()  # before JAX starts its backends
+from tpu_lm.parallel import mesh as mesh_lib  # noqa: E402
+
+from tpu_lm.training import metrics  # noqa: E402
+from tpu_lm.training.setup import Setup  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = {"gpt2_124m": gpt2_124m.get_config, "llama_1b": llama_1b.get_config}
@@ -68,8 +74,8 @@ def config_for(model: str, batch: int, remat: str, accum: int, attention: str):
 
 def measure(model: str, batch: int, remat: str, accum: int, *, steps: int, warmup: int, attention: str) -> dict:
   config = config_for(model, batch, remat, accum, attention)
-  mesh = sharding.make_mesh(sharding.mesh_sizes(config.mesh))
-  setup = train.Setup(config, mesh)
+  mesh = mesh_lib.make_mesh(mesh_lib.mesh_sizes(config.mesh))
+  setup = Setup(config, mesh)
   t = config.data.seq_len
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, config.data.vocab_size, (batch, t + 1)).astype(np.int32)

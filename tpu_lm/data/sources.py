@@ -3,17 +3,20 @@
 `python_stdlib` and `text_files` are the project's own offline TFDS builders;
 any other name is looked up in the TFDS catalog (which downloads, so it needs a
 network the first time). The tokenizer and each tokenized split are cached in a
-`tpu_lm/` folder inside the dataset's TFDS directory, so later runs start in
-seconds.
+`tpu_lm/` folder inside the dataset's TFDS directory, and recorded in
+`data_dir/tpu_lm_warm/`, so later runs read it in a second without TFDS.
 """
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import sys
 import zlib
 from collections.abc import Iterator
 
-from tpu_lm.data import packing
+from tpu_lm.data import local_files, packing
 from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.errors import UserError
 
@@ -104,8 +107,7 @@ def _tokenized(source, data, tok, directory: str) -> tuple[packing.TokenStream, 
     num_bytes += len(b)
     raw.append(b)
   stream = packing.from_documents(
-      ids, num_bytes, tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID,
-      tokenizer_lib.token_dtype(tok.vocab_size),
+      ids, num_bytes, tok.bos_id, tok.eos_id, tokenizer_lib.token_dtype(tok.vocab_size),
   )
   all_bytes = b"\n".join(raw)
   meta = {
@@ -118,24 +120,72 @@ def _tokenized(source, data, tok, directory: str) -> tuple[packing.TokenStream, 
 
 
 def prepare(data) -> Corpus:
-  """Builds or loads everything the run reads: tokenizer and both splits."""
+  """Builds or loads everything the run reads: tokenizer and both splits.
+
+  A warm start (tokenizer and both tokenized splits cached for exactly this data
+  config and these files) reads the cache alone, without importing TensorFlow.
+  """
+  index = _warm_index_path(data)
+  warm = _load_warm(index)
+  if warm is not None:
+    return warm
   b = _builder(data)
   cache_dir = os.path.join(b.data_dir, "tpu_lm")
   train_src = b.as_data_source(split=data.train_split)
   eval_src = b.as_data_source(split=data.eval_split)
   _check_text_key(train_src, data)
+  tok_file = None
   if data.tokenizer == "bytes":
     tok = tokenizer_lib.ByteTokenizer()
   else:
-    path = os.path.join(cache_dir, f"spm{data.vocab_size}.model")
+    tok_file = os.path.join(cache_dir, f"spm{data.vocab_size}.model")
     tok = tokenizer_lib.load_or_train(
-        path, data.vocab_size, _texts(train_src, data.text_key, data.max_documents)
+        tok_file, data.vocab_size, _texts(train_src, data.text_key, data.max_documents)
     )
   suffix = f"-max{data.max_documents}" if data.max_documents > 0 else ""
-  train, _ = _tokenized(
-      train_src, data, tok, os.path.join(cache_dir, f"{tok.name}-{data.train_split}{suffix}")
-  )
-  validation, meta = _tokenized(
-      eval_src, data, tok, os.path.join(cache_dir, f"{tok.name}-{data.eval_split}{suffix}")
-  )
+  dirs = {split: os.path.join(cache_dir, f"{tok.name}-{split}{suffix}") for split in (data.train_split, data.eval_split)}
+  train, _ = _tokenized(train_src, data, tok, dirs[data.train_split])
+  validation, meta = _tokenized(eval_src, data, tok, dirs[data.eval_split])
+  _write_json_atomic(index, {"tokenizer_file": tok_file, "train": dirs[data.train_split],
+                             "validation": dirs[data.eval_split], "cache_dir": cache_dir})
   return Corpus(tok, train, validation, meta["zlib_bits_per_byte"], cache_dir)
+
+
+def _warm_index_path(data) -> str:
+  """Where the cache of this exact data config is recorded: keyed by every field that
+  changes the tokens, and for local corpora by a fingerprint of their files."""
+  if data.dataset == "python_stdlib":
+    source = ["python_stdlib", sys.version_info[:2], local_files.fingerprint(*local_files.stdlib_files())]
+  elif data.dataset == "text_files":
+    source = ["text_files", local_files.fingerprint(*local_files.user_files(data.path))]
+  else:
+    source = ["tfds", data.dataset]  # a prepared catalog dataset does not change
+  key = json.dumps([_CACHE_FORMAT, source, data.train_split, data.eval_split, data.text_key,
+                    data.max_documents, data.tokenizer, data.vocab_size if data.tokenizer != "bytes" else 0])
+  digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+  return os.path.join(os.path.expanduser(data.data_dir), "tpu_lm_warm", f"{digest}.json")
+
+
+def _load_warm(index: str) -> Corpus | None:
+  """The corpus from a complete cache, or None (then it is built the slow way)."""
+  try:
+    with open(index) as f:
+      entry = json.load(f)
+    if entry["tokenizer_file"] is None:
+      tok = tokenizer_lib.ByteTokenizer()
+    else:
+      with open(entry["tokenizer_file"], "rb") as f:
+        tok = tokenizer_lib.SentencePieceTokenizer(f.read(), entry["tokenizer_file"])
+    train, _ = packing.load(entry["train"])
+    validation, meta = packing.load(entry["validation"])
+  except (OSError, ValueError, KeyError, TypeError, UserError):
+    return None  # missing, stale or damaged: rebuild from the dataset
+  return Corpus(tok, train, validation, meta["zlib_bits_per_byte"], entry["cache_dir"])
+
+
+def _write_json_atomic(path: str, obj: dict) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f)
+  os.replace(tmp, path)

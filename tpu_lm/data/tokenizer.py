@@ -1,8 +1,10 @@
 """Tokenizers: SentencePiece (trained once on the training split and cached) or bytes.
 
-Both are lossless (`decode(encode(text)) == text`), which bits-per-byte relies on,
-and both share the special ids pad=0, bos=1, eos=2. A SentencePiece model is read
-back from its serialized protobuf; nothing here unpickles.
+Both are lossless (`decode(encode(text)) == text`), which bits-per-byte relies on.
+Each tokenizer owns its special ids (`pad_id`, `bos_id`, `eos_id`): nothing else
+in the project assumes their values, and a run directory records them. A
+SentencePiece model is read back from its serialized protobuf; nothing here
+unpickles.
 """
 
 import hashlib
@@ -17,12 +19,17 @@ import sentencepiece as spm
 
 from tpu_lm.errors import UserError
 
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+# The ids tpu_lm gives the special tokens of the tokenizers it makes; tokenizers
+# made elsewhere bring their own.
+_OWN_IDS = {"pad_id": 0, "bos_id": 1, "eos_id": 2}
 
 
 class Tokenizer(Protocol):
   vocab_size: int
   name: str
+  pad_id: int
+  bos_id: int
+  eos_id: int
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
 
@@ -35,6 +42,7 @@ class ByteTokenizer:
   OFFSET = 3
   vocab_size = 256 + OFFSET
   name = "bytes"
+  pad_id, bos_id, eos_id = _OWN_IDS["pad_id"], _OWN_IDS["bos_id"], _OWN_IDS["eos_id"]
 
   def encode_batch(self, texts):
     return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.uint16) + self.OFFSET for t in texts]
@@ -61,11 +69,14 @@ class SentencePieceTokenizer:
           f"tokenizer file {path} is corrupt ({e}): delete it and it is retrained"
           " on the next run."
       ) from None
-    if (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()) != (PAD_ID, BOS_ID, EOS_ID):
+    self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+    if self.bos_id < 0 or self.eos_id < 0:
       raise UserError(
-          f"tokenizer file {path} was not made by tpu_lm (its pad/bos/eos ids differ):"
-          " delete it or point data.data_dir elsewhere."
+          f"tokenizer file {path} has no beginning- or end-of-sequence token: train it with bos_id and"
+          " eos_id set, or delete it and it is retrained on the next run."
       )
+    # Padding is never a target (its weight is 0): a model without a pad piece pads with EOS.
+    self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
     self.vocab_size = self._sp.get_piece_size()
     # The hash ties cached tokenized splits to this exact model: a retrained
     # tokenizer never reads tokens made by another.
@@ -97,9 +108,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
         model_writer=out,
         vocab_size=vocab_size,
         model_type="bpe",
-        pad_id=PAD_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
+        **_OWN_IDS,
         unk_id=3,
         byte_fallback=True,
         character_coverage=0.9995,
@@ -150,12 +159,17 @@ def token_dtype(vocab_size: int):
 RUN_FILE = "tokenizer.json"
 
 
+def special_ids(tok: Tokenizer) -> dict[str, int]:
+  return {"pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+
+
 def save_for_run(tok: Tokenizer, workdir: str) -> None:
   meta = {"type": "bytes"}
   if isinstance(tok, SentencePieceTokenizer):
     meta = {"type": "sentencepiece", "file": "tokenizer.model", "name": tok.name}
     _write_atomic(os.path.join(workdir, "tokenizer.model"), tok.model_proto)
-  _write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(meta).encode())
+  meta["special_ids"] = special_ids(tok)  # for readers of the run directory other than tpu_lm
+  _write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(meta, indent=1).encode())
 
 
 def load_for_run(workdir: str) -> Tokenizer:
@@ -164,10 +178,15 @@ def load_for_run(workdir: str) -> Tokenizer:
     with open(path) as f:
       meta = json.load(f)
     if meta["type"] == "bytes":
-      return ByteTokenizer()
-    model_path = os.path.join(workdir, meta["file"])
-    with open(model_path, "rb") as f:
-      return SentencePieceTokenizer(f.read(), model_path)
+      tok = ByteTokenizer()
+    else:
+      model_path = os.path.join(workdir, meta["file"])
+      with open(model_path, "rb") as f:
+        tok = SentencePieceTokenizer(f.read(), model_path)
+    saved = meta.get("special_ids", special_ids(tok))
+    if saved != special_ids(tok):
+      raise ValueError(f"special ids {saved} differ from the tokenizer's {special_ids(tok)}")
+    return tok
   except FileNotFoundError as e:
     raise UserError(
         f"{e.filename} is missing: {workdir} is not a tpu_lm run directory, or it was trained"

@@ -131,6 +131,59 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   return logical_sharding(P("act_batch", "act_length"), mesh, rules)
 
 
+def fit_shardings(shardings, abstract_tree):
+  """Each sharding made valid for its array: a spec longer or shorter than the array's
+  rank replicates it, and an axis that does not divide its dimension is dropped.
+
+  For derived arrays (optimizer statistics) whose logical names come from a
+  parameter but whose shapes need not: Adafactor's factored moments are vectors,
+  its unused slots have shape (1,). They are small, so replicating them is cheap.
+  """
+  def fit(sharding, leaf):
+    spec = tuple(sharding.spec)
+    if len(spec) != len(leaf.shape):
+      return NamedSharding(sharding.mesh, P())
+    kept = [axes if axes is None or dim % _axes_size(sharding.mesh, axes) == 0 else None
+            for dim, axes in zip(leaf.shape, spec)]
+    return NamedSharding(sharding.mesh, P(*kept))
+
+  return jax.tree.map(fit, shardings, abstract_tree, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def _axes_size(mesh, axes) -> int:
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+class context:
+  """Mesh and logical axis rules, entered together: what a model's sharding
+  constraints read while it is traced."""
+
+  def __init__(self, mesh: Mesh, rules):
+    self._managers = (jax.sharding.set_mesh(mesh), nn.logical_axis_rules(rules_tuple(rules)))
+
+  def __enter__(self):
+    for m in self._managers:
+      m.__enter__()
+
+  def __exit__(self, *exc):
+    for m in reversed(self._managers):
+      m.__exit__(*exc)
+
+
+def check_heads(num_heads: int, num_kv_heads: int, mesh: Mesh, rules) -> None:
+  """UserError unless the mesh axes that split attention heads divide both head counts
+  (heads are a reshape of the projections' outputs, so the kernels alone cannot show it)."""
+  axes = nn.logical_to_mesh_axes(("act_heads",), rules_tuple(rules))[0]
+  n = 1 if axes is None else _axes_size(mesh, axes)
+  for field, heads in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+    if heads % n:
+      raise UserError(
+          f"config field model.{field} is {heads}: attention heads cannot be split over mesh axes {axes}"
+          f" ({n} devices); choose a head count divisible by {n} or a smaller mesh.tensor."
+      )
+
+
 def check_divisible(abstract_tree, shardings) -> None:
   """UserError naming the first parameter whose dims the mesh axes do not divide."""
   flat_shapes = jax.tree_util.tree_leaves_with_path(abstract_tree)
@@ -139,8 +192,7 @@ def check_divisible(abstract_tree, shardings) -> None:
     for dim, axes in zip(leaf.shape, sharding.spec):
       if axes is None:
         continue
-      axes = (axes,) if isinstance(axes, str) else axes
-      n = math.prod(sharding.mesh.shape[a] for a in axes)
+      n = _axes_size(sharding.mesh, axes)
       if dim % n:
         raise UserError(
             f"parameter {jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be split"

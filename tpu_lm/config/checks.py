@@ -1,15 +1,11 @@
-"""Config validation and derived values: every user mistake found before any work.
+"""Config validation: every user mistake found before any work.
 
 `validate` takes the ConfigDict as the user wrote it and raises `UserError` with
-one sentence naming the field and what is allowed. `model_config` turns the
-`model` section into the frozen `ModelConfig` the layers receive.
+one sentence naming the field and what is allowed.
 """
 
-import dataclasses
-
 from tpu_lm.errors import UserError
-from tpu_lm import attention
-from tpu_lm.model import ModelConfig
+from tpu_lm.model import kernels
 
 CHOICES = {
     "data.tokenizer": ("sentencepiece", "bytes"),
@@ -36,7 +32,6 @@ NON_NEGATIVE = (
     "optim.grad_clip_norm", "optim.l1_penalty", "sample.num_prompts",
     "sample.new_tokens", "sample.temperature", "sample.top_k", "peak_flops_per_device",
 )
-VOCAB_MULTIPLE = 128  # the model's vocabulary is padded to this for even sharding
 
 
 def _get(config, dotted):
@@ -48,10 +43,6 @@ def _get(config, dotted):
 
 def fail(field, value, allowed):
   raise UserError(f"config field {field} is {value!r}: {allowed}.")
-
-
-def tokenizer_vocab_size(config) -> int:
-  return 259 if config.data.tokenizer == "bytes" else config.data.vocab_size
 
 
 def validate(config) -> None:
@@ -109,31 +100,18 @@ def validate(config) -> None:
     )
   if m.logits_chunk and config.data.seq_len % m.logits_chunk:
     fail("model.logits_chunk", m.logits_chunk, f"it must divide data.seq_len ({config.data.seq_len}), or be 0")
-  if m.attention == "splash" and not attention.splash_fits(config.data.seq_len):
+  if m.attention == "splash" and not kernels.splash_fits(config.data.seq_len):
     fail("data.seq_len", config.data.seq_len, "the splash attention kernel needs a multiple of 128 (or at most 128)")
   if config.optim.loss_scale == "dynamic" and m.dtype != "float16":
     fail("optim.loss_scale", "dynamic", "loss scaling is for model.dtype='float16'; use 'auto' or 'none'")
   rules = config.mesh.rules
   if not all(isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str) for r in rules):
     fail("mesh.rules", rules, "it must be a sequence of (logical name, mesh axes) pairs")
-  if m.position == "learned" and config.sample.num_prompts and (
-      config.sample.prompt_tokens + config.sample.new_tokens > m.max_len
-  ):
+  # The samples after training are decoded within the model's context, learned
+  # positions or rotary alike: found now, not after the whole run.
+  if config.sample.num_prompts and config.sample.prompt_tokens + config.sample.new_tokens > m.max_len:
     fail(
         "sample.new_tokens", config.sample.new_tokens,
-        f"prompt plus new tokens must fit model.max_len ({m.max_len})",
+        f"sample.prompt_tokens ({config.sample.prompt_tokens}) plus new tokens must fit model.max_len"
+        f" ({m.max_len}); lower them or raise model.max_len",
     )
-
-
-def model_config(config, platform: str = "cpu") -> ModelConfig:
-  """The `model` section as the frozen ModelConfig layers receive, with derived sizes
-  and the attention kernel resolved for `platform` (the mesh's devices)."""
-  m = config.model
-  derived = {
-      "attention": attention.resolve(m.attention, platform, m.dtype, config.data.seq_len),
-      "vocab_size": -(-tokenizer_vocab_size(config) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
-      "num_kv_heads": m.num_kv_heads or m.num_heads,
-      "head_dim": m.head_dim or m.d_model // m.num_heads,
-  }
-  copied = {f.name: m[f.name] for f in dataclasses.fields(ModelConfig) if f.name not in derived}
-  return ModelConfig(**copied, **derived)

@@ -7,11 +7,14 @@ import sys
 
 import jax
 
-# bf16 dense peak FLOP/s per device, by `device_kind` substring (first match wins).
-PEAK_FLOPS = (
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
-    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12),
-)
+# bf16 dense peak FLOP/s per device, by `device_kind`. TPUs report exact names,
+# and "TPU v5" is the v5p (the v5e is "TPU v5 lite"), so they match whole; GPU
+# names carry the form factor ("NVIDIA H100 80GB HBM3"), so they match a substring.
+TPU_PEAK_FLOPS = {
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU v5": 459e12, "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12,
+}
+GPU_PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12))
 
 
 def flops_per_token(num_params_no_pos: int, num_layers: int, d_model: int, seq_len: int) -> float:
@@ -27,8 +30,13 @@ def peak_flops_per_device(configured: float) -> float:
   """The configured peak, else the accelerator's from the table; 0 when unknown (CPU)."""
   if configured:
     return configured
-  kind = jax.devices()[0].device_kind
-  return next((f for name, f in PEAK_FLOPS if name in kind), 0.0)
+  return peak_flops_for_kind(jax.devices()[0].device_kind)
+
+
+def peak_flops_for_kind(kind: str) -> float:
+  if kind.startswith("TPU"):
+    return TPU_PEAK_FLOPS.get(kind, 0.0)
+  return next((f for name, f in GPU_PEAK_FLOPS if name in kind), 0.0)
 
 
 def console(msg: str) -> None:
@@ -57,7 +65,9 @@ class Writer:
     try:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(workdir, flush_secs=30)
+      # The purge step tells TensorBoard to drop the points a previous run logged
+      # past the checkpoint this one resumed from: they are logged again.
+      self._tb = SummaryWriter(workdir, flush_secs=30, purge_step=resume_step + 1 if resume_step else None)
     except ImportError:  # TensorBoard files are optional; metrics.jsonl is not
       print("tensorboardX is not installed: no TensorBoard event files.", file=sys.stderr)
       self._tb = None

@@ -22,7 +22,7 @@ def schedule(optim, num_train_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)], [warmup])
 
 
-DECAYED = ("kernel", "query_kernel", "key_kernel", "value_kernel", "out_kernel", "embedding", "pos_embed")
+DECAYED = ("kernel", "embedding", "pos_embed")
 
 
 def decay_mask(params):
@@ -50,9 +50,18 @@ def make(optim, num_train_steps: int) -> optax.GradientTransformation:
     )
   else:
     opt = optax.adafactor(lr, weight_decay_rate=optim.weight_decay or None, weight_decay_mask=decay_mask)
-  if optim.grad_clip_norm > 0:
-    opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), opt)
-  return opt
+  # The clipping stage is there even when off (an infinite norm passes every
+  # update through unchanged, bit for bit): the optimizer state keeps one
+  # structure, so a run can resume with clipping turned on or off.
+  clip = optim.grad_clip_norm if optim.grad_clip_norm > 0 else float("inf")
+  return optax.chain(optax.clip_by_global_norm(clip), opt)
+
+
+def update_count(opt_state) -> jax.Array:
+  """How many updates the optimizer has applied: the learning-rate schedule's step
+  (skipped non-finite steps do not count)."""
+  is_count = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+  return next(s.count for s in jax.tree.leaves(opt_state, is_leaf=is_count) if is_count(s))
 
 
 def l1_penalty(params, strength: float):

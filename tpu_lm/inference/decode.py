@@ -23,62 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback, multihost_utils
 
-from tpu_lm import model as model_lib
-from tpu_lm.data.tokenizer import PAD_ID
 from tpu_lm.errors import UserError
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-  """How one row is sampled. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
-
-  max_new_tokens: int = 64
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  seed: int = 0
-
-  def check(self) -> None:
-    for name, ok, allowed in (
-        ("max_new_tokens", self.max_new_tokens >= 1, "an integer >= 1"),
-        ("temperature", self.temperature >= 0, "a number >= 0 (0 is greedy)"),
-        ("top_k", self.top_k >= 0, "an integer >= 0 (0 keeps every token)"),
-        ("top_p", 0 < self.top_p <= 1, "a number in (0, 1] (1 keeps every token)"),
-        ("seed", 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
-    ):
-      if not ok:
-        raise UserError(f"{name}={getattr(self, name)!r} is invalid: it must be {allowed}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class Completion:
-  tokens: list[int]  # the new tokens, without the end-of-sequence token
-  finish_reason: str  # "stop" (end-of-sequence) or "length" (max_new_tokens)
-
-
-def sample_tokens(logits_BxV, seeds_B, step, temperature_B, top_k_B, top_p_B):
-  """One token per row: greedy where temperature is 0, else top-k/top-p sampling."""
-  v = logits_BxV.shape[-1]
-  greedy_B = jnp.argmax(logits_BxV, axis=-1)
-  scaled_BxV = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
-  sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)  # descending
-  k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, v), v)
-  in_top_k_BxV = jnp.arange(v)[None] < k_B[:, None]
-  probs_BxV = jax.nn.softmax(jnp.where(in_top_k_BxV, sorted_BxV, -jnp.inf), axis=-1)
-  # Nucleus: keep a sorted token while the mass before it is below top_p (the
-  # first token is always kept).
-  keep_BxV = in_top_k_BxV & ((jnp.cumsum(probs_BxV, axis=-1) - probs_BxV) < top_p_B[:, None])
-  threshold_B1 = jnp.take_along_axis(sorted_BxV, jnp.sum(keep_BxV, axis=-1, keepdims=True) - 1, axis=-1)
-  masked_BxV = jnp.where(scaled_BxV >= threshold_B1, scaled_BxV, -jnp.inf)
-  keys_B = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds_B)
-  sampled_B = jax.vmap(jax.random.categorical)(keys_B, masked_BxV)
-  return jnp.where(temperature_B == 0, greedy_B, sampled_B).astype(jnp.int32)
+from tpu_lm.inference.sampling import Completion, Sampling, sample_tokens
+from tpu_lm.model import params as params_lib
+from tpu_lm.model import transformer
 
 
 def _generate(params, tokens_BxP, lengths_B, max_new_B, temperature_B, top_k_B, top_p_B, seeds_B, *,
-              model, cache_len: int, max_new: int, eos_id: int, vocab_size: int, emit):
+              model, cache_len: int, max_new: int, eos_id: int, pad_id: int, vocab_size: int, emit):
   b, p = tokens_BxP.shape
-  cache = model_lib.init_cache(model.cfg, b, cache_len)
+  cache = transformer.init_cache(model.cfg, b, cache_len)
   positions_BxP = jnp.broadcast_to(jnp.arange(p), (b, p))
   logits_BxPxV, cache = model.apply({"params": params}, tokens_BxP, jnp.ones_like(tokens_BxP), positions_BxP, cache=cache)
   logits_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
@@ -92,7 +46,7 @@ def _generate(params, tokens_BxP, lengths_B, max_new_B, temperature_B, top_k_B, 
     i, logits_BxV, cache, out_BxN, done_B = carry
     logits_BxV = jnp.where(usable_V, logits_BxV, -jnp.inf)
     token_B = sample_tokens(logits_BxV, seeds_B, i, temperature_B, top_k_B, top_p_B)
-    token_B = jnp.where(done_B, PAD_ID, token_B)
+    token_B = jnp.where(done_B, pad_id, token_B)
     out_BxN = out_BxN.at[:, i].set(token_B)
     if emit is not None:
       io_callback(emit, None, i, token_B, done_B)
@@ -104,7 +58,7 @@ def _generate(params, tokens_BxP, lengths_B, max_new_B, temperature_B, top_k_B, 
     )
     return i + 1, logits_Bx1xV[:, 0], cache, out_BxN, done_B
 
-  out_BxN = jnp.full((b, max_new), PAD_ID, jnp.int32)
+  out_BxN = jnp.full((b, max_new), pad_id, jnp.int32)
   carry = (jnp.int32(0), logits_BxV, cache, out_BxN, max_new_B <= 0)
   _, _, _, out_BxN, _ = jax.lax.while_loop(cond, body, carry)
   return out_BxN
@@ -123,23 +77,24 @@ class Decoder:
   the batch to a multiple of the data-parallel size.
   """
 
-  def __init__(self, model_cfg: model_lib.ModelConfig, params, *, eos_id: int, vocab_size: int,
+  def __init__(self, model_cfg: transformer.ModelConfig, params, *, eos_id: int, pad_id: int, vocab_size: int,
                context: Callable | None = None, batch_multiple: int = 1):
     if model_cfg.scan_layers:
-      params = model_lib.unstack_layers(params)
+      params = params_lib.unstack_layers(params)
     self.cfg = dataclasses.replace(model_cfg, scan_layers=False, remat="none", dropout_rate=0.0)
     # Decoding reads every weight once per token: keep them in the compute dtype
     # (bfloat16 halves the bytes read); float32 master copies are for training.
     params = jax.tree.map(
         lambda x: x.astype(self.cfg.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-    self.params, self.eos_id, self.vocab_size = params, eos_id, vocab_size
+    self.params, self.eos_id, self.pad_id, self.vocab_size = params, eos_id, pad_id, vocab_size
     self.max_len = model_cfg.max_len
     self._context = context or (lambda: nn.logical_axis_rules(()))
     self._batch_multiple = batch_multiple
     self._lock = threading.Lock()  # one generate call at a time (the stream target is per call)
     self._on_step = None
     self._fn = jax.jit(
-        functools.partial(_generate, model=model_lib.Transformer(self.cfg), eos_id=eos_id, vocab_size=vocab_size),
+        functools.partial(_generate, model=transformer.Transformer(self.cfg), eos_id=eos_id, pad_id=pad_id,
+                          vocab_size=vocab_size),
         static_argnames=("cache_len", "max_new", "emit"),
     )
 
@@ -176,7 +131,7 @@ class Decoder:
     max_new = _bucket(max(s.max_new_tokens for s in sampling), 16, self.max_len)
     cache_len = min(self.max_len, -(-(longest + max_new) // 128) * 128)
 
-    tokens = np.full((b, p_len), PAD_ID, np.int32)
+    tokens = np.full((b, p_len), self.pad_id, np.int32)
     lengths = np.ones(b, np.int32)
     fields = {"max_new": np.zeros(b, np.int32), "temperature": np.zeros(b, np.float32),
               "top_k": np.zeros(b, np.int32), "top_p": np.ones(b, np.float32), "seed": np.zeros(b, np.uint32)}

@@ -15,11 +15,13 @@ import time
 import jax
 import jax.numpy as jnp
 
-from tpu_lm import checkpoint as checkpoint_lib
-from tpu_lm import config as config_lib
-from tpu_lm import metrics as metrics_lib
-from tpu_lm import model as model_lib
-from tpu_lm import sharding, topology, train
+from tpu_lm.config import checks
+from tpu_lm.model import params as params_lib
+from tpu_lm.parallel import mesh as mesh_lib
+from tpu_lm.parallel import topology
+from tpu_lm.training import checkpoint as checkpoint_lib
+from tpu_lm.training import metrics as metrics_lib
+from tpu_lm.training.setup import Setup, check_batch
 from tpu_lm.errors import UserError
 
 
@@ -72,12 +74,12 @@ class Report:
 def compile_for(config, slice_name: str, num_slices: int = 1) -> Report:
   """Compiles `config`'s train step for the named slice; raises UserError on config
   mistakes (mesh, batch) exactly as a real run on that slice would."""
-  config_lib.validate(config)
+  checks.validate(config)
   s = topology.parse(slice_name, num_slices)
   devices = topology.devices(s)
-  mesh = sharding.make_mesh(sharding.mesh_sizes(config.mesh), devices)
-  setup = train.Setup(config, mesh)
-  train.check_batch(config, mesh, s.num_hosts)
+  mesh = mesh_lib.make_mesh(mesh_lib.mesh_sizes(config.mesh), devices)
+  setup = Setup(config, mesh)
+  check_batch(config, mesh, s.num_hosts)
   d = config.data
   state = checkpoint_lib.abstract_like(setup.abstract_state, setup.state_shardings)
   batch = _abstract_batch(config, setup)
@@ -100,7 +102,7 @@ def compile_for(config, slice_name: str, num_slices: int = 1) -> Report:
   return Report(
       slice=s,
       mesh_shape=dict(mesh.shape),
-      num_params=model_lib.num_params(setup.abstract_state.params),
+      num_params=params_lib.num_params(setup.abstract_state.params),
       arguments_bytes=mem.argument_size_in_bytes,
       outputs_bytes=max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0),
       temp_bytes=mem.temp_size_in_bytes,
@@ -123,7 +125,7 @@ def _program_flops(config) -> float:
   batch. The optimizer update, scaled along, stays < 0.1% of it. Attention is
   XLA's here: a Pallas kernel is opaque to the cost analysis.
   """
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices("cpu")[:1])
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices("cpu")[:1])
   per_layers = []
   for layers in (1, 2):
     c = config.copy_and_resolve_references()
@@ -131,7 +133,7 @@ def _program_flops(config) -> float:
     c.model.logits_chunk = 0  # a loop too (same FLOPs but for the recomputed logits)
     c.optim.grad_accum_steps, c.data.global_batch_size = 1, 1
     c.mesh.update(preset="", data=1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
-    setup = train.Setup(c, mesh)
+    setup = Setup(c, mesh)
     state = checkpoint_lib.abstract_like(setup.abstract_state, setup.state_shardings)
     with setup.context():
       cost = setup.train_step.lower(state, _abstract_batch(c, setup)).cost_analysis()

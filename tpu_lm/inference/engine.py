@@ -1,0 +1,65 @@
+"""The serving engine: one thread owning the model, decoding queued requests in batches.
+
+It knows nothing of HTTP: a request is a list of `Job`s whose events (tokens as
+they come, then the completion, or an error) go to a queue the transport reads.
+"""
+
+import dataclasses
+import logging
+import queue
+import threading
+
+
+@dataclasses.dataclass
+class Job:
+  """One sequence to decode; its events go to the queue of the HTTP request it belongs to."""
+
+  index: int
+  prompt_ids: list[int]
+  sampling: object
+  events: queue.Queue
+  cancelled: threading.Event
+
+
+class Engine:
+  """One thread owning the model: drains the queue into batches and decodes them."""
+
+  def __init__(self, run, max_batch: int):
+    self.run, self.max_batch = run, max_batch
+    self._queue: queue.Queue = queue.Queue()
+    threading.Thread(target=self._loop, name="engine", daemon=True).start()
+
+  def queued(self) -> int:
+    return self._queue.qsize()
+
+  def submit(self, jobs: list[Job]) -> None:
+    for job in jobs:
+      self._queue.put(job)
+
+  def _loop(self) -> None:
+    while True:
+      jobs = [self._queue.get()]
+      while len(jobs) < self.max_batch:
+        try:
+          jobs.append(self._queue.get_nowait())
+        except queue.Empty:
+          break
+      jobs = [j for j in jobs if not j.cancelled.is_set()]
+      if jobs:
+        self._decode(jobs)
+
+  def _decode(self, jobs: list[Job]) -> None:
+    def on_step(_, tokens_B, done_B):
+      for job, token, done in zip(jobs, tokens_B, done_B):
+        if not done and token != self.run.decoder.eos_id:
+          job.events.put(("token", job.index, int(token)))
+
+    try:
+      completions = self.run.decoder.generate([j.prompt_ids for j in jobs], [j.sampling for j in jobs], on_step)
+    except Exception as e:  # keep serving: the requests in this batch get a 500
+      logging.exception("decode failed")
+      for job in jobs:
+        job.events.put(("error", job.index, f"decoding failed: {type(e).__name__}: {e}"))
+      return
+    for job, c in zip(jobs, completions):
+      job.events.put(("done", job.index, c))

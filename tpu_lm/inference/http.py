@@ -1,0 +1,220 @@
+"""The HTTP transport of the server: OpenAI-style /v1/completions over the engine.
+
+Requests are parsed and checked here (a malformed one gets a 4xx with a JSON
+error naming what was wrong); the engine (engine.py) decodes.
+"""
+
+import dataclasses
+import json
+import os
+import queue
+import secrets
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler
+
+from tpu_lm.data.tokenizer import TextStream
+from tpu_lm.errors import UserError
+from tpu_lm.inference.engine import Engine, Job
+from tpu_lm.inference.sampling import Sampling
+
+
+class RequestError(Exception):
+  """A bad request: answered with `status` and a JSON error, never a crash."""
+
+  def __init__(self, status: int, message: str, param: str | None = None):
+    super().__init__(message)
+    self.status, self.param = status, param
+
+
+@dataclasses.dataclass
+class Limits:
+  max_prompt_tokens: int
+  max_new_tokens: int
+  max_body_bytes: int
+  timeout_s: float
+  max_batch: int
+
+
+def parse_request(body: bytes, run, limits: Limits):
+  """JSON body -> (prompts as token ids, Sampling per choice, stream flag). Raises RequestError."""
+  try:
+    req = json.loads(body)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise RequestError(400, f"the request body is not valid JSON ({e}).") from None
+  if not isinstance(req, dict):
+    raise RequestError(400, "the request body must be a JSON object.")
+  for unsupported in ("stop", "suffix", "echo", "logprobs", "best_of", "logit_bias"):
+    value = req.get(unsupported)
+    if value in (None, False, "", [], {}) or (unsupported == "best_of" and value == 1):
+      continue  # absent or the neutral value clients send by default
+    raise RequestError(400, f"'{unsupported}' is not supported by this server: remove it.", unsupported)
+
+  def field(name, kinds, default, ok, allowed):
+    value = req.get(name, default)
+    if type(value) not in kinds or not ok(value):  # type(), not isinstance: True is not an int here
+      raise RequestError(400, f"'{name}' must be {allowed}; got {json.dumps(value)}.", name)
+    return value
+
+  prompt = req.get("prompt")
+  if isinstance(prompt, str):
+    prompts = [prompt]
+  elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+    prompts = prompt
+  else:
+    raise RequestError(400, "'prompt' is required: a string or a non-empty list of strings.", "prompt")
+  max_tokens = field("max_tokens", (int,), 16, lambda v: 1 <= v <= limits.max_new_tokens,
+                     f"an integer from 1 to {limits.max_new_tokens}")
+  temperature = field("temperature", (int, float), 1.0, lambda v: 0 <= v <= 100, "a number from 0 to 100")
+  top_p = field("top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
+  top_k = field("top_k", (int,), 0, lambda v: v >= 0, "an integer >= 0")
+  n = field("n", (int,), 1, lambda v: 1 <= v <= limits.max_batch, f"an integer from 1 to {limits.max_batch}")
+  seed = field("seed", (int,), secrets.randbits(31), lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
+  stream = field("stream", (bool,), False, lambda v: True, "true or false")
+  if len(prompts) * n > limits.max_batch:
+    raise RequestError(400, f"{len(prompts)} prompts x n={n} is more than the {limits.max_batch} sequences"
+                            " this server decodes at once: send fewer.", "n")
+
+  ids = [run.encode_prompt(p) for p in prompts]
+  for i, p in enumerate(ids):
+    if len(p) - 1 > limits.max_prompt_tokens:
+      raise RequestError(400, f"prompt {i} has {len(p) - 1} tokens; this server accepts at most"
+                              f" {limits.max_prompt_tokens}: shorten it.", "prompt")
+  samplings = [Sampling(max_tokens, float(temperature), top_k, float(top_p), (seed + j) % 2**32)
+               for j in range(n)]
+  try:
+    for p in ids:
+      run.decoder.check(len(p), samplings[0])
+  except UserError as e:
+    raise RequestError(400, str(e), "max_tokens") from None
+  return ids, samplings, stream
+
+
+def make_handler(run, engine: Engine, limits: Limits):
+  model_name = f"tpu_lm/{os.path.basename(run.workdir)}@{run.step}"
+
+  class Handler(BaseHTTPRequestHandler):
+    server_version = "tpu_lm"
+
+    def log_message(self, fmt, *args):  # one line per request on stderr
+      sys.stderr.write(f"[serve] {self.address_string()} {fmt % args}\n")
+
+    def _json(self, status: int, obj: dict) -> None:
+      body = json.dumps(obj).encode()
+      self.send_response(status)
+      self.send_header("Content-Type", "application/json")
+      self.send_header("Content-Length", str(len(body)))
+      self.end_headers()
+      self.wfile.write(body)
+
+    def _error(self, status: int, message: str, param: str | None = None) -> None:
+      kind = "invalid_request_error" if status < 500 else "server_error"
+      self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": status}})
+
+    def do_GET(self):
+      if self.path.split("?")[0] == "/health":
+        self._json(200, {"status": "ok", "model": model_name, "step": run.step, "queued": engine.queued()})
+      else:
+        self._error(404, f"no route GET {self.path}: use POST /v1/completions or GET /health.")
+
+    def do_POST(self):
+      if self.path.split("?")[0] != "/v1/completions":
+        self._error(404, f"no route POST {self.path}: use POST /v1/completions.")
+        return
+      try:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+          raise RequestError(411, "a Content-Length header is required.")
+        if int(length) > limits.max_body_bytes:
+          self.close_connection = True  # the unread body must not be taken for the next request
+          raise RequestError(413, f"the request body is {length} bytes; the limit is {limits.max_body_bytes}.")
+        ids, samplings, stream = parse_request(self.rfile.read(int(length)), run, limits)
+      except RequestError as e:
+        self._error(e.status, str(e), e.param)
+        return
+      self._complete(ids, samplings, stream)
+
+    def do_PUT(self):
+      self._error(405, f"method PUT is not allowed on {self.path}: use POST /v1/completions.")
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def _complete(self, ids, samplings, stream: bool) -> None:
+      events: queue.Queue = queue.Queue()
+      cancelled = threading.Event()
+      jobs = [Job(i * len(samplings) + j, p, s, events, cancelled)
+              for i, p in enumerate(ids) for j, s in enumerate(samplings)]
+      engine.submit(jobs)
+      deadline = time.time() + limits.timeout_s
+      head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
+              "created": int(time.time()), "model": model_name}
+      streams = {j.index: TextStream(run.tokenizer) for j in jobs}
+      results, started = {}, False
+      try:
+        while len(results) < len(jobs):
+          try:
+            kind, index, payload = events.get(timeout=max(0.0, deadline - time.time()))
+          except queue.Empty:
+            cancelled.set()
+            message = f"the request did not finish within {limits.timeout_s:g} s: ask for fewer tokens or retry."
+            if started:
+              self._event({"error": {"message": message, "type": "timeout", "code": 504}})
+            else:
+              self._error(504, message)
+            return
+          if kind == "error":
+            cancelled.set()
+            if started:
+              self._event({"error": {"message": payload, "type": "server_error", "code": 500}})
+            else:
+              self._error(500, payload)
+            return
+          if kind == "token" and stream:
+            if not started:
+              self._start_stream()
+              started = True
+            text = streams[index].push(payload)
+            if text:
+              self._event({**head, "choices": [_choice(index, text, None)]})
+          elif kind == "done":
+            results[index] = payload
+            if stream:
+              if not started:
+                self._start_stream()
+                started = True
+              for t in payload.tokens[streams[index].num_tokens:]:  # any not streamed yet
+                streams[index].push(t)
+              self._event({**head, "choices": [_choice(index, streams[index].finish(), payload.finish_reason)]})
+        if stream:
+          self.wfile.write(b"data: [DONE]\n\n")
+          self.wfile.flush()
+          return
+        prompt_tokens = sum(len(p) - 1 for p in ids) * len(samplings)
+        completion_tokens = sum(len(c.tokens) for c in results.values())
+        self._json(200, {
+            **head,
+            "choices": [_choice(i, run.tokenizer.decode(results[i].tokens), results[i].finish_reason)
+                        for i in sorted(results)],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        })
+      except (BrokenPipeError, ConnectionResetError):  # the client left; its rows finish unseen
+        cancelled.set()
+
+    def _start_stream(self) -> None:
+      self.send_response(200)
+      self.send_header("Content-Type", "text/event-stream")
+      self.send_header("Cache-Control", "no-cache")
+      self.end_headers()
+
+    def _event(self, obj: dict) -> None:
+      self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+      self.wfile.flush()
+
+  return Handler
+
+
+def _choice(index: int, text: str, finish_reason: str | None) -> dict:
+  return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}

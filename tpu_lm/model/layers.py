@@ -1,0 +1,76 @@
+"""The building blocks every layer shares: initialisers with logical axis names, the
+one projection layer, norms, rotary positions and the MLP.
+
+Every matmul with a weight in the model is `projection(...)`, a Flax
+`nn.Dense`: quantization and LoRA (Qwix) intercept exactly that layer, so
+they apply to the whole model without editing it.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def normal_init(std: float, axes: tuple):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def zeros_init(axes: tuple):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def projection(features: int, axes: tuple, *, std: float, use_bias: bool, dtype: str, name: str | None) -> nn.Dense:
+  """A weight matmul of the last input dimension into `features`.
+
+  `axes` names the kernel's (input, output) dimensions for sharding; the bias, if
+  any, takes the output name. Parameters stay float32; `dtype` is the compute
+  dtype. Kernels are 2-D, as Hugging Face and PyTorch store them (transposed):
+  attention heads are a reshape of the output, not a kernel dimension.
+  """
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, kernel_init=normal_init(std, axes),
+      bias_init=zeros_init(axes[1:]), name=name,
+  )
+
+
+def norm(kind: str, *, use_bias: bool, dtype: str, name: str) -> nn.Module:
+  scale = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
+  if kind == "rmsnorm":
+    return nn.RMSNorm(epsilon=1e-6, dtype=dtype, scale_init=scale, name=name)
+  return nn.LayerNorm(
+      epsilon=1e-5, dtype=dtype, use_bias=use_bias, scale_init=scale, bias_init=zeros_init(("norm",)), name=name,
+  )
+
+
+def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (rotate-half form, as Hugging Face's Llama), in float32."""
+  h = x_BxTxNxH.shape[-1]
+  freqs_F = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * freqs_F
+  sin, cos = jnp.sin(angles_BxTxF)[:, :, None], jnp.cos(angles_BxTxF)[:, :, None]
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+class Mlp(nn.Module):
+  mlp_dim: int
+  kind: str  # "gelu" or "swiglu"
+  use_bias: bool
+  init_std: float
+  out_init_std: float
+  dtype: str
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    def dense(features, axes, std, name):
+      return projection(features, axes, std=std, use_bias=self.use_bias, dtype=self.dtype, name=name)
+
+    if self.kind == "swiglu":
+      gate_BxTxF = dense(self.mlp_dim, ("embed", "mlp"), self.init_std, "gate")(x_BxTxD)
+      up_BxTxF = dense(self.mlp_dim, ("embed", "mlp"), self.init_std, "up")(x_BxTxD)
+      h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
+    else:
+      h_BxTxF = nn.gelu(dense(self.mlp_dim, ("embed", "mlp"), self.init_std, "up")(x_BxTxD))
+    h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("act_batch", "act_length", "act_mlp"))
+    return dense(x_BxTxD.shape[-1], ("mlp", "embed"), self.out_init_std, "down")(h_BxTxF)

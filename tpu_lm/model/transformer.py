@@ -1,0 +1,160 @@
+"""A decoder-only Transformer in Flax Linen: GPT-2 and Llama families by config.
+
+GPT-2: learned positions, LayerNorm, GELU MLP, biases. Llama: rotary positions,
+RMSNorm, SwiGLU MLP, grouped-query attention, no biases. Parameters are float32
+and carry logical axis names; `ModelConfig.dtype` is the compute dtype.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tpu_lm.model import layers
+from tpu_lm.model.attention import Attention
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Keep the attention projections and output (tagged with checkpoint_name in
+    # attention.py); recompute norms and the MLP: most of the memory saving of
+    # "full" for a fraction of its recompute.
+    "qkv_attn": jax.checkpoint_policies.save_only_these_names("query", "key", "value", "attn_out"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  max_len: int = 256
+  norm: str = "layernorm"
+  position: str = "learned"
+  rope_theta: float = 10_000.0
+  mlp: str = "gelu"
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  dropout_rate: float = 0.0
+  dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = False
+  init_std: float = 0.02
+  attention: str = "xla"  # attention kernel, see kernels.py
+
+
+class Block(nn.Module):
+  """Pre-norm residual block. Returns (x, cache): `nn.scan` carries x (cache None)."""
+
+  cfg: ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, cache=None):
+    cfg = self.cfg
+    # GPT-2's scaled init for the projections into the residual stream.
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    h_BxTxD = layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, name="attn_norm")(x_BxTxD)
+    h_BxTxD, cache = Attention(
+        cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.use_bias, cfg.position == "rope",
+        cfg.rope_theta, cfg.init_std, out_std, cfg.dtype, cfg.attention, name="attn",
+    )(h_BxTxD, segment_ids_BxT, positions_BxT, cache)
+    x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(h_BxTxD, deterministic=self.deterministic)
+    h_BxTxD = layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, name="mlp_norm")(x_BxTxD)
+    h_BxTxD = layers.Mlp(cfg.mlp_dim, cfg.mlp, cfg.use_bias, cfg.init_std, out_std, cfg.dtype, name="mlp")(h_BxTxD)
+    x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(h_BxTxD, deterministic=self.deterministic)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_length", "act_embed"))
+    return x_BxTxD, cache
+
+
+class Transformer(nn.Module):
+  """tokens [B, T] -> float32 logits [B, T, V]; with a KV cache, (logits, new cache).
+
+  Two halves, callable on their own (`model.apply(..., method="hidden")`, then
+  `method="logits"`) so a loss can make the logits a chunk at a time. The cache
+  (see `init_cache`) holds one {"k", "v"} per layer; decoding runs with
+  per-layer parameters (`params.unstack_layers`), not the scanned layout.
+  """
+
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, embedding_init=layers.normal_init(cfg.init_std, ("vocab", "embed")),
+    )
+    if cfg.position == "learned":
+      self.pos_embed = self.param(
+          "pos_embed", layers.normal_init(cfg.init_std / 2, ("pos", "embed")), (cfg.max_len, cfg.d_model)
+      )
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
+    if cfg.scan_layers:
+      # One compiled block, applied num_layers times: compile time is flat in depth.
+      self.layers = nn.scan(
+          block,
+          variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, self.deterministic)
+    else:
+      self.layers = [block(cfg, self.deterministic) for _ in range(cfg.num_layers)]  # layers_0, layers_1, ...
+    self.embed_dropout = nn.Dropout(cfg.dropout_rate)
+    self.final_norm = layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, name=None)
+    if not cfg.tie_embeddings:
+      self.unembed = layers.projection(
+          cfg.vocab_size, ("embed", "vocab"), std=cfg.init_std, use_bias=False, dtype=cfg.dtype, name=None
+      )
+
+  def __call__(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache=None):
+    x_BxTxD, cache = self.hidden(tokens_BxT, segment_ids_BxT, positions_BxT, cache, return_cache=True)
+    logits_BxTxV = self.logits(x_BxTxD)
+    return logits_BxTxV if cache is None else (logits_BxTxV, cache)
+
+  def hidden(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache=None, return_cache=False):
+    """The final hidden states [B, T, D] (normed, compute dtype), before the unembedding."""
+    cfg = self.cfg
+    if cache is not None and cfg.scan_layers:
+      raise ValueError("decode with scan_layers=False and unstack_layers(params)")
+    x_BxTxD = self.embed(tokens_BxT)
+    if cfg.position == "learned":
+      x_BxTxD = x_BxTxD + jnp.take(self.pos_embed, positions_BxT, axis=0).astype(cfg.dtype)
+    x_BxTxD = self.embed_dropout(x_BxTxD, deterministic=self.deterministic)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_length", "act_embed"))
+    new_cache = None
+    if cfg.scan_layers:
+      x_BxTxD, _ = self.layers(x_BxTxD, segment_ids_BxT, positions_BxT)
+    else:
+      new_cache = []
+      for i, block in enumerate(self.layers):
+        x_BxTxD, layer_cache = block(x_BxTxD, segment_ids_BxT, positions_BxT, None if cache is None else cache[i])
+        new_cache.append(layer_cache)
+    x_BxTxD = self.final_norm(x_BxTxD).astype(cfg.dtype)
+    if return_cache:
+      return x_BxTxD, (new_cache if cache is not None else None)
+    return x_BxTxD
+
+  def logits(self, x_BxTxD):
+    """Hidden states [B, T, D] -> float32 logits [B, T, V] (any T: a chunk will do)."""
+    if self.cfg.tie_embeddings:
+      logits_BxTxV = self.embed.attend(x_BxTxD.astype(self.cfg.dtype))
+    else:
+      logits_BxTxV = self.unembed(x_BxTxD)
+    logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("act_batch", "act_length", "act_vocab"))
+    return logits_BxTxV.astype(jnp.float32)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[dict]:
+  """An empty KV cache for `batch` rows of up to `length` positions, in the compute dtype."""
+  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  return [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)} for _ in range(cfg.num_layers)]

@@ -1,0 +1,144 @@
+"""Orbax checkpoints: train state, data position and config in one step directory.
+
+Saves are asynchronous (training goes on while the files are written) and
+atomic (Orbax writes to a temporary directory and renames it when complete), and
+only the newest `keep` are kept. Items of a step directory:
+
+- `state`: the TrainState (TensorStore arrays); inference reads `params` alone;
+- `data`: the data position as JSON, `{"next_index": global batches consumed}`.
+  It is global, not per process, so a run resumes on more or fewer hosts;
+- `config`: the run's config as JSON.
+
+Nothing is pickled. Only unreadable files are called damage: a checkpoint of
+another model or optimizer is reported as such, naming what differs.
+"""
+
+import contextlib
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from tpu_lm.errors import UserError
+
+
+class Checkpointer:
+  def __init__(self, directory: str, keep: int):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+    # Handlers named up front, so a checkpoint's metadata (shapes) can be read
+    # before restoring it.
+    self._mngr = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()},
+    )
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def save(self, step: int, state, data_iter, config_dict: dict) -> None:
+    self._mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(_position(data_iter.get_state())),
+            config=ocp.args.JsonSave(config_dict),
+        ),
+        force=True,
+    )
+
+  def restore(self, step: int, abstract_state, data_iter):
+    """State restored onto `abstract_state`'s shardings; `data_iter` is set in place."""
+    self.check_structure(step, abstract_state)
+    with self._damage_is_user_error(step):
+      restored = self._mngr.restore(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+      )
+      data_iter.set_state(_position(restored["data"]))
+    return restored["state"]
+
+  def check_structure(self, step: int, abstract_state) -> None:
+    """UserError naming the first array whose saved path or shape differs from the config's."""
+    with self._damage_is_user_error(step):
+      saved = self._mngr.item_metadata(step)["state"]
+      if saved is None:
+        raise FileNotFoundError("no readable metadata for the train state")
+      saved = {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+    wanted = {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    for name in list(wanted) + [n for n in saved if n not in wanted]:
+      got, want = saved.get(name), wanted.get(name)
+      if got == want:
+        continue
+      there = "is missing" if got is None else f"has shape {got}"
+      here = "is not in this config" if want is None else f"has shape {want} in this config"
+      where = f"the checkpoint at step {step} in {self.directory}"
+      if name.startswith("params/"):
+        raise UserError(
+            f"{where} is of another model: {name} {there} there but {here}; resume with the config it"
+            " was trained with, or use a new --workdir."
+        )
+      if name.startswith("opt_state/"):
+        raise UserError(
+            f"{where} holds another optimizer's state: {name} {there} there but {here} (optim.optimizer"
+            " or its settings changed); resume with the optimizer it was trained with, or use a new --workdir."
+        )
+      raise UserError(
+          f"{where} was written by another version of tpu_lm: {name} {there} there but {here};"
+          " train it on with that version, or use a new --workdir."
+      )
+
+  @contextlib.contextmanager
+  def _damage_is_user_error(self, step: int):
+    try:
+      yield
+    except UserError:
+      raise
+    except Exception as e:  # Orbax/TensorStore raise many types for missing or cut files
+      older = [s for s in self.all_steps() if s < step]
+      fallback = f"resume from step {max(older)}" if older else "start from scratch"
+      detail = (str(e).strip().splitlines() or [""])[0][:200]
+      raise UserError(
+          f"the checkpoint at step {step} in {self.directory} could not be read ({type(e).__name__}:"
+          f" {detail}); it is damaged or incomplete: move {self.directory}/{step} aside to {fallback},"
+          " or put back an intact copy."
+      ) from None
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def _position(state) -> dict:
+  """The data iterator's state: one global count of batches (Grain's `next_index`)."""
+  if not isinstance(state, dict) or not isinstance(state.get("next_index"), int):
+    raise ValueError(f"unexpected data iterator state {state!r}")
+  return {"next_index": state["next_index"]}
+
+
+def _name(path) -> str:
+  """A tree path as 'params/layers_0/mlp/down/kernel', whatever the container types."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def abstract_like(state, shardings):
+  """ShapeDtypeStructs with shardings: what `restore` places arrays onto."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def check_writable(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_probe{os.getpid()}")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"cannot write to workdir {workdir} ({e.strerror}): pass a writable --workdir.") from None

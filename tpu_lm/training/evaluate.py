@@ -1,0 +1,38 @@
+"""Evaluation over the validation split, and samples from the model after training."""
+
+import jax
+
+from tpu_lm.data import pipeline
+from tpu_lm.inference import decode
+from tpu_lm.training import metrics as metrics_lib
+
+
+def evaluate(setup, params, corpus) -> dict:
+  """The task's eval metrics over the whole validation split."""
+  d = setup.config.data
+  sums = None
+  for batch in pipeline.eval_batches(
+      corpus.validation, seq_len=d.seq_len, global_batch=d.global_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+  ):
+    out = setup.eval_step(params, setup.device_batch(batch))
+    sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+  return setup.task.eval_metrics(jax.device_get(sums), corpus.validation.num_bytes)
+
+
+def print_samples(setup, params, corpus) -> None:
+  """Continuations of the first validation documents, by the KV-cache decoder."""
+  s = setup.config.sample
+  prompts = pipeline.first_tokens(corpus.validation, s.num_prompts, s.prompt_tokens)
+  if not len(prompts):
+    return
+  mesh = setup.mesh.shape
+  tok = corpus.tokenizer
+  decoder = decode.Decoder(
+      setup.model_cfg, params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size,
+      context=setup.context, batch_multiple=mesh["data"] * mesh["fsdp"],
+  )
+  samplings = [decode.Sampling(s.new_tokens, s.temperature, s.top_k, seed=setup.config.seed + i)
+               for i in range(len(prompts))]
+  for prompt, c in zip(prompts, decoder.generate([list(p) for p in prompts], samplings)):
+    metrics_lib.console("--- sample ---\n" + tok.decode(prompt) + "\033[1m" + tok.decode(c.tokens) + "\033[0m")

@@ -1,0 +1,217 @@
+"""The training loop: data, restore or init, steps, logging, eval, checkpoints.
+
+The steps are pure functions of their arguments (step.py); the loop owns
+everything with side effects (data, checkpoints, logging). The dropout key is
+derived from the seed and the step, and the data order from the seed and the
+iterator position, so a run resumed from a checkpoint continues exactly as if it
+had never stopped.
+"""
+
+import math
+import time
+
+import jax
+from jax.experimental import multihost_utils
+
+from tpu_lm.config import checks
+from tpu_lm.data import pipeline, sources
+from tpu_lm.data import tokenizer as tokenizer_lib
+from tpu_lm.errors import UserError
+from tpu_lm.model import params as params_lib
+from tpu_lm.parallel import mesh as mesh_lib
+from tpu_lm.training import checkpoint as checkpoint_lib
+from tpu_lm.training import metrics as metrics_lib
+from tpu_lm.training import preemption
+from tpu_lm.training.evaluate import evaluate, print_samples
+from tpu_lm.training.setup import Setup, check_batch
+from tpu_lm.training.state import TrainState
+
+
+def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = None) -> dict:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final eval.
+
+  `watch` (made first thing by `main`) turns SIGTERM/Ctrl-C into save-and-stop.
+  """
+  t_start = time.time()
+  watch = watch or preemption.Watch()
+  checks.validate(config)
+  checkpoint_lib.check_writable(workdir)
+  mesh = mesh_lib.make_mesh(mesh_lib.mesh_sizes(config.mesh))
+  setup = Setup(config, mesh)
+  d = config.data
+  check_batch(config, mesh, jax.process_count())
+
+  corpus = _prepare_corpus(d)
+  metrics_lib.console(
+      f"data: {d.dataset}, {len(corpus.train.tokens):,} train tokens, validation"
+      f" {corpus.validation.num_bytes:,} bytes; tokenizer {corpus.tokenizer.name};"
+      f" zlib -9 on the validation text: {corpus.zlib_bits_per_byte:.3f} bits/byte"
+  )
+  if jax.process_index() == 0:
+    tokenizer_lib.save_for_run(corpus.tokenizer, workdir)
+  train_iter = pipeline.train_iter(
+      corpus.train, seq_len=d.seq_len, global_batch=d.global_batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+  )
+
+  ckpt = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", config.keep_checkpoints)
+  state = _restore_or_init(setup, ckpt, train_iter)
+
+  n_params = params_lib.num_params(setup.abstract_state.params)
+  flops_per_step = setup.flops_per_step()
+  peak = metrics_lib.peak_flops_per_device(config.peak_flops_per_device) * jax.device_count()
+  metrics_lib.console(
+      f"model: {n_params:,} parameters, {flops_per_step / (d.global_batch_size * d.seq_len):,.0f}"
+      f" training FLOPs/token; mesh {dict(mesh.shape)} on {jax.device_count()}"
+      f" {jax.devices()[0].platform} device(s)"
+  )
+
+  step = int(state.step)
+  writer = metrics_lib.Writer(workdir, resume_step=step)
+  with setup.context():
+    t0 = time.time()
+    compiled_step = setup.train_step.lower(state, setup.device_batch(_peek(train_iter))).compile()
+    metrics_lib.console(f"compiled the train step in {time.time() - t0:.1f} s")
+  window, t_window, steps_done = [], time.time(), 0
+  t_train = time.time()
+  saved_step = step if ckpt.latest_step() == step else None
+  last_streak = None  # the previous step's non-finite streak, read one step late
+  watch.enter_loop()
+  try:
+    while step < config.num_train_steps:
+      state, m = compiled_step(state, setup.device_batch(next(train_iter)))
+      step += 1
+      steps_done += 1
+      window.append(m)
+      # Reading the previous step's counter waits for that step only: the step
+      # just dispatched keeps the device busy meanwhile.
+      if last_streak is not None and int(last_streak) >= config.max_consecutive_nonfinite:
+        _diverged(ckpt, writer, int(last_streak), step - 1, config.max_consecutive_nonfinite)
+      last_streak = m["nonfinite_streak"]
+      if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        _log_train(setup, writer, step, jax.device_get(window), time.time() - t_window,  # host sync
+                   eta_s=(config.num_train_steps - step) * (time.time() - t_train) / steps_done,
+                   flops_per_step=flops_per_step, peak=peak)
+        window, t_window = [], time.time()
+      if watch.should_stop(step):
+        if saved_step != step:
+          ckpt.save(step, state, train_iter, config.to_dict())
+        ckpt.close()  # waits until the checkpoint is committed
+        writer.close()
+        metrics_lib.console(
+            f"stopped by {watch.reason} at step {step}: checkpoint saved in {ckpt.directory};"
+            " run the same command again to resume")
+        return {"stopped_at": step}
+      if step % config.checkpoint_every_steps == 0 and step < config.num_train_steps:
+        ckpt.save(step, state, train_iter, config.to_dict())
+        saved_step = step
+      if step % config.eval_every_steps == 0 and step < config.num_train_steps:
+        _log_eval(setup, state, corpus, writer, step)
+        t_window = time.time()  # eval time is not training throughput
+    if last_streak is not None and int(last_streak) >= config.max_consecutive_nonfinite:
+      _diverged(ckpt, writer, int(last_streak), step, config.max_consecutive_nonfinite)
+    if saved_step != step:
+      ckpt.save(step, state, train_iter, config.to_dict())
+    result = _log_eval(setup, state, corpus, writer, step)
+    if watch.reason is None:  # a signal during the final eval: the checkpoint is all that matters
+      print_samples(setup, state.params, corpus)
+    ckpt.close()
+  finally:
+    watch.close()
+  writer.close()
+  metrics_lib.console(f"done: step {step}, total wall time {time.time() - t_start:.0f} s; workdir {workdir}")
+  return result
+
+
+def _diverged(ckpt, writer, streak: int, step: int, limit: int) -> None:
+  ckpt.close()
+  writer.close()
+  raise UserError(
+      f"training diverged: the last {streak} steps (to step {step}) had a NaN or Inf loss, gradient or"
+      f" update and were skipped (max_consecutive_nonfinite={limit}); checkpoints only ever hold finite"
+      f" states (newest: step {ckpt.latest_step()}). Lower optim.learning_rate or set optim.grad_clip_norm,"
+      " then rerun to resume from it."
+  )
+
+
+def _prepare_corpus(data) -> sources.Corpus:
+  """Process 0 builds the dataset and tokenizer; the others then read its cache."""
+  if jax.process_index() == 0:
+    corpus = sources.prepare(data)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("tpu_lm data prepared")
+    if jax.process_index() != 0:
+      corpus = sources.prepare(data)
+  return corpus
+
+
+def _restore_or_init(setup: Setup, ckpt, train_iter) -> TrainState:
+  """The newest checkpoint's state (and data position), else a freshly initialised state."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    metrics_lib.console(f"starting from scratch; checkpoints go to {ckpt.directory}")
+    return setup.init(jax.random.key(setup.config.seed))
+  abstract = checkpoint_lib.abstract_like(setup.abstract_state, setup.state_shardings)
+  state = ckpt.restore(latest, abstract, train_iter)
+  metrics_lib.console(f"resuming from the checkpoint at step {latest} in {ckpt.directory}")
+  if latest >= setup.config.num_train_steps:
+    metrics_lib.console(
+        f"already trained to num_train_steps={setup.config.num_train_steps}: evaluating and sampling"
+        " only (raise --config.num_train_steps to train further)"
+    )
+  return state
+
+
+# The step's own metrics; the rest come from the task.
+_STEP_METRICS = ("loss", "step_loss", "grad_norm", "nonfinite_steps", "nonfinite_streak", "loss_scale", "lr")
+
+
+def _log_train(setup, writer, step, window, elapsed, *, eta_s, flops_per_step, peak) -> None:
+  d = setup.config.data
+  loss = float(window[-1]["loss"])  # the mean over the logging window, kept in the train state
+  sec_per_step = elapsed / len(window)
+  record = {
+      "loss": loss, "ppl": math.exp(min(loss, 50)), "lr": float(window[-1]["lr"]),
+      "grad_norm": float(window[-1]["grad_norm"]),
+      "tokens_per_s": d.global_batch_size * d.seq_len / sec_per_step, "step_time_s": sec_per_step,
+      "nonfinite_steps": int(window[-1]["nonfinite_steps"]),
+  }
+  # Whatever else the task reports (e.g. a classifier's accuracy), as is.
+  record.update({k: float(v) for k, v in window[-1].items() if k not in _STEP_METRICS})
+  if setup.step_options.dynamic_scale:
+    record["loss_scale"] = float(window[-1]["loss_scale"])
+  mfu = "n/a (unknown peak)"
+  if peak:
+    record["mfu"] = flops_per_step / sec_per_step / peak
+    mfu = f"{100 * record['mfu']:.1f}%"
+  metrics_lib.console(
+      f"step {step:>6}/{setup.config.num_train_steps}  loss {loss:.4f}  ppl {record['ppl']:.2f}"
+      f"  lr {record['lr']:.2e}  grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s"
+      f"  MFU {mfu}  ETA {metrics_lib.format_seconds(eta_s)}"
+      + (f"  loss scale {record['loss_scale']:g}" if "loss_scale" in record else "")
+      + (f"  SKIPPED {record['nonfinite_steps']} non-finite step(s)" if record["nonfinite_steps"] else "")
+  )
+  writer.write(step, record)
+
+
+_EVAL_NAMES = {"eval_loss": "loss", "eval_ppl": "ppl", "eval_bpb": "bits/byte"}
+
+
+def _log_eval(setup, state, corpus, writer, step) -> dict:
+  t0 = time.time()
+  with setup.context():
+    result = evaluate(setup, state.params, corpus)
+  shown = "  ".join(f"{_EVAL_NAMES.get(k, k)} {v:.4f}" for k, v in result.items())
+  zlib = f"  (zlib -9: {corpus.zlib_bits_per_byte:.4f})" if "eval_bpb" in result else ""
+  metrics_lib.console(
+      f"eval at step {step}: {shown}{zlib}; whole validation split in {time.time() - t0:.1f} s")
+  writer.write(step, result)
+  return result
+
+
+def _peek(it):
+  """The next batch, without advancing the iterator (to compile for its shapes)."""
+  state = it.get_state()
+  batch = next(it)
+  it.set_state(state)
+  return batch

@@ -1,0 +1,56 @@
+"""Token-level cross-entropy, whole or a chunk of positions at a time: the loss
+any task over next-token predictions builds on."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def token_weights(batch) -> jax.Array:
+  """1 for every target that counts, 0 elsewhere: `loss_mask` when the batch has one
+  (e.g. completion tokens only), else every real (non-padding) position."""
+  if "loss_mask" in batch:
+    return batch["loss_mask"].astype(jnp.float32)
+  return (batch["segment_ids"] > 0).astype(jnp.float32)
+
+
+def cross_entropy_sum(logits_BxTxV, targets_BxT, weights_BxT):
+  """Summed, weighted cross-entropy (nats) and the summed weights."""
+  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
+  return (nll_BxT * weights_BxT).sum(), weights_BxT.sum()
+
+
+def token_nats(model, params, batch, rngs=None, logits_chunk: int = 0):
+  """Summed cross-entropy of the batch's weighted targets, and their count.
+
+  logits_chunk > 0: the [B, T, V] logits are never whole. The sequence is cut into
+  chunks of that many positions; a scan makes each chunk's logits, reduces them to
+  a loss, and (jax.checkpoint) makes them again in the backward pass instead of
+  keeping them: logits memory B x chunk x V instead of B x T x V, for one more
+  unembedding matmul. Same loss and gradients as the whole (to float rounding).
+  """
+  variables = {"params": params}
+  weights_BxT = token_weights(batch)
+  hidden_BxTxD = model.apply(
+      variables, batch["inputs"], batch["segment_ids"], batch["positions"], rngs=rngs, method="hidden"
+  )
+  t = hidden_BxTxD.shape[1]
+  if not logits_chunk or logits_chunk >= t:
+    return cross_entropy_sum(model.apply(variables, hidden_BxTxD, method="logits"), batch["targets"], weights_BxT)
+  b, n = hidden_BxTxD.shape[0], t // logits_chunk
+
+  def chunks(x):  # [B, T, ...] -> [n, B, chunk, ...]; each device keeps its rows
+    return x.reshape(b, n, logits_chunk, *x.shape[2:]).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def chunk_nats(params, xs):
+    h_BxCxD, targets_BxC, weights_BxC = xs
+    return cross_entropy_sum(model.apply({"params": params}, h_BxCxD, method="logits"), targets_BxC, weights_BxC)
+
+  def body(carry, xs):
+    nats, count = chunk_nats(params, xs)
+    return (carry[0] + nats, carry[1] + count), None
+
+  xs = (chunks(hidden_BxTxD), chunks(batch["targets"]), chunks(weights_BxT))
+  (nats, count), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), xs)
+  return nats, count

@@ -1,0 +1,98 @@
+"""Everything compiled for one config on one mesh: model, task, optimizer,
+shardings and the jitted steps."""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+
+from tpu_lm.config import derived
+from tpu_lm.model import params as params_lib
+from tpu_lm.model import transformer
+from tpu_lm.parallel import mesh as mesh_lib
+from tpu_lm.training import metrics as metrics_lib
+from tpu_lm.training import optim, tasks
+from tpu_lm.training.state import init_boxed
+from tpu_lm.training.step import StepOptions, eval_step, train_step
+
+
+class Setup:
+  def __init__(self, config, mesh, task: tasks.Task | None = None):
+    self.config, self.mesh = config, mesh
+    self.rules = mesh_lib.rules_tuple(config.mesh.rules)
+    self.model_cfg = derived.model_config(config, platform=mesh.devices.flat[0].platform)
+    deterministic = self.model_cfg.dropout_rate == 0
+    self.train_model = transformer.Transformer(self.model_cfg, deterministic=deterministic)
+    self.eval_model = transformer.Transformer(self.model_cfg, deterministic=True)
+    self.task = task or tasks.from_config(config)
+    self.tx = optim.make(config.optim, config.num_train_steps)
+    self.lr = optim.schedule(config.optim, config.num_train_steps)
+    o = config.optim
+    dynamic_scale = o.loss_scale == "dynamic" or (o.loss_scale == "auto" and self.model_cfg.dtype == "float16")
+    self.step_options = StepOptions(
+        seed=config.seed, l1=o.l1_penalty, log_every=config.log_every_steps, accum_steps=o.grad_accum_steps,
+        dynamic_scale=dynamic_scale, scale_period=o.loss_scale_period,
+    )
+    init = functools.partial(
+        init_boxed, model=self.eval_model, tx=self.tx, seq_len=config.data.seq_len,
+        loss_scale=o.loss_scale_init if dynamic_scale else 1.0,
+    )
+    key = jax.random.key(0)  # made outside the mesh context: the mesh may be a TPU slice described only (aot.py)
+    with self.context():
+      abstract = jax.eval_shape(init, key)
+      shardings = mesh_lib.logical_sharding(nn.get_partition_spec(abstract), mesh, self.rules)
+      self.abstract_state = jax.eval_shape(lambda rng: nn.meta.unbox(init(rng)), key)
+      # Optimizer statistics need not have their parameter's shape (Adafactor's
+      # factored moments are vectors): fit their shardings to what they are.
+      shardings = shardings.replace(
+          opt_state=mesh_lib.fit_shardings(shardings.opt_state, self.abstract_state.opt_state))
+      mesh_lib.check_divisible(self.abstract_state, shardings)
+      mesh_lib.check_heads(self.model_cfg.num_heads, self.model_cfg.num_kv_heads, mesh, self.rules)
+    self.state_shardings = shardings
+    self.batch_sharding = mesh_lib.batch_sharding(mesh, self.rules)
+    self.init = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=self.state_shardings)
+    self.train_step = jax.jit(
+        functools.partial(train_step, model=self.train_model, task=self.task, tx=self.tx, lr_schedule=self.lr,
+                          opts=self.step_options),
+        in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, None),
+        donate_argnums=0,
+    )
+    self.eval_step = jax.jit(
+        functools.partial(eval_step, model=self.eval_model, task=self.task),
+        in_shardings=(self.state_shardings.params, self.batch_sharding),
+    )
+
+  def context(self):
+    """Mesh and logical rules for tracing: the models' sharding constraints read them."""
+    return mesh_lib.context(self.mesh, self.rules)
+
+  def device_batch(self, local_batch: dict) -> dict:
+    """This process's rows -> one global array per field, sharded over the batch axes."""
+    return {
+        k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()
+    }
+
+  def flops_per_step(self) -> float:
+    n = params_lib.num_params(self.abstract_state.params, exclude_positions=True)
+    d = self.config.data
+    return metrics_lib.flops_per_token(n, self.model_cfg.num_layers, self.model_cfg.d_model, d.seq_len) * (
+        d.global_batch_size * d.seq_len
+    )
+
+
+def check_batch(config, mesh, process_count: int) -> None:
+  """UserError unless the global batch splits evenly over processes (each loads its
+  own rows), data-parallel devices and, within each device, the microbatches of
+  gradient accumulation."""
+  d, k = config.data, config.optim.grad_accum_steps
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  if d.global_batch_size % math.lcm(process_count, dp * k):
+    from tpu_lm.config.checks import fail
+
+    fail(
+        "data.global_batch_size", d.global_batch_size,
+        f"it must be divisible by the processes ({process_count}) and by the data-parallel"
+        f" devices (mesh data*fsdp = {dp})" + (f" times optim.grad_accum_steps ({k})" if k > 1 else ""),
+    )
