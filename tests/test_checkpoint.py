@@ -1,34 +1,44 @@
 import jax
 import numpy as np
+import pytest
 
 from tests.conftest import tiny_config
+from tpu_lm.data import packing, pipeline
+from tpu_lm.errors import UserError
 from tpu_lm.parallel import mesh as mesh_lib
 from tpu_lm.training import checkpoint
 from tpu_lm.training.setup import Setup
-from tpu_lm.data import packing, pipeline
+
+STREAM = packing.from_documents([list(range(3, 100))] * 10, 0, 1, 2, np.uint16)
 
 
-def _setup(mesh_sizes):
-  config = tiny_config()
+def _setup(mesh_sizes, config=None):
+  config = config or tiny_config()
   return config, Setup(config, mesh_lib.make_mesh(mesh_sizes))
+
+
+def _saved(directory, setup, config, steps: int):
+  """Trains `steps` steps (real optimizer state, not zeros) and saves; returns
+  (checkpointer, state, data iterator)."""
+  it = pipeline.train_iter(STREAM, seq_len=32, global_batch=8, seed=0)
+  with setup.context():
+    state = setup.init(jax.random.key(0))
+    for _ in range(steps):
+      state, _ = setup.train_step(state, setup.device_batch(next(it)))
+  ckpt = checkpoint.Checkpointer(directory, keep=2)
+  ckpt.save(steps, state, it, config.to_dict())
+  return ckpt, state, it
 
 
 def test_checkpoint_round_trips_exactly_onto_another_mesh(tmp_path):
   config, setup = _setup({"data": 8, "fsdp": 1, "tensor": 1})
-  stream = packing.from_documents([list(range(3, 100))] * 10, 0, 1, 2, np.uint16)
-  it = pipeline.train_iter(stream, seq_len=32, global_batch=8, seed=0)
-  with setup.context():
-    state = setup.init(jax.random.key(0))
-    for _ in range(2):  # real optimizer state, not zeros
-      state, _ = setup.train_step(state, setup.device_batch(next(it)))
-  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
-  ckpt.save(2, state, it, config.to_dict())
+  ckpt, state, it = _saved(str(tmp_path), setup, config, steps=2)
   ckpt.wait()
   expected_next = next(it)
 
   # Restore into a fresh process's view: new iterator, FSDP mesh.
   _, fsdp = _setup({"data": 2, "fsdp": 4, "tensor": 1})
-  it2 = pipeline.train_iter(stream, seq_len=32, global_batch=8, seed=0)
+  it2 = pipeline.train_iter(STREAM, seq_len=32, global_batch=8, seed=0)
   restored = checkpoint.Checkpointer(str(tmp_path), keep=2)
   assert restored.latest_step() == 2
   abstract = checkpoint.abstract_like(fsdp.abstract_state, fsdp.state_shardings)
@@ -42,19 +52,9 @@ def test_checkpoint_round_trips_exactly_onto_another_mesh(tmp_path):
 
 def test_another_optimizer_is_named_not_called_damage(tmp_path):
   """Only unreadable files are damage: a checkpoint of another optimizer says so."""
-  import pytest
-
-  from tpu_lm.errors import UserError
-
   config, setup = _setup({"data": 8, "fsdp": 1, "tensor": 1})
-  stream = packing.from_documents([list(range(3, 100))] * 10, 0, 1, 2, np.uint16)
-  it = pipeline.train_iter(stream, seq_len=32, global_batch=8, seed=0)
-  with setup.context():
-    state = setup.init(jax.random.key(0))
-  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
-  ckpt.save(0, state, it, config.to_dict())
-  ckpt.close()
+  _saved(str(tmp_path), setup, config, steps=0)[0].close()
   config.optim.optimizer = "sgd"
-  sgd = Setup(config, mesh_lib.make_mesh({"data": 8, "fsdp": 1, "tensor": 1}))
+  _, sgd = _setup({"data": 8, "fsdp": 1, "tensor": 1}, config)
   with pytest.raises(UserError, match=r"holds another optimizer's state: opt_state/1/\S+ is missing there .* \(optim.optimizer or"):
     checkpoint.Checkpointer(str(tmp_path), keep=2).check_structure(0, sgd.abstract_state)

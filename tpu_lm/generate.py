@@ -8,7 +8,7 @@ completion streams to the terminal token by token; several (more prompts, or
 
 import sys
 
-from tpu_lm.parallel import libtpu_env  # noqa: E402
+from tpu_lm.parallel import libtpu_env
 
 if __name__ == "__main__":
   libtpu_env.quiet_where_no_tpu()

@@ -14,7 +14,7 @@ import signal
 import threading
 from http.server import ThreadingHTTPServer
 
-from tpu_lm.parallel import libtpu_env  # noqa: E402
+from tpu_lm.parallel import libtpu_env
 
 if __name__ == "__main__":
   libtpu_env.quiet_where_no_tpu()

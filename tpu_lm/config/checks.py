@@ -8,7 +8,10 @@ from tpu_lm.errors import UserError
 from tpu_lm.model import kernels
 
 CHOICES = {
-    "data.tokenizer": ("sentencepiece", "bytes"),
+    "task.kind": ("lm", "classification"),
+    "task.pooling": ("last", "mean"),
+    "data.tokenizer": ("sentencepiece", "bytes", "hf"),
+    "model.rope_scaling.type": ("none", "llama3"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.position": ("learned", "rope"),
     "model.mlp": ("gelu", "swiglu"),
@@ -29,9 +32,27 @@ POSITIVE_INTS = (
 NON_NEGATIVE = (
     "data.max_documents", "model.num_kv_heads", "model.head_dim", "model.dropout_rate",
     "optim.learning_rate", "optim.warmup_steps", "optim.min_lr_ratio", "optim.weight_decay",
-    "optim.grad_clip_norm", "optim.l1_penalty", "sample.num_prompts",
+    "optim.grad_clip_norm", "optim.l1_penalty", "sample.num_prompts", "model.norm_eps", "lora.rank", "lora.alpha",
     "sample.new_tokens", "sample.temperature", "sample.top_k", "peak_flops_per_device",
 )
+
+
+def _check_freeze(config) -> None:
+  import re
+
+  patterns = config.optim.freeze
+  if isinstance(patterns, str):
+    fail("optim.freeze", patterns, "it must be a tuple of regular expressions, e.g. ('embed/.*',)")
+  for p in [*patterns, config.lora.targets]:
+    try:
+      re.compile(p)
+    except (re.error, TypeError) as e:
+      field = "lora.targets" if p is config.lora.targets else "optim.freeze"
+      fail(field, p, f"it is not a regular expression ({e})")
+  if patterns and config.model.scan_layers:
+    fail("optim.freeze", tuple(patterns), "freezing names per-layer parameters: set model.scan_layers=False")
+  if config.lora.rank and config.model.scan_layers:
+    fail("lora.rank", config.lora.rank, "LoRA adapters are added per layer: set model.scan_layers=False")
 
 
 def _get(config, dotted):
@@ -78,8 +99,22 @@ def validate(config) -> None:
     )
   if config.data.tokenizer == "sentencepiece" and not 260 <= config.data.vocab_size <= 1 << 20:
     fail("data.vocab_size", config.data.vocab_size, "a SentencePiece vocabulary must be between 260 and 1048576")
-  if config.data.dataset == "text_files" and not config.data.path:
-    fail("data.path", "", "data.dataset='text_files' needs a directory or glob of text files")
+  if config.data.dataset in ("text_files", "instructions") and not config.data.path:
+    kind = "text files" if config.data.dataset == "text_files" else "JSONL files of {\"prompt\", \"completion\"}"
+    fail("data.path", "", f"data.dataset={config.data.dataset!r} needs a directory, file or glob of {kind}")
+  if config.data.tokenizer == "hf" and not config.data.tokenizer_path and not config.init_from:
+    fail("data.tokenizer_path", "", "data.tokenizer='hf' needs the directory of a Hugging Face tokenizer.json")
+  if config.task.kind == "classification" and config.data.dataset in ("python_stdlib", "text_files", "instructions"):
+    fail("data.dataset", config.data.dataset, "task.kind='classification' needs a dataset with labels, e.g."
+         " 'stdlib_functions', 'glue/sst2' or 'imdb_reviews'")
+  if config.data.dataset == "instructions" and config.task.kind != "lm":
+    fail("task.kind", config.task.kind, "data.dataset='instructions' trains the language model: use 'lm'")
+  if m.rope_scaling.type != "none":
+    s = m.rope_scaling
+    if not (s.factor >= 1 and 0 < s.low_freq_factor < s.high_freq_factor and s.original_max_len > 0):
+      fail("model.rope_scaling", s.to_dict(), "llama3 scaling needs factor >= 1, 0 < low_freq_factor <"
+           " high_freq_factor and original_max_len > 0")
+  _check_freeze(config)
   if not 0 <= config.optim.min_lr_ratio <= 1:
     fail("optim.min_lr_ratio", config.optim.min_lr_ratio, "it must be in [0, 1]")
   if config.optim.warmup_steps > config.num_train_steps:

@@ -12,15 +12,48 @@ def tokenizer_vocab_size(config) -> int:
   return 259 if config.data.tokenizer == "bytes" else config.data.vocab_size
 
 
+def rope_scaling(m) -> tuple:
+  s = m.rope_scaling
+  if s.type == "none":
+    return ()
+  return (float(s.factor), float(s.low_freq_factor), float(s.high_freq_factor), float(s.original_max_len))
+
+
 def model_config(config, platform: str = "cpu") -> ModelConfig:
   """The `model` section as the frozen ModelConfig layers receive, with derived sizes
   and the attention kernel resolved for `platform` (the mesh's devices)."""
   m = config.model
+  vocab = tokenizer_vocab_size(config)
   derived = {
       "attention": kernels.resolve(m.attention, platform, m.dtype, config.data.seq_len),
-      "vocab_size": -(-tokenizer_vocab_size(config) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
+      "vocab_size": -(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
+      "vocab_used": vocab,
+      "rope_scaling": rope_scaling(m),
+      "num_classes": 0,  # a task's (training/tasks.py), set where the task is known
       "num_kv_heads": m.num_kv_heads or m.num_heads,
       "head_dim": m.head_dim or m.d_model // m.num_heads,
   }
   copied = {f.name: m[f.name] for f in dataclasses.fields(ModelConfig) if f.name not in derived}
   return ModelConfig(**copied, **derived)
+
+
+# What makes two models' parameters interchangeable (init_from checks these).
+_ARCHITECTURE = ("vocab_used", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "norm",
+                 "norm_eps", "position", "rope_theta", "rope_scaling", "mlp", "use_bias", "tie_embeddings")
+
+
+def architecture_difference(saved: ModelConfig, ours: ModelConfig) -> tuple[str, object, object] | None:
+  """(config field, saved value, this config's value) of the first difference, or None."""
+  from tpu_lm.model.layers import DEFAULT_EPS
+
+  def value(cfg, name):
+    if name == "norm_eps":
+      return cfg.norm_eps or DEFAULT_EPS[cfg.norm]
+    return getattr(cfg, name)
+
+  names = _ARCHITECTURE + (("max_len",) if ours.position == "learned" else ())
+  for name in names:
+    if value(saved, name) != value(ours, name):
+      field = "data.vocab_size (the tokenizer's vocabulary)" if name == "vocab_used" else f"model.{name}"
+      return field, value(saved, name), value(ours, name)
+  return None

@@ -4,7 +4,10 @@
 standard library. `TextFiles` takes any directory or glob of text files. Both
 split into train/validation by a hash of each file's relative path, so the split
 never changes between runs or machines, and both are written as array_record so
-Grain can read them with random access.
+Grain can read them with random access. `Instructions` reads JSONL files of
+{"prompt", "completion"} pairs (split by a hash of each pair), and
+`StdlibFunctions` is an offline classification task: which of the standard
+library's ten largest packages a function comes from, held out by file.
 
 Importing this module imports TensorFlow Datasets (and building imports
 TensorFlow), which costs seconds: only `data.sources` imports it, and only when
@@ -16,7 +19,12 @@ import os
 import pathlib
 import sys
 
-from tpu_lm.data.local_files import fingerprint, read_text, split_files, stdlib_files, user_files
+import hashlib
+import json
+
+from tpu_lm.data.local_files import (fingerprint, functions_in, is_validation, read_text, split_files,
+                                     stdlib_files, stdlib_function_files, user_files)
+from tpu_lm.errors import UserError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow_datasets as tfds  # noqa: E402  (after the log level is set)
@@ -71,3 +79,83 @@ class TextFiles(_LocalText):
     root, relpaths = user_files(path)
     config = tfds.core.BuilderConfig(name="h" + fingerprint(root, relpaths))
     super().__init__(root=root, relpaths=relpaths, config=config, **kwargs)
+
+
+class Instructions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """{"prompt", "completion"} pairs from local JSONL files, split by a hash of each pair."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def __init__(self, *, path: str, **kwargs):
+    self._root, self._relpaths = user_files(path)
+    config = tfds.core.BuilderConfig(name="h" + fingerprint(self._root, self._relpaths))
+    super().__init__(file_format="array_record", config=config, **kwargs)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.__doc__,
+        features=tfds.features.FeaturesDict({"prompt": tfds.features.Text(), "completion": tfds.features.Text()}),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    pairs = list(self._pairs())
+    if len(pairs) < 2:
+      raise UserError(f"data.path holds {len(pairs)} prompt/completion pair(s): a train/validation split needs at least 2.")
+    val = {k for k, p in pairs if is_validation(k)} or {min(k for k, _ in pairs)}
+    return {"train": self._generate_examples([(k, p) for k, p in pairs if k not in val]),
+            "validation": self._generate_examples([(k, p) for k, p in pairs if k in val])}
+
+  def _generate_examples(self, pairs):
+    yield from pairs
+
+  def _pairs(self):
+    for rel in self._relpaths:
+      for n, line in enumerate(read_text(self._root / rel).splitlines(), 1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+          pair = {"prompt": record["prompt"], "completion": record["completion"]}
+          if not all(isinstance(v, str) for v in pair.values()):
+            raise TypeError
+        except (ValueError, KeyError, TypeError):
+          raise UserError(
+              f"{self._root / rel}:{n} is not a JSON object with string fields \"prompt\" and \"completion\":"
+              " fix that line.") from None
+        key = hashlib.sha256(json.dumps(pair, sort_keys=True).encode()).hexdigest()
+        yield key, pair
+
+
+class StdlibFunctions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Functions of the standard library, labelled with the top-level package they come
+  from (its ten largest, tests excluded); 20% of each package's files held out."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=f"py{sys.version_info.major}_{sys.version_info.minor}")]
+
+  def __init__(self, **kwargs):
+    self._root, self._packages = stdlib_function_files()
+    super().__init__(file_format="array_record", **kwargs)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.__doc__,
+        features=tfds.features.FeaturesDict({
+            "text": tfds.features.Text(), "path": tfds.features.Text(),
+            "label": tfds.features.ClassLabel(names=list(self._packages)),
+        }),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    splits = {"train": [], "validation": []}
+    for package, files in self._packages.items():
+      for split, rels in split_files(files, per_mille=200).items():
+        splits[split] += [(package, r) for r in rels]
+    return {split: self._generate_examples(items) for split, items in splits.items()}
+
+  def _generate_examples(self, items):
+    for package, rel in items:
+      for i, text in enumerate(functions_in(read_text(self._root / rel))):
+        yield f"{rel}:{i}", {"text": text, "path": rel, "label": package}

@@ -15,13 +15,13 @@ from tpu_lm.errors import UserError
 VALIDATION_PER_MILLE = 50  # ~5% of files go to validation
 
 
-def is_validation(relpath: str) -> bool:
+def is_validation(relpath: str, per_mille: int = VALIDATION_PER_MILLE) -> bool:
   """The fixed train/validation rule: a hash of the path, not a random draw."""
   digest = hashlib.sha256(relpath.encode("utf-8")).hexdigest()
-  return int(digest, 16) % 1000 < VALIDATION_PER_MILLE
+  return int(digest, 16) % 1000 < per_mille
 
 
-def split_files(relpaths: list[str]) -> dict[str, list[str]]:
+def split_files(relpaths: list[str], per_mille: int = VALIDATION_PER_MILLE) -> dict[str, list[str]]:
   """Splits sorted relative paths into train and validation.
 
   A small directory can have no file that hashes into validation; then the file
@@ -33,7 +33,7 @@ def split_files(relpaths: list[str]) -> dict[str, list[str]]:
         f"found {len(relpaths)} text file(s) but a train/validation split needs"
         " at least 2: point data.path at a directory or glob with more files."
     )
-  val = [p for p in relpaths if is_validation(p)]
+  val = [p for p in relpaths if is_validation(p, per_mille)]
   if not val:
     val = [min(relpaths, key=lambda p: hashlib.sha256(p.encode()).hexdigest())]
   train = [p for p in relpaths if p not in set(val)]
@@ -82,6 +82,54 @@ def user_files(path: str) -> tuple[pathlib.Path, list[str]]:
         " that holds text files."
     )
   return root, sorted(rel)
+
+
+# Packages whose functions make the offline classification task: the ten largest
+# top-level packages of the standard library by function count (3.11), tests left out.
+_TEST_DIRS = {"test", "tests", "idle_test"}
+
+
+def stdlib_function_files(num_classes: int = 10) -> tuple[pathlib.Path, dict[str, list[str]]]:
+  """{package: its .py files} for the `num_classes` largest packages, test code excluded."""
+  import ast
+
+  root, rel = stdlib_files()
+  by_package, counts = {}, {}
+  for r in rel:
+    parts = r.split("/")
+    if len(parts) < 2 or parts[0] in _TEST_DIRS or _TEST_DIRS & set(parts[1:-1]):
+      continue
+    if not (root / parts[0] / "__init__.py").exists():
+      continue
+    try:
+      tree = ast.parse((root / r).read_bytes())
+    except (SyntaxError, ValueError):
+      continue
+    n = sum(isinstance(x, (ast.FunctionDef, ast.AsyncFunctionDef)) for x in ast.walk(tree))
+    by_package.setdefault(parts[0], []).append(r)
+    counts[parts[0]] = counts.get(parts[0], 0) + n
+  top = sorted(sorted(counts), key=lambda k: -counts[k])[:num_classes]
+  return root, {k: sorted(by_package[k]) for k in sorted(top)}
+
+
+def functions_in(source: str) -> list[str]:
+  """The source of every function and method that is not nested in another function."""
+  import ast
+
+  tree = ast.parse(source)
+  out = []
+
+  def visit(node, in_function):
+    for child in ast.iter_child_nodes(node):
+      is_fn = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+      if is_fn and not in_function:
+        text = ast.get_source_segment(source, child)
+        if text:
+          out.append(text)
+      visit(child, in_function or is_fn)
+
+  visit(tree, False)
+  return out
 
 
 def fingerprint(root: pathlib.Path, relpaths: list[str]) -> str:

@@ -7,6 +7,10 @@ a single index that Orbax saves with the model: resume continues exactly.
 Each process reads only its own slice of every global batch: global batch `b`
 is rows [b*G, (b+1)*G) of the shuffled order, and process `h` of `H` takes the
 h-th contiguous block of G/H of them.
+
+A split is anything with `num_rows(seq_len, drop_remainder)`, `row(i, seq_len)`
+and `empty_row(seq_len)`: a packed `packing.TokenStream`, or an
+`examples.ExampleSet` of one labelled example per row.
 """
 
 import functools
@@ -62,14 +66,14 @@ def eval_batches(
   per_process = global_batch // process_count
 
   def row_or_pad(i):
-    return packing.make_row(stream, i, seq_len) if i < num_rows else packing.empty_row(seq_len)
+    return stream.row(i, seq_len) if i < num_rows else stream.empty_row(seq_len)
 
   ds = grain.MapDataset.range(padded).map(row_or_pad).batch(per_process)
   return ds[process_index::process_count].to_iter_dataset(_READ)
 
 
 def _row(stream, seq_len, i):
-  return packing.make_row(stream, int(i), seq_len)
+  return stream.row(int(i), seq_len)
 
 
 def first_tokens(stream: packing.TokenStream, num: int, length: int) -> np.ndarray:

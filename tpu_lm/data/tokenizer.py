@@ -1,6 +1,7 @@
-"""Tokenizers: SentencePiece (trained once on the training split and cached) or bytes.
+"""Tokenizers: SentencePiece (trained once on the training split and cached), bytes,
+or a Hugging Face tokenizer.json (hf_tokenizer.py).
 
-Both are lossless (`decode(encode(text)) == text`), which bits-per-byte relies on.
+The first two are lossless (`decode(encode(text)) == text`), which bits-per-byte relies on.
 Each tokenizer owns its special ids (`pad_id`, `bos_id`, `eos_id`): nothing else
 in the project assumes their values, and a run directory records them. A
 SentencePiece model is read back from its serialized protobuf; nothing here
@@ -150,6 +151,29 @@ def load_or_train(path: str, vocab_size: int, texts: Iterable[str]) -> SentenceP
   return SentencePieceTokenizer(proto, path)
 
 
+def load_sentencepiece(path: str, vocab_size: int) -> SentencePieceTokenizer:
+  """A SentencePiece model file given by data.tokenizer_path."""
+  try:
+    with open(path, "rb") as f:
+      tok = SentencePieceTokenizer(f.read(), path)
+  except OSError as e:
+    raise UserError(f"cannot read data.tokenizer_path {path} ({e.strerror}): give a SentencePiece .model file.") from None
+  if tok.vocab_size != vocab_size:
+    raise UserError(f"{path} has vocabulary {tok.vocab_size}, but data.vocab_size is {vocab_size}: set"
+                    f" data.vocab_size={tok.vocab_size}.")
+  return tok
+
+
+def load_hf(path: str):
+  """The Hugging Face tokenizer in directory `path` (its tokenizer.json and special tokens)."""
+  from tpu_lm.data.hf_tokenizer import HFTokenizer
+
+  directory = os.path.expanduser(path)
+  if not os.path.isdir(directory):
+    raise UserError(f"data.tokenizer_path {path!r} is not a directory: give the directory that holds tokenizer.json.")
+  return HFTokenizer(directory)
+
+
 def token_dtype(vocab_size: int):
   return np.uint16 if vocab_size <= np.iinfo(np.uint16).max else np.int32
 
@@ -157,6 +181,7 @@ def token_dtype(vocab_size: int):
 # A run directory keeps its own copy of the tokenizer, so generating from a run
 # needs nothing but the run directory.
 RUN_FILE = "tokenizer.json"
+HF_DIR = "hf_tokenizer"  # a Hugging Face tokenizer's own files, copied as they are
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:
@@ -168,6 +193,11 @@ def save_for_run(tok: Tokenizer, workdir: str) -> None:
   if isinstance(tok, SentencePieceTokenizer):
     meta = {"type": "sentencepiece", "file": "tokenizer.model", "name": tok.name}
     _write_atomic(os.path.join(workdir, "tokenizer.model"), tok.model_proto)
+  elif hasattr(tok, "files"):  # a Hugging Face tokenizer
+    meta = {"type": "hf", "dir": HF_DIR, "name": tok.name}
+    os.makedirs(os.path.join(workdir, HF_DIR), exist_ok=True)
+    for name, data in tok.files().items():
+      _write_atomic(os.path.join(workdir, HF_DIR, name), data)
   meta["special_ids"] = special_ids(tok)  # for readers of the run directory other than tpu_lm
   _write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(meta, indent=1).encode())
 
@@ -179,6 +209,10 @@ def load_for_run(workdir: str) -> Tokenizer:
       meta = json.load(f)
     if meta["type"] == "bytes":
       tok = ByteTokenizer()
+    elif meta["type"] == "hf":
+      from tpu_lm.data.hf_tokenizer import HFTokenizer
+
+      tok = HFTokenizer(os.path.join(workdir, meta["dir"]), meta["special_ids"])
     else:
       model_path = os.path.join(workdir, meta["file"])
       with open(model_path, "rb") as f:

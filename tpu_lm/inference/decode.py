@@ -84,8 +84,10 @@ class Decoder:
     self.cfg = dataclasses.replace(model_cfg, scan_layers=False, remat="none", dropout_rate=0.0)
     # Decoding reads every weight once per token: keep them in the compute dtype
     # (bfloat16 halves the bytes read); float32 master copies are for training.
+    # (run_dir reads them from the checkpoint in that dtype already: no copy then.)
+    dtype = jnp.dtype(self.cfg.dtype)
     params = jax.tree.map(
-        lambda x: x.astype(self.cfg.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x, params)
     self.params, self.eos_id, self.pad_id, self.vocab_size = params, eos_id, pad_id, vocab_size
     self.max_len = model_cfg.max_len
     self._context = context or (lambda: nn.logical_axis_rules(()))

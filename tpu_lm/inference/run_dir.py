@@ -1,13 +1,19 @@
-"""A run directory read back for inference: its config, newest parameters and
-tokenizer, assembled into a `decode.Decoder`.
+"""Run directories: the unit users pass around. Read back for inference (its config,
+newest parameters and tokenizer, assembled into a `decode.Decoder`), and written
+for runs that did not train here (conversion from Hugging Face).
 
 Everything comes from the run directory itself (the config is saved in every
 checkpoint, the tokenizer next to them), so `generate` and `serve` need only
-`--workdir`. Only the parameters are read from the checkpoint (an Orbax partial
+`--workdir`. Only the parameters are read from a checkpoint (an Orbax partial
 restore: the optimizer state, twice the parameters' size, stays on disk), and
-they are cast once to the compute dtype. Nothing is created, changed or deleted
-in the run directory, and nothing of training (optimizer, input pipeline,
-TensorFlow) is imported.
+they are read once, in the compute dtype. LoRA adapters are merged into their
+kernels on the way. Reading creates, changes or deletes nothing in the run
+directory, and imports nothing of training (optimizer, input pipeline,
+TensorFlow).
+
+A written run directory holds `checkpoints/<step>/` with the items `state`
+(`{"params": ...}` alone) and `config`, and the tokenizer: what training would
+have left, minus an optimizer state. Fine-tuning starts from one with `init_from`.
 """
 
 import dataclasses
@@ -17,7 +23,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from tpu_lm.config import checks, derived
+from tpu_lm.config import checks, defaults, derived
 from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.errors import UserError
 from tpu_lm.inference import decode
@@ -39,50 +45,90 @@ class Run:
     return [self.tokenizer.bos_id, *(int(t) for t in self.tokenizer.encode_batch([text])[0])]
 
 
+def _manager(workdir: str, *, read_only: bool = True) -> ocp.CheckpointManager:
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if read_only and not os.path.isdir(ckpt_dir):
+    raise UserError(
+        f"{workdir} has no checkpoints/ directory: pass a run directory (trained with python -m tpu_lm.main,"
+        " or written by python -m tpu_lm.convert)."
+    )
+  # The items training writes (training/checkpoint.py); "data" is never read here.
+  options = ocp.CheckpointManagerOptions(
+      read_only=read_only, create=not read_only, max_to_keep=None, save_interval_steps=0 if read_only else 1,
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(
+      ckpt_dir, options=options,
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()},
+  )
+
+
+def resolve_step(workdir: str, step: int | None = None) -> int:
+  """`step` if the run has it, else its newest complete checkpoint."""
+  mngr = _manager(workdir)
+  steps = list(mngr.all_steps())
+  if not steps:
+    raise UserError(f"{workdir}/checkpoints holds no complete checkpoint yet: let the run save one first.")
+  if step is None:
+    return max(steps)
+  if step not in steps:
+    raise UserError(f"there is no checkpoint at step {step} in {workdir}/checkpoints: it has steps {sorted(steps)}.")
+  return step
+
+
+def read_config(workdir: str, step: int) -> ml_collections.ConfigDict:
+  """The config the run saved at `step`, over today's defaults (fields added since
+  take their defaults), validated."""
+  with _readable(workdir, step):
+    saved = _manager(workdir).restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  config = defaults.complete(saved)
+  checks.validate(config)
+  return config
+
+
+def read_params(workdir: str, step: int, abstract, shardings, dtype=None):
+  """The parameters alone, restored onto `shardings` (in `dtype`, default as saved).
+  `abstract` (ShapeDtypeStructs) names what to read; a saved shape that differs is
+  one UserError naming the parameter."""
+  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s, dtype=dtype), shardings)
+  with _readable(workdir, step):
+    state = _manager(workdir).restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True)))["state"]
+  params = state["params"]
+  _check_shapes(params, abstract, workdir, step)
+  return params
+
+
+def saved_param_shapes(workdir: str, step: int) -> dict[str, tuple]:
+  """{'layers_0/attn/query/kernel': shape, ...} of the saved parameters, from metadata."""
+  with _readable(workdir, step):
+    meta = _manager(workdir).item_metadata(step)["state"]
+  if meta is None or "params" not in meta:
+    raise UserError(f"the checkpoint {workdir}/checkpoints/{step} has no parameters: it is damaged.")
+  return {"/".join(str(getattr(k, "key", k)) for k in p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_leaves_with_path(meta["params"])}
+
+
+def model_for(config, model_cfg):
+  """The model a run's parameters belong to: with LoRA adapters if it trained them."""
+  model = transformer.Transformer(model_cfg)
+  if config.lora.rank:
+    from tpu_lm.model import lora
+
+    model = lora.apply(model, rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets)
+  return model
+
+
 def load(workdir: str, *, step: int | None = None, tensor_parallel: int = 1, devices=None) -> Run:
   """The run's newest (or `step`'s) checkpoint on `devices` (default: all), split
   `tensor_parallel` ways over heads/MLP/vocab and data-parallel over the rest."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise UserError(
-        f"{workdir} has no checkpoints/ directory: pass the --workdir of a run trained with"
-        " python -m tpu_lm.main."
-    )
-  # The items training writes (training/checkpoint.py); "data" is never read here.
-  options = ocp.CheckpointManagerOptions(
-      read_only=True, create=False, max_to_keep=None, save_interval_steps=0, enable_async_checkpointing=False)
-  mngr = ocp.CheckpointManager(
-      ckpt_dir, options=options,
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()},
-  )
-  steps = list(mngr.all_steps())
-  if not steps:
-    raise UserError(f"{ckpt_dir} holds no complete checkpoint yet: let the run save one first.")
-  if step is None:
-    step = max(steps)
-  elif step not in steps:
-    raise UserError(f"there is no checkpoint at step {step} in {ckpt_dir}: it has steps {sorted(steps)}.")
+  step = resolve_step(workdir, step)
   tokenizer = tokenizer_lib.load_for_run(workdir)
-  with _readable(ckpt_dir, step):
-    config = ml_collections.ConfigDict(mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
-  checks.validate(config)
+  config = read_config(workdir, step)
+  if config.task.kind != "lm":
+    raise UserError(f"{workdir} is a {config.task.kind} run: generate and serve need a language model.")
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": tensor_parallel}, devices)
-  rules = mesh_lib.rules_tuple(config.mesh.rules)
-  model_cfg = derived.model_config(config, platform=mesh.devices.flat[0].platform)
-  with mesh_lib.context(mesh, rules):
-    abstract, specs = params_lib.abstract_params(transformer.Transformer(model_cfg))
-    shardings = mesh_lib.logical_sharding(specs, mesh, rules)
-  mesh_lib.check_divisible(abstract, shardings)
-  mesh_lib.check_heads(model_cfg.num_heads, model_cfg.num_kv_heads, mesh, rules)
-  # Each parameter is read straight into the compute dtype, onto its devices.
-  dtype = jax.numpy.dtype(model_cfg.dtype)
-  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s, dtype=dtype), shardings)
-  with _readable(ckpt_dir, step):
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True)))["state"]
-  params = state["params"]
-  _check_shapes(params, abstract, ckpt_dir, step)
+  params, model_cfg, rules = read_model(workdir, step, config, mesh)
   decoder = decode.Decoder(
       model_cfg, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size,
       context=lambda: mesh_lib.context(mesh, rules), batch_multiple=mesh.shape["data"],
@@ -91,11 +137,51 @@ def load(workdir: str, *, step: int | None = None, tensor_parallel: int = 1, dev
   return Run(workdir, step, config, tokenizer, decoder)
 
 
+def read_model(workdir: str, step: int, config, mesh, dtype: str | None = None):
+  """(params, ModelConfig, rules): the run's parameters on `mesh`, read straight
+  into `dtype` (default: the compute dtype), adapters merged."""
+  rules = mesh_lib.rules_tuple(config.mesh.rules)
+  model_cfg = derived.model_config(config, platform=mesh.devices.flat[0].platform)
+  with mesh_lib.context(mesh, rules):
+    abstract, specs = params_lib.abstract_params(model_for(config, model_cfg))
+    shardings = mesh_lib.logical_sharding(specs, mesh, rules)
+  mesh_lib.check_divisible(abstract, shardings)
+  mesh_lib.check_heads(model_cfg.num_heads, model_cfg.num_kv_heads, mesh, rules)
+  dtype = jax.numpy.dtype(dtype or model_cfg.dtype)
+  if config.lora.rank:  # merged in float32, then cast once
+    from tpu_lm.model import lora
+
+    params = read_params(workdir, step, abstract, shardings, jax.numpy.float32)
+    params = lora.merge(params, rank=config.lora.rank, alpha=config.lora.alpha)
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+  else:
+    params = read_params(workdir, step, abstract, shardings, dtype)
+  return params, model_cfg, rules
+
+
+def write(workdir: str, config, params, tokenizer, step: int = 0) -> None:
+  """A run directory holding `params` (a per-layer tree of arrays), `config` and
+  `tokenizer`; refuses to overwrite a directory that already has checkpoints."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
+    raise UserError(f"{workdir} already holds checkpoints: pass a new --workdir (nothing was overwritten).")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create {workdir} ({e.strerror}): pass a writable --workdir.") from None
+  mngr = _manager(workdir, read_only=False)
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeSave({"params": params}), config=ocp.args.JsonSave(config.to_dict())))
+  mngr.wait_until_finished()
+  mngr.close()
+  tokenizer_lib.save_for_run(tokenizer, workdir)
+
+
 class _readable:
   """Orbax's many exception types for missing or cut files, as one UserError."""
 
-  def __init__(self, ckpt_dir: str, step: int):
-    self._where = f"{ckpt_dir}/{step}"
+  def __init__(self, workdir: str, step: int):
+    self._where = f"{workdir}/checkpoints/{step}"
 
   def __enter__(self):
     return self
@@ -110,10 +196,10 @@ class _readable:
     ) from None
 
 
-def _check_shapes(params, abstract, ckpt_dir: str, step: int) -> None:
+def _check_shapes(params, abstract, workdir: str, step: int) -> None:
   for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(abstract)):
     if got.shape != want.shape:
       raise UserError(
-          f"the checkpoint {ckpt_dir}/{step} does not match its own config: {jax.tree_util.keystr(path)} has"
-          f" shape {got.shape}, the config makes {want.shape}."
+          f"the checkpoint {workdir}/checkpoints/{step} does not match its config: {jax.tree_util.keystr(path)}"
+          f" has shape {got.shape}, the config makes {want.shape}."
       )

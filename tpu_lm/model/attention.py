@@ -18,6 +18,7 @@ class Attention(nn.Module):
   use_bias: bool
   use_rope: bool
   rope_theta: float
+  rope_scaling: tuple
   init_std: float
   out_init_std: float
   dtype: str
@@ -48,8 +49,8 @@ class Attention(nn.Module):
     k_BxTxKxH = checkpoint_name(proj(self.num_kv_heads, "kv_heads", "key", False), "key")
     v_BxTxKxH = checkpoint_name(proj(self.num_kv_heads, "kv_heads", "value", self.use_bias), "value")
     if self.use_rope:
-      q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.rope_theta)
-      k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, self.rope_theta)
+      q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.rope_theta, self.rope_scaling)
+      k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, self.rope_theta, self.rope_scaling)
     q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, _ACT)
     if cache is None:
       out_BxTxNxH = kernels.dot_product_attention(

@@ -33,19 +33,40 @@ def projection(features: int, axes: tuple, *, std: float, use_bias: bool, dtype:
   )
 
 
-def norm(kind: str, *, use_bias: bool, dtype: str, name: str) -> nn.Module:
+# The epsilons of the two families' reference models (GPT-2, Llama), used where
+# a config leaves model.norm_eps at 0.
+DEFAULT_EPS = {"layernorm": 1e-5, "rmsnorm": 1e-6}
+
+
+def norm(kind: str, *, use_bias: bool, dtype: str, name: str, eps: float = 0.0) -> nn.Module:
   scale = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
+  eps = eps or DEFAULT_EPS[kind]
   if kind == "rmsnorm":
-    return nn.RMSNorm(epsilon=1e-6, dtype=dtype, scale_init=scale, name=name)
+    return nn.RMSNorm(epsilon=eps, dtype=dtype, scale_init=scale, name=name)
   return nn.LayerNorm(
-      epsilon=1e-5, dtype=dtype, use_bias=use_bias, scale_init=scale, bias_init=zeros_init(("norm",)), name=name,
+      epsilon=eps, dtype=dtype, use_bias=use_bias, scale_init=scale, bias_init=zeros_init(("norm",)), name=name,
   )
 
 
-def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> jax.Array:
+  """The H/2 rotary frequencies; `scaling` = (factor, low_freq_factor, high_freq_factor,
+  original context) applies Llama 3's long-context rescaling: wavelengths longer than
+  original/low are slowed by `factor`, shorter than original/high kept, and those in
+  between interpolated."""
+  freqs_F = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  if not scaling:
+    return freqs_F
+  factor, low, high, original = scaling
+  wavelen_F = 2 * jnp.pi / freqs_F
+  smooth_F = (original / wavelen_F - low) / (high - low)
+  scaled_F = jnp.where(wavelen_F > original / low, freqs_F / factor, freqs_F)
+  medium_F = (wavelen_F >= original / high) & (wavelen_F <= original / low)
+  return jnp.where(medium_F, (1 - smooth_F) * scaled_F / factor + smooth_F * scaled_F, scaled_F)
+
+
+def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float, scaling: tuple = ()) -> jax.Array:
   """Rotary position embedding (rotate-half form, as Hugging Face's Llama), in float32."""
-  h = x_BxTxNxH.shape[-1]
-  freqs_F = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  freqs_F = rope_frequencies(x_BxTxNxH.shape[-1], theta, scaling)
   angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * freqs_F
   sin, cos = jnp.sin(angles_BxTxF)[:, :, None], jnp.cos(angles_BxTxF)[:, :, None]
   x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)

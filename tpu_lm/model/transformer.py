@@ -36,8 +36,10 @@ class ModelConfig:
   mlp_dim: int
   max_len: int = 256
   norm: str = "layernorm"
+  norm_eps: float = 0.0  # 0: the family's (layers.DEFAULT_EPS)
   position: str = "learned"
   rope_theta: float = 10_000.0
+  rope_scaling: tuple = ()  # (factor, low_freq_factor, high_freq_factor, original context): Llama 3's
   mlp: str = "gelu"
   use_bias: bool = True
   tie_embeddings: bool = True
@@ -47,6 +49,17 @@ class ModelConfig:
   scan_layers: bool = False
   init_std: float = 0.02
   attention: str = "xla"  # attention kernel, see kernels.py
+  # The tokenizer's vocabulary; `vocab_size` is the embedding table, padded for even
+  # sharding. Logits past vocab_used are masked: padding ids are never predicted and
+  # take no probability (0: the whole table is used).
+  vocab_used: int = 0
+  # > 0: a sequence classifier. A head of this many classes reads pooled final hidden
+  # states (method "classify"); there is no unembedding then.
+  num_classes: int = 0
+
+
+# Finite, so that softmax, its gradient and any arithmetic on logits stay NaN-free.
+MASKED_LOGIT = -1e30
 
 
 class Block(nn.Module):
@@ -60,13 +73,13 @@ class Block(nn.Module):
     cfg = self.cfg
     # GPT-2's scaled init for the projections into the residual stream.
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-    h_BxTxD = layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, name="attn_norm")(x_BxTxD)
+    h_BxTxD = layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, eps=cfg.norm_eps, name="attn_norm")(x_BxTxD)
     h_BxTxD, cache = Attention(
         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.use_bias, cfg.position == "rope",
-        cfg.rope_theta, cfg.init_std, out_std, cfg.dtype, cfg.attention, name="attn",
+        cfg.rope_theta, cfg.rope_scaling, cfg.init_std, out_std, cfg.dtype, cfg.attention, name="attn",
     )(h_BxTxD, segment_ids_BxT, positions_BxT, cache)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(h_BxTxD, deterministic=self.deterministic)
-    h_BxTxD = layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, name="mlp_norm")(x_BxTxD)
+    h_BxTxD = layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, eps=cfg.norm_eps, name="mlp_norm")(x_BxTxD)
     h_BxTxD = layers.Mlp(cfg.mlp_dim, cfg.mlp, cfg.use_bias, cfg.init_std, out_std, cfg.dtype, name="mlp")(h_BxTxD)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(h_BxTxD, deterministic=self.deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_length", "act_embed"))
@@ -110,16 +123,28 @@ class Transformer(nn.Module):
     else:
       self.layers = [block(cfg, self.deterministic) for _ in range(cfg.num_layers)]  # layers_0, layers_1, ...
     self.embed_dropout = nn.Dropout(cfg.dropout_rate)
-    self.final_norm = layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, name=None)
-    if not cfg.tie_embeddings:
+    self.final_norm = layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, eps=cfg.norm_eps, name=None)
+    if cfg.num_classes:
+      self.cls_head = layers.projection(
+          cfg.num_classes, ("embed", "classes"), std=cfg.init_std, use_bias=True, dtype=cfg.dtype, name=None
+      )
+    elif not cfg.tie_embeddings:
       self.unembed = layers.projection(
           cfg.vocab_size, ("embed", "vocab"), std=cfg.init_std, use_bias=False, dtype=cfg.dtype, name=None
       )
 
   def __call__(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache=None):
+    """Next-token logits [B, T, V] (with a cache: and the new cache); for a classifier,
+    class logits [B, T, C] of every position's hidden state."""
     x_BxTxD, cache = self.hidden(tokens_BxT, segment_ids_BxT, positions_BxT, cache, return_cache=True)
+    if self.cfg.num_classes:
+      return self.classify(x_BxTxD)
     logits_BxTxV = self.logits(x_BxTxD)
     return logits_BxTxV if cache is None else (logits_BxTxV, cache)
+
+  def classify(self, pooled_xD):
+    """Pooled hidden states [..., D] -> float32 class logits [..., C]."""
+    return self.cls_head(pooled_xD).astype(jnp.float32)
 
   def hidden(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache=None, return_cache=False):
     """The final hidden states [B, T, D] (normed, compute dtype), before the unembedding."""
@@ -151,7 +176,11 @@ class Transformer(nn.Module):
     else:
       logits_BxTxV = self.unembed(x_BxTxD)
     logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("act_batch", "act_length", "act_vocab"))
-    return logits_BxTxV.astype(jnp.float32)
+    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+    if 0 < self.cfg.vocab_used < self.cfg.vocab_size:
+      used_V = jnp.arange(self.cfg.vocab_size) < self.cfg.vocab_used
+      logits_BxTxV = jnp.where(used_V, logits_BxTxV, MASKED_LOGIT)
+    return logits_BxTxV
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[dict]:

@@ -128,7 +128,10 @@ def logical_sharding(tree_of_specs, mesh: Mesh, rules):
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
-  return logical_sharding(P("act_batch", "act_length"), mesh, rules)
+  """Every batch field split by rows over the batch axes: valid at any rank (token
+  fields [B, T], a classifier's labels [B]); inside the model the activations take
+  their own logical constraints."""
+  return logical_sharding(P("act_batch"), mesh, rules)
 
 
 def fit_shardings(shardings, abstract_tree):

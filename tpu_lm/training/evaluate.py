@@ -3,6 +3,7 @@
 import jax
 
 from tpu_lm.data import pipeline
+from tpu_lm.errors import UserError
 from tpu_lm.inference import decode
 from tpu_lm.training import metrics as metrics_lib
 
@@ -17,6 +18,8 @@ def evaluate(setup, params, corpus) -> dict:
   ):
     out = setup.eval_step(params, setup.device_batch(batch))
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+  if sums is None:
+    raise UserError(f"the validation split {d.eval_split!r} of {d.dataset!r} is empty: set data.eval_split to another split.")
   return setup.task.eval_metrics(jax.device_get(sums), corpus.validation.num_bytes)
 
 

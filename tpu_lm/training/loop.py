@@ -21,7 +21,7 @@ from tpu_lm.model import params as params_lib
 from tpu_lm.parallel import mesh as mesh_lib
 from tpu_lm.training import checkpoint as checkpoint_lib
 from tpu_lm.training import metrics as metrics_lib
-from tpu_lm.training import preemption
+from tpu_lm.training import init_from, preemption, tasks
 from tpu_lm.training.evaluate import evaluate, print_samples
 from tpu_lm.training.setup import Setup, check_batch
 from tpu_lm.training.state import TrainState
@@ -37,15 +37,25 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
   checks.validate(config)
   checkpoint_lib.check_writable(workdir)
   mesh = mesh_lib.make_mesh(mesh_lib.mesh_sizes(config.mesh))
-  setup = Setup(config, mesh)
   d = config.data
   check_batch(config, mesh, jax.process_count())
-
-  corpus = _prepare_corpus(d)
+  # Fine-tuning speaks the source run's tokenizer, whatever data.tokenizer says.
+  tokenizer = init_from.source_tokenizer(config.init_from) if config.init_from else None
+  corpus = None
+  if config.task.kind == "classification":  # the head's size comes from the dataset
+    corpus = _prepare_corpus(d, tokenizer, config.task.kind)
+    setup = Setup(config, mesh, tasks.from_config(config, len(corpus.class_names), corpus.class_names))
+  else:
+    setup = Setup(config, mesh)  # config and mesh mistakes surface before any data is built
+  if config.init_from:
+    init_from.check(setup, config.init_from)
+  corpus = corpus or _prepare_corpus(d, tokenizer, config.task.kind)
+  _check_vocabulary(config, corpus.tokenizer)
   metrics_lib.console(
       f"data: {d.dataset}, {len(corpus.train.tokens):,} train tokens, validation"
-      f" {corpus.validation.num_bytes:,} bytes; tokenizer {corpus.tokenizer.name};"
-      f" zlib -9 on the validation text: {corpus.zlib_bits_per_byte:.3f} bits/byte"
+      f" {corpus.validation.num_bytes:,} bytes; tokenizer {corpus.tokenizer.name}"
+      + (f"; zlib -9 on the validation text: {corpus.zlib_bits_per_byte:.3f} bits/byte"
+         if corpus.zlib_bits_per_byte else f"; classes {', '.join(corpus.class_names)}" if corpus.class_names else "")
   )
   if jax.process_index() == 0:
     tokenizer_lib.save_for_run(corpus.tokenizer, workdir)
@@ -63,7 +73,7 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
   metrics_lib.console(
       f"model: {n_params:,} parameters, {flops_per_step / (d.global_batch_size * d.seq_len):,.0f}"
       f" training FLOPs/token; mesh {dict(mesh.shape)} on {jax.device_count()}"
-      f" {jax.devices()[0].platform} device(s)"
+      f" {jax.devices()[0].platform} device(s); {setup.trainable_summary()}"
   )
 
   step = int(state.step)
@@ -113,7 +123,7 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
     if saved_step != step:
       ckpt.save(step, state, train_iter, config.to_dict())
     result = _log_eval(setup, state, corpus, writer, step)
-    if watch.reason is None:  # a signal during the final eval: the checkpoint is all that matters
+    if watch.reason is None and setup.task.generates:  # after a signal the checkpoint is all that matters
       print_samples(setup, state.params, corpus)
     ckpt.close()
   finally:
@@ -134,23 +144,40 @@ def _diverged(ckpt, writer, streak: int, step: int, limit: int) -> None:
   )
 
 
-def _prepare_corpus(data) -> sources.Corpus:
+def _prepare_corpus(data, tokenizer, task_kind: str) -> sources.Corpus:
   """Process 0 builds the dataset and tokenizer; the others then read its cache."""
   if jax.process_index() == 0:
-    corpus = sources.prepare(data)
+    corpus = sources.prepare(data, tokenizer, task_kind)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("tpu_lm data prepared")
     if jax.process_index() != 0:
-      corpus = sources.prepare(data)
+      corpus = sources.prepare(data, tokenizer, task_kind)
   return corpus
+
+
+def _check_vocabulary(config, tok) -> None:
+  """The model's table must hold every id the tokenizer makes."""
+  from tpu_lm.config import derived
+
+  have = derived.tokenizer_vocab_size(config)
+  if tok.vocab_size > have:
+    raise UserError(
+        f"the tokenizer {tok.name} has {tok.vocab_size} ids but data.vocab_size is {have}: set"
+        f" data.vocab_size={tok.vocab_size}.")
 
 
 def _restore_or_init(setup: Setup, ckpt, train_iter) -> TrainState:
   """The newest checkpoint's state (and data position), else a freshly initialised state."""
   latest = ckpt.latest_step()
   if latest is None:
-    metrics_lib.console(f"starting from scratch; checkpoints go to {ckpt.directory}")
-    return setup.init(jax.random.key(setup.config.seed))
+    state = setup.init(jax.random.key(setup.config.seed))
+    if setup.config.init_from:  # resuming (below) wins: a restarted fine-tune continues
+      with setup.context():
+        state = state.replace(params=init_from.load(setup, setup.config.init_from, state.params))
+      metrics_lib.console(f"fine-tuning from {setup.config.init_from}; checkpoints go to {ckpt.directory}")
+    else:
+      metrics_lib.console(f"starting from scratch; checkpoints go to {ckpt.directory}")
+    return state
   abstract = checkpoint_lib.abstract_like(setup.abstract_state, setup.state_shardings)
   state = ckpt.restore(latest, abstract, train_iter)
   metrics_lib.console(f"resuming from the checkpoint at step {latest} in {ckpt.directory}")
@@ -184,8 +211,9 @@ def _log_train(setup, writer, step, window, elapsed, *, eta_s, flops_per_step, p
   if peak:
     record["mfu"] = flops_per_step / sec_per_step / peak
     mfu = f"{100 * record['mfu']:.1f}%"
+  task_shown = "".join(f"  {k} {record[k]:.4f}" for k in record if k in window[-1] and k not in _STEP_METRICS)
   metrics_lib.console(
-      f"step {step:>6}/{setup.config.num_train_steps}  loss {loss:.4f}  ppl {record['ppl']:.2f}"
+      f"step {step:>6}/{setup.config.num_train_steps}  loss {loss:.4f}  ppl {record['ppl']:.2f}{task_shown}"
       f"  lr {record['lr']:.2e}  grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s"
       f"  MFU {mfu}  ETA {metrics_lib.format_seconds(eta_s)}"
       + (f"  loss scale {record['loss_scale']:g}" if "loss_scale" in record else "")
@@ -201,10 +229,12 @@ def _log_eval(setup, state, corpus, writer, step) -> dict:
   t0 = time.time()
   with setup.context():
     result = evaluate(setup, state.params, corpus)
-  shown = "  ".join(f"{_EVAL_NAMES.get(k, k)} {v:.4f}" for k, v in result.items())
+  shown = "  ".join(f"{_EVAL_NAMES.get(k, k.removeprefix('eval_'))} {v:.4f}" for k, v in result.items()
+                    if isinstance(v, float))
   zlib = f"  (zlib -9: {corpus.zlib_bits_per_byte:.4f})" if "eval_bpb" in result else ""
   metrics_lib.console(
-      f"eval at step {step}: {shown}{zlib}; whole validation split in {time.time() - t0:.1f} s")
+      f"eval at step {step}: {shown}{zlib}; whole validation split in {time.time() - t0:.1f} s"
+      + metrics_lib.classification_table(result))
   writer.write(step, result)
   return result
 

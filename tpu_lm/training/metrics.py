@@ -49,6 +49,21 @@ def format_seconds(s: float) -> str:
   return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def classification_table(result: dict) -> str:
+  """Per-class precision/recall/F1 and the confusion matrix as console lines ('' if
+  the eval has none)."""
+  per_class = result.get("eval_per_class")
+  if not per_class:
+    return ""
+  width = max(len(n) for n in per_class)
+  lines = [f"  {'class':<{width}}  precision  recall     f1  support"]
+  lines += [f"  {n:<{width}}  {c['precision']:9.3f}  {c['recall']:6.3f}  {c['f1']:5.3f}  {c['support']:7d}"
+            for n, c in per_class.items()]
+  lines.append("  confusion (rows: true, columns: predicted):")
+  lines += ["  " + " ".join(f"{v:5d}" for v in row) for row in result["eval_confusion"]]
+  return "\n" + "\n".join(lines)
+
+
 class Writer:
   """Appends each record to DIR/metrics.jsonl and DIR's TensorBoard events (process 0)."""
 

@@ -39,7 +39,9 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make(optim, num_train_steps: int) -> optax.GradientTransformation:
+def make(optim, num_train_steps: int, trainable=None) -> optax.GradientTransformation:
+  """The whole chain. `trainable(params) -> tree of bools` (training/trainable.py):
+  parameters it marks False get no optimizer state and no update."""
   lr = schedule(optim, num_train_steps)
   if optim.optimizer == "adamw":
     opt = optax.adamw(lr, optim.b1, optim.b2, optim.eps, weight_decay=optim.weight_decay, mask=decay_mask)
@@ -54,7 +56,11 @@ def make(optim, num_train_steps: int) -> optax.GradientTransformation:
   # update through unchanged, bit for bit): the optimizer state keeps one
   # structure, so a run can resume with clipping turned on or off.
   clip = optim.grad_clip_norm if optim.grad_clip_norm > 0 else float("inf")
-  return optax.chain(optax.clip_by_global_norm(clip), opt)
+  tx = optax.chain(optax.clip_by_global_norm(clip), opt)
+  if trainable is None:
+    return tx
+  labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))  # noqa: E731
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def update_count(opt_state) -> jax.Array:

@@ -1,6 +1,7 @@
 """Everything compiled for one config on one mesh: model, task, optimizer,
 shardings and the jitted steps."""
 
+import dataclasses
 import functools
 import math
 
@@ -8,11 +9,12 @@ import flax.linen as nn
 import jax
 
 from tpu_lm.config import derived
+from tpu_lm.errors import UserError
 from tpu_lm.model import params as params_lib
 from tpu_lm.model import transformer
 from tpu_lm.parallel import mesh as mesh_lib
 from tpu_lm.training import metrics as metrics_lib
-from tpu_lm.training import optim, tasks
+from tpu_lm.training import optim, tasks, trainable
 from tpu_lm.training.state import init_boxed
 from tpu_lm.training.step import StepOptions, eval_step, train_step
 
@@ -21,14 +23,20 @@ class Setup:
   def __init__(self, config, mesh, task: tasks.Task | None = None):
     self.config, self.mesh = config, mesh
     self.rules = mesh_lib.rules_tuple(config.mesh.rules)
-    self.model_cfg = derived.model_config(config, platform=mesh.devices.flat[0].platform)
-    deterministic = self.model_cfg.dropout_rate == 0
-    self.train_model = transformer.Transformer(self.model_cfg, deterministic=deterministic)
-    self.eval_model = transformer.Transformer(self.model_cfg, deterministic=True)
     self.task = task or tasks.from_config(config)
-    self.tx = optim.make(config.optim, config.num_train_steps)
-    self.lr = optim.schedule(config.optim, config.num_train_steps)
+    self.model_cfg = dataclasses.replace(
+        derived.model_config(config, platform=mesh.devices.flat[0].platform),
+        num_classes=getattr(self.task, "num_classes", 0))
+    deterministic = self.model_cfg.dropout_rate == 0
+    self.train_model = self._model(transformer.Transformer(self.model_cfg, deterministic=deterministic))
+    self.eval_model = self._model(transformer.Transformer(self.model_cfg, deterministic=True))
+    # Which parameters train (all, unless optim.freeze or LoRA say otherwise).
     o = config.optim
+    mask_fn = None
+    if o.freeze or config.lora.rank:
+      mask_fn = functools.partial(trainable.mask, freeze=tuple(o.freeze), lora_rank=config.lora.rank)
+    self.tx = optim.make(config.optim, config.num_train_steps, trainable=mask_fn)
+    self.lr = optim.schedule(config.optim, config.num_train_steps)
     dynamic_scale = o.loss_scale == "dynamic" or (o.loss_scale == "auto" and self.model_cfg.dtype == "float16")
     self.step_options = StepOptions(
         seed=config.seed, l1=o.l1_penalty, log_every=config.log_every_steps, accum_steps=o.grad_accum_steps,
@@ -50,11 +58,15 @@ class Setup:
       mesh_lib.check_divisible(self.abstract_state, shardings)
       mesh_lib.check_heads(self.model_cfg.num_heads, self.model_cfg.num_kv_heads, mesh, self.rules)
     self.state_shardings = shardings
+    self.trainable = mask_fn(self.abstract_state.params) if mask_fn else None
+    if self.trainable is not None and not any(jax.tree.leaves(self.trainable)):
+      raise UserError("optim.freeze (with LoRA: everything but the adapters) freezes every parameter:"
+                      " leave some to train.")
     self.batch_sharding = mesh_lib.batch_sharding(mesh, self.rules)
     self.init = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=self.state_shardings)
     self.train_step = jax.jit(
         functools.partial(train_step, model=self.train_model, task=self.task, tx=self.tx, lr_schedule=self.lr,
-                          opts=self.step_options),
+                          opts=self.step_options, trainable=self.trainable),
         in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, None),
         donate_argnums=0,
@@ -63,6 +75,18 @@ class Setup:
         functools.partial(eval_step, model=self.eval_model, task=self.task),
         in_shardings=(self.state_shardings.params, self.batch_sharding),
     )
+
+  def _model(self, model):
+    c = self.config.lora
+    if not c.rank:
+      return model
+    from tpu_lm.model import lora
+
+    return lora.apply(model, rank=c.rank, alpha=c.alpha, targets=c.targets)
+
+  def trainable_summary(self) -> str:
+    mask = self.trainable if self.trainable is not None else jax.tree.map(lambda _: True, self.abstract_state.params)
+    return trainable.summary(self.abstract_state.params, mask, self.abstract_state.opt_state)
 
   def context(self):
     """Mesh and logical rules for tracing: the models' sharding constraints read them."""

@@ -40,12 +40,15 @@ def init_boxed(rng, *, model, tx, seq_len: int, loss_scale: float = 1.0) -> Trai
 def _fit_boxes(opt_state):
   """Optimizer statistics inherit their parameter's logical axis names (so Adam's
   moments shard like the parameters). Those of another rank (Adafactor's factored
-  moments and (1,)-placeholders) lose them: small, they are replicated."""
+  moments and (1,)-placeholders) lose them: small, they are replicated. So do the
+  placeholders optax.multi_transform keeps for frozen parameters (no arrays at all)."""
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
 
   def fit(x):
-    if is_box(x) and x.unbox(apply_constraint=False).ndim != len(x.names):
-      return x.unbox(apply_constraint=False)
+    if is_box(x):
+      value = x.unbox(apply_constraint=False)
+      if getattr(value, "ndim", None) != len(x.names):
+        return value
     return x
 
   return jax.tree.map(fit, opt_state, is_leaf=is_box)

@@ -25,27 +25,31 @@ class StepOptions:
   scale_period: int = 2000
 
 
-def loss_and_grads(params, batch, rng, *, model, task, opts: StepOptions, loss_scale):
+def loss_and_grads(params, batch, rng, *, model, task, opts: StepOptions, loss_scale, trainable=None):
   """Mean loss and its gradient over the global batch, and the task's metrics.
 
   With accum_steps = k the batch is cut into k microbatches (row i goes to
   microbatch i mod k, so each device keeps its own rows) and a lax.scan sums
   their losses, counts and gradients: one gradient-sized carry, activations of
   one microbatch at a time, and the same result as the whole batch at once. The
-  gradient is of the scaled loss (loss_scale > 1 only for float16).
+  gradient is of the scaled loss (loss_scale > 1 only for float16). Parameters
+  `trainable` marks False get exactly zero gradient (and XLA computes none).
   """
+  if trainable is not None:
+    params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
   if opts.accum_steps == 1:
-    def mean_fn(params):
+    def sum_fn(params):
       total, count, metrics = task.loss(model, params, batch, rng)
-      loss = total / jnp.maximum(count, 1)
-      return loss * loss_scale, (loss, metrics)
+      # The gradient of the mean: the count does not depend on the parameters.
+      return total / jnp.maximum(count, 1) * loss_scale, (total, count, metrics)
 
-    (_, (loss, metrics)), grads = jax.value_and_grad(mean_fn, has_aux=True)(params)
+    (_, (total, count, metrics)), grads = jax.value_and_grad(sum_fn, has_aux=True)(params)
+    count = jnp.maximum(count, 1)
   else:
     k = opts.accum_steps
     micro_batches = jax.tree.map(
         lambda x: nn.with_logical_constraint(
-            x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), (None, "act_batch", "act_length")
+            x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), (None, "act_batch", "act_length")[:x.ndim + 1]
         ),
         batch,
     )
@@ -67,19 +71,24 @@ def loss_and_grads(params, batch, rng, *, model, task, opts: StepOptions, loss_s
              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
     (grad_sum, total, count, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro_batches))
     count = jnp.maximum(count, 1)
-    loss = total / count
     grads = jax.tree.map(lambda g: g / count, grad_sum)
+  loss = total / count
+  # A task's metrics are sums over what its count counts (e.g. correct examples):
+  # reported per count, so they mean the same with or without accumulation.
+  metrics = jax.tree.map(lambda m: m / count, metrics)
   if opts.l1:
     l1_grads = jax.grad(optim.l1_penalty)(params, opts.l1)
+    if trainable is not None:
+      l1_grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), l1_grads, trainable)
     grads = jax.tree.map(lambda g, l: g + l * loss_scale, grads, l1_grads)
   return loss, grads, metrics
 
 
-def train_step(state: TrainState, batch, *, model, task, tx, lr_schedule, opts: StepOptions):
+def train_step(state: TrainState, batch, *, model, task, tx, lr_schedule, opts: StepOptions, trainable=None):
   rng = jax.random.fold_in(jax.random.key(opts.seed), state.step)
   scale = state.loss_scale if opts.dynamic_scale else jnp.ones((), jnp.float32)
   loss, grads, task_metrics = loss_and_grads(
-      state.params, batch, rng, model=model, task=task, opts=opts, loss_scale=scale)
+      state.params, batch, rng, model=model, task=task, opts=opts, loss_scale=scale, trainable=trainable)
   if opts.dynamic_scale:
     grads = jax.tree.map(lambda g: g / scale, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

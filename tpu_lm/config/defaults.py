@@ -1,0 +1,205 @@
+"""Every config field, with its default and what it does: the schema of a run.
+
+`configs/base.py` (the default experiment) is these defaults; every other config
+file derives from it and changes a few fields. A run directory's saved config is
+read back over these defaults (`complete`), so a field added later has its
+default in older runs.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Start from the parameters of a run directory (one trained here, or converted from
+  # Hugging Face by python -m tpu_lm.convert): a fresh optimizer at step 0. Its
+  # architecture must be this config's; see configs/finetune.py.
+  c.init_from = ""
+  c.num_train_steps = 2200
+  c.log_every_steps = 200
+  c.eval_every_steps = 1100
+  c.checkpoint_every_steps = 800
+  c.keep_checkpoints = 3
+  # A step with a NaN/Inf loss or gradient is skipped (no update); this many in a
+  # row stop the run with an error, keeping the last good checkpoint.
+  c.max_consecutive_nonfinite = 20
+
+  # What the run optimizes (training/tasks.py): "lm" (next-token prediction), or
+  # "classification" (a head on the pooled final hidden state; the labels and class
+  # count come from the dataset's data.label_key feature).
+  c.task = ml_collections.ConfigDict()
+  c.task.kind = "lm"
+  c.task.pooling = "last"  # classification: "last" (the final token's state) or "mean"
+
+  c.data = ml_collections.ConfigDict()
+  # "python_stdlib" (offline, the default), "text_files" (+ data.path), "instructions"
+  # (JSONL of {"prompt", "completion"} at data.path: the loss covers completions only),
+  # "stdlib_functions" (offline classification: a function's top-level package), or a
+  # TFDS catalog name ("tiny_shakespeare", "lm1b", "glue/sst2", "imdb_reviews", ...).
+  c.data.dataset = "python_stdlib"
+  c.data.path = ""  # text_files / instructions: a directory, file or glob
+  c.data.data_dir = "~/tensorflow_datasets"
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.text_key = "text"
+  c.data.label_key = "label"  # classification: the integer class feature
+  c.data.max_documents = 0  # read at most this many documents per split (0: all)
+  # "sentencepiece" (trained on the training split once and cached, or the .model file
+  # at data.tokenizer_path), "bytes", or "hf" (the Hugging Face tokenizer.json in the
+  # directory data.tokenizer_path). With init_from, the source run's own tokenizer is
+  # used, whatever this says.
+  c.data.tokenizer = "sentencepiece"
+  c.data.tokenizer_path = ""
+  # sentencepiece: its vocabulary; hf: the model's embedding rows (at least the
+  # tokenizer's); bytes has 259.
+  c.data.vocab_size = 2048
+  c.data.seq_len = 256
+  c.data.global_batch_size = 8
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = 2
+  c.model.d_model = 160
+  c.model.head_dim = 0  # 0: d_model // num_heads
+  c.model.max_len = 256  # positions the model handles (learned: the table size; rope: the context)
+  c.model.rope_theta = 10_000.0
+  # Llama 3's long-context RoPE rescaling (type "llama3"; imported Llama 3 models set it).
+  c.model.rope_scaling = ml_collections.ConfigDict(
+      {"type": "none", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_len": 8192})
+  c.model.norm_eps = 0.0  # 0: the family's own (LayerNorm 1e-5, RMSNorm 1e-6)
+  llama_block(c.model)  # gpt2_block(c.model) for the GPT-2 family (configs/gpt2_small.py)
+  c.model.dropout_rate = 0.0
+  c.model.dtype = "float32"  # compute dtype: "float32", "bfloat16", "float16"; params are always float32
+  # Rematerialisation: "none", "full" (recompute each block), "dots", "dots_no_batch"
+  # (save matmul outputs), "qkv_attn" (save the attention projections and output).
+  c.model.remat = "none"
+  c.model.scan_layers = False  # one compiled block applied num_layers times
+  # > 0: make the [batch, seq, vocab] logits this many positions at a time in the
+  # loss (recomputed in the backward pass): for large vocabularies. 0: all at once.
+  c.model.logits_chunk = 0
+  # "auto": cuDNN flash attention on GPU, Pallas splash on TPU, XLA elsewhere.
+  c.model.attention = "auto"
+  c.model.init_std = 0.02
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.optimizer = "adamw"  # "adamw", "sgd", "adafactor"
+  c.optim.learning_rate = 6e-3
+  c.optim.schedule = "cosine"  # "cosine", "linear", "rsqrt", "constant"
+  c.optim.warmup_steps = 120
+  c.optim.min_lr_ratio = 0.1  # the cosine/linear schedules end at this fraction of the peak
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.momentum = 0.9  # sgd only
+  c.optim.weight_decay = 0.1  # decoupled; never applied to norms and biases
+  c.optim.grad_clip_norm = 1.0  # 0: no clipping
+  c.optim.l1_penalty = 0.0
+  # Regular expressions over parameter paths ("embed/embedding", "layers_0/attn/query/kernel",
+  # ...): a parameter whose path one of them matches in full is frozen (no update, no
+  # optimizer state); the run's log counts both kinds. ("embed/.*", "layers_0/.*")
+  # freezes the embedding and the first block. Not with model.scan_layers.
+  c.optim.freeze = ()
+  # Split each global batch into this many microbatches, summing their gradients
+  # (lax.scan): the same update with 1/k of the activation memory.
+  c.optim.grad_accum_steps = 1
+  # float16 compute needs loss scaling; "auto" turns it on exactly then. The scale
+  # doubles after loss_scale_period finite steps, halves on overflow (step skipped).
+  c.optim.loss_scale = "auto"  # "auto", "dynamic", "none"
+  c.optim.loss_scale_init = 2.0**15
+  c.optim.loss_scale_period = 2000
+
+  # Device mesh: -1 takes the devices the other axes leave. The default is pure
+  # data parallelism; fsdp / tensor shard the parameters instead of replicating.
+  c.mesh = ml_collections.ConfigDict()
+  # A named layout instead of the three sizes: "data_parallel", "fsdp", or
+  # "fsdp_tensor" (tensor-parallel over mesh.tensor devices, FSDP over the rest).
+  c.mesh.preset = ""
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # Across slices (TPU multi-slice) or hosts (GPU nodes), over the slower network:
+  # each axis is (its ICI size) x (its DCN size) long; -1 fills the slices.
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_tensor = 1
+  # Logical axis name -> mesh axes. Parameters and activations are annotated with
+  # the names on the left where they are created.
+  c.mesh.rules = (
+      ("act_batch", ("data", "fsdp")),
+      ("act_length", None),
+      ("act_embed", None),
+      ("act_heads", "tensor"),
+      ("act_kv", None),
+      ("act_mlp", "tensor"),
+      ("act_vocab", "tensor"),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("kv", None),
+      ("pos", None),
+      ("norm", None),
+      ("classes", None),
+      ("layers", None),
+  )
+
+  # LoRA (through Qwix): rank > 0 adds low-rank adapters A [in, r] and B [r, out] to
+  # every projection whose module path matches `targets`, and trains only those (and a
+  # classification head); the output is x W + (alpha / rank) x A B. generate, serve and
+  # export read the adapters merged into W.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0
+  c.lora.targets = ".*"  # e.g. ".*attn/(query|value)"
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_prompts = 3
+  c.sample.prompt_tokens = 32
+  c.sample.new_tokens = 48
+  c.sample.temperature = 0.7
+  c.sample.top_k = 40
+
+  c.peak_flops_per_device = 0.0  # 0: look up the accelerator; used for MFU only
+  return c
+
+
+def complete(saved: dict) -> ml_collections.ConfigDict:
+  """A config saved by a run (as JSON), over today's defaults: fields added since that
+  run take their defaults; every saved value is kept as it was."""
+  config = get_config()
+
+  def merge(node, values, prefix=""):
+    for key, value in values.items():
+      if isinstance(value, dict) and key in node and isinstance(node[key], ml_collections.ConfigDict):
+        merge(node[key], value, f"{prefix}{key}.")
+      else:
+        with node.unlocked():
+          node[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value) if isinstance(value, list) else value
+
+  merge(config, saved)
+  return config
+
+
+def llama_block(m: ml_collections.ConfigDict) -> None:
+  """Llama family: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied."""
+  m.norm = "rmsnorm"
+  m.position = "rope"
+  m.mlp = "swiglu"
+  m.use_bias = False
+  m.num_heads = 4
+  m.num_kv_heads = 2  # 0: same as num_heads (multi-head); fewer: grouped-query
+  m.mlp_dim = 416  # ~2/3 of 4 x width: SwiGLU's three matrices cost what GELU's two do
+  m.tie_embeddings = False
+
+
+def gpt2_block(m: ml_collections.ConfigDict) -> None:
+  """GPT-2 family: learned positions, LayerNorm, GELU MLP, biases, tied embeddings."""
+  m.norm = "layernorm"
+  m.position = "learned"
+  m.mlp = "gelu"
+  m.use_bias = True
+  m.num_heads = 2
+  m.num_kv_heads = 0
+  m.mlp_dim = 4 * m.d_model
+  m.tie_embeddings = True

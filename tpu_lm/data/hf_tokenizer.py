@@ -1,0 +1,102 @@
+"""Hugging Face tokenizers (`tokenizer.json`, through the `tokenizers` library) as a
+tpu_lm tokenizer kind, with the special ids the model was trained with.
+
+A Hugging Face tokenizer directory holds `tokenizer.json` (the whole pipeline:
+normalizer, pre-tokenizer, model, decoder) and usually `tokenizer_config.json` /
+`special_tokens_map.json` naming the beginning-, end-of-sequence and padding
+tokens; a model's `config.json` may name their ids instead. Encoding adds no
+special tokens: packing adds [BOS] and [EOS] itself, as for every tokenizer.
+"""
+
+import hashlib
+import json
+import os
+
+from tpu_lm.errors import UserError
+
+FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class HFTokenizer:
+  """`tokenizer.json` plus its special ids; `directory` keeps the files it came from."""
+
+  def __init__(self, directory: str, special_ids: dict | None = None):
+    import tokenizers
+
+    path = os.path.join(directory, "tokenizer.json")
+    try:
+      with open(path, "rb") as f:
+        blob = f.read()
+      self._tok = tokenizers.Tokenizer.from_str(blob.decode("utf-8"))
+    except FileNotFoundError:
+      raise UserError(
+          f"{path} is missing: a Hugging Face tokenizer needs its tokenizer.json (slow-only tokenizers"
+          " without one can be converted with transformers' AutoTokenizer(...).save_pretrained)."
+      ) from None
+    except Exception as e:  # tokenizers raises bare Exception on a bad file
+      raise UserError(f"{path} is not a readable Hugging Face tokenizer ({str(e)[:200]}): replace the file.") from None
+    self.directory = directory
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    # A run directory records the ids it was trained with; a model directory names
+    # them in its files.
+    ids = special_ids or _special_ids(directory, self._tok)
+    self.bos_id, self.eos_id = ids["bos_id"], ids["eos_id"]
+    # Padding is never a target (weight 0): a tokenizer without a pad token pads with EOS.
+    self.pad_id = ids["pad_id"] if ids["pad_id"] is not None else self.eos_id
+    self.name = f"hf{self.vocab_size}-{hashlib.sha256(blob).hexdigest()[:10]}"
+
+  def encode_batch(self, texts):
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids):
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def files(self) -> dict[str, bytes]:
+    """The tokenizer's files by name, to copy into a run or an export."""
+    out = {}
+    for name in FILES:
+      path = os.path.join(self.directory, name)
+      if os.path.exists(path):
+        with open(path, "rb") as f:
+          out[name] = f.read()
+    return out
+
+
+def _token_text(value):
+  """tokenizer_config.json writes a token as a string or as {"content": ...}."""
+  if isinstance(value, dict):
+    return value.get("content")
+  return value if isinstance(value, str) else None
+
+
+def _special_ids(directory: str, tok) -> dict:
+  names = {}
+  for file in ("special_tokens_map.json", "tokenizer_config.json"):  # the later one wins
+    try:
+      with open(os.path.join(directory, file)) as f:
+        meta = json.load(f)
+    except (OSError, ValueError):
+      continue
+    for kind in ("bos", "eos", "pad"):
+      text = _token_text(meta.get(f"{kind}_token"))
+      if text is not None:
+        names[kind] = text
+  ids = {f"{k}_id": (tok.token_to_id(t) if t is not None else None) for k, t in
+         ((k, names.get(k)) for k in ("bos", "eos", "pad"))}
+  try:  # a model's config.json names ids where the tokenizer files name none
+    with open(os.path.join(directory, "config.json")) as f:
+      model_config = json.load(f)
+  except (OSError, ValueError):
+    model_config = {}
+  for kind in ("bos", "eos", "pad"):
+    if ids[f"{kind}_id"] is None:
+      value = model_config.get(f"{kind}_token_id")
+      ids[f"{kind}_id"] = value[0] if isinstance(value, list) and value else value
+  if ids["eos_id"] is None:
+    raise UserError(
+        f"the Hugging Face tokenizer in {directory} names no end-of-sequence token: set eos_token in its"
+        " tokenizer_config.json (or eos_token_id in config.json)."
+    )
+  if ids["bos_id"] is None:  # documents still need a start marker; GPT-2 uses its EOS for both
+    ids["bos_id"] = ids["eos_id"]
+  return ids

@@ -1,0 +1,204 @@
+"""Hugging Face model directories <-> tpu_lm run directories.
+
+`import_model(src, workdir)`: a directory with `config.json`, safetensors weights and
+tokenizer files (or a hub name, where a network exists) -> a run directory that
+generate, serve and `init_from` accept. `export_model(workdir, dst)`: a run
+directory -> a directory `transformers.AutoModelForCausalLM.from_pretrained` and
+`AutoTokenizer.from_pretrained` load as they are.
+
+Architectures: GPT2LMHeadModel and LlamaForCausalLM (gpt2.py, llama.py). Weights
+keep their values exactly: float32 in the run directory (tpu_lm's parameters are
+always float32; a bfloat16 source converts losslessly), and exported in the dtype
+the model came in (recorded in `hf_source.json`) or the one asked for.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from tpu_lm.config import defaults, derived
+from tpu_lm.errors import UserError
+from tpu_lm.interop import gpt2, llama, safetensors_io
+
+ARCHITECTURES = {gpt2.ARCHITECTURE: gpt2, llama.ARCHITECTURE: llama}
+SOURCE_FILE = "hf_source.json"  # in a converted run: what it came from
+_DTYPES = {"float32": np.float32, "bfloat16": None, "float16": np.float16}  # bfloat16: ml_dtypes
+_HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+              "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+
+
+def resolve(src: str) -> str:
+  """A local directory as it is; anything else is taken for a hub name and downloaded
+  (safetensors and tokenizer files only) into the Hugging Face cache."""
+  path = os.path.expanduser(src)
+  if os.path.isdir(path):
+    return path
+  if os.path.exists(path) or src.startswith((".", "/", "~")) or src.count("/") > 1:
+    raise UserError(f"--from_hf={src} is not a directory: pass a Hugging Face model directory or a hub name (gpt2).")
+  try:
+    import huggingface_hub
+
+    return huggingface_hub.snapshot_download(src, allow_patterns=_HUB_FILES)
+  except ImportError:
+    raise UserError(f"{src!r} is not a local directory, and downloading it needs huggingface_hub:"
+                    " pip install huggingface_hub, or pass a directory.") from None
+  except Exception as e:  # offline, unknown repo, gated model: huggingface_hub has many error types
+    raise UserError(f"could not download {src!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:160]}):"
+                    " check the name and the network, or pass a local directory.") from None
+
+
+def read_hf_config(directory: str) -> tuple[dict, object]:
+  """(config.json, the architecture module that handles it)."""
+  path = os.path.join(directory, "config.json")
+  try:
+    with open(path) as f:
+      hf = json.load(f)
+  except FileNotFoundError:
+    raise UserError(f"{path} is missing: pass a Hugging Face model directory (config.json, model.safetensors,"
+                    " tokenizer.json).") from None
+  except ValueError as e:
+    raise UserError(f"{path} is not valid JSON ({e}): download it again.") from None
+  names = hf.get("architectures") or []
+  arch = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
+  if arch is None:
+    raise UserError(f"{directory} holds a {', '.join(names) or hf.get('model_type', 'unknown')} model: tpu_lm"
+                    f" converts {' and '.join(ARCHITECTURES)}.")
+  return hf, arch
+
+
+def to_config(hf: dict, arch, tokenizer, dtype: str = "float32", tokenizer_path: str = ""):
+  """A whole tpu_lm config (today's defaults) for this Hugging Face model."""
+  config = defaults.get_config()
+  try:
+    fields = arch.model_fields(hf)
+  except KeyError as e:
+    raise UserError(f"config.json lacks {e.args[0]!r}, which a {arch.ARCHITECTURE} config has: download it again.") from None
+  m = config.model
+  for key, value in fields.items():
+    if key == "rope_scaling":
+      m.rope_scaling.update(value)
+    else:
+      m[key] = float(value) if isinstance(m[key], float) else value
+  m.dtype = dtype
+  m.remat, m.scan_layers, m.dropout_rate, m.logits_chunk = "none", False, 0.0, 0
+  d = config.data
+  d.tokenizer, d.tokenizer_path = "hf", tokenizer_path
+  d.vocab_size = int(hf["vocab_size"])
+  if tokenizer.vocab_size > d.vocab_size:
+    raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's embedding only {d.vocab_size}: the"
+                    " tokenizer files belong to another model.")
+  d.seq_len = min(d.seq_len, m.max_len)
+  s = config.sample
+  s.prompt_tokens = min(s.prompt_tokens, m.max_len // 2)
+  s.new_tokens = min(s.new_tokens, m.max_len - s.prompt_tokens)
+  return config
+
+
+def import_model(src: str, workdir: str, dtype: str = "float32") -> str:
+  """Writes the run directory; returns a one-line summary."""
+  from tpu_lm.data import tokenizer as tokenizer_lib
+  from tpu_lm.inference import run_dir
+
+  directory = resolve(src)
+  hf, arch = read_hf_config(directory)
+  tokenizer = tokenizer_lib.load_hf(directory)
+  # The run keeps its own copy of the tokenizer files (tokenizer.HF_DIR).
+  config = to_config(hf, arch, tokenizer, dtype,
+                     os.path.join(os.path.abspath(os.path.expanduser(workdir)), tokenizer_lib.HF_DIR))
+  tensors = safetensors_io.read(directory)
+  source_dtype = str(next(iter(tensors.values())).dtype) if tensors else "float32"
+  if arch is gpt2:
+    tensors = gpt2.strip_prefix(tensors)
+  model_cfg = derived.model_config(config)
+  try:
+    params = arch.to_params(tensors, arch.model_fields(hf), model_cfg.vocab_size)
+  except KeyError as e:
+    raise UserError(f"{directory} lacks the tensor {e.args[0]!r} a {arch.ARCHITECTURE} of this config has: its"
+                    " weights are incomplete or of another model.") from None
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  _check_against_model(params, model_cfg, directory)
+  run_dir.write(workdir, config, params, tokenizer)
+  with open(os.path.join(os.path.abspath(os.path.expanduser(workdir)), SOURCE_FILE), "w") as f:
+    json.dump({"source": src, "architecture": arch.ARCHITECTURE, "dtype": source_dtype}, f)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  return (f"wrote {workdir}: {arch.ARCHITECTURE}, {n:,} parameters ({model_cfg.num_layers} layers, width"
+          f" {model_cfg.d_model}), tokenizer {tokenizer.name}, from {directory}")
+
+
+def _check_against_model(params, model_cfg, directory: str) -> None:
+  """Every tensor's shape against what the config makes: a mismatch is one line."""
+  from tpu_lm.model import params as params_lib
+  from tpu_lm.model import transformer
+
+  abstract, _ = params_lib.abstract_params(transformer.Transformer(model_cfg))
+  want = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+  have = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  for name in sorted(set(want) | set(have)):
+    if want.get(name) != have.get(name):
+      raise UserError(f"{directory}: {name} has shape {have.get(name)}, its config.json makes {want.get(name)}:"
+                      " the weights and config.json do not belong together.")
+
+
+def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "auto") -> str:
+  from tpu_lm.inference import run_dir
+  from tpu_lm.data import tokenizer as tokenizer_lib
+  from tpu_lm.interop import tokenizer_export
+  from tpu_lm.parallel import mesh as mesh_lib
+
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  step = run_dir.resolve_step(workdir, step)
+  config = run_dir.read_config(workdir, step)
+  if config.task.kind != "lm":
+    raise UserError(f"{workdir} is a {config.task.kind} run: only language models export to Hugging Face.")
+  m = config.model
+  arch = gpt2 if m.position == "learned" else llama
+  arch.check_exportable(m)
+  if dtype == "auto":
+    dtype = _source_dtype(workdir)
+  if dtype not in _DTYPES:
+    raise UserError(f"--dtype={dtype}: use auto, float32, bfloat16 or float16.")
+  tokenizer = tokenizer_lib.load_for_run(workdir)
+  devices = jax.devices()[:1]
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices)
+  params, model_cfg, _ = run_dir.read_model(workdir, step, config, mesh, dtype="float32")
+  if model_cfg.scan_layers:
+    from tpu_lm.model import params as params_lib
+
+    params = params_lib.unstack_layers(params)
+  params = jax.tree.map(np.asarray, jax.device_get(params))
+  vocab = derived.tokenizer_vocab_size(config)
+  tensors = arch.from_params(params, m, vocab)
+  cast = _DTYPES[dtype] or _bfloat16()
+  tensors = {k: np.asarray(v).astype(cast) for k, v in tensors.items()}
+  dst = os.path.abspath(os.path.expanduser(dst))
+  if os.path.exists(os.path.join(dst, "config.json")):
+    raise UserError(f"{dst} already holds a model (config.json): pass a new --to_hf directory (nothing was overwritten).")
+  try:
+    os.makedirs(dst, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create {dst} ({e.strerror}): pass a writable --to_hf directory.") from None
+  hf = arch.hf_config(m, vocab, tokenizer.bos_id, tokenizer.eos_id, dtype)
+  with open(os.path.join(dst, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2)
+  with open(os.path.join(dst, "generation_config.json"), "w") as f:
+    json.dump({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+               "pad_token_id": tokenizer.pad_id}, f, indent=2)
+  safetensors_io.write(dst, tensors)
+  tokenizer_export.write(tokenizer, dst)
+  return f"wrote {dst}: {arch.ARCHITECTURE} ({dtype}) from {workdir} step {step}"
+
+
+def _source_dtype(workdir: str) -> str:
+  try:
+    with open(os.path.join(workdir, SOURCE_FILE)) as f:
+      return json.load(f)["dtype"]
+  except (OSError, ValueError, KeyError):
+    return "float32"
+
+
+def _bfloat16():
+  import ml_dtypes
+
+  return ml_dtypes.bfloat16

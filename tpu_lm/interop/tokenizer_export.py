@@ -1,0 +1,88 @@
+"""A run's tokenizer as Hugging Face tokenizer files (`tokenizer.json` +
+`tokenizer_config.json`) that `AutoTokenizer.from_pretrained` loads.
+
+A Hugging Face tokenizer is copied as it came. tpu_lm's own are rebuilt with the
+`tokenizers` library so that they give the same ids:
+
+- bytes: a byte-fallback BPE with no merges, whose vocabulary is tpu_lm's (the three
+  special tokens, then <0x00> .. <0xFF>);
+- SentencePiece (BPE, identity normalisation, no dummy prefix, byte fallback, "\\n"
+  its own piece): the pieces as vocabulary, the merges recovered from them and
+  ranked by the merged piece's score (what SentencePiece's encoder follows), spaces
+  as "▁".
+
+Both prepend [BOS] when encoding (the post-processor), as tpu_lm's prompts do.
+"""
+
+import json
+import os
+
+from tpu_lm.data import tokenizer as tokenizer_lib
+
+_SPECIAL = {"pad_id": "<pad>", "bos_id": "<s>", "eos_id": "</s>"}
+
+
+def write(tok, directory: str, max_len: int | None = None) -> None:
+  if hasattr(tok, "files"):  # already a Hugging Face tokenizer
+    for name, data in tok.files().items():
+      with open(os.path.join(directory, name), "wb") as f:
+        f.write(data)
+    return
+  hf_tok = build(tok)
+  hf_tok.save(os.path.join(directory, "tokenizer.json"))
+  names = {k: hf_tok.id_to_token(getattr(tok, k)) for k in _SPECIAL}
+  meta = {
+      "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names["bos_id"], "eos_token": names["eos_id"],
+      "pad_token": names["pad_id"], "clean_up_tokenization_spaces": False, "add_bos_token": True,
+  }
+  if max_len:
+    meta["model_max_length"] = max_len
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump(meta, f, indent=2)
+
+
+def build(tok):
+  """The equivalent `tokenizers.Tokenizer` of a bytes or SentencePiece tokenizer."""
+  from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+  if isinstance(tok, tokenizer_lib.ByteTokenizer):
+    vocab = {name: getattr(tok, key) for key, name in _SPECIAL.items()}
+    vocab.update({f"<0x{b:02X}>": b + tok.OFFSET for b in range(256)})
+    hf_tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    hf_tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    specials = list(_SPECIAL.values())
+  else:
+    vocab, merges, specials, user = _sentencepiece_tables(tok)
+    hf_tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>",
+                                  fuse_unk=True))
+    hf_tok.normalizer = normalizers.Replace(" ", "▁")
+    hf_tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    hf_tok.add_tokens([AddedToken(u, normalized=False, special=False) for u in user])
+  hf_tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+  bos = hf_tok.id_to_token(tok.bos_id)
+  hf_tok.post_processor = processors.TemplateProcessing(
+      single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_id)])
+  return hf_tok
+
+
+def _sentencepiece_tables(tok):
+  """(vocab, ranked merges, control pieces, user-defined pieces) of a SentencePiece BPE model."""
+  from sentencepiece import sentencepiece_model_pb2 as pb
+
+  proto = pb.ModelProto()
+  proto.ParseFromString(tok.model_proto)
+  normal, user, control = pb.ModelProto.SentencePiece.NORMAL, pb.ModelProto.SentencePiece.USER_DEFINED, (
+      pb.ModelProto.SentencePiece.CONTROL)
+  vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+  scores = {p.piece: p.score for p in proto.pieces if p.type == normal}
+  merges = []
+  for piece, score in scores.items():
+    for cut in range(1, len(piece)):
+      left, right = piece[:cut], piece[cut:]
+      if left in scores and right in scores:
+        merges.append((score, vocab[piece], vocab[left], left, right))
+  # Highest score first; ties as SentencePiece breaks them (the earlier piece).
+  merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+  specials = [p.piece for p in proto.pieces if p.type == control]
+  users = [p.piece for p in proto.pieces if p.type == user]
+  return vocab, [(left, right) for *_, left, right in merges], specials, users

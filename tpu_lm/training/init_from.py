@@ -1,0 +1,81 @@
+"""Starting a run from another run's parameters (`init_from`): fine-tuning.
+
+The source is any run directory: trained here (its newest checkpoint), converted
+from Hugging Face, or itself fine-tuned (LoRA adapters are merged first). Its
+architecture must be this config's; the first difference is one line naming the
+field. Parameters this model has and the source lacks (a classification head,
+fresh LoRA adapters) keep their initialisation; the optimizer starts fresh at
+step 0.
+"""
+
+import jax
+
+from tpu_lm.config import derived
+from tpu_lm.errors import UserError
+from tpu_lm.inference import run_dir
+from tpu_lm.model import params as params_lib
+from tpu_lm.training import metrics as metrics_lib
+from tpu_lm.training.trainable import param_path
+
+
+def source_tokenizer(path: str):
+  """The tokenizer the source run was trained with (the new run must speak it)."""
+  from tpu_lm.data import tokenizer as tokenizer_lib
+
+  try:
+    run_dir.resolve_step(_workdir(path))  # a run directory at all?
+    return tokenizer_lib.load_for_run(_workdir(path))
+  except UserError as e:
+    raise UserError(f"init_from={path}: {e}") from None
+
+
+def _workdir(path: str) -> str:
+  import os
+
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def check(setup, path: str) -> tuple[int, object]:
+  """(step, saved config) of the source, after checking its architecture is ours."""
+  workdir = _workdir(path)
+  step = run_dir.resolve_step(workdir)
+  saved = run_dir.read_config(workdir, step)
+  diff = derived.architecture_difference(derived.model_config(saved), setup.model_cfg)
+  if diff:
+    field, theirs, ours = diff
+    raise UserError(
+        f"init_from={path} has {field}={theirs!r}, this config {ours!r}: starting from its parameters needs the"
+        f" same architecture (set {field.split(' ')[0]}={theirs!r}, or use configs/finetune.py:{path}, which"
+        " copies it).")
+  return step, saved
+
+
+def load(setup, path: str, fresh_params):
+  """`fresh_params` (this model's initialisation) with every parameter the source has."""
+  step, saved = check(setup, path)
+  workdir = _workdir(path)
+  source, _, _ = run_dir.read_model(workdir, step, saved, setup.mesh, dtype="float32")
+  if saved.model.scan_layers and not setup.model_cfg.scan_layers:
+    source = params_lib.unstack_layers(source)
+  elif setup.model_cfg.scan_layers and not saved.model.scan_layers:
+    source = params_lib.stack_layers(source, setup.model_cfg.num_layers)
+  by_name = {param_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(source)}
+  used, new = set(), []
+
+  def take(path, fresh, sharding):
+    name = param_path(path)
+    if name not in by_name:
+      new.append(name)
+      return fresh
+    if by_name[name].shape != fresh.shape:
+      raise UserError(f"init_from={path}: {name} has shape {by_name[name].shape} there, {fresh.shape} here.")
+    used.add(name)
+    return jax.device_put(by_name[name].astype(fresh.dtype), sharding)
+
+  params = jax.tree_util.tree_map_with_path(take, fresh_params, setup.state_shardings.params)
+  unused = sorted(set(by_name) - used)
+  metrics_lib.console(
+      f"init_from {workdir} (step {step}): {len(used)} parameter arrays loaded"
+      + (f"; new here: {', '.join(sorted(new))}" if new else "")
+      + (f"; not used here: {', '.join(unused)}" if unused else ""))
+  return params

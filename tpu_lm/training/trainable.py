@@ -1,0 +1,51 @@
+"""Which parameters a run trains: all of them, all but those `optim.freeze` matches,
+or with LoRA only the adapters (and a classification head, which is new anyway).
+
+Frozen parameters get no optimizer state and no update (`optax.multi_transform`
+with `optax.set_to_zero`), and the step stops their gradients, so XLA does not
+even compute them.
+"""
+
+import re
+
+import jax
+import numpy as np
+
+from tpu_lm.model import lora
+
+HEADS = ("cls_head/",)  # made fresh for a task, so always trained
+
+
+def param_path(path) -> str:
+  """'layers_0/attn/query/kernel': the dict keys of a tree path (Flax's partitioning
+  boxes add attribute keys, which are skipped)."""
+  return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def mask(params, freeze=(), lora_rank: int = 0):
+  """A tree of bools like `params` (boxed or not): True where the parameter trains."""
+  patterns = [re.compile(p) for p in freeze]
+
+  def trains(path, _):
+    name = param_path(path)
+    if any(p.fullmatch(name) for p in patterns):
+      return False
+    return not lora_rank or lora.is_adapter(name) or name.startswith(HEADS)
+
+  return jax.tree_util.tree_map_with_path(trains, params)
+
+
+def summary(abstract_params, trainable, abstract_opt_state) -> str:
+  """'trainable 12,345 of 1,209,120 parameters (1.0%); optimizer state 0.1 MiB'."""
+  sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params)]
+  flags = jax.tree.leaves(trainable)
+  n_train = sum(s for s, t in zip(sizes, flags) if t)
+  opt_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract_opt_state))
+  total = sum(sizes)
+  return (f"trainable {n_train:,} of {total:,} parameters ({100 * n_train / max(total, 1):.1f}%);"
+          f" optimizer state {opt_bytes / 2**20:,.1f} MiB")
+
+
+def frozen_names(params, trainable) -> list[str]:
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return [param_path(p) for (p, _), t in zip(leaves, jax.tree.leaves(trainable)) if not t]
