@@ -58,6 +58,18 @@ def test_init_from_starts_from_the_source_parameters_with_a_fresh_optimizer(trai
   assert int(fresh.step) == 0 and float(optim_mu_norm(fresh.opt_state)) == 0.0
 
 
+def test_init_from_a_per_layer_run_into_scanned_layers(trained_run, corpus_dir, data_dir):
+  from tpu_lm.model import params as params_lib
+
+  config = _finetune_config(corpus_dir, data_dir, trained_run)
+  config.model.scan_layers = True
+  setup = Setup(config, mesh_lib.make_mesh(ONE_DEVICE, jax.devices()[:1]))
+  with setup.context():
+    params = init_from.load(setup, trained_run, setup.init(jax.random.key(1)).params)
+  source = _flat(params_lib.stack_layers(_saved_params(trained_run), 2))
+  assert all(np.array_equal(v, source[k]) for k, v in _flat(params).items())
+
+
 def optim_mu_norm(opt_state):
   return sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(opt_state) if hasattr(x, "shape") and x.ndim > 0)
 
@@ -70,12 +82,16 @@ def test_init_from_names_the_first_architecture_difference(trained_run, corpus_d
     init_from.check(setup, trained_run)
 
 
+def _trained(config, tmp_path_factory, name):
+  workdir = str(tmp_path_factory.mktemp(name) / "run")
+  loop.train_and_evaluate(config, workdir)
+  return workdir, config
+
+
 @pytest.fixture(scope="module")
 def frozen_run(trained_run, corpus_dir, data_dir, tmp_path_factory):
   config = _finetune_config(corpus_dir, data_dir, trained_run, freeze=("embed/.*", "pos_embed", "layers_0/.*"))
-  workdir = str(tmp_path_factory.mktemp("frozen") / "run")
-  loop.train_and_evaluate(config, workdir)
-  return workdir, config
+  return _trained(config, tmp_path_factory, "frozen")
 
 
 def test_frozen_parameters_never_move_and_have_no_optimizer_state(frozen_run, trained_run):
@@ -95,9 +111,7 @@ def test_frozen_parameters_never_move_and_have_no_optimizer_state(frozen_run, tr
 def lora_run(trained_run, corpus_dir, data_dir, tmp_path_factory):
   config = _finetune_config(corpus_dir, data_dir, trained_run, learning_rate=3e-2)
   config.lora.update(rank=4, alpha=8.0, targets=".*attn/(query|value)")
-  workdir = str(tmp_path_factory.mktemp("lora") / "run")
-  loop.train_and_evaluate(config, workdir)
-  return workdir, config
+  return _trained(config, tmp_path_factory, "lora")
 
 
 def test_lora_trains_only_adapters_and_merges_them_for_inference(lora_run, trained_run):

@@ -206,6 +206,15 @@ def test_missing_weights_and_an_existing_run_are_one_line(hf_models, tmp_path):
     hf.import_model(hf_models["gpt2"][1], hf_models["gpt2"][2])
 
 
+def test_a_converted_run_is_fine_tuned_not_resumed(hf_models, corpus_dir, data_dir):
+  from tests.conftest import tiny_config
+  from tpu_lm.training import loop
+
+  workdir = hf_models["llama_tied"][2]
+  with pytest.raises(UserError, match=r"holds parameters only .* --config.init_from="):
+    loop.train_and_evaluate(tiny_config(corpus_dir, data_dir), workdir)
+
+
 @pytest.mark.slow
 def test_convert_command_line(hf_models, tmp_path):
   env = {**os.environ, "XLA_FLAGS": ""}

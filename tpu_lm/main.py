@@ -41,7 +41,7 @@ flags.mark_flags_as_required(["config"])
 
 
 def default_workdir() -> str:
-  name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
+  name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]))[0]
   return os.path.join("workdirs", name)  # e.g. ./workdirs/base
 
 
@@ -49,7 +49,7 @@ def main(argv) -> None:
   watch = _WATCH or preemption.Watch(exit_early=True)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}: every option is a --flag.")
-  filename = config_flags.get_config_filename(flags.FLAGS["config"])
+  filename = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]  # file.py:ARG
   if not os.path.isfile(filename):
     exit_with(f"config file {filename} does not exist: pass --config=configs/<name>.py.")
   try:

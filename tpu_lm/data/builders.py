@@ -99,12 +99,13 @@ class Instructions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    pairs = list(self._pairs())
+    pairs = list(self._pairs())  # (key, content hash, pair)
     if len(pairs) < 2:
       raise UserError(f"data.path holds {len(pairs)} prompt/completion pair(s): a train/validation split needs at least 2.")
-    val = {k for k, p in pairs if is_validation(k)} or {min(k for k, _ in pairs)}
-    return {"train": self._generate_examples([(k, p) for k, p in pairs if k not in val]),
-            "validation": self._generate_examples([(k, p) for k, p in pairs if k in val])}
+    # By content, so a pair repeated in the files never lands on both sides.
+    val = {h for _, h, _ in pairs if is_validation(h)} or {min(h for _, h, _ in pairs)}
+    return {"train": self._generate_examples([(k, p) for k, h, p in pairs if h not in val]),
+            "validation": self._generate_examples([(k, p) for k, h, p in pairs if h in val])}
 
   def _generate_examples(self, pairs):
     yield from pairs
@@ -123,8 +124,7 @@ class Instructions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           raise UserError(
               f"{self._root / rel}:{n} is not a JSON object with string fields \"prompt\" and \"completion\":"
               " fix that line.") from None
-        key = hashlib.sha256(json.dumps(pair, sort_keys=True).encode()).hexdigest()
-        yield key, pair
+        yield f"{rel}:{n}", hashlib.sha256(json.dumps(pair, sort_keys=True).encode()).hexdigest(), pair
 
 
 class StdlibFunctions(tfds.core.GeneratorBasedBuilder, skip_registration=True):

@@ -17,6 +17,7 @@ have left, minus an optimizer state. Fine-tuning starts from one with `init_from
 """
 
 import dataclasses
+import logging
 import os
 
 import jax
@@ -30,6 +31,10 @@ from tpu_lm.inference import decode
 from tpu_lm.model import params as params_lib
 from tpu_lm.model import transformer
 from tpu_lm.parallel import mesh as mesh_lib
+
+
+# Orbax warns that a manager opened read-only is read-only: that is the point here.
+logging.getLogger("absl").addFilter(lambda record: "Given directory is read only" not in record.getMessage())
 
 
 @dataclasses.dataclass

@@ -45,13 +45,7 @@ def hf_config(m, vocab_size: int, bos_id: int, eos_id: int, dtype: str) -> dict:
 
 
 def check_exportable(m) -> None:
-  problems = {
-      "model.norm": (m.norm, "layernorm"), "model.position": (m.position, "learned"), "model.mlp": (m.mlp, "gelu"),
-      "model.use_bias": (m.use_bias, True),
-  }
-  for field, (have, want) in problems.items():
-    if have != want:
-      raise UserError(f"{field}={have!r} has no GPT-2 equivalent (it needs {want!r}): export it as Llama instead.")
+  require(m, {"norm": "layernorm", "position": "learned", "mlp": "gelu", "use_bias": True}, "GPT-2", "Llama")
   if (m.num_kv_heads or m.num_heads) != m.num_heads or (m.head_dim and m.head_dim * m.num_heads != m.d_model):
     raise UserError("GPT-2 has neither grouped-query attention nor a separate head_dim: export it as Llama instead.")
 
@@ -104,6 +98,14 @@ def from_params(params: dict, m, vocab_size: int) -> dict:
   if not m.tie_embeddings:
     out["lm_head.weight"] = params["unembed"]["kernel"][:, :vocab_size].T
   return out
+
+
+def require(m, fields: dict, family: str, other: str) -> None:
+  """UserError naming the first model field whose value `family` cannot hold."""
+  for field, want in fields.items():
+    if m[field] != want:
+      raise UserError(f"model.{field}={m[field]!r} has no {family} equivalent (it needs {want!r}): a run that"
+                      f" mixes the families exports as neither; {other} takes the other settings.")
 
 
 def strip_prefix(tensors: dict) -> dict:

@@ -173,20 +173,29 @@ def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "
   cast = _DTYPES[dtype] or _bfloat16()
   tensors = {k: np.asarray(v).astype(cast) for k, v in tensors.items()}
   dst = os.path.abspath(os.path.expanduser(dst))
-  if os.path.exists(os.path.join(dst, "config.json")):
-    raise UserError(f"{dst} already holds a model (config.json): pass a new --to_hf directory (nothing was overwritten).")
+  if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+    raise UserError(f"{dst} exists and is not empty: pass a new --to_hf directory (nothing was overwritten).")
+  # Written beside it, then renamed: a failure leaves no half-written model behind.
+  tmp = f"{dst}.tmp{os.getpid()}"
   try:
-    os.makedirs(dst, exist_ok=True)
+    os.makedirs(tmp, exist_ok=True)
   except OSError as e:
     raise UserError(f"cannot create {dst} ({e.strerror}): pass a writable --to_hf directory.") from None
-  hf = arch.hf_config(m, vocab, tokenizer.bos_id, tokenizer.eos_id, dtype)
-  with open(os.path.join(dst, "config.json"), "w") as f:
-    json.dump(hf, f, indent=2)
-  with open(os.path.join(dst, "generation_config.json"), "w") as f:
-    json.dump({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-               "pad_token_id": tokenizer.pad_id}, f, indent=2)
-  safetensors_io.write(dst, tensors)
-  tokenizer_export.write(tokenizer, dst)
+  try:
+    hf = arch.hf_config(m, vocab, tokenizer.bos_id, tokenizer.eos_id, dtype)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf, f, indent=2)
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+      json.dump({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                 "pad_token_id": tokenizer.pad_id}, f, indent=2)
+    safetensors_io.write(tmp, tensors)
+    tokenizer_export.write(tokenizer, tmp, m.max_len)
+    os.replace(tmp, dst)
+  finally:
+    if os.path.exists(tmp):
+      import shutil
+
+      shutil.rmtree(tmp)
   return f"wrote {dst}: {arch.ARCHITECTURE} ({dtype}) from {workdir} step {step}"
 
 

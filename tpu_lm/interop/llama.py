@@ -7,7 +7,7 @@ j*G .. j*G+G-1 in both.
 """
 
 from tpu_lm.errors import UserError
-from tpu_lm.interop.gpt2 import pad_rows
+from tpu_lm.interop.gpt2 import pad_rows, require
 
 ARCHITECTURE = "LlamaForCausalLM"
 _PROJ = {"attn": {"query": "self_attn.q_proj", "key": "self_attn.k_proj", "value": "self_attn.v_proj",
@@ -74,13 +74,7 @@ def hf_config(m, vocab_size: int, bos_id: int, eos_id: int, dtype: str) -> dict:
 
 
 def check_exportable(m) -> None:
-  problems = {
-      "model.norm": (m.norm, "rmsnorm"), "model.position": (m.position, "rope"), "model.mlp": (m.mlp, "swiglu"),
-      "model.use_bias": (m.use_bias, False),
-  }
-  for field, (have, want) in problems.items():
-    if have != want:
-      raise UserError(f"{field}={have!r} has no Llama equivalent (it needs {want!r}): export it as GPT-2 instead.")
+  require(m, {"norm": "rmsnorm", "position": "rope", "mlp": "swiglu", "use_bias": False}, "Llama", "GPT-2")
 
 
 def to_params(t: dict, m: dict, vocab_padded: int) -> dict:

@@ -11,7 +11,10 @@ A Hugging Face tokenizer is copied as it came. tpu_lm's own are rebuilt with the
   ranked by the merged piece's score (what SentencePiece's encoder follows), spaces
   as "▁".
 
-Both prepend [BOS] when encoding (the post-processor), as tpu_lm's prompts do.
+Both prepend [BOS] when encoding (the post-processor), as tpu_lm's prompts do. The
+special tokens are named `<|tpu_lm_bos|>` and so on rather than SentencePiece's
+`<s>`: Hugging Face tokenizers match a special token's text wherever it appears in
+the input, and source code does contain `<s>` (tpu_lm encodes it as characters).
 """
 
 import json
@@ -19,7 +22,7 @@ import os
 
 from tpu_lm.data import tokenizer as tokenizer_lib
 
-_SPECIAL = {"pad_id": "<pad>", "bos_id": "<s>", "eos_id": "</s>"}
+_SPECIAL = {"pad_id": "<|tpu_lm_pad|>", "bos_id": "<|tpu_lm_bos|>", "eos_id": "<|tpu_lm_eos|>"}
 
 
 def write(tok, directory: str, max_len: int | None = None) -> None:
@@ -45,35 +48,35 @@ def build(tok):
   """The equivalent `tokenizers.Tokenizer` of a bytes or SentencePiece tokenizer."""
   from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
+  specials = {getattr(tok, key): name for key, name in _SPECIAL.items()}  # id -> name (pad may be eos)
   if isinstance(tok, tokenizer_lib.ByteTokenizer):
-    vocab = {name: getattr(tok, key) for key, name in _SPECIAL.items()}
+    vocab = {name: i for i, name in specials.items()}
     vocab.update({f"<0x{b:02X}>": b + tok.OFFSET for b in range(256)})
     hf_tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
     hf_tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-    specials = list(_SPECIAL.values())
   else:
-    vocab, merges, specials, user = _sentencepiece_tables(tok)
+    vocab, merges, user = _sentencepiece_tables(tok, specials)
     hf_tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>",
                                   fuse_unk=True))
     hf_tok.normalizer = normalizers.Replace(" ", "▁")
     hf_tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     hf_tok.add_tokens([AddedToken(u, normalized=False, special=False) for u in user])
-  hf_tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+  hf_tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials.values()])
   bos = hf_tok.id_to_token(tok.bos_id)
   hf_tok.post_processor = processors.TemplateProcessing(
       single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_id)])
   return hf_tok
 
 
-def _sentencepiece_tables(tok):
-  """(vocab, ranked merges, control pieces, user-defined pieces) of a SentencePiece BPE model."""
+def _sentencepiece_tables(tok, specials: dict):
+  """(vocab, ranked merges, user-defined pieces) of a SentencePiece BPE model; the
+  pieces with ids in `specials` take those names."""
   from sentencepiece import sentencepiece_model_pb2 as pb
 
   proto = pb.ModelProto()
   proto.ParseFromString(tok.model_proto)
-  normal, user, control = pb.ModelProto.SentencePiece.NORMAL, pb.ModelProto.SentencePiece.USER_DEFINED, (
-      pb.ModelProto.SentencePiece.CONTROL)
-  vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+  normal, user = pb.ModelProto.SentencePiece.NORMAL, pb.ModelProto.SentencePiece.USER_DEFINED
+  vocab = {specials.get(i, p.piece): i for i, p in enumerate(proto.pieces)}
   scores = {p.piece: p.score for p in proto.pieces if p.type == normal}
   merges = []
   for piece, score in scores.items():
@@ -83,6 +86,5 @@ def _sentencepiece_tables(tok):
         merges.append((score, vocab[piece], vocab[left], left, right))
   # Highest score first; ties as SentencePiece breaks them (the earlier piece).
   merges.sort(key=lambda m: (-m[0], m[1], m[2]))
-  specials = [p.piece for p in proto.pieces if p.type == control]
   users = [p.piece for p in proto.pieces if p.type == user]
-  return vocab, [(left, right) for *_, left, right in merges], specials, users
+  return vocab, [(left, right) for *_, left, right in merges], users

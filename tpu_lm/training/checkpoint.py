@@ -70,6 +70,11 @@ class Checkpointer:
         raise FileNotFoundError("no readable metadata for the train state")
       saved = {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
     wanted = {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    if all(n.startswith("params/") for n in saved):  # written by tpu_lm.convert: no train state
+      raise UserError(
+          f"{self.directory} holds parameters only (a converted or exported run directory), not a run to"
+          f" resume: train from it with --config.init_from={os.path.dirname(self.directory)} and a new --workdir."
+      )
     for name in list(wanted) + [n for n in saved if n not in wanted]:
       got, want = saved.get(name), wanted.get(name)
       if got == want:

@@ -76,6 +76,14 @@ def load(setup, path: str, fresh_params):
   unused = sorted(set(by_name) - used)
   metrics_lib.console(
       f"init_from {workdir} (step {step}): {len(used)} parameter arrays loaded"
-      + (f"; new here: {', '.join(sorted(new))}" if new else "")
-      + (f"; not used here: {', '.join(unused)}" if unused else ""))
+      + (f"; new here: {_names(new)}" if new else "") + (f"; not used here: {_names(unused)}" if unused else ""))
   return params
+
+
+def _names(names: list[str]) -> str:
+  """A few names, or a count (LoRA adds two arrays per projection)."""
+  names = sorted(names)
+  adapters = [n for n in names if n.endswith(("_lora_a", "_lora_b"))]
+  rest = [n for n in names if n not in adapters]
+  parts = ([f"{len(adapters)} LoRA adapter arrays"] if adapters else []) + rest[:6]
+  return ", ".join(parts) + (f" and {len(rest) - 6} more" if len(rest) > 6 else "")

@@ -231,7 +231,7 @@ def _log_eval(setup, state, corpus, writer, step) -> dict:
     result = evaluate(setup, state.params, corpus)
   shown = "  ".join(f"{_EVAL_NAMES.get(k, k.removeprefix('eval_'))} {v:.4f}" for k, v in result.items()
                     if isinstance(v, float))
-  zlib = f"  (zlib -9: {corpus.zlib_bits_per_byte:.4f})" if "eval_bpb" in result else ""
+  zlib = f"  (zlib -9: {corpus.zlib_bits_per_byte:.4f})" if corpus.zlib_bits_per_byte else ""
   metrics_lib.console(
       f"eval at step {step}: {shown}{zlib}; whole validation split in {time.time() - t0:.1f} s"
       + metrics_lib.classification_table(result))
