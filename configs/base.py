@@ -5,7 +5,7 @@ Command:
 
 Measured 2026-12-01 on a 2-core CPU with speed factor 0.62 (../shared/tools/cpu_speed.py),
 cold start (builds the dataset, ~1 s, and the SentencePiece tokenizer, ~8 s, first):
-  wall time 421 s (= 261 s on the 2-core reference CPU, whose budget is 300 s)
+  wall time 374 s (= 232 s on the 2-core reference CPU, whose budget is 300 s)
   final eval on the whole validation split (1,803,563 bytes):
     bits/byte 1.6097, loss 3.1353 nats/token, perplexity 22.99
     (zlib -9 on the same text: 1.7053 bits/byte; eval at step 1100: 1.7955)

@@ -138,6 +138,28 @@ def test_export_loads_in_transformers_with_our_logits_and_bitwise_weights(hf_mod
   assert tok(TEXTS[0])["input_ids"] == transformers.AutoTokenizer.from_pretrained(source)(TEXTS[0])["input_ids"]
 
 
+def test_bfloat16_sharded_checkpoints_import_and_export_bitwise(hf_models, tmp_path):
+  import copy
+  import shutil
+
+  from safetensors.torch import load_file
+
+  model, source, _ = hf_models["llama_tied"]
+  src = tmp_path / "bf16"
+  copy.deepcopy(model).to(torch.bfloat16).save_pretrained(src, max_shard_size="40KB")
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(source, name), src / name)
+  assert os.path.exists(src / "model.safetensors.index.json")
+  hf.import_model(str(src), str(tmp_path / "run"))
+  hf.export_model(str(tmp_path / "run"), str(tmp_path / "out"))  # auto: the dtype it came in
+  theirs = {}
+  for shard in set(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"].values()):
+    theirs.update(load_file(src / shard))
+  ours = load_file(tmp_path / "out" / "model.safetensors")
+  assert sorted(ours) == sorted(theirs)
+  assert all(ours[k].dtype == torch.bfloat16 and torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
 def test_hf_tokenizer_keeps_its_special_ids_and_bits_per_byte_exact(hf_models):
   _, source, workdir = hf_models["gpt2"]
   ours = tokenizer_lib.load_for_run(workdir)

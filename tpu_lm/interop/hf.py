@@ -16,6 +16,7 @@ import json
 import os
 
 import jax
+import ml_dtypes
 import numpy as np
 
 from tpu_lm.config import defaults, derived
@@ -24,7 +25,7 @@ from tpu_lm.interop import gpt2, llama, safetensors_io
 
 ARCHITECTURES = {gpt2.ARCHITECTURE: gpt2, llama.ARCHITECTURE: llama}
 SOURCE_FILE = "hf_source.json"  # in a converted run: what it came from
-_DTYPES = {"float32": np.float32, "bfloat16": None, "float16": np.float16}  # bfloat16: ml_dtypes
+_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
               "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
 
@@ -170,8 +171,7 @@ def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "
   params = jax.tree.map(np.asarray, jax.device_get(params))
   vocab = derived.tokenizer_vocab_size(config)
   tensors = arch.from_params(params, m, vocab)
-  cast = _DTYPES[dtype] or _bfloat16()
-  tensors = {k: np.asarray(v).astype(cast) for k, v in tensors.items()}
+  tensors = {k: np.asarray(v).astype(_DTYPES[dtype]) for k, v in tensors.items()}
   dst = os.path.abspath(os.path.expanduser(dst))
   if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
     raise UserError(f"{dst} exists and is not empty: pass a new --to_hf directory (nothing was overwritten).")
@@ -206,8 +206,3 @@ def _source_dtype(workdir: str) -> str:
   except (OSError, ValueError, KeyError):
     return "float32"
 
-
-def _bfloat16():
-  import ml_dtypes
-
-  return ml_dtypes.bfloat16

@@ -1,29 +1,56 @@
 """Reading and writing Hugging Face weight files: `model.safetensors`, or shards
-listed in `model.safetensors.index.json`. Arrays are numpy; bfloat16 tensors
-come through as ml_dtypes' bfloat16, so nothing is rounded on the way."""
+listed in `model.safetensors.index.json`.
+
+The format is small enough to handle directly (8 bytes of header length, a JSON
+header of names, dtypes, shapes and byte offsets, then the raw little-endian
+data), and doing so covers bfloat16, which the `safetensors` package's NumPy
+reader refuses: tensors come back as memory-mapped NumPy arrays (bfloat16 as
+ml_dtypes' type), so nothing is rounded and nothing is read until used.
+"""
 
 import json
 import os
+import struct
 
+import ml_dtypes
 import numpy as np
 
 from tpu_lm.errors import UserError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
+    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
 def read(directory: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
-
-  files = _weight_files(directory)
   tensors = {}
-  for path in files:
-    try:
-      tensors.update(load_file(path))
-    except Exception as e:  # safetensors raises its own SafetensorError on a cut file
-      raise UserError(f"{path} is not a readable safetensors file ({str(e)[:200]}): download it again.") from None
+  for path in _weight_files(directory):
+    tensors.update(read_file(path))
   return tensors
+
+
+def read_file(path: str) -> dict[str, np.ndarray]:
+  try:
+    with open(path, "rb") as f:
+      (n,) = struct.unpack("<Q", f.read(8))
+      header = json.loads(f.read(n))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    out = {}
+    for name, info in header.items():
+      if name == "__metadata__":
+        continue
+      start, end = info["data_offsets"]
+      if end > data.size:
+        raise ValueError(f"{name} ends past the end of the file")
+      out[name] = data[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
+  except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+    raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:160]}): download it"
+                    " again.") from None
 
 
 def _weight_files(directory: str) -> list[str]:
@@ -48,12 +75,24 @@ def _weight_files(directory: str) -> list[str]:
   raise UserError(f"{directory} has no {SINGLE} or {INDEX}: pass a Hugging Face model directory.")
 
 
+def write_file(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+  header, offset = {}, 0
+  for name, value in tensors.items():
+    header[name] = {"dtype": _NAMES[value.dtype], "shape": list(value.shape), "data_offsets": [offset, offset + value.nbytes]}
+    offset += value.nbytes
+  header["__metadata__"] = metadata
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as the reference writer pads it
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for value in tensors.values():
+      f.write(np.ascontiguousarray(value).tobytes())
+
+
 def write(directory: str, tensors: dict[str, np.ndarray], max_shard_bytes: int = 4 << 30) -> None:
   """One file, or shards of at most `max_shard_bytes` plus an index, as
   `save_pretrained` writes them (metadata format "pt", which transformers requires)."""
-  from safetensors.numpy import save_file
-
-  tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
   shards, current, size = [], {}, 0
   for name, value in tensors.items():
     if current and size + value.nbytes > max_shard_bytes:
@@ -63,12 +102,12 @@ def write(directory: str, tensors: dict[str, np.ndarray], max_shard_bytes: int =
     size += value.nbytes
   shards.append(current)
   if len(shards) == 1:
-    save_file(shards[0], os.path.join(directory, SINGLE), metadata={"format": "pt"})
+    write_file(os.path.join(directory, SINGLE), shards[0], {"format": "pt"})
     return
   weight_map = {}
   for i, shard in enumerate(shards):
     name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
+    write_file(os.path.join(directory, name), shard, {"format": "pt"})
     weight_map.update({k: name for k in shard})
   total = sum(v.nbytes for v in tensors.values())
   with open(os.path.join(directory, INDEX), "w") as f:
