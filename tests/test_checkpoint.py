@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from tpu_lm.data import packing, pipeline
+from tpu_lm.data import pipeline
 from tpu_lm.errors import UserError
 from tpu_lm.parallel import mesh as mesh_lib
 from tpu_lm.training import checkpoint
 from tpu_lm.training.setup import Setup
 
-STREAM = packing.from_documents([list(range(3, 100))] * 10, 0, 1, 2, np.uint16)
+STREAM = pipeline.Split.of_tokens([list(range(3, 100 + i)) for i in range(10)])
 
 
 def _setup(mesh_sizes, config=None):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from tpu_lm.data import local_files, packing, pipeline, sources
+from tpu_lm.data import local_files, pipeline, sources
 from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.errors import UserError
 
@@ -27,15 +27,24 @@ def test_a_tiny_directory_still_gets_a_validation_file():
     local_files.split_files(["a.txt"])
 
 
-def _stream(docs):
-  return packing.from_documents(docs, 0, 1, 2, np.uint16)
+def _split(docs):
+  return pipeline.Split.of_tokens(docs, bos_id=1, eos_id=2, num_bytes=[len(d) for d in docs])
+
+
+def _one_stream(docs, seq_len, **kw):
+  from tpu_lm.data import stream
+
+  split = _split(docs)
+  return stream.ShardStream(split.source, shard=0, num_shards=1, seq_len=seq_len, seed=0, bos_id=1, eos_id=2, **kw), \
+      stream._fetcher(split.source, split.encoder)
 
 
 def test_packing_predicts_every_target_once_and_never_across_documents():
   docs = [[10, 11, 12, 13, 14, 15, 16], [20], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40], []]
-  stream = _stream(docs)
-  seq_len = 5
-  rows = [packing.make_row(stream, r, seq_len) for r in range(stream.num_rows(seq_len, drop_remainder=False))]
+  s, fetch = _one_stream(docs, 5, shuffle=False, one_pass=True, with_bytes=True)
+  rows = []
+  while not s.done:
+    rows.append(s.next_row(fetch))
   inputs = np.concatenate([r["inputs"] for r in rows])
   targets = np.concatenate([r["targets"] for r in rows])
   seg = np.concatenate([r["segment_ids"] for r in rows])
@@ -46,11 +55,31 @@ def test_packing_predicts_every_target_once_and_never_across_documents():
   for r in rows:
     # Within a row, each segment is one document and positions count from 0 at
     # its first token in the row.
-    for s in set(r["segment_ids"][r["segment_ids"] > 0]):
-      pos = r["positions"][r["segment_ids"] == s]
-      assert list(pos) == list(range(pos[0], pos[0] + len(pos)))
-      assert pos[0] == 0
+    for seg_id in set(r["segment_ids"][r["segment_ids"] > 0]):
+      pos = r["positions"][r["segment_ids"] == seg_id]
+      assert list(pos) == list(range(len(pos)))
   assert rows[-1]["segment_ids"][-1] == 0  # the remainder is padding, weight 0
+  assert sum(int(r["num_bytes"]) for r in rows) == sum(map(len, docs))  # each document's bytes once
+
+
+def test_each_epoch_is_a_new_order_of_the_same_documents():
+  docs = [[3 + i] * (i + 1) for i in range(9)]
+  s, fetch = _one_stream(docs, 4)
+  epochs = [[s.doc_index(e, p) for p in range(9)] for e in range(3)]
+  assert all(sorted(e) == list(range(9)) for e in epochs) and epochs[0] != epochs[1]
+  total_pairs = sum(len(d) + 1 for d in docs)
+  seen = np.concatenate([s.next_row(fetch)["targets"] for _ in range(-(-total_pairs // 4))])[:total_pairs]
+  assert s.state()[0] == 1  # rows are full: the last one may already start the next epoch
+  assert sorted(int(t) for t in seen[seen > 2]) == sorted(t for d in docs for t in d)
+
+
+def test_a_bounded_eval_takes_whole_documents_and_counts_their_bytes():
+  docs = [list(range(3, 3 + n)) for n in (5, 9, 2, 30, 4, 4)]
+  s, fetch = _one_stream(docs, 8, shuffle=False, one_pass=True, with_bytes=True, max_rows=3)
+  rows = [s.next_row(fetch) for _ in range(3)]
+  # 24 slots: docs of 6, 10 and 3 pairs fit (19); the next (31 pairs) would not, so the pass ends.
+  real = sum(int((r["segment_ids"] > 0).sum()) for r in rows)
+  assert real == 6 + 10 + 3 and sum(int(r["num_bytes"]) for r in rows) == 5 + 9 + 2 and s.done
 
 
 @pytest.mark.parametrize("kind", ["bytes", "sentencepiece"])
@@ -75,61 +104,62 @@ def test_corrupt_tokenizer_file_is_a_user_error(tmp_path):
 
 
 def test_process_slices_tile_the_global_batch():
-  stream = _stream([list(range(3, 200))] * 20)
+  split = _split([list(range(3, 3 + n)) for n in range(20, 60)])
   kw = dict(seq_len=16, global_batch=8, seed=3)
-  whole = pipeline.train_iter(stream, **kw)
-  halves = [pipeline.train_iter(stream, **kw, process_index=i, process_count=2) for i in range(2)]
+  whole = pipeline.train_iter(split, **kw)
+  halves = [pipeline.train_iter(split, **kw, process_index=i, process_count=2) for i in range(2)]
   for _ in range(5):
     g = next(whole)
     parts = [next(h) for h in halves]
     for k in g:
       np.testing.assert_array_equal(g[k], np.concatenate([p[k] for p in parts]))
+  # The global state is every row's: the halves' states, stacked.
+  np.testing.assert_array_equal(whole.get_state(), np.concatenate([h.get_state() for h in halves]))
 
 
-def test_iterator_state_resumes_exactly():
-  stream = _stream([list(range(3, 200))] * 20)
-  it = pipeline.train_iter(stream, seq_len=16, global_batch=4, seed=0)
+def test_iterator_state_resumes_exactly_on_another_process_count():
+  split = _split([list(range(3, 3 + n)) for n in range(5, 45)])
+  it = pipeline.train_iter(split, seq_len=16, global_batch=4, seed=0)
   for _ in range(7):
     next(it)
   state = it.get_state()
   expected = [next(it)["inputs"] for _ in range(30)]  # runs past an epoch boundary
-  fresh = pipeline.train_iter(stream, seq_len=16, global_batch=4, seed=0)
+  fresh = pipeline.train_iter(split, seq_len=16, global_batch=4, seed=0)
   fresh.set_state(state)
   for e in expected:
     np.testing.assert_array_equal(next(fresh)["inputs"], e)
+  halves = [pipeline.train_iter(split, seq_len=16, global_batch=4, seed=0, process_index=i, process_count=2)
+            for i in range(2)]
+  for h in halves:
+    h.set_state(state)
+  for e in expected:
+    np.testing.assert_array_equal(np.concatenate([next(h)["inputs"] for h in halves]), e)
 
 
-def test_text_files_dataset_builds_and_caches(corpus_dir, data_dir):
+def test_text_files_are_read_in_place(corpus_dir, data_dir):
   config = tiny_config(corpus_dir, data_dir)
   corpus = sources.prepare(config.data)
-  assert corpus.train.num_docs + corpus.validation.num_docs == 24
-  text = "".join(open(f"{corpus_dir}/doc{i:03d}.txt").read() for i in range(24))
-  assert corpus.train.num_bytes + corpus.validation.num_bytes == len(text.encode())
+  assert len(corpus.train) + len(corpus.validation) == 24
   assert 0 < corpus.zlib_bits_per_byte < 8
-  again = sources.prepare(config.data)
-  np.testing.assert_array_equal(again.train.tokens, corpus.train.tokens)
+  batches = []
+  for batch, done in pipeline.eval_batches(corpus.validation, seq_len=32, global_batch=8):
+    batches.append(batch)
+    if done:  # (the rows go on as padding until every process is done)
+      break
+  text = b"".join(open(f"{corpus_dir}/{p}", "rb").read() for p in corpus.validation.source.relpaths)
+  assert sum(int(b["num_bytes"].sum()) for b in batches) == len(text)
 
 
-def test_a_warm_cache_is_read_without_opening_the_dataset(corpus_dir, data_dir, tmp_path, monkeypatch):
-  """Warm starts skip TFDS (and TensorFlow's import); a changed file rebuilds."""
-  import shutil
-
-  corpus_copy = str(tmp_path / "corpus")
-  shutil.copytree(corpus_dir, corpus_copy)
-  config = tiny_config(corpus_copy, data_dir)
-  config.data.tokenizer, config.data.vocab_size = "sentencepiece", 300
-  cold = sources.prepare(config.data)
-  opened = []
-  real_builder = sources._builder
-  monkeypatch.setattr(sources, "_builder", lambda data: opened.append(data) or real_builder(data))
-  warm = sources.prepare(config.data)
-  assert opened == []
-  assert warm.tokenizer.name == cold.tokenizer.name and warm.zlib_bits_per_byte == cold.zlib_bits_per_byte
-  np.testing.assert_array_equal(warm.validation.tokens, cold.validation.tokens)
-  with open(f"{corpus_copy}/doc000.txt", "a") as f:
-    f.write("one more line\n")
-  changed = sources.prepare(config.data)
-  assert len(opened) == 1 and changed.train.num_bytes + changed.validation.num_bytes > cold.train.num_bytes + cold.validation.num_bytes
+def test_the_tokenizer_is_trained_on_a_seeded_sample_the_same_everywhere(corpus_dir, tmp_path):
+  """Two machines without a shared disk (two data_dirs) train the same vocabulary."""
+  names = []
+  for d in ("host0", "host1"):
+    config = tiny_config(corpus_dir, str(tmp_path / d))
+    config.data.update(tokenizer="sentencepiece", vocab_size=300, tokenizer_sample_mb=0.01)
+    names.append(sources.prepare(config.data).tokenizer.name)
+  assert names[0] == names[1]
+  config.data.tokenizer_sample_mb = 1.0  # another sample, another vocabulary (and cache file)
+  assert sources.prepare(config.data).tokenizer.name != names[0]
 
 
 def test_unknown_dataset_and_empty_directory_are_user_errors(tmp_path, data_dir):
@@ -159,5 +189,39 @@ def test_tokenizers_own_their_special_ids_and_a_run_records_them(tmp_path):
   assert json.load(open(tmp_path / "tokenizer.json"))["special_ids"] == {"pad_id": 5, "bos_id": 4, "eos_id": 5}
   again = tokenizer_lib.load_for_run(str(tmp_path))
   assert (again.bos_id, again.eos_id, again.name) == (4, 5, tok.name)
-  stream = packing.from_documents(again.encode_batch(texts[:2]), 0, again.bos_id, again.eos_id, np.uint16)
-  assert stream.tokens[0] == 4 and stream.tokens[stream.doc_starts[1] - 1] == 5
+  from tpu_lm.data import documents, encode
+
+  split = pipeline.Split(documents.TokenSource(again.encode_batch(texts[:1])), encode.Encoder(None), again.bos_id,
+                         again.eos_id)
+  row = next(pipeline.train_iter(split, seq_len=256, global_batch=1, seed=0))
+  assert row["inputs"][0, 0] == 4 and 5 in row["targets"][0]
+
+
+def test_a_tfrecord_prepared_split_reads_by_index(tmp_path):
+  """Catalog datasets such as C4 come prepared as TFRecord: read in that format."""
+  import tensorflow_datasets as tfds
+
+  from tpu_lm.data import documents
+
+  class Tiny(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(50):
+        yield i, {"text": f"document {i} " * (i % 7 + 1)}
+
+  b = Tiny(data_dir=str(tmp_path), file_format="tfrecord")
+  b.download_and_prepare()
+  expected = [r["text"] for r in tfds.as_numpy(b.as_dataset(split="train", shuffle_files=False))]
+  source = documents.TFRecordSource(b, "train")
+  assert len(source) == 50
+  order = [7, 0, 49, 7, 23]
+  assert [r["text"] for r in source.get(order)] == [expected[i] for i in order]
+  again = documents.TFRecordSource(b, "train")  # the offsets index is kept beside each file
+  assert [r["text"] for r in again.get([3])] == [expected[3]] and list(tmp_path.rglob("*.tpu_lm_index.npy"))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from tpu_lm.data import packing, sources
+from tpu_lm.data import pipeline, sources
 from tpu_lm.errors import UserError
 from tpu_lm.inference import run_dir
 from tpu_lm.parallel import mesh as mesh_lib
@@ -150,31 +150,24 @@ def test_instruction_tuning_masks_the_prompt_through_packing_and_the_gradient(tm
   config = tiny_config(data_dir=str(tmp_path / "tfds"))
   config.data.update(dataset="instructions", path=_instruction_file(str(tmp_path)))
   corpus = sources.prepare(config.data)
-  stream = corpus.train
   tok = corpus.tokenizer
   # The mask travels with the tokens: a row's weighted targets are exactly the completions (+ EOS).
-  row = stream.row(0, 64)
-  n0 = stream.doc_starts[1]
-  first = json.loads(open(config.data.path).readline())
-  ids = [int(i) for i in tok.encode_batch([first["prompt"]])[0]]
-  completion = [int(i) for i in tok.encode_batch([first["completion"]])[0]]
-  if corpus.train.tokens[1 : 1 + len(ids)].tolist() == ids:  # the first pair landed in train
-    assert row["targets"][:n0 - 1].tolist() == ids + completion + [tok.eos_id]
-    assert row["loss_mask"][:n0 - 1].tolist() == [0] * len(ids) + [1] * (len(completion) + 1)
-  assert stream.num_bytes == sum(len(t.encode()) for t in _completions(stream, tok))
+  batch, _ = next(iter(pipeline.eval_batches(corpus.train, seq_len=64, global_batch=1)))
+  first = corpus.train.source.get([0])[0]
+  prompt = [int(i) for i in tok.encode_batch([first["prompt"].decode()])[0]]
+  completion = [int(i) for i in tok.encode_batch([first["completion"].decode()])[0]]
+  n = len(prompt) + len(completion) + 1
+  assert batch["targets"][0, :n].tolist() == prompt + completion + [tok.eos_id]
+  assert batch["loss_mask"][0, :n].tolist() == [0] * len(prompt) + [1] * (len(completion) + 1)
+  # Bits per byte are over the completions' bytes.
+  assert int(batch["num_bytes"][0]) >= len(first["completion"])
   # Prompt positions get exactly zero gradient.
-  batch = {k: jnp.asarray(np.stack([stream.row(i, 64)[k] for i in range(2)])) for k in row}
-  logits = jax.random.normal(jax.random.key(0), (*batch["targets"].shape, 384))
-  grad = jax.grad(lambda lg: losses.cross_entropy_sum(lg, batch["targets"], losses.token_weights(batch))[0])(logits)
-  prompt = (batch["loss_mask"] == 0)
-  assert float(jnp.abs(grad[prompt]).max()) == 0.0 and float(jnp.abs(grad[~prompt]).min()) > 0
-
-
-def _completions(stream, tok):
-  for d in range(stream.num_docs):
-    s, e = stream.doc_starts[d], stream.doc_starts[d + 1]
-    mask = np.asarray(stream.loss_mask[s:e], bool)
-    yield tok.decode([t for t, m in zip(stream.tokens[s:e], mask) if m and t != tok.eos_id])
+  rows = next(pipeline.train_iter(corpus.train, seq_len=64, global_batch=2, seed=0))
+  rows = {k: jnp.asarray(v) for k, v in rows.items()}
+  logits = jax.random.normal(jax.random.key(0), (*rows["targets"].shape, 384))
+  grad = jax.grad(lambda lg: losses.cross_entropy_sum(lg, rows["targets"], losses.token_weights(rows))[0])(logits)
+  in_prompt = rows["loss_mask"] == 0
+  assert float(jnp.abs(grad[in_prompt]).max()) == 0.0 and float(jnp.abs(grad[~in_prompt]).min()) > 0
 
 
 def test_classification_metrics_match_scikit_learn():

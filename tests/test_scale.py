@@ -11,7 +11,7 @@ from tpu_lm.model import kernels
 from tpu_lm.parallel import mesh as mesh_lib
 from tpu_lm.parallel import topology
 from tpu_lm.training.setup import Setup, check_batch
-from tpu_lm.data import packing, pipeline
+from tpu_lm.data import pipeline
 from tpu_lm.errors import UserError
 
 
@@ -22,7 +22,7 @@ def _batches(n, batch=8, seq_len=32, seed=0, learnable=False):
             for a, b in rng.integers(1, 64, (400, 2))]
   else:
     docs = [list(rng.integers(3, 259, rng.integers(5, 80))) for _ in range(80)]
-  it = pipeline.train_iter(packing.from_documents(docs, 0, 1, 2, np.uint16), seq_len=seq_len, global_batch=batch, seed=0)
+  it = pipeline.train_iter(pipeline.Split.of_tokens(docs), seq_len=seq_len, global_batch=batch, seed=0)
   return [next(it) for _ in range(n)]
 
 

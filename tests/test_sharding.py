@@ -5,15 +5,14 @@ import pytest
 from tests.conftest import tiny_config, train_steps
 from tpu_lm.parallel import mesh as mesh_lib
 from tpu_lm.training.setup import Setup
-from tpu_lm.data import packing, pipeline
+from tpu_lm.data import pipeline
 from tpu_lm.errors import UserError
 
 
 def _batches(n):
   rng = np.random.default_rng(0)
   docs = [list(rng.integers(3, 259, rng.integers(5, 80))) for _ in range(60)]
-  stream = packing.from_documents(docs, 0, 1, 2, np.uint16)
-  it = pipeline.train_iter(stream, seq_len=32, global_batch=8, seed=0)
+  it = pipeline.train_iter(pipeline.Split.of_tokens(docs), seq_len=32, global_batch=8, seed=0)
   return [next(it) for _ in range(n)]
 
 

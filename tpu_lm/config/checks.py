@@ -30,7 +30,7 @@ POSITIVE_INTS = (
     "optim.loss_scale_period",
 )
 NON_NEGATIVE = (
-    "data.max_documents", "model.num_kv_heads", "model.head_dim", "model.dropout_rate",
+    "data.max_documents", "eval_max_batches", "model.num_kv_heads", "model.head_dim", "model.dropout_rate",
     "optim.learning_rate", "optim.warmup_steps", "optim.min_lr_ratio", "optim.weight_decay",
     "optim.grad_clip_norm", "optim.l1_penalty", "sample.num_prompts", "model.norm_eps", "lora.rank", "lora.alpha",
     "sample.new_tokens", "sample.temperature", "sample.top_k", "peak_flops_per_device",
@@ -102,6 +102,8 @@ def validate(config) -> None:
   if config.data.dataset in ("text_files", "instructions") and not config.data.path:
     kind = "text files" if config.data.dataset == "text_files" else "JSONL files of {\"prompt\", \"completion\"}"
     fail("data.path", "", f"data.dataset={config.data.dataset!r} needs a directory, file or glob of {kind}")
+  if not config.data.tokenizer_sample_mb > 0:
+    fail("data.tokenizer_sample_mb", config.data.tokenizer_sample_mb, "it must be a number of MB > 0")
   if config.data.tokenizer == "hf" and not config.data.tokenizer_path and not config.init_from:
     fail("data.tokenizer_path", "", "data.tokenizer='hf' needs the directory of a Hugging Face tokenizer.json")
   if config.task.kind == "classification" and config.data.dataset in ("python_stdlib", "text_files", "instructions"):

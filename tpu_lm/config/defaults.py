@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_train_steps = 2200
   c.log_every_steps = 200
   c.eval_every_steps = 1100
+  c.eval_max_batches = 0  # > 0: each eval reads at most this many batches (whole documents only); 0: the whole split
   c.checkpoint_every_steps = 800
   c.keep_checkpoints = 3
   # A step with a NaN/Inf loss or gradient is skipped (no update); this many in a
@@ -44,13 +45,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.eval_split = "validation"
   c.data.text_key = "text"
   c.data.label_key = "label"  # classification: the integer class feature
-  c.data.max_documents = 0  # read at most this many documents per split (0: all)
+  c.data.max_documents = 0  # use only the first this many documents of each split (0: all)
   # "sentencepiece" (trained on the training split once and cached, or the .model file
   # at data.tokenizer_path), "bytes", or "hf" (the Hugging Face tokenizer.json in the
   # directory data.tokenizer_path). With init_from, the source run's own tokenizer is
   # used, whatever this says.
   c.data.tokenizer = "sentencepiece"
   c.data.tokenizer_path = ""
+  # SentencePiece is trained on this many MB of the training split, in a fixed shuffled
+  # order: the same vocabulary on every host, whatever the corpus size.
+  c.data.tokenizer_sample_mb = 64.0
   # sentencepiece: its vocabulary; hf: the model's embedding rows (at least the
   # tokenizer's); bytes has 259.
   c.data.vocab_size = 2048

@@ -1,10 +1,10 @@
 """TFDS builders for corpora that live on this machine: no network needed.
 
 `PythonStdlib` is the default corpus: the `.py` files of the running Python's
-standard library. `TextFiles` takes any directory or glob of text files. Both
-split into train/validation by a hash of each file's relative path, so the split
-never changes between runs or machines, and both are written as array_record so
-Grain can read them with random access. `Instructions` reads JSONL files of
+standard library, split into train/validation by a hash of each file's relative
+path, so the split never changes between runs or machines, and written as
+array_record for random access. (Your own text files need no builder: `text_files`
+reads them in place, see documents.py.) `Instructions` reads JSONL files of
 {"prompt", "completion"} pairs (split by a hash of each pair), and
 `StdlibFunctions` is an offline classification task: which of the standard
 library's ten largest packages a function comes from, held out by file.
@@ -70,15 +70,6 @@ class PythonStdlib(_LocalText):
   def __init__(self, **kwargs):
     root, relpaths = stdlib_files()
     super().__init__(root=root, relpaths=relpaths, **kwargs)
-
-
-class TextFiles(_LocalText):
-  """Any local directory or glob of UTF-8 text files."""
-
-  def __init__(self, *, path: str, **kwargs):
-    root, relpaths = user_files(path)
-    config = tfds.core.BuilderConfig(name="h" + fingerprint(root, relpaths))
-    super().__init__(root=root, relpaths=relpaths, config=config, **kwargs)
 
 
 class Instructions(tfds.core.GeneratorBasedBuilder, skip_registration=True):

@@ -120,8 +120,10 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
         split_by_whitespace=False,
         split_digits=True,
         user_defined_symbols=["\n"],
-        input_sentence_size=300_000,
-        shuffle_input_sentence=True,
+        # Every sentence given, in the order given: the caller's sample decides, so the
+        # vocabulary is the same wherever it is trained.
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
         max_sentence_length=4096,
         num_threads=os.cpu_count() or 1,
         minloglevel=2,

@@ -5,8 +5,9 @@ atomic (Orbax writes to a temporary directory and renames it when complete), and
 only the newest `keep` are kept. Items of a step directory:
 
 - `state`: the TrainState (TensorStore arrays); inference reads `params` alone;
-- `data`: the data position as JSON, `{"next_index": global batches consumed}`.
-  It is global, not per process, so a run resumes on more or fewer hosts;
+- `data`: the data position as JSON, `{"streams": [[epoch, position, offset], ...]}`,
+  one triple per row of the global batch (data/stream.py), gathered from every
+  process, so a run resumes on more or fewer hosts;
 - `config`: the run's config as JSON.
 
 Nothing is pickled. Only unreadable files are called damage: a checkpoint of
@@ -17,6 +18,7 @@ import contextlib
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from tpu_lm.errors import UserError
@@ -45,7 +47,7 @@ class Checkpointer:
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(_position(data_iter.get_state())),
+            data=ocp.args.JsonSave(_gathered_position(data_iter)),
             config=ocp.args.JsonSave(config_dict),
         ),
         force=True,
@@ -59,7 +61,7 @@ class Checkpointer:
           step,
           args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
       )
-      data_iter.set_state(_position(restored["data"]))
+      data_iter.set_state(_position(restored["data"], data_iter))
     return restored["state"]
 
   def check_structure(self, step: int, abstract_state) -> None:
@@ -121,11 +123,25 @@ class Checkpointer:
     self._mngr.close()
 
 
-def _position(state) -> dict:
-  """The data iterator's state: one global count of batches (Grain's `next_index`)."""
-  if not isinstance(state, dict) or not isinstance(state.get("next_index"), int):
-    raise ValueError(f"unexpected data iterator state {state!r}")
-  return {"next_index": state["next_index"]}
+def _gathered_position(data_iter) -> dict:
+  """Every row's stream state, from all processes (each holds its own rows')."""
+  local = np.asarray(data_iter.get_state(), np.int64)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    local = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 3)
+  return {"streams": local.tolist()}
+
+
+def _position(saved, data_iter) -> np.ndarray:
+  """The saved stream states, checked against this run's global batch."""
+  streams = np.asarray(saved.get("streams") if isinstance(saved, dict) else None, np.int64)
+  rows = data_iter.streams[0].num_shards
+  if streams.shape != (rows, 3):
+    raise UserError(
+        f"the checkpoint's data position has {streams.shape[0] if streams.ndim else 0} row streams, this run's"
+        f" global batch {rows}: resume with the data.global_batch_size it was trained with, or use a new --workdir.")
+  return streams
 
 
 def _name(path) -> str:

@@ -1,6 +1,7 @@
 """Evaluation over the validation split, and samples from the model after training."""
 
 import jax
+import numpy as np
 
 from tpu_lm.data import pipeline
 from tpu_lm.errors import UserError
@@ -9,18 +10,29 @@ from tpu_lm.training import metrics as metrics_lib
 
 
 def evaluate(setup, params, corpus) -> dict:
-  """The task's eval metrics over the whole validation split."""
+  """The task's eval metrics over the validation split (its first eval_max_batches
+  batches' worth of whole documents, if set)."""
   d = setup.config.data
+  if len(corpus.validation) == 0:
+    raise UserError(f"the validation split {d.eval_split!r} of {d.dataset!r} is empty: set data.eval_split to another split.")
   sums = None
-  for batch in pipeline.eval_batches(
-      corpus.validation, seq_len=d.seq_len, global_batch=d.global_batch_size,
+  for batch, done_here in pipeline.eval_batches(
+      corpus.validation, seq_len=d.seq_len, global_batch=d.global_batch_size, max_batches=setup.config.eval_max_batches,
       process_index=jax.process_index(), process_count=jax.process_count(),
   ):
     out = setup.eval_step(params, setup.device_batch(batch))
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-  if sums is None:
-    raise UserError(f"the validation split {d.eval_split!r} of {d.dataset!r} is empty: set data.eval_split to another split.")
-  return setup.task.eval_metrics(jax.device_get(sums), corpus.validation.num_bytes)
+    if _everywhere(done_here):  # every process runs the same number of eval steps
+      break
+  return setup.task.eval_metrics(jax.device_get(sums))
+
+
+def _everywhere(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+
+  return bool(multihost_utils.process_allgather(np.asarray(bool(flag))).all())
 
 
 def print_samples(setup, params, corpus) -> None:

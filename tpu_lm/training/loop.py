@@ -52,8 +52,8 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
   corpus = corpus or _prepare_corpus(d, tokenizer, config.task.kind)
   _check_vocabulary(config, corpus.tokenizer)
   metrics_lib.console(
-      f"data: {d.dataset}, {len(corpus.train.tokens):,} train tokens, validation"
-      f" {corpus.validation.num_bytes:,} bytes; tokenizer {corpus.tokenizer.name}"
+      f"data: {d.dataset}, {len(corpus.train):,} train and {len(corpus.validation):,} validation documents"
+      f" (tokenized as read); tokenizer {corpus.tokenizer.name}"
       + (f"; zlib -9 on the validation text: {corpus.zlib_bits_per_byte:.3f} bits/byte"
          if corpus.zlib_bits_per_byte else f"; classes {', '.join(corpus.class_names)}" if corpus.class_names else "")
   )
@@ -80,9 +80,9 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
   writer = metrics_lib.Writer(workdir, resume_step=step)
   with setup.context():
     t0 = time.time()
-    compiled_step = setup.train_step.lower(state, setup.device_batch(_peek(train_iter))).compile()
+    compiled_step = setup.train_step.lower(state, setup.device_batch(train_iter.peek())).compile()
     metrics_lib.console(f"compiled the train step in {time.time() - t0:.1f} s")
-  window, t_window, steps_done = [], time.time(), 0
+  window, timer, steps_done = [], metrics_lib.StepTimer(), 0
   t_train = time.time()
   saved_step = step if ckpt.latest_step() == step else None
   last_streak = None  # the previous step's non-finite streak, read one step late
@@ -93,16 +93,18 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
       step += 1
       steps_done += 1
       window.append(m)
+      timer.tick()
       # Reading the previous step's counter waits for that step only: the step
       # just dispatched keeps the device busy meanwhile.
       if last_streak is not None and int(last_streak) >= config.max_consecutive_nonfinite:
         _diverged(ckpt, writer, int(last_streak), step - 1, config.max_consecutive_nonfinite)
       last_streak = m["nonfinite_streak"]
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
-        _log_train(setup, writer, step, jax.device_get(window), time.time() - t_window,  # host sync
+        _log_train(setup, writer, step, jax.device_get(window), timer.seconds_per_step(),  # host sync
                    eta_s=(config.num_train_steps - step) * (time.time() - t_train) / steps_done,
                    flops_per_step=flops_per_step, peak=peak)
-        window, t_window = [], time.time()
+        window = []
+        timer.restart()
       if watch.should_stop(step):
         if saved_step != step:
           ckpt.save(step, state, train_iter, config.to_dict())
@@ -117,7 +119,7 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
         saved_step = step
       if step % config.eval_every_steps == 0 and step < config.num_train_steps:
         _log_eval(setup, state, corpus, writer, step)
-        t_window = time.time()  # eval time is not training throughput
+        timer.restart()  # eval time is not training throughput (nor are the steps timed before it)
     if last_streak is not None and int(last_streak) >= config.max_consecutive_nonfinite:
       _diverged(ckpt, writer, int(last_streak), step, config.max_consecutive_nonfinite)
     if saved_step != step:
@@ -128,6 +130,7 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
     ckpt.close()
   finally:
     watch.close()
+    train_iter.close()
   writer.close()
   metrics_lib.console(f"done: step {step}, total wall time {time.time() - t_start:.0f} s; workdir {workdir}")
   return result
@@ -193,10 +196,9 @@ def _restore_or_init(setup: Setup, ckpt, train_iter) -> TrainState:
 _STEP_METRICS = ("loss", "step_loss", "grad_norm", "nonfinite_steps", "nonfinite_streak", "loss_scale", "lr")
 
 
-def _log_train(setup, writer, step, window, elapsed, *, eta_s, flops_per_step, peak) -> None:
+def _log_train(setup, writer, step, window, sec_per_step, *, eta_s, flops_per_step, peak) -> None:
   d = setup.config.data
   loss = float(window[-1]["loss"])  # the mean over the logging window, kept in the train state
-  sec_per_step = elapsed / len(window)
   record = {
       "loss": loss, "ppl": math.exp(min(loss, 50)), "lr": float(window[-1]["lr"]),
       "grad_norm": float(window[-1]["grad_norm"]),
@@ -233,15 +235,9 @@ def _log_eval(setup, state, corpus, writer, step) -> dict:
                     if isinstance(v, float))
   zlib = f"  (zlib -9: {corpus.zlib_bits_per_byte:.4f})" if corpus.zlib_bits_per_byte else ""
   metrics_lib.console(
-      f"eval at step {step}: {shown}{zlib}; whole validation split in {time.time() - t0:.1f} s"
+      f"eval at step {step}: {shown}{zlib}; validation"
+      + (f" (at most {setup.config.eval_max_batches} batches)" if setup.config.eval_max_batches else " (whole split)")
+      + f" in {time.time() - t0:.1f} s"
       + metrics_lib.classification_table(result))
   writer.write(step, result)
   return result
-
-
-def _peek(it):
-  """The next batch, without advancing the iterator (to compile for its shapes)."""
-  state = it.get_state()
-  batch = next(it)
-  it.set_state(state)
-  return batch

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import jax
 
@@ -47,6 +48,25 @@ def console(msg: str) -> None:
 def format_seconds(s: float) -> str:
   s = int(max(s, 0))
   return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class StepTimer:
+  """Seconds per step over the steps since the last restart. The loop restarts it
+  after an eval, so a logging window that holds an eval measures only the steps
+  after it (counting the earlier ones against the shorter time doubled the rate)."""
+
+  def __init__(self, clock=time.time):
+    self._clock = clock
+    self.restart()
+
+  def restart(self) -> None:
+    self._start, self._steps = self._clock(), 0
+
+  def tick(self) -> None:
+    self._steps += 1
+
+  def seconds_per_step(self) -> float:
+    return (self._clock() - self._start) / max(self._steps, 1)
 
 
 def classification_table(result: dict) -> str:

@@ -6,7 +6,7 @@ The train step (step.py) is generic over the task. A task gives
   the batch and what it is summed over (tokens, examples); the step divides, and
   gradient accumulation, loss scaling and the non-finite guard never look inside;
 - `eval_sums(model, params, batch) -> {name: sum}`, added up over the eval split;
-- `eval_metrics(sums, num_bytes) -> {name: value}`, the logged eval record.
+- `eval_metrics(sums) -> {name: value}`, the logged eval record.
 
 The language model is the first task; classification, distillation and
 instruction tuning (a `loss_mask` in the batch) plug in the same way.
@@ -31,7 +31,7 @@ class Task(Protocol):
 
   def eval_sums(self, model, params, batch) -> dict: ...
 
-  def eval_metrics(self, sums: dict, num_bytes: int) -> dict: ...
+  def eval_metrics(self, sums: dict) -> dict: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +48,11 @@ class LanguageModel:
 
   def eval_sums(self, model, params, batch) -> dict:
     nats, count = losses.token_nats(model, params, batch, None, self.logits_chunk)
-    return {"nats": nats, "tokens": count}
+    # Eval rows carry the UTF-8 bytes of the documents they end (data/stream.py).
+    return {"nats": nats, "tokens": count, "bytes": batch["num_bytes"].astype(jnp.float32).sum()}
 
-  def eval_metrics(self, sums: dict, num_bytes: int) -> dict:
-    nats, count = float(sums["nats"]), float(sums["tokens"])
+  def eval_metrics(self, sums: dict) -> dict:
+    nats, count, num_bytes = float(sums["nats"]), float(sums["tokens"]), float(sums["bytes"])
     loss = nats / max(count, 1)
     return {
         "eval_loss": loss,
@@ -98,8 +99,7 @@ class Classifier:
     pred_BxC = jax.nn.one_hot(jnp.argmax(logits_BxC, -1), self.num_classes)
     return {"nats": (nll_B * weight_B).sum(), "examples": weight_B.sum(), "confusion": true_BxC.T @ pred_BxC}
 
-  def eval_metrics(self, sums: dict, num_bytes: int) -> dict:
-    del num_bytes
+  def eval_metrics(self, sums: dict) -> dict:
     return classification_metrics(np.asarray(sums["confusion"]), float(sums["nats"]), self.class_names)
 
 

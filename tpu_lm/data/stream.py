@@ -1,0 +1,300 @@
+"""Streaming a split into fixed-length rows: one stream per row of the global batch.
+
+Row r of every global batch comes from its own `ShardStream`: the documents r,
+r + G, r + 2G, ... of the split (G = the global batch size), in an order that is a
+seeded permutation per epoch (Grain's `index_shuffle`, O(1) memory), tokenized
+when reached and packed: a document of n + 1 tokens ([BOS] + ids + [EOS]) gives n
+(input, target) pairs, laid end to end and cut into rows, so every target of a
+shard is predicted once per epoch. Inside a row, `segment_ids` number the
+documents (0 is padding) and `positions` restart at each document and each row.
+
+A stream's whole state is three integers (epoch, position in the epoch's order,
+pairs of the current document already emitted), and a row depends on nothing but
+its shard and that state. So a process that serves rows [a, b) runs streams a..b-1,
+the global state is the G triples, and a run resumes exactly on any number of
+processes: each takes the triples of its own rows. (Grain's `ElasticIterator`,
+which reshards a pipeline on restore, refuses packing, a many-to-one step without
+a fixed ratio; a per-process Grain pipeline's state does not survive a change in
+the number of processes.) Memory holds a few documents per stream, whatever the
+corpus size.
+
+`Loader` builds this process's rows of each global batch in a background thread,
+a few batches ahead, tokenizing the documents every stream needs next in one
+batched call.
+"""
+
+import queue
+import threading
+
+import numpy as np
+from grain.experimental import index_shuffle
+
+from tpu_lm.data.encode import Encoded
+from tpu_lm.errors import UserError
+
+
+class ShardStream:
+  def __init__(self, source, *, shard: int, num_shards: int, seq_len: int, seed: int, bos_id: int, eos_id: int,
+               shuffle: bool = True, one_pass: bool = False, max_rows: int = 0, one_per_row: bool = False,
+               loss_mask: bool = False, with_bytes: bool = False):
+    self.shard, self.num_shards, self.seq_len, self.seed = shard, num_shards, seq_len, seed
+    self.bos_id, self.eos_id = bos_id, eos_id
+    self.shuffle, self.one_pass, self.max_rows = shuffle, one_pass, max_rows
+    self.one_per_row, self.loss_mask, self.with_bytes = one_per_row, loss_mask, with_bytes
+    self.num_docs = len(range(shard, len(source), num_shards))
+    self.epoch = self.pos = self.offset = 0
+    self.rows_made = 0
+    self.done = self.num_docs == 0 and one_pass
+    self._cache: dict[tuple, tuple] = {}  # (epoch, pos) -> (tokens with BOS/EOS, target mask, bytes, label)
+
+  # -- state -------------------------------------------------------------------------------------------------------
+
+  def state(self) -> tuple[int, int, int]:
+    return self.epoch, self.pos, self.offset
+
+  def set_state(self, state) -> None:
+    self.epoch, self.pos, self.offset = (int(v) for v in state)
+    self._cache.clear()
+
+  # -- which documents, in which order ---------------------------------------------------------------------------------
+
+  def doc_index(self, epoch: int, pos: int) -> int:
+    local = pos
+    if self.shuffle and self.num_docs > 1:
+      seed = (self.seed * 1_000_003 + self.shard * 7_919 + epoch * 104_729) % (1 << 31)
+      local = index_shuffle(pos, max_index=self.num_docs - 1, seed=seed, rounds=4)
+    return self.shard + self.num_shards * local
+
+  def upcoming(self, count: int) -> list[tuple[int, int]]:
+    """The (epoch, pos) keys of the next `count` documents not cached yet."""
+    keys, epoch, pos = [], self.epoch, self.pos
+    for _ in range(count if self.num_docs else 0):
+      if self.one_pass and pos >= self.num_docs:
+        break
+      if (epoch, pos) not in self._cache:
+        keys.append((epoch, pos))
+      pos += 1
+      if pos == self.num_docs:
+        if self.one_pass:
+          break
+        epoch, pos = epoch + 1, 0
+    return keys
+
+  def supply(self, key, encoded: Encoded) -> None:
+    tokens = np.concatenate([[self.bos_id], encoded.ids, [self.eos_id]]).astype(np.int32)
+    mask = np.ones(len(tokens), np.int32)  # per token, as a target: 1 if it counts
+    mask[: 1 + encoded.prompt_len] = 0
+    self._cache[key] = (tokens, mask, encoded.num_bytes, encoded.label)
+
+  # -- rows --------------------------------------------------------------------------------------------------------
+
+  def next_row(self, fetch) -> dict[str, np.ndarray]:
+    """The next row; `fetch(keys)` supplies documents the cache lacks."""
+    if self.num_docs == 0 and not self.one_pass:
+      raise UserError(f"the split has fewer documents than data.global_batch_size rows (shard {self.shard} is"
+                      " empty): use more data or a smaller data.global_batch_size.")
+    if self.max_rows and self.rows_made >= self.max_rows:
+      self.done = True
+    self.rows_made += 1
+    if self.one_per_row:
+      return self._example_row(fetch)
+    return self._packed_row(fetch)
+
+  def _doc(self, fetch):
+    key = (self.epoch, self.pos)
+    if key not in self._cache:
+      fetch(self, [key] + self.upcoming(8)[1:])
+    return self._cache[key]
+
+  def _advance_doc(self) -> None:
+    self._cache.pop((self.epoch, self.pos), None)
+    self.pos, self.offset = self.pos + 1, 0
+    if self.pos == self.num_docs:
+      if self.one_pass:
+        self.done = True
+      else:
+        self.epoch, self.pos = self.epoch + 1, 0
+
+  def _packed_row(self, fetch):
+    t = self.seq_len
+    inputs, targets, seg, positions, mask = (np.zeros(t, np.int32) for _ in range(5))
+    filled, segment, row_bytes = 0, 0, 0
+    while filled < t and not self.done:
+      tokens, target_mask, nbytes, _ = self._doc(fetch)
+      pairs = len(tokens) - 1
+      if self.offset == 0 and self.max_rows:
+        # A bounded pass takes whole documents only, so bits per byte stay exact.
+        room = (self.max_rows - self.rows_made) * t + (t - filled)
+        if pairs > room:
+          self.done = True
+          break
+      take = min(pairs - self.offset, t - filled)
+      a, b = self.offset, self.offset + take
+      segment += 1
+      inputs[filled:filled + take] = tokens[a:b]
+      targets[filled:filled + take] = tokens[a + 1:b + 1]
+      mask[filled:filled + take] = target_mask[a + 1:b + 1]
+      seg[filled:filled + take] = segment
+      positions[filled:filled + take] = np.arange(take)
+      filled += take
+      self.offset = b
+      if b == pairs:
+        row_bytes += nbytes
+        self._advance_doc()
+    row = {"inputs": inputs, "targets": targets, "segment_ids": seg, "positions": positions}
+    if self.loss_mask:
+      row["loss_mask"] = mask
+    if self.with_bytes:
+      row["num_bytes"] = np.int32(row_bytes)
+    return row
+
+  def _example_row(self, fetch):
+    t = self.seq_len
+    inputs, seg, positions = (np.zeros(t, np.int32) for _ in range(3))
+    label = 0
+    if not self.done:
+      tokens, _, _, label = self._doc(fetch)
+      ids = np.concatenate([tokens[: t - 1], [self.eos_id]]) if len(tokens) > t else tokens
+      inputs[: len(ids)], seg[: len(ids)], positions[: len(ids)] = ids, 1, np.arange(len(ids))
+      self._advance_doc()
+    return {"inputs": inputs, "segment_ids": seg, "positions": positions, "label": np.int32(label)}
+
+
+def _fetcher(source, encoder):
+  """fetch(stream, keys): reads and tokenizes the keyed documents of one stream."""
+  def fetch(stream, keys):
+    supply_many(source, encoder, [(stream, k) for k in keys])
+  return fetch
+
+
+def supply_many(source, encoder, wanted) -> None:
+  """Reads and tokenizes the documents of many streams in one batched call."""
+  if not wanted:
+    return
+  records = source.get([stream.doc_index(*key) for stream, key in wanted])
+  for (stream, key), encoded in zip(wanted, encoder(records)):
+    stream.supply(key, encoded)
+
+
+class Loader:
+  """This process's rows of every global batch, built ahead in a background thread.
+
+  `get_state()` is the states of this process's streams after the last batch
+  returned ([rows, 3]); `set_state(all_rows)` takes the global [G, 3] state.
+  """
+
+  def __init__(self, source, encoder, *, seq_len: int, global_batch: int, seed: int, bos_id: int, eos_id: int,
+               process_index: int = 0, process_count: int = 1, one_per_row: bool = False, loss_mask: bool = False,
+               prefetch: int = 4, lookahead: int = 8):
+    if global_batch % process_count:
+      raise UserError(f"data.global_batch_size ({global_batch}) must be divisible by the processes ({process_count}).")
+    per = global_batch // process_count
+    self.rows = range(process_index * per, (process_index + 1) * per)
+    self.source, self.encoder = source, encoder
+    self.streams = [ShardStream(source, shard=r, num_shards=global_batch, seq_len=seq_len, seed=seed, bos_id=bos_id,
+                                eos_id=eos_id, one_per_row=one_per_row, loss_mask=loss_mask) for r in self.rows]
+    if len(source) < global_batch:
+      raise UserError(
+          f"the training split has {len(source)} documents, fewer than one global batch of rows"
+          f" ({global_batch}): use more data or a smaller data.global_batch_size.")
+    self._prefetch, self._lookahead = prefetch, lookahead
+    self._fetch = _fetcher(source, encoder)
+    self._state = np.array([s.state() for s in self.streams], np.int64)
+    self._thread = None
+
+  def _make_batch(self):
+    supply_many(self.source, self.encoder, [(s, k) for s in self.streams for k in s.upcoming(self._lookahead)])
+    rows = [s.next_row(self._fetch) for s in self.streams]
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    return batch, np.array([s.state() for s in self.streams], np.int64)
+
+  def _run(self, q: queue.Queue, stop: threading.Event):
+    try:
+      while not stop.is_set():
+        item = self._make_batch()
+        while not stop.is_set():
+          try:
+            q.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+    except BaseException as e:  # handed to the consumer, raised there
+      q.put(e)
+
+  def _start(self):
+    self._queue, self._stop = queue.Queue(self._prefetch), threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(self._queue, self._stop), daemon=True,
+                                    name="tpu_lm data")
+    self._thread.start()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._thread is None:
+      self._start()
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      self._thread = None
+      raise item
+    batch, self._state = item
+    return batch
+
+  def peek(self) -> dict:
+    """The next batch, without advancing (to compile for its shapes)."""
+    self.close()
+    saved = [s.state() for s in self.streams]
+    batch, _ = self._make_batch()
+    for s, state in zip(self.streams, saved):
+      s.set_state(state)
+    return batch
+
+  def get_state(self) -> np.ndarray:
+    return self._state.copy()
+
+  def set_state(self, all_rows) -> None:
+    """The global state ([G, 3], every row's stream); this process takes its rows."""
+    self.close()
+    all_rows = np.asarray(all_rows, np.int64)
+    for stream, r in zip(self.streams, self.rows):
+      stream.set_state(all_rows[r])
+    self._state = np.array([s.state() for s in self.streams], np.int64)
+
+  def close(self) -> None:
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread = None
+
+
+def eval_rows(source, encoder, *, seq_len: int, global_batch: int, bos_id: int, eos_id: int, max_batches: int = 0,
+              process_index: int = 0, process_count: int = 1, one_per_row: bool = False, loss_mask: bool = False):
+  """This process's rows of every eval batch: each document once, in order; a pass
+  bounded to `max_batches` takes whole documents only. Yields (batch, done), done
+  when this process's streams are exhausted (the caller agrees on the end across
+  processes). Rows carry `num_bytes`: the bytes of the documents they end."""
+  per = global_batch // process_count
+  streams = [ShardStream(source, shard=r, num_shards=global_batch, seq_len=seq_len, seed=0, bos_id=bos_id,
+                         eos_id=eos_id, shuffle=False, one_pass=True, max_rows=max_batches, one_per_row=one_per_row,
+                         loss_mask=loss_mask, with_bytes=not one_per_row)
+             for r in range(process_index * per, (process_index + 1) * per)]
+  fetch = _fetcher(source, encoder)
+  batches = 0
+  while True:
+    supply_many(source, encoder, [(s, k) for s in streams for k in s.upcoming(8)])
+    rows = [s.next_row(fetch) for s in streams]
+    batches += 1
+    done = all(s.done for s in streams) or (max_batches and batches >= max_batches)
+    yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, done
+
+
+def first_tokens(source, encoder, bos_id: int, num: int, length: int) -> np.ndarray:
+  """[BOS] + the first tokens of the first `num` documents long enough: sample prompts."""
+  prompts = []
+  for start in range(0, min(len(source), 64 * max(num, 1)), 64):
+    for e in encoder(source.get(range(start, min(start + 64, len(source))))):
+      if len(e.ids) + 1 > length:
+        prompts.append(np.concatenate([[bos_id], e.ids[: length - 1]]).astype(np.int32))
+      if len(prompts) == num:
+        return np.stack(prompts)
+  return np.stack(prompts) if prompts else np.zeros((0, length), np.int32)
