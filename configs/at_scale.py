@@ -3,6 +3,23 @@ llama_70b): accelerator precision, scanned layers, a large corpus. Not a config 
 
 Check any of them against a TPU slice before paying for one (no TPU needed):
   python -m tpu_lm.main --config=configs/llama_8b.py --compile_for=v5p-64
+
+Data: C4 (English) as TFDS prepares it, all of it: 365M training documents, about
+160B tokens at these vocabularies (C4's own count is 156B T5 tokens), ~800 GB as
+TFRecord. Prepare it once where every host can read it (TFDS builds C4 with Apache
+Beam: `tfds build c4/en --data_dir=gs://BUCKET/tensorflow_datasets`), then pass
+`--config.data.data_dir=gs://BUCKET/tensorflow_datasets` and a `--workdir=gs://...`
+(several hosts must share the workdir; the run checks). Each host reads and tokenizes
+only its own rows' documents; the first run indexes each TFRecord file's records
+once (an `.tpu_lm_index.npy` beside it, or in memory where the bucket is read-only).
+The SentencePiece vocabulary is trained on a fixed 64 MB sample, the same on every
+host. Tokens read, against one epoch of C4:
+
+  gpt2_124m  20k steps x 512 x 1024 = 10.5B tokens   7% of an epoch
+  gpt2_1p5b  50k x 512 x 1024       = 26.2B          16%
+  llama_1b   50k x 256 x 2048       = 26.2B          16%
+  llama_8b   100k x 256 x 4096      = 105B           66%
+  llama_70b  100k x 512 x 4096      = 210B           1.3 epochs
 """
 
 from configs import base
@@ -15,11 +32,11 @@ def config(*, family: str, layers: int, d_model: int, heads: int, kv_heads: int,
   c.log_every_steps = 10
   c.eval_every_steps = 2000
   c.checkpoint_every_steps = 1000
-  # A catalog corpus (needs the network once to download and prepare it).
-  # The whole split is tokenized into memory, so documents are capped.
+  # The whole catalog corpus, streamed (see above); eval reads whole documents up to
+  # 100 batches of its validation split (364k documents in all).
   c.data.dataset = "c4/en"
   c.data.eval_split = "validation"
-  c.data.max_documents = 2_000_000
+  c.eval_max_batches = 100
   c.data.vocab_size = vocab
   c.data.seq_len = seq_len
   c.data.global_batch_size = batch

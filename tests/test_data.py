@@ -225,3 +225,23 @@ def test_a_tfrecord_prepared_split_reads_by_index(tmp_path):
   assert [r["text"] for r in source.get(order)] == [expected[i] for i in order]
   again = documents.TFRecordSource(b, "train")  # the offsets index is kept beside each file
   assert [r["text"] for r in again.get([3])] == [expected[3]] and list(tmp_path.rglob("*.tpu_lm_index.npy"))
+
+
+def test_a_bucket_path_holds_the_tokenizer_and_the_metrics():
+  """gs:// and other URLs go through TensorFlow's file system (ram:// stands in here)."""
+  from tpu_lm import storage
+  from tpu_lm.training import metrics
+
+  tok = tokenizer_lib.load_or_train("ram://tfds/tpu_lm/spm.model", 300, ["some text to learn from " * 50] * 40)
+  assert storage.exists("ram://tfds/tpu_lm/spm.model")
+  assert tokenizer_lib.load_or_train("ram://tfds/tpu_lm/spm.model", 300, []).name == tok.name  # cached there
+  tokenizer_lib.save_for_run(tok, "ram://run")
+  assert tokenizer_lib.load_for_run("ram://run").name == tok.name
+  w = metrics.Writer("ram://run")
+  for step in (1, 2, 3):
+    w.write(step, {"loss": 1.0 / step})
+  w.close()
+  resumed = metrics.Writer("ram://run", resume_step=2)  # a resumed run drops what came after its checkpoint
+  resumed.write(3, {"loss": 0.5})
+  with storage.open("ram://run/metrics.jsonl") as f:
+    assert [line.count('"step"') for line in f] == [1, 1, 1]

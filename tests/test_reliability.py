@@ -212,10 +212,13 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_and_resume_on_one(corpus_dir, data_dir, tmp_path):
-  """Two processes (2 devices each) log the losses and gradient norms of one process
-  with 4 devices; their checkpoint then resumes on a single process (the data
-  position is global, not per process) and goes on exactly as the one process did."""
-  steps = ["--config.log_every_steps=1", "--config.checkpoint_every_steps=2", "--config.optim.schedule=constant"]
+  """Two processes (2 devices each), each with its own data_dir (no shared disk: each
+  builds the dataset and trains the SentencePiece tokenizer itself), log the losses
+  and gradient norms of one process with 4 devices; their checkpoint then resumes on
+  a single process (the data position holds every row's stream, whichever process
+  served it) and goes on exactly as the one process did."""
+  steps = ["--config.log_every_steps=1", "--config.checkpoint_every_steps=2", "--config.optim.schedule=constant",
+           "--config.data.tokenizer=sentencepiece", "--config.data.vocab_size=300"]
 
   def env(devices):
     return {**_env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
@@ -227,8 +230,8 @@ def test_two_processes_train_like_one_process_and_resume_on_one(corpus_dir, data
   two_dir = str(tmp_path / "two")
   address = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen(
-      _cmd(corpus_dir, data_dir, two_dir, *steps, "--config.num_train_steps=4", f"--coordinator_address={address}",
-           "--num_processes=2", f"--process_id={i}"),
+      _cmd(corpus_dir, str(tmp_path / f"host{i}_data"), two_dir, *steps, "--config.num_train_steps=4",
+           f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"),
       cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (out, err) in zip(procs, outs):

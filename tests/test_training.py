@@ -133,3 +133,17 @@ def test_resume_with_clipping_turned_on_and_tensorboard_without_duplicates(corpu
   result = loop.train_and_evaluate(config, workdir)
   assert np.isfinite(result["eval_loss"])
   assert _scalar_steps(workdir, "loss") == list(range(1, 8))
+
+
+def test_tokens_per_second_counts_only_the_steps_after_an_eval_inside_the_window():
+  """Log every 4 steps, eval after step 2 (taking 100 s), each step 1 s: the rate is
+  one step per second, not 4 steps in the 2 s after the eval (the old bookkeeping)."""
+  now = [0.0]
+  timer = metrics.StepTimer(clock=lambda: now[0])
+  for step in range(1, 5):
+    now[0] += 1.0
+    timer.tick()
+    if step == 2:
+      now[0] += 100.0  # the eval
+      timer.restart()
+  assert timer.seconds_per_step() == 1.0

@@ -14,11 +14,13 @@ is read before it is asked for, so memory does not grow with the corpus. Kinds:
 - `TokenSource`: documents already tokenized, in memory (tests, tiny corpora).
 """
 
+import io
 import os
 import struct
 
 import numpy as np
 
+from tpu_lm import storage
 from tpu_lm.data import local_files
 from tpu_lm.errors import UserError
 
@@ -72,7 +74,7 @@ class TFRecordSource:
     out = []
     for i in indices:
       f = int(np.searchsorted(self._starts, i, side="right") - 1)
-      with open(self._files[f], "rb") as fh:
+      with storage.open(self._files[f], "rb") as fh:
         fh.seek(int(self._offsets[f][i - self._starts[f]]))
         (length,) = struct.unpack("<Q", fh.read(8))
         fh.read(4)  # the length's CRC
@@ -81,12 +83,16 @@ class TFRecordSource:
 
 
 def _record_offsets(path: str) -> np.ndarray:
-  """Byte offsets of every record in a TFRecord file, cached beside it."""
+  """Byte offsets of every record in a TFRecord file, cached beside it (a prepared
+  TFDS file never changes in place)."""
   index = f"{path}.tpu_lm_index.npy"
-  if os.path.exists(index) and os.path.getmtime(index) >= os.path.getmtime(path):
+  if storage.exists(index):
+    if storage.is_url(index):
+      with storage.open(index, "rb") as f:
+        return np.load(f, allow_pickle=False)
     return np.load(index, mmap_mode="r", allow_pickle=False)
-  offsets, size = [], os.path.getsize(path)
-  with open(path, "rb") as f:
+  offsets, size = [], storage.getsize(path)
+  with storage.open(path, "rb") as f:
     pos = 0
     while pos < size:
       offsets.append(pos)
@@ -95,10 +101,10 @@ def _record_offsets(path: str) -> np.ndarray:
       pos += 8 + 4 + length + 4  # length, its CRC, the payload, its CRC
   out = np.asarray(offsets, np.int64)
   try:
-    tmp = f"{index}.tmp{os.getpid()}.npy"
-    np.save(tmp, out)
-    os.replace(tmp, index)
-  except OSError:  # a read-only dataset directory: keep the index in memory only
+    buffer = io.BytesIO()
+    np.save(buffer, out)
+    storage.write_atomic(index, buffer.getvalue())
+  except Exception:  # a read-only dataset directory (a public bucket): keep it in memory only
     pass
   return out
 

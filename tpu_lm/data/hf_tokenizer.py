@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 
+from tpu_lm import storage
 from tpu_lm.errors import UserError
 
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -25,7 +26,7 @@ class HFTokenizer:
 
     path = os.path.join(directory, "tokenizer.json")
     try:
-      with open(path, "rb") as f:
+      with storage.open(path, "rb") as f:
         blob = f.read()
       self._tok = tokenizers.Tokenizer.from_str(blob.decode("utf-8"))
     except FileNotFoundError:
@@ -56,8 +57,8 @@ class HFTokenizer:
     out = {}
     for name in FILES:
       path = os.path.join(self.directory, name)
-      if os.path.exists(path):
-        with open(path, "rb") as f:
+      if storage.exists(path):
+        with storage.open(path, "rb") as f:
           out[name] = f.read()
     return out
 
@@ -73,7 +74,7 @@ def _special_ids(directory: str, tok) -> dict:
   names = {}
   for file in ("special_tokens_map.json", "tokenizer_config.json"):  # the later one wins
     try:
-      with open(os.path.join(directory, file)) as f:
+      with storage.open(os.path.join(directory, file)) as f:
         meta = json.load(f)
     except (OSError, ValueError):
       continue
@@ -84,7 +85,7 @@ def _special_ids(directory: str, tok) -> dict:
   ids = {f"{k}_id": (tok.token_to_id(t) if t is not None else None) for k, t in
          ((k, names.get(k)) for k in ("bos", "eos", "pad"))}
   try:  # a model's config.json names ids where the tokenizer files name none
-    with open(os.path.join(directory, "config.json")) as f:
+    with storage.open(os.path.join(directory, "config.json")) as f:
       model_config = json.load(f)
   except (OSError, ValueError):
     model_config = {}

@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 import sentencepiece as spm
 
+from tpu_lm import storage
 from tpu_lm.errors import UserError
 
 # The ids tpu_lm gives the special tokens of the tokenizers it makes; tokenizers
@@ -138,8 +139,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
 
 def load_or_train(path: str, vocab_size: int, texts: Iterable[str]) -> SentencePieceTokenizer:
   """The cached tokenizer at `path`, training and writing it first if absent."""
-  if os.path.exists(path):
-    with open(path, "rb") as f:
+  if storage.exists(path):
+    with storage.open(path, "rb") as f:
       tok = SentencePieceTokenizer(f.read(), path)
     if tok.vocab_size != vocab_size:
       raise UserError(
@@ -148,17 +149,17 @@ def load_or_train(path: str, vocab_size: int, texts: Iterable[str]) -> SentenceP
       )
     return tok
   proto = train_sentencepiece(texts, vocab_size)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  _write_atomic(path, proto)  # a crash never leaves half a tokenizer
+  storage.makedirs(os.path.dirname(path))
+  storage.write_atomic(path, proto)  # a crash never leaves half a tokenizer
   return SentencePieceTokenizer(proto, path)
 
 
 def load_sentencepiece(path: str, vocab_size: int) -> SentencePieceTokenizer:
   """A SentencePiece model file given by data.tokenizer_path."""
   try:
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
       tok = SentencePieceTokenizer(f.read(), path)
-  except OSError as e:
+  except (OSError, FileNotFoundError) as e:
     raise UserError(f"cannot read data.tokenizer_path {path} ({e.strerror}): give a SentencePiece .model file.") from None
   if tok.vocab_size != vocab_size:
     raise UserError(f"{path} has vocabulary {tok.vocab_size}, but data.vocab_size is {vocab_size}: set"
@@ -194,20 +195,20 @@ def save_for_run(tok: Tokenizer, workdir: str) -> None:
   meta = {"type": "bytes"}
   if isinstance(tok, SentencePieceTokenizer):
     meta = {"type": "sentencepiece", "file": "tokenizer.model", "name": tok.name}
-    _write_atomic(os.path.join(workdir, "tokenizer.model"), tok.model_proto)
+    storage.write_atomic(os.path.join(workdir, "tokenizer.model"), tok.model_proto)
   elif hasattr(tok, "files"):  # a Hugging Face tokenizer
     meta = {"type": "hf", "dir": HF_DIR, "name": tok.name}
-    os.makedirs(os.path.join(workdir, HF_DIR), exist_ok=True)
+    storage.makedirs(os.path.join(workdir, HF_DIR))
     for name, data in tok.files().items():
-      _write_atomic(os.path.join(workdir, HF_DIR, name), data)
+      storage.write_atomic(os.path.join(workdir, HF_DIR, name), data)
   meta["special_ids"] = special_ids(tok)  # for readers of the run directory other than tpu_lm
-  _write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(meta, indent=1).encode())
+  storage.write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(meta, indent=1).encode())
 
 
 def load_for_run(workdir: str) -> Tokenizer:
   path = os.path.join(workdir, RUN_FILE)
   try:
-    with open(path) as f:
+    with storage.open(path) as f:
       meta = json.load(f)
     if meta["type"] == "bytes":
       tok = ByteTokenizer()
@@ -217,7 +218,7 @@ def load_for_run(workdir: str) -> Tokenizer:
       tok = HFTokenizer(os.path.join(workdir, meta["dir"]), meta["special_ids"])
     else:
       model_path = os.path.join(workdir, meta["file"])
-      with open(model_path, "rb") as f:
+      with storage.open(model_path, "rb") as f:
         tok = SentencePieceTokenizer(f.read(), model_path)
     saved = meta.get("special_ids", special_ids(tok))
     if saved != special_ids(tok):
@@ -230,13 +231,6 @@ def load_for_run(workdir: str) -> Tokenizer:
     ) from None
   except (ValueError, KeyError, TypeError):
     raise UserError(f"{path} is corrupt: rerun python -m tpu_lm.main on {workdir} to rewrite it.") from None
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
 
 
 class TextStream:

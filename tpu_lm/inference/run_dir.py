@@ -24,6 +24,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from tpu_lm import storage
 from tpu_lm.config import checks, defaults, derived
 from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.errors import UserError
@@ -52,7 +53,7 @@ class Run:
 
 def _manager(workdir: str, *, read_only: bool = True) -> ocp.CheckpointManager:
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if read_only and not os.path.isdir(ckpt_dir):
+  if read_only and not storage.isdir(ckpt_dir):
     raise UserError(
         f"{workdir} has no checkpoints/ directory: pass a run directory (trained with python -m tpu_lm.main,"
         " or written by python -m tpu_lm.convert)."
@@ -126,7 +127,7 @@ def model_for(config, model_cfg):
 def load(workdir: str, *, step: int | None = None, tensor_parallel: int = 1, devices=None) -> Run:
   """The run's newest (or `step`'s) checkpoint on `devices` (default: all), split
   `tensor_parallel` ways over heads/MLP/vocab and data-parallel over the rest."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = storage.absolute(workdir)
   step = resolve_step(workdir, step)
   tokenizer = tokenizer_lib.load_for_run(workdir)
   config = read_config(workdir, step)
@@ -167,11 +168,12 @@ def read_model(workdir: str, step: int, config, mesh, dtype: str | None = None):
 def write(workdir: str, config, params, tokenizer, step: int = 0) -> None:
   """A run directory holding `params` (a per-layer tree of arrays), `config` and
   `tokenizer`; refuses to overwrite a directory that already has checkpoints."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
+  workdir = storage.absolute(workdir)
+  ckpts = os.path.join(workdir, "checkpoints")
+  if storage.isdir(ckpts) and storage.listdir(ckpts):
     raise UserError(f"{workdir} already holds checkpoints: pass a new --workdir (nothing was overwritten).")
   try:
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
   except OSError as e:
     raise UserError(f"cannot create {workdir} ({e.strerror}): pass a writable --workdir.") from None
   mngr = _manager(workdir, read_only=False)

@@ -21,12 +21,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tpu_lm import storage
 from tpu_lm.errors import UserError
 
 
 class Checkpointer:
   def __init__(self, directory: str, keep: int):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
     # Handlers named up front, so a checkpoint's metadata (shapes) can be read
     # before restoring it.
@@ -156,10 +157,10 @@ def abstract_like(state, shardings):
 
 def check_writable(workdir: str) -> None:
   try:
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     probe = os.path.join(workdir, f".write_probe{os.getpid()}")
-    with open(probe, "w"):
+    with storage.open(probe, "w"):
       pass
-    os.remove(probe)
+    storage.remove(probe)
   except OSError as e:
     raise UserError(f"cannot write to workdir {workdir} ({e.strerror}): pass a writable --workdir.") from None

@@ -30,9 +30,9 @@ def source_tokenizer(path: str):
 
 
 def _workdir(path: str) -> str:
-  import os
+  from tpu_lm import storage
 
-  return os.path.abspath(os.path.expanduser(path))
+  return storage.absolute(path)
 
 
 def check(setup, path: str) -> tuple[int, object]:

@@ -7,12 +7,16 @@ iterator position, so a run resumed from a checkpoint continues exactly as if it
 had never stopped.
 """
 
+import hashlib
 import math
+import os
 import time
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
+from tpu_lm import storage
 from tpu_lm.config import checks
 from tpu_lm.data import pipeline, sources
 from tpu_lm.data import tokenizer as tokenizer_lib
@@ -36,6 +40,7 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
   watch = watch or preemption.Watch()
   checks.validate(config)
   checkpoint_lib.check_writable(workdir)
+  _check_shared_workdir(workdir)
   mesh = mesh_lib.make_mesh(mesh_lib.mesh_sizes(config.mesh))
   d = config.data
   check_batch(config, mesh, jax.process_count())
@@ -148,14 +153,42 @@ def _diverged(ckpt, writer, streak: int, step: int, limit: int) -> None:
 
 
 def _prepare_corpus(data, tokenizer, task_kind: str) -> sources.Corpus:
-  """Process 0 builds the dataset and tokenizer; the others then read its cache."""
+  """Process 0 builds the dataset and tokenizer; the others then read its cache (on
+  shared storage) or build the same ones from the same seeded sample (on their own
+  disks). Every process must end with the same tokenizer: checked."""
   if jax.process_index() == 0:
     corpus = sources.prepare(data, tokenizer, task_kind)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("tpu_lm data prepared")
     if jax.process_index() != 0:
       corpus = sources.prepare(data, tokenizer, task_kind)
+    digest = np.frombuffer(hashlib.sha256(corpus.tokenizer.name.encode()).digest(), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(digest))
+    if not (every == every[0]).all():
+      raise UserError(
+          "the processes built different tokenizers from data.dataset (their data differs): give every host the"
+          " same data, or one tokenizer file through data.tokenizer_path.")
   return corpus
+
+
+def _check_shared_workdir(workdir: str) -> None:
+  """Several processes write one checkpoint: the workdir must be the same storage for
+  all of them (a bucket, or a shared file system), not each host's own disk."""
+  if jax.process_count() == 1:
+    return
+  marker = os.path.join(workdir, ".tpu_lm_shared_check")
+  if jax.process_index() == 0:
+    with storage.open(marker, "w") as f:
+      f.write(str(os.getpid()))
+  multihost_utils.sync_global_devices("tpu_lm workdir marker")
+  seen = np.asarray(multihost_utils.process_allgather(np.asarray(storage.exists(marker))))
+  multihost_utils.sync_global_devices("tpu_lm workdir checked")
+  if jax.process_index() == 0:
+    storage.remove(marker)
+  if not seen.all():
+    raise UserError(
+        f"--workdir={workdir} is not shared: process(es) {list(np.flatnonzero(~seen))} cannot see what process 0"
+        " writes there. Several hosts need one workdir on shared storage (a gs:// bucket or a network file system).")
 
 
 def _check_vocabulary(config, tok) -> None:

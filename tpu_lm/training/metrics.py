@@ -8,6 +8,8 @@ import time
 
 import jax
 
+from tpu_lm import storage
+
 # bf16 dense peak FLOP/s per device, by `device_kind`. TPUs report exact names,
 # and "TPU v5" is the v5p (the v5e is "TPU v5 lite"), so they match whole; GPU
 # names carry the form factor ("NVIDIA H100 80GB HBM3"), so they match a substring.
@@ -94,6 +96,12 @@ class Writer:
     if not self._active:
       return
     path = os.path.join(workdir, "metrics.jsonl")
+    self._path, self._lines = path, None
+    if storage.is_url(path):
+      # Buckets have no append: the (small) file is kept here and rewritten whole.
+      self._lines = _kept_lines(path, resume_step) if storage.exists(path) else []
+      self._jsonl, self._tb = None, None
+      return
     if os.path.exists(path):
       _truncate_after(path, resume_step)
     self._jsonl = open(path, "a")
@@ -111,7 +119,12 @@ class Writer:
     if not self._active:
       return
     clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in record.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    line = json.dumps({"step": int(step), **clean}) + "\n"
+    if self._lines is not None:
+      self._lines.append(line)
+      storage.write_atomic(self._path, "".join(self._lines).encode())
+      return
+    self._jsonl.write(line)
     self._jsonl.flush()
     if self._tb:
       for k, v in clean.items():
@@ -119,22 +132,30 @@ class Writer:
           self._tb.add_scalar(k, v, int(step))
 
   def close(self) -> None:
-    if self._active:
+    if self._active and self._jsonl:
       self._jsonl.close()
       if self._tb:
         self._tb.close()
 
 
-def _truncate_after(path: str, step: int) -> None:
-  with open(path) as f:
+def _kept_lines(path: str, step: int) -> list[str]:
+  """The records up to `step`; a line cut short by a kill is dropped."""
+  with storage.open(path) as f:
     lines = f.readlines()
   kept = []
   for line in lines:
     try:
       if json.loads(line)["step"] <= step:
         kept.append(line)
-    except (ValueError, KeyError, TypeError):  # a line cut short by a kill: drop it
+    except (ValueError, KeyError, TypeError):
       pass
+  return kept
+
+
+def _truncate_after(path: str, step: int) -> None:
+  with open(path) as f:
+    lines = f.readlines()
+  kept = _kept_lines(path, step)
   if len(kept) != len(lines):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
