@@ -12,7 +12,7 @@ Beam: `tfds build c4/en --data_dir=gs://BUCKET/tensorflow_datasets`), then pass
 (several hosts must share the workdir; the run checks). Each host reads and tokenizes
 only its own rows' documents; the first run indexes each TFRecord file's records
 once (an `.tpu_lm_index.npy` beside it, or in memory where the bucket is read-only).
-The SentencePiece vocabulary is trained on a fixed 64 MB sample, the same on every
+The SentencePiece vocabulary is trained on a fixed 32 MB sample, the same on every
 host. Tokens read, against one epoch of C4:
 
   gpt2_124m  20k steps x 512 x 1024 = 10.5B tokens   7% of an epoch

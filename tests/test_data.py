@@ -245,3 +245,26 @@ def test_a_bucket_path_holds_the_tokenizer_and_the_metrics():
   resumed.write(3, {"loss": 0.5})
   with storage.open("ram://run/metrics.jsonl") as f:
     assert [line.count('"step"') for line in f] == [1, 1, 1]
+
+
+def test_training_rows_of_a_block_come_in_a_shuffled_order_and_cover_every_target_once():
+  from tpu_lm.data import stream
+
+  docs = [list(range(3 + 100 * i, 3 + 100 * i + 20 + 7 * i)) for i in range(6)]
+  split = _split(docs)
+  s = stream.BlockStream(split.source, shard=0, num_shards=1, seq_len=8, seed=0, bos_id=1, eos_id=2, block_docs=3)
+  fetch = stream._fetcher(split.source, split.encoder)
+  rows = []
+  while s.state()[0] == 0:  # one epoch
+    rows.append(s.next_row(fetch))
+  pairs = sorted((int(i), int(t)) for r in rows for i, t, g in zip(r["inputs"], r["targets"], r["segment_ids"]) if g)
+  assert pairs == sorted((d[j], d[j + 1]) for doc in docs for d in [[1, *doc, 2]] for j in range(len(d) - 1))
+  # The same rows as packing each block in order, but not in that order.
+  order = [s._docs.doc_index(0, p) for p in range(6)]
+  packed = []
+  for b in range(2):
+    framed = [np.array([1, *docs[i], 2]) for i in order[3 * b: 3 * b + 3]]
+    block = stream._Block(framed, [np.ones(len(f), np.int32) for f in framed], 8)
+    packed += [block.row(r, False)["inputs"].tolist() for r in range(block.num_rows)]
+  emitted = [r["inputs"].tolist() for r in rows]
+  assert sorted(emitted) == sorted(packed) and emitted != packed

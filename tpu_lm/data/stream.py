@@ -1,16 +1,23 @@
 """Streaming a split into fixed-length rows: one stream per row of the global batch.
 
-Row r of every global batch comes from its own `ShardStream`: the documents r,
-r + G, r + 2G, ... of the split (G = the global batch size), in an order that is a
-seeded permutation per epoch (Grain's `index_shuffle`, O(1) memory), tokenized
-when reached and packed: a document of n + 1 tokens ([BOS] + ids + [EOS]) gives n
-(input, target) pairs, laid end to end and cut into rows, so every target of a
-shard is predicted once per epoch. Inside a row, `segment_ids` number the
-documents (0 is padding) and `positions` restart at each document and each row.
+Row r of every global batch comes from its own stream over the documents r, r + G,
+r + 2G, ... of the split (G = the global batch size), in an order that is a seeded
+permutation per epoch (Grain's `index_shuffle`, O(1) memory), tokenized when
+reached. A document of n + 1 tokens ([BOS] + ids + [EOS]) gives n (input, target)
+pairs; inside a row, `segment_ids` number the documents (0 is padding) and
+`positions` restart at each document and each row.
 
-A stream's whole state is three integers (epoch, position in the epoch's order,
-pairs of the current document already emitted), and a row depends on nothing but
-its shard and that state. So a process that serves rows [a, b) runs streams a..b-1,
+Training (`BlockStream`) takes the epoch's documents a block at a time (`block_docs`
+of them), packs the block's pairs end to end into rows and emits those rows in a
+seeded random order: consecutive batches then do not walk through one long
+document row after row (a whole file of the standard library fills ~25 rows), and
+every target is still predicted once per epoch. Only the block's last row is padded.
+Eval and classification (`ShardStream`) read documents in order, or one example per
+row.
+
+A stream's whole state is three integers (training: epoch, block, rows of the
+block emitted; eval: epoch, position, pairs of the current document emitted), and
+a row depends on nothing but its shard and that state. So a process that serves rows [a, b) runs streams a..b-1,
 the global state is the G triples, and a run resumes exactly on any number of
 processes: each takes the triples of its own rows. (Grain's `ElasticIterator`,
 which reshards a pipeline on restore, refuses packing, a many-to-one step without
@@ -160,6 +167,111 @@ class ShardStream:
     return {"inputs": inputs, "segment_ids": seg, "positions": positions, "label": np.int32(label)}
 
 
+class BlockStream:
+  """Training rows of one shard: blocks of `block_docs` documents in the epoch's
+  seeded order, each packed and its rows emitted in a seeded order."""
+
+  def __init__(self, source, *, shard: int, num_shards: int, seq_len: int, seed: int, bos_id: int, eos_id: int,
+               block_docs: int = 128, loss_mask: bool = False):
+    self._docs = ShardStream(source, shard=shard, num_shards=num_shards, seq_len=seq_len, seed=seed, bos_id=bos_id,
+                             eos_id=eos_id)
+    self.shard, self.num_shards, self.seq_len, self.seed = shard, num_shards, seq_len, seed
+    self.block_docs, self.loss_mask = block_docs, loss_mask
+    self.num_docs = self._docs.num_docs
+    self.num_blocks = -(-self.num_docs // block_docs)
+    self.epoch = self.block = self.k = 0
+    self._blocks: dict[tuple, _Block] = {}
+    self.done = False
+
+  def state(self) -> tuple[int, int, int]:
+    return self.epoch, self.block, self.k
+
+  def set_state(self, state) -> None:
+    self.epoch, self.block, self.k = (int(v) for v in state)
+    self._blocks.clear()
+
+  def _keys(self, epoch: int, block: int) -> list[tuple[int, int]]:
+    lo = block * self.block_docs
+    return [(epoch, pos) for pos in range(lo, min(lo + self.block_docs, self.num_docs))]
+
+  def _next_block_id(self, epoch: int, block: int) -> tuple[int, int]:
+    return (epoch, block + 1) if block + 1 < self.num_blocks else (epoch + 1, 0)
+
+  def wanted(self) -> list:
+    """(this stream, doc key) pairs the current block, and once it is half used the
+    next one, still need: the loader tokenizes them ahead, with every stream's."""
+    out = []
+    blocks = [(self.epoch, self.block)]
+    current = self._blocks.get(blocks[0])
+    if current is not None and 2 * self.k >= current.num_rows:
+      blocks.append(self._next_block_id(self.epoch, self.block))
+    for b in blocks:
+      if b not in self._blocks:
+        out += [(self._docs, key) for key in self._keys(*b) if key not in self._docs._cache]
+    return out
+
+  def _load(self, epoch: int, block: int, fetch) -> "_Block":
+    keys = self._keys(epoch, block)
+    missing = [k for k in keys if k not in self._docs._cache]
+    if missing:
+      fetch(self._docs, missing)
+    parts = [self._docs._cache.pop(k) for k in keys]
+    return _Block([p[0] for p in parts], [p[1] for p in parts], self.seq_len)
+
+  def next_row(self, fetch) -> dict[str, np.ndarray]:
+    if self.num_docs == 0:
+      raise UserError(f"the split has fewer documents than data.global_batch_size rows (shard {self.shard} is"
+                      " empty): use more data or a smaller data.global_batch_size.")
+    for b in [b for b in self._blocks if b < (self.epoch, self.block)]:
+      del self._blocks[b]
+    key = (self.epoch, self.block)
+    if key not in self._blocks:
+      self._blocks[key] = self._load(*key, fetch)
+    nxt = self._next_block_id(*key)
+    if nxt not in self._blocks and all(k in self._docs._cache for k in self._keys(*nxt)):
+      self._blocks[nxt] = self._load(*nxt, fetch)  # tokenized ahead: pack it now, off the critical path
+    block = self._blocks[key]
+    order_seed = (self.seed * 1_000_003 + self.shard * 7_919 + self.epoch * 104_729 + self.block * 15_485_863) % (1 << 31)
+    r = index_shuffle(self.k, max_index=block.num_rows - 1, seed=order_seed, rounds=4) if block.num_rows > 1 else 0
+    row = block.row(r, self.loss_mask)
+    self.k += 1
+    if self.k == block.num_rows:
+      self.epoch, self.block = self._next_block_id(*key)
+      self.k = 0
+    return row
+
+
+class _Block:
+  """The packed pairs of a block of documents, with row `i` built on demand."""
+
+  def __init__(self, tokens: list, masks: list, seq_len: int):
+    self.tokens = np.concatenate(tokens)
+    self.mask = np.concatenate(masks)
+    lengths = np.array([len(t) for t in tokens], np.int64)
+    doc_starts = np.concatenate([[0], np.cumsum(lengths)])
+    self.pair_starts = doc_starts - np.arange(len(lengths) + 1)  # each document has one pair fewer than tokens
+    self.num_pairs = int(self.pair_starts[-1])
+    self.seq_len = seq_len
+    self.num_rows = max(-(-self.num_pairs // seq_len), 1)
+
+  def row(self, i: int, loss_mask: bool) -> dict[str, np.ndarray]:
+    t = self.seq_len
+    p = i * t + np.arange(t, dtype=np.int64)
+    valid = p < self.num_pairs
+    p = np.minimum(p, self.num_pairs - 1)
+    doc = np.searchsorted(self.pair_starts, p, side="right") - 1
+    tok = p + doc
+    out = {
+        "inputs": np.where(valid, self.tokens[tok], 0).astype(np.int32),
+        "targets": np.where(valid, self.tokens[tok + 1], 0).astype(np.int32),
+        "segment_ids": ((doc - doc[0] + 1) * valid).astype(np.int32),
+        "positions": ((p - np.maximum(self.pair_starts[doc], i * t)) * valid).astype(np.int32),
+    }
+    if loss_mask:
+      out["loss_mask"] = (self.mask[tok + 1] * valid).astype(np.int32)
+    return out
+
+
 def _fetcher(source, encoder):
   """fetch(stream, keys): reads and tokenizes the keyed documents of one stream."""
   def fetch(stream, keys):
@@ -185,14 +297,19 @@ class Loader:
 
   def __init__(self, source, encoder, *, seq_len: int, global_batch: int, seed: int, bos_id: int, eos_id: int,
                process_index: int = 0, process_count: int = 1, one_per_row: bool = False, loss_mask: bool = False,
-               prefetch: int = 4, lookahead: int = 8):
+               block_docs: int = 128, prefetch: int = 4, lookahead: int = 8):
     if global_batch % process_count:
       raise UserError(f"data.global_batch_size ({global_batch}) must be divisible by the processes ({process_count}).")
     per = global_batch // process_count
     self.rows = range(process_index * per, (process_index + 1) * per)
     self.source, self.encoder = source, encoder
-    self.streams = [ShardStream(source, shard=r, num_shards=global_batch, seq_len=seq_len, seed=seed, bos_id=bos_id,
-                                eos_id=eos_id, one_per_row=one_per_row, loss_mask=loss_mask) for r in self.rows]
+    if one_per_row:  # examples: each row a new one, in a seeded order per epoch
+      self.streams = [ShardStream(source, shard=r, num_shards=global_batch, seq_len=seq_len, seed=seed, bos_id=bos_id,
+                                  eos_id=eos_id, one_per_row=True) for r in self.rows]
+    else:
+      self.streams = [BlockStream(source, shard=r, num_shards=global_batch, seq_len=seq_len, seed=seed,
+                                  bos_id=bos_id, eos_id=eos_id, block_docs=block_docs, loss_mask=loss_mask)
+                      for r in self.rows]
     if len(source) < global_batch:
       raise UserError(
           f"the training split has {len(source)} documents, fewer than one global batch of rows"
@@ -203,7 +320,10 @@ class Loader:
     self._thread = None
 
   def _make_batch(self):
-    supply_many(self.source, self.encoder, [(s, k) for s in self.streams for k in s.upcoming(self._lookahead)])
+    wanted = []
+    for s in self.streams:
+      wanted += s.wanted() if isinstance(s, BlockStream) else [(s, k) for k in s.upcoming(self._lookahead)]
+    supply_many(self.source, self.encoder, wanted)
     rows = [s.next_row(self._fetch) for s in self.streams]
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     return batch, np.array([s.state() for s in self.streams], np.int64)
