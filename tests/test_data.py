@@ -268,3 +268,17 @@ def test_training_rows_of_a_block_come_in_a_shuffled_order_and_cover_every_targe
     packed += [block.row(r, False)["inputs"].tolist() for r in range(block.num_rows)]
   emitted = [r["inputs"].tolist() for r in rows]
   assert sorted(emitted) == sorted(packed) and emitted != packed
+
+
+def test_a_saved_position_is_checked_against_the_batch_and_block_size():
+  from tpu_lm.training import checkpoint
+
+  split = _split([list(range(3, 3 + n)) for n in range(5, 45)])
+  it = pipeline.train_iter(split, seq_len=16, global_batch=4, seed=0, block_docs=4)
+  next(it)
+  saved = checkpoint._gathered_position(it)
+  np.testing.assert_array_equal(checkpoint._position(saved, it), it.get_state())
+  with pytest.raises(UserError, match=r"global batch 8: resume with the data.global_batch_size it was trained with"):
+    checkpoint._position(saved, pipeline.train_iter(split, seq_len=16, global_batch=8, seed=0, block_docs=4))
+  with pytest.raises(UserError, match=r"resume with --config.data.shuffle_block_docs=4, or use a new --workdir"):
+    checkpoint._position(saved, pipeline.train_iter(split, seq_len=16, global_batch=4, seed=0))

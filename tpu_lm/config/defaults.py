@@ -61,6 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.vocab_size = 2048
   c.data.seq_len = 256
   c.data.global_batch_size = 8
+  # Training rows are packed from blocks of this many documents (of each row's stream)
+  # and emitted in a seeded random order per block: consecutive batches do not walk one
+  # long file row by row. Larger: better mixing, a few more documents held per row.
+  c.data.shuffle_block_docs = 128
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 2

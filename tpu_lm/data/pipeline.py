@@ -41,9 +41,10 @@ def _options(split: Split) -> dict:
 
 
 def train_iter(split: Split, *, seq_len: int, global_batch: int, seed: int, process_index: int = 0,
-               process_count: int = 1) -> stream.Loader:
+               process_count: int = 1, block_docs: int = 128) -> stream.Loader:
   return stream.Loader(split.source, split.encoder, seq_len=seq_len, global_batch=global_batch, seed=seed,
-                       process_index=process_index, process_count=process_count, **_options(split))
+                       process_index=process_index, process_count=process_count, block_docs=block_docs,
+                       **_options(split))
 
 
 def eval_batches(split: Split, *, seq_len: int, global_batch: int, max_batches: int = 0, process_index: int = 0,

@@ -30,8 +30,10 @@ a few batches ahead, tokenizing the documents every stream needs next in one
 batched call.
 """
 
+import atexit
 import queue
 import threading
+import weakref
 
 import numpy as np
 from grain.experimental import index_shuffle
@@ -303,6 +305,7 @@ class Loader:
     per = global_batch // process_count
     self.rows = range(process_index * per, (process_index + 1) * per)
     self.source, self.encoder = source, encoder
+    self.block_docs = 0 if one_per_row else block_docs  # part of what a saved state means
     if one_per_row:  # examples: each row a new one, in a seeded order per epoch
       self.streams = [ShardStream(source, shard=r, num_shards=global_batch, seq_len=seq_len, seed=seed, bos_id=bos_id,
                                   eos_id=eos_id, one_per_row=True) for r in self.rows]
@@ -342,6 +345,7 @@ class Loader:
       q.put(e)
 
   def _start(self):
+    _LIVE.add(self)
     self._queue, self._stop = queue.Queue(self._prefetch), threading.Event()
     self._thread = threading.Thread(target=self._run, args=(self._queue, self._stop), daemon=True,
                                     name="tpu_lm data")
@@ -385,6 +389,13 @@ class Loader:
       self._stop.set()
       self._thread.join()
       self._thread = None
+
+
+# Loaders still running at exit are stopped first: a daemon thread frozen by the
+# interpreter's shutdown inside a C++ call (Grain's shuffle, the tokenizer) aborts
+# the process ("terminate called without an active exception").
+_LIVE: "weakref.WeakSet[Loader]" = weakref.WeakSet()
+atexit.register(lambda: [loader.close() for loader in list(_LIVE)])
 
 
 def eval_rows(source, encoder, *, seq_len: int, global_batch: int, bos_id: int, eos_id: int, max_batches: int = 0,

@@ -5,9 +5,9 @@ atomic (Orbax writes to a temporary directory and renames it when complete), and
 only the newest `keep` are kept. Items of a step directory:
 
 - `state`: the TrainState (TensorStore arrays); inference reads `params` alone;
-- `data`: the data position as JSON, `{"streams": [[epoch, position, offset], ...]}`,
-  one triple per row of the global batch (data/stream.py), gathered from every
-  process, so a run resumes on more or fewer hosts;
+- `data`: the data position as JSON, `{"streams": [[epoch, block, row], ...],
+  "block_docs": N}`, one triple per row of the global batch (data/stream.py),
+  gathered from every process, so a run resumes on more or fewer hosts;
 - `config`: the run's config as JSON.
 
 Nothing is pickled. Only unreadable files are called damage: a checkpoint of
@@ -131,7 +131,7 @@ def _gathered_position(data_iter) -> dict:
     from jax.experimental import multihost_utils
 
     local = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 3)
-  return {"streams": local.tolist()}
+  return {"streams": local.tolist(), "block_docs": data_iter.block_docs}
 
 
 def _position(saved, data_iter) -> np.ndarray:
@@ -142,6 +142,11 @@ def _position(saved, data_iter) -> np.ndarray:
     raise UserError(
         f"the checkpoint's data position has {streams.shape[0] if streams.ndim else 0} row streams, this run's"
         f" global batch {rows}: resume with the data.global_batch_size it was trained with, or use a new --workdir.")
+  block_docs = saved.get("block_docs", data_iter.block_docs)
+  if block_docs != data_iter.block_docs:  # a stream's (epoch, block, row) means another row under another size
+    raise UserError(
+        f"the checkpoint was trained with data.shuffle_block_docs={block_docs}, this run has"
+        f" {data_iter.block_docs}: resume with --config.data.shuffle_block_docs={block_docs}, or use a new --workdir.")
   return streams
 
 

@@ -66,7 +66,7 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
     tokenizer_lib.save_for_run(corpus.tokenizer, workdir)
   train_iter = pipeline.train_iter(
       corpus.train, seq_len=d.seq_len, global_batch=d.global_batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count(), block_docs=d.shuffle_block_docs,
   )
 
   ckpt = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", config.keep_checkpoints)
