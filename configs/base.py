@@ -4,12 +4,15 @@ Command:
   python -m tpu_lm.main --config=configs/base.py
 
 Measured 2026-12-01 on a 2-core CPU with speed factor 0.62 (../shared/tools/cpu_speed.py),
-cold start (builds the dataset, ~1 s, and the SentencePiece tokenizer, ~8 s, first):
-  wall time 374 s (= 232 s on the 2-core reference CPU, whose budget is 300 s)
+cold start (trains the SentencePiece tokenizer on a 32 MB seeded sample first, ~8 s;
+documents are read and tokenized as training reaches them):
+  wall time 370 s (= 229 s on the 2-core reference CPU, whose budget is 300 s),
+    12.8-13.6k tokens/s, peak RSS 1.52 GB
   final eval on the whole validation split (1,803,563 bytes):
-    bits/byte 1.6097, loss 3.1353 nats/token, perplexity 22.99
-    (zlib -9 on the same text: 1.7053 bits/byte; eval at step 1100: 1.7955)
-  seed 1: 1.5987 bits/byte (the initial draw alone moves it by ~0.01; README)
+    bits/byte 1.6131, loss 3.1418 nats/token, perplexity 23.15
+    (zlib -9 on the same text: 1.7053 bits/byte; eval at step 1100: 1.8069)
+  before streaming (same model, rows in another order): 1.6097; seed 1 there: 1.5987
+    (the initial draw alone moves it by ~0.01; README "Base config")
 
 1,209,120 parameters: 2 layers, width 160, 4 query heads sharing 2 KV heads, SwiGLU
 MLP 416, RoPE, RMSNorm, untied embeddings, SentencePiece vocabulary 2048; 2200 steps

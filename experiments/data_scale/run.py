@@ -14,7 +14,7 @@
 
   python experiments/data_scale/run.py [--sizes 1 4 16] [--baseline DIR]   # ~10 min on 2 cores
 
-Prints the tables and appends them to results.md next to this file.
+Prints the tables and adds them to results.md next to this file (newest first).
 """
 
 import argparse
@@ -160,8 +160,12 @@ def main() -> None:
             f"| ratio | {rate['loop_tokens_per_s'] / rate['step_only_tokens_per_s']:.3f} |"]
   text = "\n".join(lines)
   print(text)
-  with open(os.path.join(HERE, "results.md"), "a") as f:
-    f.write(text + "\n\n")
+  # Newest first: the entry goes above the earlier ones, under the file's header.
+  path = os.path.join(HERE, "results.md")
+  previous = open(path).read() if os.path.exists(path) else "# Data at any scale: results\n\n"
+  at = previous.find("### ") if "### " in previous else len(previous)
+  with open(path, "w") as f:
+    f.write(previous[:at] + text + "\n\n" + previous[at:])
 
 
 if __name__ == "__main__":
