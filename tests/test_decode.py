@@ -147,6 +147,31 @@ def test_sampling_rules():
   assert int(a[0]) == int(b[0])
 
 
+def test_each_sampler_kind_draws_what_the_full_sort_draws():
+  """The batch's plan only skips work: greedy, top-k (a partial sort) and plain
+  (no sort) rows get the token the full sort gives them, over many seeds."""
+  from tpu_lm.inference import sampling
+
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(64, 300)) * 3, jnp.float32)
+  seeds = jnp.arange(64, dtype=jnp.uint32)
+  cases = [
+      [decode.Sampling(temperature=0.0)] * 64,
+      [decode.Sampling(temperature=0.0)] * 32 + [decode.Sampling(temperature=0.7, top_k=k) for k in range(1, 33)],
+      [decode.Sampling(temperature=t) for t in np.linspace(0.1, 2, 64)],
+  ]
+  for rows in cases:
+    kind, k = sampling.plan(rows)
+    args = (jnp.float32([r.temperature for r in rows]), jnp.int32([r.top_k for r in rows]),
+            jnp.float32([r.top_p for r in rows]))
+    for step in range(3):
+      want = decode.sample_tokens(logits, seeds, step, *args)
+      got = decode.sample_tokens(logits, seeds, step, *args, kind=kind, max_top_k=k)
+      np.testing.assert_array_equal(got, want)
+  assert [sampling.plan(c)[0] for c in cases] == ["greedy", "top_k", "plain"]
+  assert sampling.plan([decode.Sampling(top_p=0.9), decode.Sampling(top_k=5)]) == ("sort", 0)
+
+
 def test_tensor_parallel_decode_gives_the_tokens_of_one_device():
   config = tiny_config()
   config.model.update(num_heads=4, num_kv_heads=4)

@@ -17,14 +17,20 @@ chip's HBM bandwidth where known (H100, A100, TPU), else a measured streaming re
 of a 1 GiB array through XLA on this machine. Parameters are random (speed does not
 depend on their values) and cast to the compute dtype once, as serving does.
 
-usage: python experiments/decode/run.py [--models gpt2_124m llama_1b] [--batches 1 32]
+With --peer_python=PY (an interpreter with torch and transformers, e.g. the test extra's
+venv) each gpt2_124m row is also measured with Hugging Face `generate` (greedy, random
+weights, same batch, prompt and lengths; experiments/peers/hf.py), in the same run.
+
+usage: python experiments/decode/run.py [--models gpt2_124m llama_1b] [--batches 1 32] [--peer_python PY]
 Writes a table to stdout and appends it to results.md beside this script.
 """
 
 import argparse
 import dataclasses
 import datetime
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -104,6 +110,14 @@ def run(name: str, batch: int, dtype: str, prompt_len: int, n_short: int, n_long
           "step_ms": 1000 * batch / tok_s, "bound": bound, "frac": tok_s / bound}
 
 
+def peer(python: str, batch: int, prompt_len: int, n_short: int, n_long: int) -> float:
+  """transformers' generate on GPT-2 124M, in its own interpreter: decode tokens/s."""
+  script = os.path.join(os.path.dirname(HERE), "peers", "hf.py")
+  out = subprocess.run([python, script, "decode", str(batch), "--prompt", str(prompt_len), "--tokens",
+                        str(n_short), str(n_long)], capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])["decode_tok_s"]
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--models", nargs="*", default=list(MODELS))
@@ -111,6 +125,7 @@ def main():
   parser.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")
   parser.add_argument("--tokens", nargs=2, type=int, default=None, help="short and long generation lengths")
   parser.add_argument("--prompt_len", type=int, default=None, help="prompt tokens (default 128; 32 on CPU)")
+  parser.add_argument("--peer_python", default="", help="a Python with torch + transformers: measure HF generate too")
   args = parser.parse_args()
   on_cpu = jax.devices()[0].platform == "cpu"
   dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
@@ -121,16 +136,18 @@ def main():
   device = jax.devices()[0]
   title = (f"## {datetime.date.today()}, {device.device_kind} ({device.platform}), jax {jax.__version__};"
            f" bandwidth {bw / 1e9:,.1f} GB/s ({bw_source}); prompt {prompt_len} tokens, timed {n_short} vs {n_long} new tokens")
-  header = ("| model | params | batch | dtype | decode tok/s | ms/step | bandwidth bound tok/s | % of bound |\n"
-            "|---|---|---|---|---|---|---|---|")
+  header = ("| model | params | batch | dtype | decode tok/s | ms/step | bandwidth bound tok/s | % of bound"
+            " | transformers tok/s | tpu_lm / transformers |\n|---|---|---|---|---|---|---|---|---|---|")
   print(title + "\n\n" + header, flush=True)
   with open(os.path.join(HERE, "results.md"), "a") as f:
     f.write(f"\n{title}\n\n{header}\n")
   for name in args.models:
     for batch in args.batches:
       r = run(name, batch, dtype, prompt_len, n_short, n_long, bw)
+      theirs = peer(args.peer_python, batch, prompt_len, n_short, n_long) if args.peer_python and name == "gpt2_124m" else 0
+      versus = f" {theirs:,.1f} | {r['tok_s'] / theirs:.2f} |" if theirs else " - | - |"
       line = (f"| {r['model']} | {r['params'] / 1e6:,.0f}M | {r['batch']} | {r['dtype']} | {r['tok_s']:,.1f}"
-              f" | {r['step_ms']:.1f} | {r['bound']:,.1f} | {100 * r['frac']:.0f}% |")
+              f" | {r['step_ms']:.1f} | {r['bound']:,.1f} | {100 * r['frac']:.0f}% |" + versus)
       print(line, flush=True)
       with open(os.path.join(HERE, "results.md"), "a") as f:  # row by row: a slow run keeps what it measured
         f.write(line + "\n")

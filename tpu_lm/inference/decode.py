@@ -8,8 +8,10 @@ random stream (derived from its seed and the step), so a request's output does
 not depend on what it was batched with. The loop stops when every row has
 produced end-of-sequence or its own `max_new_tokens`.
 
-Shapes are rounded up to a few buckets (batch, prompt length, cache length,
-new tokens) so a server meets only a handful of compilations.
+Shapes are rounded up to powers of two (batch, prompt length, cache length, new
+tokens, a top-k bound) so a server meets only a handful of compilations; the
+sampler is compiled per kind of batch (greedy, top-k, plain, nucleus), so a
+greedy batch sorts nothing and a top-k batch sorts k entries, not the vocabulary.
 """
 
 import dataclasses
@@ -24,18 +26,23 @@ import numpy as np
 from jax.experimental import io_callback, multihost_utils
 
 from tpu_lm.errors import UserError
-from tpu_lm.inference.sampling import Completion, Sampling, sample_tokens
+from tpu_lm.inference.sampling import Completion, Sampling, plan, sample_tokens
 from tpu_lm.model import params as params_lib
 from tpu_lm.model import transformer
 
 
 def _generate(params, tokens_BxP, lengths_B, max_new_B, temperature_B, top_k_B, top_p_B, seeds_B, *,
-              model, cache_len: int, max_new: int, eos_id: int, pad_id: int, vocab_size: int, emit):
+              model, cache_len: int, max_new: int, eos_id: int, pad_id: int, vocab_size: int, emit,
+              sampler: tuple[str, int]):
   b, p = tokens_BxP.shape
   cache = transformer.init_cache(model.cfg, b, cache_len)
   positions_BxP = jnp.broadcast_to(jnp.arange(p), (b, p))
-  logits_BxPxV, cache = model.apply({"params": params}, tokens_BxP, jnp.ones_like(tokens_BxP), positions_BxP, cache=cache)
-  logits_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  variables = {"params": params}
+  hidden_BxPxD, cache = model.apply(variables, tokens_BxP, jnp.ones_like(tokens_BxP), positions_BxP, cache=cache,
+                                    return_cache=True, method="hidden")
+  # Only each prompt's last position is unembedded: one [B, V] of logits, not [B, P, V].
+  last_Bx1xD = jnp.take_along_axis(hidden_BxPxD, (lengths_B - 1)[:, None, None], axis=1)
+  logits_BxV = model.apply(variables, last_Bx1xD, method="logits")[:, 0]
   usable_V = jnp.arange(logits_BxV.shape[-1]) < vocab_size  # the model's vocab is padded for sharding
 
   def cond(carry):
@@ -45,7 +52,8 @@ def _generate(params, tokens_BxP, lengths_B, max_new_B, temperature_B, top_k_B, 
   def body(carry):
     i, logits_BxV, cache, out_BxN, done_B = carry
     logits_BxV = jnp.where(usable_V, logits_BxV, -jnp.inf)
-    token_B = sample_tokens(logits_BxV, seeds_B, i, temperature_B, top_k_B, top_p_B)
+    token_B = sample_tokens(logits_BxV, seeds_B, i, temperature_B, top_k_B, top_p_B, kind=sampler[0],
+                            max_top_k=sampler[1])
     token_B = jnp.where(done_B, pad_id, token_B)
     out_BxN = out_BxN.at[:, i].set(token_B)
     if emit is not None:
@@ -97,7 +105,7 @@ class Decoder:
     self._fn = jax.jit(
         functools.partial(_generate, model=transformer.Transformer(self.cfg), eos_id=eos_id, pad_id=pad_id,
                           vocab_size=vocab_size),
-        static_argnames=("cache_len", "max_new", "emit"),
+        static_argnames=("cache_len", "max_new", "emit", "sampler"),
     )
 
   def check(self, prompt_len: int, sampling: Sampling) -> None:
@@ -131,7 +139,10 @@ class Decoder:
     longest = max(len(p) for p in prompts)
     p_len = _bucket(longest, 16, self.max_len)
     max_new = _bucket(max(s.max_new_tokens for s in sampling), 16, self.max_len)
-    cache_len = min(self.max_len, -(-(longest + max_new) // 128) * 128)
+    # Powers of two: a server meets log2(context) cache shapes, not context / 128.
+    cache_len = _bucket(longest + max_new, 128, self.max_len)
+    kind, top_k = plan(sampling)
+    sampler = (kind, _bucket(top_k, 16, self.vocab_size) if kind == "top_k" else 0)
 
     tokens = np.full((b, p_len), self.pad_id, np.int32)
     lengths = np.ones(b, np.int32)
@@ -148,7 +159,7 @@ class Decoder:
       self._on_step = _InOrder(on_step, n) if on_step else None
       out = self._fn(
           self.params, tokens, lengths, fields["max_new"], fields["temperature"], fields["top_k"],
-          fields["top_p"], fields["seed"], cache_len=cache_len, max_new=max_new,
+          fields["top_p"], fields["seed"], cache_len=cache_len, max_new=max_new, sampler=sampler,
           emit=self._emit if on_step else None,
       )
       if not out.is_fully_addressable:  # rows spread over several processes: gather them

@@ -36,20 +36,52 @@ class Completion:
   finish_reason: str  # "stop" (end-of-sequence) or "length" (max_new_tokens)
 
 
-def sample_tokens(logits_BxV, seeds_B, step, temperature_B, top_k_B, top_p_B):
-  """One token per row: greedy where temperature is 0, else top-k/top-p sampling."""
+def plan(samplings) -> tuple[str, int]:
+  """The cheapest sampler that serves every row of a batch (static, so compiled
+  per kind): ("greedy", 0) when no row samples; ("top_k", K) when every sampling
+  row has a top_k (K bounds them: a partial sort of K, not of the vocabulary);
+  ("plain", 0) when no sampling row filters (no sort at all); else ("sort", 0)."""
+  sampling = [s for s in samplings if s.temperature > 0]
+  if not sampling:
+    return "greedy", 0
+  if all(s.top_k > 0 for s in sampling):
+    return "top_k", max(s.top_k for s in sampling)
+  if all(s.top_p >= 1 for s in sampling):
+    return "plain", 0
+  return "sort", 0
+
+
+def sample_tokens(logits_BxV, seeds_B, step, temperature_B, top_k_B, top_p_B, *, kind: str = "sort",
+                  max_top_k: int = 0):
+  """One token per row: greedy where temperature is 0, else top-k/top-p sampling.
+
+  `kind`/`max_top_k` (from `plan`) choose how much of the vocabulary is sorted;
+  every kind draws the same token for a row as "sort" would (to float rounding of
+  the nucleus sum where top_k and top_p are both set), so a row's tokens do not
+  depend on the batch it is in.
+  """
   v = logits_BxV.shape[-1]
-  greedy_B = jnp.argmax(logits_BxV, axis=-1)
+  greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  if kind == "greedy":
+    return greedy_B
   scaled_BxV = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
-  sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)  # descending
-  k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, v), v)
-  in_top_k_BxV = jnp.arange(v)[None] < k_B[:, None]
-  probs_BxV = jax.nn.softmax(jnp.where(in_top_k_BxV, sorted_BxV, -jnp.inf), axis=-1)
-  # Nucleus: keep a sorted token while the mass before it is below top_p (the
-  # first token is always kept).
-  keep_BxV = in_top_k_BxV & ((jnp.cumsum(probs_BxV, axis=-1) - probs_BxV) < top_p_B[:, None])
-  threshold_B1 = jnp.take_along_axis(sorted_BxV, jnp.sum(keep_BxV, axis=-1, keepdims=True) - 1, axis=-1)
-  masked_BxV = jnp.where(scaled_BxV >= threshold_B1, scaled_BxV, -jnp.inf)
+  if kind == "plain":
+    masked_BxV = scaled_BxV
+  else:
+    if kind == "top_k":  # the K largest, descending: all a top-k row can keep
+      sorted_BxK = jax.lax.top_k(scaled_BxV, min(max_top_k, v))[0]
+    else:
+      sorted_BxK = -jnp.sort(-scaled_BxV, axis=-1)  # descending
+    kk = sorted_BxK.shape[-1]
+    k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, kk), kk)
+    in_top_k_BxK = jnp.arange(kk)[None] < k_B[:, None]
+    probs_BxK = jax.nn.softmax(jnp.where(in_top_k_BxK, sorted_BxK, -jnp.inf), axis=-1)
+    # Nucleus: keep a sorted token while the mass before it is below top_p (the
+    # first token is always kept); top_p 1 keeps all, whatever the rounding.
+    below_BxK = (jnp.cumsum(probs_BxK, axis=-1) - probs_BxK) < top_p_B[:, None]
+    keep_BxK = in_top_k_BxK & (below_BxK | (top_p_B[:, None] >= 1))
+    threshold_B1 = jnp.take_along_axis(sorted_BxK, jnp.sum(keep_BxK, axis=-1, keepdims=True) - 1, axis=-1)
+    masked_BxV = jnp.where(scaled_BxV >= threshold_B1, scaled_BxV, -jnp.inf)
   keys_B = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds_B)
   sampled_B = jax.vmap(jax.random.categorical)(keys_B, masked_BxV)
   return jnp.where(temperature_B == 0, greedy_B, sampled_B).astype(jnp.int32)

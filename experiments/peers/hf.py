@@ -1,0 +1,88 @@
+"""The Hugging Face transformers peer of the speed tables: PyTorch eager on CPU (a thread per core,
+float32) or CUDA, measured the way ../shared/tools/peer_hf.py measures it.
+
+Runs in its own environment (PyTorch is not a dependency of tpu_lm; the test extra's
+venv has it):
+  python experiments/peers/hf.py train          GPT-2 block 2 x 160, vocab 2048, batch 8 x 256, AdamW + clip
+  python experiments/peers/hf.py decode B       GPT-2 124M random weights, prompt 32, greedy
+decode tok/s = B * (N_long - N_short) / (t(N_long) - t(N_short)), so prefill cancels.
+Prints one JSON line. The benchmarks (experiments/decode/run.py, ...) call it with --peer_python.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+def train(device: str) -> dict:
+  m = GPT2LMHeadModel(GPT2Config(vocab_size=2048, n_positions=256, n_embd=160, n_layer=2, n_head=4,
+                                 resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).to(device)
+  opt = torch.optim.AdamW(m.parameters(), lr=6e-3, betas=(0.9, 0.95), weight_decay=0.1)
+  x = torch.randint(3, 2048, (8, 256), device=device)
+
+  def step():
+    loss = m(input_ids=x, labels=x).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  for _ in range(5):
+    step()
+  _sync(device)
+  t0 = time.perf_counter()
+  for _ in range(40):
+    step()
+  _sync(device)
+  dt = (time.perf_counter() - t0) / 40
+  return {"peer": f"transformers {transformers.__version__} GPT-2 eager", "ms_per_step": round(1e3 * dt, 1),
+          "tok_per_s": round(8 * 256 / dt)}
+
+
+def decode(batch: int, device: str, prompt: int, short: int, long: int) -> dict:
+  m = GPT2LMHeadModel(GPT2Config(vocab_size=50304, n_positions=1024, n_embd=768, n_layer=12, n_head=12)).eval()
+  m = m.to(device)
+  x = torch.randint(3, 50304, (batch, prompt), device=device)
+
+  def gen(n):
+    with torch.inference_mode():
+      _sync(device)
+      t0 = time.perf_counter()
+      m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                 pad_token_id=0)
+      _sync(device)
+      return time.perf_counter() - t0
+
+  gen(short), gen(long)
+  ts = [(gen(short), gen(long)) for _ in range(3)]
+  dt = (min(t[1] for t in ts) - min(t[0] for t in ts)) / (long - short)
+  return {"peer": f"transformers {transformers.__version__} generate", "batch": batch, "decode_tok_s": round(batch / dt, 1)}
+
+
+def _sync(device: str) -> None:
+  if device == "cuda":
+    torch.cuda.synchronize()
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("what", choices=["train", "decode"])
+  p.add_argument("batch", nargs="?", type=int, default=1)
+  p.add_argument("--prompt", type=int, default=32)
+  p.add_argument("--tokens", nargs=2, type=int, default=(8, 24))
+  p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+  args = p.parse_args()
+  torch.manual_seed(0)
+  if args.device == "cpu":
+    torch.set_num_threads(os.cpu_count() or 1)  # as many as XLA uses (2 on the reference machine)
+  result = train(args.device) if args.what == "train" else decode(args.batch, args.device, args.prompt, *args.tokens)
+  print(json.dumps({**result, "device": args.device}))
+
+
+if __name__ == "__main__":
+  main()
