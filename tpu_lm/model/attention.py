@@ -9,6 +9,7 @@ from tpu_lm.model import kernels
 from tpu_lm.model.layers import projection, rope
 
 _ACT = ("act_batch", "act_length", "act_heads", "act_kv")
+_CACHE = ("act_batch", "act_heads", "act_length", "act_kv")  # the KV cache: [B, K, S, H]
 
 
 class Attention(nn.Module):
@@ -28,7 +29,7 @@ class Attention(nn.Module):
   def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, cache=None):
     """Returns (out, cache). Without a cache: causal attention within segments.
 
-    With a cache ({"k", "v"}: [B, S, K, H]) the new keys and values are first
+    With a cache ({"k", "v"}: [B, K, S, H]) the new keys and values are first
     written at their absolute positions, then each query attends to every cached
     position up to its own; used for decoding, one document per row.
     """
@@ -57,10 +58,13 @@ class Attention(nn.Module):
           q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, self.implementation
       )
     else:
+      # The cache is [B, K, S, H] (slots after heads): attention then reads it as
+      # batched matmuls over (row, kv head) with no transpose of the whole cache,
+      # which in [B, S, K, H] cost two cache-sized copies per layer and step.
       rows_Bx1 = jnp.arange(x_BxTxD.shape[0])[:, None]
       cache = {
           name: nn.with_logical_constraint(
-              cache[name].at[rows_Bx1, positions_BxT].set(new.astype(cache[name].dtype)), _ACT
+              cache[name].at[rows_Bx1, :, positions_BxT].set(new.astype(cache[name].dtype)), _CACHE
           )
           for name, new in (("k", k_BxTxKxH), ("v", v_BxTxKxH))
       }

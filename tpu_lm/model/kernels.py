@@ -126,14 +126,23 @@ def _axis_size(mesh, axes) -> int:
 
 
 def cached_attention(
-    q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, positions_BxT: jax.Array
+    q_BxTxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, positions_BxT: jax.Array
 ) -> jax.Array:
   """Queries at absolute `positions` attend to cache slots 0..position (decoding).
 
   Slots past a row's position may hold stale or padding keys; they are masked.
+  Two batched matmuls over (row, kv head), the G query heads of a kv head and the
+  T queries as rows: nothing cache-sized is transposed or copied.
   """
-  slots_S = jnp.arange(k_BxSxKxH.shape[1])
-  mask_Bx1xTxS = (slots_S[None, None, :] <= positions_BxT[:, :, None])[:, None]
-  return jax.nn.dot_product_attention(
-      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, implementation="xla"
-  )
+  b, t, n, h = q_BxTxNxH.shape
+  kv, s = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
+  q_BxKxGTxH = q_BxTxNxH.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, -1, h)
+  scores_BxKxGTxS = jnp.einsum("bkqh,bksh->bkqs", q_BxKxGTxH, k_BxKxSxH, preferred_element_type=jnp.float32)
+  scores_BxKxGTxS = scores_BxKxGTxS * h**-0.5
+  visible_BxTxS = jnp.arange(s)[None, None, :] <= positions_BxT[:, :, None]
+  visible_Bx1xGTxS = jnp.tile(visible_BxTxS, (1, n // kv, 1))[:, None]
+  scores_BxKxGTxS = jnp.where(visible_Bx1xGTxS, scores_BxKxGTxS, jnp.finfo(jnp.float32).min)
+  probs_BxKxGTxS = jax.nn.softmax(scores_BxKxGTxS, axis=-1).astype(v_BxKxSxH.dtype)
+  out_BxKxGTxH = jnp.einsum("bkqs,bksh->bkqh", probs_BxKxGTxS, v_BxKxSxH, preferred_element_type=jnp.float32)
+  out_BxKxGTxH = out_BxKxGTxH.astype(q_BxTxNxH.dtype)
+  return out_BxKxGTxH.reshape(b, kv, n // kv, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)

@@ -171,7 +171,13 @@ class Transformer(nn.Module):
 
   def logits(self, x_BxTxD):
     """Hidden states [B, T, D] -> float32 logits [B, T, V] (any T: a chunk will do)."""
-    if self.cfg.tie_embeddings:
+    if self.cfg.tie_embeddings and x_BxTxD.shape[0] * x_BxTxD.shape[1] <= 8:
+      # A few rows (decoding): table x hidden^T reads each embedding row once,
+      # contiguously, where hidden x table^T makes XLA CPU copy the table's transpose.
+      w_VxD = self.embed.embedding.astype(self.cfg.dtype)
+      x_NxD = x_BxTxD.reshape(-1, x_BxTxD.shape[-1]).astype(self.cfg.dtype)
+      logits_BxTxV = jax.lax.dot_general(w_VxD, x_NxD, (((1,), (1,)), ((), ()))).T.reshape(*x_BxTxD.shape[:2], -1)
+    elif self.cfg.tie_embeddings:
       logits_BxTxV = self.embed.attend(x_BxTxD.astype(self.cfg.dtype))
     else:
       logits_BxTxV = self.unembed(x_BxTxD)
@@ -185,5 +191,5 @@ class Transformer(nn.Module):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[dict]:
   """An empty KV cache for `batch` rows of up to `length` positions, in the compute dtype."""
-  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)  # [B, K, S, H]: see attention.py
   return [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)} for _ in range(cfg.num_layers)]
