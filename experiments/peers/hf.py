@@ -3,7 +3,9 @@ float32) or CUDA, measured the way ../shared/tools/peer_hf.py measures it.
 
 Runs in its own environment (PyTorch is not a dependency of tpu_lm; the test extra's
 venv has it):
-  python experiments/peers/hf.py train          GPT-2 block 2 x 160, vocab 2048, batch 8 x 256, AdamW + clip
+  python experiments/peers/hf.py train [--shape small|124m]
+      small: GPT-2 block 2 x 160, 4 heads, vocab 2048, batch 8 x 256; 124m: GPT-2 124M, batch 1 x 1024;
+      AdamW + clipping
   python experiments/peers/hf.py decode B       GPT-2 124M random weights, prompt 32, greedy
 decode tok/s = B * (N_long - N_short) / (t(N_long) - t(N_short)), so prefill cancels.
 Prints one JSON line. The benchmarks (experiments/decode/run.py, ...) call it with --peer_python.
@@ -19,11 +21,17 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 
-def train(device: str) -> dict:
-  m = GPT2LMHeadModel(GPT2Config(vocab_size=2048, n_positions=256, n_embd=160, n_layer=2, n_head=4,
-                                 resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).to(device)
+SHAPES = {  # name: (GPT-2 config fields, batch, length, warm-up steps, timed steps)
+    "small": (dict(vocab_size=2048, n_positions=256, n_embd=160, n_layer=2, n_head=4), 8, 256, 5, 40),
+    "124m": (dict(vocab_size=50304, n_positions=1024, n_embd=768, n_layer=12, n_head=12), 1, 1024, 2, 3),
+}
+
+
+def train(device: str, shape: str = "small") -> dict:
+  fields, b, t, warm, timed = SHAPES[shape]
+  m = GPT2LMHeadModel(GPT2Config(**fields, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).to(device)
   opt = torch.optim.AdamW(m.parameters(), lr=6e-3, betas=(0.9, 0.95), weight_decay=0.1)
-  x = torch.randint(3, 2048, (8, 256), device=device)
+  x = torch.randint(3, fields["vocab_size"], (b, t), device=device)
 
   def step():
     loss = m(input_ids=x, labels=x).loss
@@ -32,16 +40,16 @@ def train(device: str) -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  for _ in range(5):
+  for _ in range(warm):
     step()
   _sync(device)
   t0 = time.perf_counter()
-  for _ in range(40):
+  for _ in range(timed):
     step()
   _sync(device)
-  dt = (time.perf_counter() - t0) / 40
-  return {"peer": f"transformers {transformers.__version__} GPT-2 eager", "ms_per_step": round(1e3 * dt, 1),
-          "tok_per_s": round(8 * 256 / dt)}
+  dt = (time.perf_counter() - t0) / timed
+  return {"peer": f"transformers {transformers.__version__} GPT-2 eager", "shape": shape,
+          "ms_per_step": round(1e3 * dt, 1), "tok_per_s": round(b * t / dt)}
 
 
 def decode(batch: int, device: str, prompt: int, short: int, long: int) -> dict:
@@ -75,12 +83,13 @@ def main() -> None:
   p.add_argument("batch", nargs="?", type=int, default=1)
   p.add_argument("--prompt", type=int, default=32)
   p.add_argument("--tokens", nargs=2, type=int, default=(8, 24))
+  p.add_argument("--shape", choices=sorted(SHAPES), default="small", help="train: which model and batch")
   p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
   args = p.parse_args()
   torch.manual_seed(0)
   if args.device == "cpu":
     torch.set_num_threads(os.cpu_count() or 1)  # as many as XLA uses (2 on the reference machine)
-  result = train(args.device) if args.what == "train" else decode(args.batch, args.device, args.prompt, *args.tokens)
+  result = train(args.device, args.shape) if args.what == "train" else decode(args.batch, args.device, args.prompt, *args.tokens)
   print(json.dumps({**result, "device": args.device}))
 
 

@@ -48,14 +48,12 @@ def dot_product_attention(
 ) -> jax.Array:
   """Causal, segment-masked attention; K kv heads serve N query heads (GQA)."""
   if implementation == "xla":
-    mask = segment_causal_mask(segment_ids_BxT)
     dtype = q_BxTxNxH.dtype
     if dtype == jnp.float16:
-      # XLA's attention accumulates scores in float32, a float16 x float16 -> float32
-      # product some backends (CPU) lack; float16 runs use cuDNN on GPU anyway.
+      # Scores accumulate in float32, a float16 x float16 -> float32 product some
+      # backends (CPU) lack; float16 runs use cuDNN on GPU anyway.
       q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = (x.astype(jnp.float32) for x in (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH))
-    out = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, implementation="xla")
-    return out.astype(dtype)
+    return _xla_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT).astype(dtype)
   if implementation == "cudnn":
     # is_causal lets cuDNN skip the blocks above the diagonal; the document mask
     # on top is applied inside the same fused kernel.
@@ -66,6 +64,41 @@ def dot_product_attention(
   if implementation in ("splash", "splash_interpret"):
     return _splash(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, interpret=implementation == "splash_interpret")
   raise ValueError(f"unknown attention implementation {implementation!r}")
+
+
+def _xla_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
+  """Causal segment attention in plain XLA ops, cheaper than `jax.nn.dot_product_attention`'s
+  on a CPU (the GPT-2 small train step: 143 -> 122 ms on 2 cores) for two reasons:
+
+  - query blocks: the queries are cut into up to 4 blocks (of >= 64), and block i
+    scores only the keys up to its own end, skipping the tiles above the diagonal
+    that causality masks anyway (4 blocks: 62.5% of the T x T scores);
+  - normalization after the value product: exp(scores - max) multiplies the values
+    and the [T, H] result is divided by the row sums, instead of dividing the
+    [T, T] probabilities (and differentiating through that division).
+
+  The same function as softmax attention up to float rounding.
+  """
+  b, t, n, h = q_BxTxNxH.shape
+  kv = k_BxTxKxH.shape[2]
+  q_BxTxKxGxH = (q_BxTxNxH * h**-0.5).reshape(b, t, kv, n // kv, h)
+  mask_Bx1x1xTxT = segment_causal_mask(segment_ids_BxT)[:, :, None]
+  blocks = next(nb for nb in (4, 2, 1) if t % nb == 0 and t // nb >= 64) if t >= 64 else 1
+  size = t // blocks
+  outs = []
+  for i in range(blocks):
+    lo, hi = i * size, (i + 1) * size  # queries [lo, hi) see keys [0, hi)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH[:, lo:hi], k_BxTxKxH[:, :hi],
+                        preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_Bx1x1xTxT[..., lo:hi, :hi], scores, jnp.finfo(jnp.float32).min)
+    # Every row sees at least its own position, so the max is finite and the sum > 0.
+    exp_BxKxGxTxS = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+    sums_BxTxKxG = jnp.moveaxis(exp_BxKxGxTxS.sum(-1), 3, 1)
+    out = jnp.einsum("bkgts,bskh->btkgh", exp_BxKxGxTxS.astype(v_BxTxKxH.dtype), v_BxTxKxH[:, :hi],
+                     preferred_element_type=jnp.float32)
+    outs.append(out / sums_BxTxKxG[..., None])
+  out_BxTxKxGxH = jnp.concatenate(outs, axis=1) if blocks > 1 else outs[0]
+  return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
 def _splash(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *, interpret: bool):
