@@ -31,6 +31,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+from experiments import record  # noqa: E402
 MIB = 2**20
 
 
@@ -160,12 +162,7 @@ def main() -> None:
             f"| ratio | {rate['loop_tokens_per_s'] / rate['step_only_tokens_per_s']:.3f} |"]
   text = "\n".join(lines)
   print(text)
-  # Newest first: the entry goes above the earlier ones, under the file's header.
-  path = os.path.join(HERE, "results.md")
-  previous = open(path).read() if os.path.exists(path) else "# Data at any scale: results\n\n"
-  at = previous.find("### ") if "### " in previous else len(previous)
-  with open(path, "w") as f:
-    f.write(previous[:at] + text + "\n\n" + previous[at:])
+  record.prepend(os.path.join(HERE, "results.md"), text, "Data at any scale: results")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import gpt2_124m, gpt2_small  # noqa: E402
+from experiments import record  # noqa: E402
 from tpu_lm.parallel import mesh as mesh_lib  # noqa: E402
 from tpu_lm.training.setup import Setup  # noqa: E402
 
@@ -95,11 +96,7 @@ def main() -> None:
            "|---|---|---|---|", *rows]
   text = "\n".join(lines)
   print(text)
-  path = os.path.join(HERE, "results.md")
-  previous = open(path).read() if os.path.exists(path) else "# Training step against the peers\n\n"
-  at = previous.find("### ") if "### " in previous else len(previous)
-  with open(path, "w") as f:
-    f.write(previous[:at] + text + "\n\n" + previous[at:])
+  record.prepend(os.path.join(HERE, "results.md"), text, "Training step against the peers")
 
 
 if __name__ == "__main__":
