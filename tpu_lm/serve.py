@@ -5,14 +5,16 @@
 
 Requests are served together: a single engine thread takes every request that
 is waiting (up to --max_batch sequences) and decodes them in one batch; the
-rest queue for the next batch, and none is dropped. A malformed request gets a
-4xx with a JSON error saying what was wrong, and the server keeps serving.
-Bound to 127.0.0.1 unless --host says otherwise.
+rest queue for the next batch, up to --max_queue sequences (more get 429 with
+Retry-After). A malformed request gets a 4xx with a JSON error saying what was
+wrong, and the server keeps serving. Each connection has a thread, at most
+--max_connections (more get 503), and a socket timeout of --read_timeout_s: a
+client that sends half a request gets 408, one that stops reading a stream is
+dropped. Bound to 127.0.0.1 unless --host says otherwise.
 """
 
 import signal
 import threading
-from http.server import ThreadingHTTPServer
 
 from tpu_lm.parallel import libtpu_env
 
@@ -34,6 +36,10 @@ _MAX_PROMPT = flags.DEFINE_integer("max_prompt_tokens", 0, "Longest prompt accep
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Largest max_tokens a request may ask for.")
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body accepted, in bytes.")
 _TIMEOUT = flags.DEFINE_float("request_timeout_s", 120.0, "A request not finished in this many seconds gets a 504.")
+_READ_TIMEOUT = flags.DEFINE_float(
+    "read_timeout_s", 30.0, "A connection that sends (or, streaming, reads) nothing for this long is closed.")
+_MAX_QUEUE = flags.DEFINE_integer("max_queue", 256, "Most sequences waiting for a batch; more get 429 + Retry-After.")
+_MAX_CONN = flags.DEFINE_integer("max_connections", 64, "Most connections served at once; more get 503.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of a startup error.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -44,34 +50,35 @@ def main(argv) -> None:
   logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only checkpoint dir is read-only
   try:
     for name, value in (("max_batch", _MAX_BATCH.value), ("max_new_tokens", _MAX_NEW.value),
-                        ("max_body_bytes", _MAX_BODY.value)):
+                        ("max_body_bytes", _MAX_BODY.value), ("max_queue", _MAX_QUEUE.value),
+                        ("max_connections", _MAX_CONN.value)):
       if value < 1:
         raise UserError(f"--{name}={value} is invalid: it must be at least 1.")
-    if _TIMEOUT.value <= 0:
-      raise UserError(f"--request_timeout_s={_TIMEOUT.value} is invalid: it must be positive.")
+    for name, value in (("request_timeout_s", _TIMEOUT.value), ("read_timeout_s", _READ_TIMEOUT.value)):
+      if not value > 0:
+        raise UserError(f"--{name}={value} is invalid: it must be positive.")
     if not 0 <= _PORT.value < 65536:
       raise UserError(f"--port={_PORT.value} is invalid: give a port from 0 to 65535.")
     from tpu_lm.inference import run_dir
     from tpu_lm.inference.engine import Engine
-    from tpu_lm.inference.http import Limits, make_handler
+    from tpu_lm.inference.http import BoundedServer, Limits, make_handler
 
     run = run_dir.load(_WORKDIR.value, step=_STEP.value, tensor_parallel=_TENSOR.value)
     context = run.decoder.max_len
     limits = Limits(
         max_prompt_tokens=min(_MAX_PROMPT.value or context, context - 1),
         max_new_tokens=min(_MAX_NEW.value, context - 1), max_body_bytes=_MAX_BODY.value,
-        timeout_s=_TIMEOUT.value, max_batch=_MAX_BATCH.value,
+        timeout_s=_TIMEOUT.value, max_batch=_MAX_BATCH.value, read_timeout_s=_READ_TIMEOUT.value,
     )
-    engine = Engine(run, limits.max_batch)
+    engine = Engine(run, limits.max_batch, max(_MAX_QUEUE.value, limits.max_batch))
     try:
-      server = ThreadingHTTPServer((_HOST.value, _PORT.value), make_handler(run, engine, limits))
+      server = BoundedServer((_HOST.value, _PORT.value), make_handler(run, engine, limits), _MAX_CONN.value)
     except OSError as e:
       raise UserError(f"cannot listen on {_HOST.value}:{_PORT.value} ({e.strerror}): pick another --port.") from None
   except UserError as e:
     if _DEBUG.value:
       raise
     exit_with(str(e))
-  server.daemon_threads = True
   host, port = server.server_address[:2]
   signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
   print(f"serving {run.workdir} (step {run.step}) on http://{host}:{port}"

@@ -6,8 +6,10 @@ they come, then the completion, or an error) go to a queue the transport reads.
 
 import dataclasses
 import logging
+import math
 import queue
 import threading
+import time
 
 
 @dataclasses.dataclass
@@ -21,20 +23,40 @@ class Job:
   cancelled: threading.Event
 
 
-class Engine:
-  """One thread owning the model: drains the queue into batches and decodes them."""
+class Busy(Exception):
+  """The queue is full: the request is refused, to retry after `retry_after_s`."""
 
-  def __init__(self, run, max_batch: int):
-    self.run, self.max_batch = run, max_batch
+  def __init__(self, queued: int, retry_after_s: int):
+    super().__init__(f"{queued} sequences are already waiting")
+    self.queued, self.retry_after_s = queued, retry_after_s
+
+
+class Engine:
+  """One thread owning the model: drains the queue into batches and decodes them.
+
+  At most `max_queue` sequences wait (0: no bound); `submit` refuses the rest with
+  Busy, so a flood of requests costs a quick refusal, not memory and latency.
+  """
+
+  def __init__(self, run, max_batch: int, max_queue: int = 0):
+    self.run, self.max_batch, self.max_queue = run, max_batch, max_queue
     self._queue: queue.Queue = queue.Queue()
+    self._admit = threading.Lock()  # the check and the enqueue as one step
+    self._batch_s = 1.0  # how long the last batch took: the estimate behind Retry-After
     threading.Thread(target=self._loop, name="engine", daemon=True).start()
 
   def queued(self) -> int:
     return self._queue.qsize()
 
   def submit(self, jobs: list[Job]) -> None:
-    for job in jobs:
-      self._queue.put(job)
+    with self._admit:
+      waiting = self._queue.qsize()
+      if self.max_queue and waiting + len(jobs) > self.max_queue:
+        # The queue drains a batch per `_batch_s`: that long per max_batch waiting, plus this one.
+        batches = math.ceil((waiting + len(jobs)) / self.max_batch)
+        raise Busy(waiting, max(1, math.ceil(batches * self._batch_s)))
+      for job in jobs:
+        self._queue.put(job)
 
   def _loop(self) -> None:
     while True:
@@ -46,7 +68,9 @@ class Engine:
           break
       jobs = [j for j in jobs if not j.cancelled.is_set()]
       if jobs:
+        start = time.monotonic()
         self._decode(jobs)
+        self._batch_s = time.monotonic() - start
 
   def _decode(self, jobs: list[Job]) -> None:
     def on_step(_, tokens_B, done_B):

@@ -13,11 +13,11 @@ import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tpu_lm.data.tokenizer import TextStream
 from tpu_lm.errors import UserError
-from tpu_lm.inference.engine import Engine, Job
+from tpu_lm.inference.engine import Busy, Engine, Job
 from tpu_lm.inference.sampling import Sampling
 
 
@@ -36,6 +36,7 @@ class Limits:
   max_body_bytes: int
   timeout_s: float
   max_batch: int
+  read_timeout_s: float = 30.0  # a connection that sends nothing for this long is closed
 
 
 def parse_request(body: bytes, run, limits: Limits):
@@ -92,26 +93,71 @@ def parse_request(body: bytes, run, limits: Limits):
   return ids, samplings, stream
 
 
+class BoundedServer(ThreadingHTTPServer):
+  """A thread per connection, at most `max_connections` at once: one more is answered
+  503 with Retry-After on the spot (no thread, no read) and closed."""
+
+  daemon_threads = True
+
+  def __init__(self, address, handler, max_connections: int):
+    self._slots = threading.BoundedSemaphore(max_connections)
+    self.max_connections = max_connections
+    super().__init__(address, handler)
+
+  def process_request(self, request, client_address):
+    if not self._slots.acquire(blocking=False):
+      body = json.dumps({"error": {"message": f"the server has {self.max_connections} connections open, its"
+                                              " limit: retry in a second.", "type": "server_error", "param": None,
+                                   "code": 503}}).encode()
+      try:
+        request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                        b"Retry-After: 1\r\nConnection: close\r\nContent-Length: " + str(len(body)).encode()
+                        + b"\r\n\r\n" + body)
+      except OSError:
+        pass
+      self.shutdown_request(request)
+      return
+    try:
+      super().process_request(request, client_address)
+    except BaseException:
+      self._slots.release()
+      raise
+
+  def process_request_thread(self, request, client_address):
+    try:
+      super().process_request_thread(request, client_address)
+    finally:
+      self._slots.release()
+
+
 def make_handler(run, engine: Engine, limits: Limits):
   model_name = f"tpu_lm/{os.path.basename(run.workdir)}@{run.step}"
 
   class Handler(BaseHTTPRequestHandler):
     server_version = "tpu_lm"
+    # The socket timeout of each connection (StreamRequestHandler applies it): a client
+    # that sends half a request, idles on a kept-alive connection or stops reading a
+    # stream holds its thread at most this long.
+    timeout = limits.read_timeout_s
 
     def log_message(self, fmt, *args):  # one line per request on stderr
       sys.stderr.write(f"[serve] {self.address_string()} {fmt % args}\n")
 
-    def _json(self, status: int, obj: dict) -> None:
+    def _json(self, status: int, obj: dict, headers: dict | None = None) -> None:
       body = json.dumps(obj).encode()
       self.send_response(status)
       self.send_header("Content-Type", "application/json")
       self.send_header("Content-Length", str(len(body)))
+      for name, value in (headers or {}).items():
+        self.send_header(name, value)
+      if self.close_connection:
+        self.send_header("Connection", "close")
       self.end_headers()
       self.wfile.write(body)
 
-    def _error(self, status: int, message: str, param: str | None = None) -> None:
+    def _error(self, status: int, message: str, param: str | None = None, headers: dict | None = None) -> None:
       kind = "invalid_request_error" if status < 500 else "server_error"
-      self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": status}})
+      self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": status}}, headers)
 
     def do_GET(self):
       if self.path.split("?")[0] == "/health":
@@ -130,7 +176,16 @@ def make_handler(run, engine: Engine, limits: Limits):
         if int(length) > limits.max_body_bytes:
           self.close_connection = True  # the unread body must not be taken for the next request
           raise RequestError(413, f"the request body is {length} bytes; the limit is {limits.max_body_bytes}.")
-        ids, samplings, stream = parse_request(self.rfile.read(int(length)), run, limits)
+        try:
+          body = self.rfile.read(int(length))
+        except TimeoutError:
+          self.close_connection = True
+          raise RequestError(408, f"the request body ({length} bytes) did not arrive within"
+                                  f" {limits.read_timeout_s:g} s: send it whole, or raise --read_timeout_s.") from None
+        if len(body) < int(length):
+          self.close_connection = True
+          raise RequestError(400, f"the connection closed after {len(body)} of the {length} bytes announced.")
+        ids, samplings, stream = parse_request(body, run, limits)
       except RequestError as e:
         self._error(e.status, str(e), e.param)
         return
@@ -146,7 +201,12 @@ def make_handler(run, engine: Engine, limits: Limits):
       cancelled = threading.Event()
       jobs = [Job(i * len(samplings) + j, p, s, events, cancelled)
               for i, p in enumerate(ids) for j, s in enumerate(samplings)]
-      engine.submit(jobs)
+      try:
+        engine.submit(jobs)
+      except Busy as e:
+        self._error(429, f"the server is busy ({e.queued} sequences waiting): retry after {e.retry_after_s} s.",
+                    headers={"Retry-After": str(e.retry_after_s)})
+        return
       deadline = time.time() + limits.timeout_s
       head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
               "created": int(time.time()), "model": model_name}
@@ -200,13 +260,17 @@ def make_handler(run, engine: Engine, limits: Limits):
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         })
-      except (BrokenPipeError, ConnectionResetError):  # the client left; its rows finish unseen
+      except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        # The client left or stopped reading for read_timeout_s: its rows are dropped.
         cancelled.set()
+        self.close_connection = True
 
     def _start_stream(self) -> None:
       self.send_response(200)
       self.send_header("Content-Type", "text/event-stream")
       self.send_header("Cache-Control", "no-cache")
+      self.send_header("Connection", "close")  # the stream ends when the connection does
+      self.close_connection = True
       self.end_headers()
 
     def _event(self, obj: dict) -> None:
