@@ -25,6 +25,26 @@ def test_one_prompt_streams_its_completion(trained_run):
   [c] = local.decoder.generate([local.encode_prompt("the model")], decode.Sampling(9, 0.0))
   assert out.stdout == "the model" + local.tokenizer.decode(c.tokens) + f"\n[{len(c.tokens)} tokens, {c.finish_reason}]\n"
   assert "loaded" in out.stderr and "step 6" in out.stderr
+  text = local.tokenizer.decode(c.tokens)
+  stop = text[3:5]
+  out = _generate(f"--workdir={trained_run}", "--prompt=the model", "--temperature=0", "--max_new_tokens=9",
+                  f"--stop={stop}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout == "the model" + text[: text.index(stop)] + f"\n[{len(c.tokens)} tokens, stop sequence]\n"
+
+
+def test_stop_scanner_holds_back_what_could_start_a_stop_and_cuts_at_the_first():
+  from tpu_lm.inference.stops import StopScanner, first_stop
+
+  for pieces in (["hello wor", "ld! stop", " here"], list("hello world! stop here"), ["hello world! stop here"]):
+    scanner = StopScanner(("stop", "world!"))
+    out = "".join(scanner.push(p) for p in pieces) + scanner.finish()
+    assert (out, scanner.stopped) == ("hello ", True)
+  scanner = StopScanner(("xyz",))
+  assert "".join(scanner.push(p) for p in ["ab", "cx", "y"]) == "abc"  # "xy" held: it may become "xyz"
+  assert scanner.finish() == "xy" and not scanner.stopped
+  assert StopScanner(()).push("anything") == "anything"
+  assert first_stop("a.b.c", (".c", ".")) == 1 and first_stop("abc", ("z",)) is None
 
 
 def test_several_samples_and_interactive_mode(trained_run):
@@ -44,7 +64,8 @@ def test_several_samples_and_interactive_mode(trained_run):
     (["--prompt_file=/nonexistent.txt"], "cannot read --prompt_file=/nonexistent.txt"),
     ([], "no prompt given"),
     (["--prompt=a", "--num_samples=x"], "flag --num_samples=x"),
-], ids=["no_run", "top_p", "context", "step", "prompt_file", "no_prompt", "bad_flag"])
+    (["--prompt=a", "--stop="], "--stop is empty"),
+], ids=["no_run", "top_p", "context", "step", "prompt_file", "no_prompt", "bad_flag", "empty_stop"])
 def test_bad_input_is_one_line_and_exit_2(trained_run, flags, message):
   if not any(f.startswith("--workdir") for f in flags):
     flags = [f"--workdir={trained_run}", *flags]

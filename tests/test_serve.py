@@ -122,17 +122,51 @@ def test_n_and_a_list_of_prompts_give_one_choice_each(server):
     ({"prompt": "a", "top_p": 0}, 400, "'top_p' must be a number in (0, 1]"),
     ({"prompt": "x" * 41}, 400, "prompt 0 has 41 tokens; this server accepts at most 40"),
     ({"prompt": "x" * 40, "max_tokens": 30}, 400, "exceeds the model's context of 64 tokens"),
-    ({"prompt": "a", "stop": ["\n"]}, 400, "'stop' is not supported"),
+    ({"prompt": "a", "logprobs": 2}, 400, "'logprobs' is not supported"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "'stop' must be a non-empty string or a list of at most 4"),
     ({"prompt": "a", "n": 9}, 400, "'n' must be an integer from 1 to 8"),
     ({"prompt": "x" * 5000}, 413, "the limit is 4000"),
 ], ids=["json", "not_object", "no_prompt", "bool_int", "too_many_tokens", "temperature", "top_p",
-        "prompt_too_long", "context", "stop", "n", "body_too_big"])
+        "prompt_too_long", "context", "logprobs", "stop", "n", "body_too_big"])
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, status, message):
   got, data = _post(server, body)
   assert got == status, data
   error = json.loads(data)["error"]
   assert message in error["message"]
   assert _post(server, None, "/health", "GET")[0] == 200
+
+
+def test_stop_sequences_cut_the_text_streamed_or_not_and_echo_repeats_the_prompt(server, local):
+  full, _ = _expected(local, "the model", max_new_tokens=24, temperature=0)
+  stop = full[5:7]  # a piece from the middle: the text must end just before its first occurrence
+  want = full[: full.index(stop)]
+  request = {"prompt": "the model", "max_tokens": 24, "temperature": 0, "stop": [stop, "\u0000never"]}
+  status, data = _post(server, request)
+  assert status == 200, data
+  assert json.loads(data)["choices"][0]["text"] == want
+  assert json.loads(data)["choices"][0]["finish_reason"] == "stop"
+  conn = http.client.HTTPConnection("127.0.0.1", server, timeout=120)
+  conn.request("POST", "/v1/completions", body=json.dumps({**request, "stream": True, "echo": True}))
+  events = [e[len("data: "):] for e in conn.getresponse().read().decode().split("\n\n") if e.startswith("data: ")]
+  conn.close()
+  chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+  assert "".join(c["text"] for c in chunks) == "the model" + want
+  assert chunks[-1]["finish_reason"] == "stop"
+
+
+def test_the_official_openai_client_works_against_the_server(server, local):
+  openai = pytest.importorskip("openai")
+  client = openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="unused", max_retries=0)
+  [model] = client.models.list().data
+  text, reason = _expected(local, "a little", max_new_tokens=8, temperature=0)
+  out = client.completions.create(model=model.id, prompt="a little", max_tokens=8, temperature=0)
+  assert (out.choices[0].text, out.choices[0].finish_reason) == (text, reason)
+  streamed = client.completions.create(model=model.id, prompt="a little", max_tokens=8, temperature=0, stream=True)
+  assert "".join(chunk.choices[0].text for chunk in streamed) == text
+  with pytest.raises(openai.BadRequestError, match="logprobs"):
+    client.completions.create(model=model.id, prompt="a", max_tokens=2, logprobs=1)
+  with pytest.raises(openai.BadRequestError, match="this run has no chat template"):
+    client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "hi"}])
 
 
 def test_wrong_route_method_and_missing_length(server):

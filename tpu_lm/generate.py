@@ -27,6 +27,7 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 i
 _TOP_K = flags.DEFINE_integer("top_k", 40, "Sample among the k most likely tokens (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set with this much probability (1: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same text.")
+_STOP = flags.DEFINE_multi_string("stop", [], "End a completion before the first occurrence of this text; repeatable.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
 _TENSOR = flags.DEFINE_integer("tensor_parallel", 1, "Devices to split the model over (heads, MLP, vocabulary).")
 _INTERACTIVE = flags.DEFINE_bool("interactive", False, "Read prompts from stdin, one per line, model kept loaded.")
@@ -42,6 +43,8 @@ def _prompts() -> list[str]:
         prompts.append(f.read())
     except (OSError, UnicodeDecodeError) as e:
       raise UserError(f"cannot read --prompt_file={path} ({getattr(e, 'strerror', None) or e}): pass a UTF-8 text file.") from None
+  if any(not stop for stop in _STOP.value):
+    raise UserError("--stop is empty: give the text a completion should end before.")
   if not prompts and not _INTERACTIVE.value:
     raise UserError("no prompt given: pass --prompt=TEXT, --prompt_file=PATH or --interactive.")
   return prompts
@@ -58,27 +61,36 @@ def _sampling(seed: int):
 def _stream_one(run, prompt: str, seed: int) -> None:
   """Prints the prompt, then each new piece of text the moment its token exists."""
   from tpu_lm.data.tokenizer import TextStream
+  from tpu_lm.inference.stops import StopScanner
 
-  stream = TextStream(run.tokenizer)
+  stream, stops = TextStream(run.tokenizer), StopScanner(tuple(_STOP.value))
   sys.stdout.write(prompt)
   sys.stdout.flush()
 
   def on_step(_, tokens_B, done_B):
     if not done_B[0] and tokens_B[0] != run.decoder.eos_id:
-      sys.stdout.write(stream.push(tokens_B[0]))
+      sys.stdout.write(stops.push(stream.push(tokens_B[0])))
       sys.stdout.flush()
 
   [completion] = run.decoder.generate([run.encode_prompt(prompt)], _sampling(seed), on_step=on_step)
-  sys.stdout.write(stream.finish() + f"\n[{len(completion.tokens)} tokens, {completion.finish_reason}]\n")
+  sys.stdout.write(stops.push(stream.finish()) + stops.finish())
+  reason = "stop sequence" if stops.stopped else completion.finish_reason
+  sys.stdout.write(f"\n[{len(completion.tokens)} tokens, {reason}]\n")
   sys.stdout.flush()
 
 
 def _batch(run, prompts: list[str]) -> None:
+  from tpu_lm.inference.stops import first_stop
+
   jobs = [(p, _SEED.value + j) for p in prompts for j in range(_NUM_SAMPLES.value)]
   completions = run.decoder.generate([run.encode_prompt(p) for p, _ in jobs], [_sampling(s) for _, s in jobs])
   for i, ((prompt, seed), c) in enumerate(zip(jobs, completions)):
-    print(f"--- sample {i + 1}/{len(jobs)} (seed {seed}; {len(c.tokens)} tokens, {c.finish_reason}) ---")
-    print(prompt + run.tokenizer.decode(c.tokens), flush=True)
+    text, reason = run.tokenizer.decode(c.tokens), c.finish_reason
+    cut = first_stop(text, tuple(_STOP.value))
+    if cut is not None:
+      text, reason = text[:cut], "stop sequence"
+    print(f"--- sample {i + 1}/{len(jobs)} (seed {seed}; {len(c.tokens)} tokens, {reason}) ---")
+    print(prompt + text, flush=True)
 
 
 def main(argv) -> None:

@@ -1,4 +1,5 @@
-"""The HTTP transport of the server: OpenAI-style /v1/completions over the engine.
+"""The HTTP transport of the server: OpenAI-style /v1/completions (with stop sequences
+and echo) and /v1/models over the engine.
 
 Requests are parsed and checked here (a malformed one gets a 4xx with a JSON
 error naming what was wrong); the engine (engine.py) decodes.
@@ -19,6 +20,7 @@ from tpu_lm.data.tokenizer import TextStream
 from tpu_lm.errors import UserError
 from tpu_lm.inference.engine import Busy, Engine, Job
 from tpu_lm.inference.sampling import Sampling
+from tpu_lm.inference.stops import StopScanner, first_stop
 
 
 class RequestError(Exception):
@@ -39,15 +41,28 @@ class Limits:
   read_timeout_s: float = 30.0  # a connection that sends nothing for this long is closed
 
 
-def parse_request(body: bytes, run, limits: Limits):
-  """JSON body -> (prompts as token ids, Sampling per choice, stream flag). Raises RequestError."""
+@dataclasses.dataclass(frozen=True)
+class Request:
+  prompts: list[str]
+  ids: list[list[int]]  # each prompt's token ids, BOS first
+  samplings: list[Sampling]  # one per choice of each prompt (n)
+  stream: bool
+  stop: tuple[str, ...] = ()  # a choice ends before the first of these in its text
+  echo: bool = False  # the prompt is repeated at the start of each choice's text
+
+
+MAX_STOP = 4  # stop sequences per request, as OpenAI allows
+
+
+def parse_request(body: bytes, run, limits: Limits) -> Request:
+  """JSON body -> Request. Raises RequestError."""
   try:
     req = json.loads(body)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise RequestError(400, f"the request body is not valid JSON ({e}).") from None
   if not isinstance(req, dict):
     raise RequestError(400, "the request body must be a JSON object.")
-  for unsupported in ("stop", "suffix", "echo", "logprobs", "best_of", "logit_bias"):
+  for unsupported in ("suffix", "logprobs", "best_of", "logit_bias"):
     value = req.get(unsupported)
     if value in (None, False, "", [], {}) or (unsupported == "best_of" and value == 1):
       continue  # absent or the neutral value clients send by default
@@ -74,6 +89,13 @@ def parse_request(body: bytes, run, limits: Limits):
   n = field("n", (int,), 1, lambda v: 1 <= v <= limits.max_batch, f"an integer from 1 to {limits.max_batch}")
   seed = field("seed", (int,), secrets.randbits(31), lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
   stream = field("stream", (bool,), False, lambda v: True, "true or false")
+  echo = field("echo", (bool,), False, lambda v: True, "true or false")
+  stop = req.get("stop")
+  stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
+  if (not isinstance(stop, list) or len(stop) > MAX_STOP
+      or not all(isinstance(x, str) and x for x in stop)):
+    raise RequestError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them;"
+                            f" got {json.dumps(req.get('stop'))}.", "stop")
   if len(prompts) * n > limits.max_batch:
     raise RequestError(400, f"{len(prompts)} prompts x n={n} is more than the {limits.max_batch} sequences"
                             " this server decodes at once: send fewer.", "n")
@@ -90,7 +112,7 @@ def parse_request(body: bytes, run, limits: Limits):
       run.decoder.check(len(p), samplings[0])
   except UserError as e:
     raise RequestError(400, str(e), "max_tokens") from None
-  return ids, samplings, stream
+  return Request(prompts, ids, samplings, stream, tuple(stop), echo)
 
 
 class BoundedServer(ThreadingHTTPServer):
@@ -132,6 +154,7 @@ class BoundedServer(ThreadingHTTPServer):
 
 def make_handler(run, engine: Engine, limits: Limits):
   model_name = f"tpu_lm/{os.path.basename(run.workdir)}@{run.step}"
+  created = int(time.time())
 
   class Handler(BaseHTTPRequestHandler):
     server_version = "tpu_lm"
@@ -160,13 +183,25 @@ def make_handler(run, engine: Engine, limits: Limits):
       self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": status}}, headers)
 
     def do_GET(self):
-      if self.path.split("?")[0] == "/health":
+      path = self.path.split("?")[0]
+      if path == "/health":
         self._json(200, {"status": "ok", "model": model_name, "step": run.step, "queued": engine.queued()})
+      elif path == "/v1/models":
+        self._json(200, {"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": created, "owned_by": "tpu_lm"}]})
       else:
-        self._error(404, f"no route GET {self.path}: use POST /v1/completions or GET /health.")
+        self._error(404, f"no route GET {self.path}: use POST /v1/completions, GET /v1/models or GET /health.")
 
     def do_POST(self):
-      if self.path.split("?")[0] != "/v1/completions":
+      path = self.path.split("?")[0]
+      if path == "/v1/chat/completions":
+        # Chat needs the template an instruction-tuned run was trained with; runs
+        # record none yet, and guessing one would feed the model text it never saw.
+        self.close_connection = True
+        self._error(400, "this run has no chat template (tpu_lm runs record none yet), so chat completions"
+                         " are not served: send the conversation as a prompt to POST /v1/completions.")
+        return
+      if path != "/v1/completions":
         self._error(404, f"no route POST {self.path}: use POST /v1/completions.")
         return
       try:
@@ -185,18 +220,19 @@ def make_handler(run, engine: Engine, limits: Limits):
         if len(body) < int(length):
           self.close_connection = True
           raise RequestError(400, f"the connection closed after {len(body)} of the {length} bytes announced.")
-        ids, samplings, stream = parse_request(body, run, limits)
+        request = parse_request(body, run, limits)
       except RequestError as e:
         self._error(e.status, str(e), e.param)
         return
-      self._complete(ids, samplings, stream)
+      self._complete(request)
 
     def do_PUT(self):
       self._error(405, f"method PUT is not allowed on {self.path}: use POST /v1/completions.")
 
     do_DELETE = do_PATCH = do_PUT
 
-    def _complete(self, ids, samplings, stream: bool) -> None:
+    def _complete(self, request: Request) -> None:
+      ids, samplings, stream = request.ids, request.samplings, request.stream
       events: queue.Queue = queue.Queue()
       cancelled = threading.Event()
       jobs = [Job(i * len(samplings) + j, p, s, events, cancelled)
@@ -211,6 +247,9 @@ def make_handler(run, engine: Engine, limits: Limits):
       head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
               "created": int(time.time()), "model": model_name}
       streams = {j.index: TextStream(run.tokenizer) for j in jobs}
+      # Per choice: text held back while it could be the start of a stop sequence.
+      stops = {j.index: StopScanner(request.stop) for j in jobs}
+      echoes = {j.index: request.prompts[j.index // len(samplings)] if request.echo else "" for j in jobs}
       results, started = {}, False
       try:
         while len(results) < len(jobs):
@@ -235,18 +274,21 @@ def make_handler(run, engine: Engine, limits: Limits):
             if not started:
               self._start_stream()
               started = True
-            text = streams[index].push(payload)
-            if text:
-              self._event({**head, "choices": [_choice(index, text, None)]})
+            text = stops[index].push(streams[index].push(payload))
+            if text or echoes[index]:
+              self._event({**head, "choices": [_choice(index, echoes[index] + text, None)]})
+              echoes[index] = ""
           elif kind == "done":
             results[index] = payload
             if stream:
               if not started:
                 self._start_stream()
                 started = True
-              for t in payload.tokens[streams[index].num_tokens:]:  # any not streamed yet
-                streams[index].push(t)
-              self._event({**head, "choices": [_choice(index, streams[index].finish(), payload.finish_reason)]})
+              text = "".join(stops[index].push(streams[index].push(t))  # any not streamed yet
+                             for t in payload.tokens[streams[index].num_tokens:])
+              text += stops[index].push(streams[index].finish()) + stops[index].finish()
+              reason = "stop" if stops[index].stopped else payload.finish_reason
+              self._event({**head, "choices": [_choice(index, echoes[index] + text, reason)]})
         if stream:
           self.wfile.write(b"data: [DONE]\n\n")
           self.wfile.flush()
@@ -255,8 +297,8 @@ def make_handler(run, engine: Engine, limits: Limits):
         completion_tokens = sum(len(c.tokens) for c in results.values())
         self._json(200, {
             **head,
-            "choices": [_choice(i, run.tokenizer.decode(results[i].tokens), results[i].finish_reason)
-                        for i in sorted(results)],
+            "choices": [_final_choice(i, request, run.tokenizer.decode(results[i].tokens), results[i].finish_reason,
+                                      len(samplings)) for i in sorted(results)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         })
@@ -278,6 +320,15 @@ def make_handler(run, engine: Engine, limits: Limits):
       self.wfile.flush()
 
   return Handler
+
+
+def _final_choice(index: int, request: Request, text: str, finish_reason: str, n: int) -> dict:
+  cut = first_stop(text, request.stop) if request.stop else None
+  if cut is not None:
+    text, finish_reason = text[:cut], "stop"
+  if request.echo:
+    text = request.prompts[index // n] + text
+  return _choice(index, text, finish_reason)
 
 
 def _choice(index: int, text: str, finish_reason: str | None) -> dict:

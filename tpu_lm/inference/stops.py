@@ -1,0 +1,33 @@
+"""Stop sequences: where a completion's text ends, for a whole text or one streamed
+piece by piece (the server and `generate` alike). Decoding itself runs to its token
+limit or end-of-sequence; the text is cut here, at the first stop sequence."""
+
+
+class StopScanner:
+  """Streamed text in, text safe to send out: holds back a tail that could begin a
+  stop sequence, and after one appears passes nothing more (`stopped`)."""
+
+  def __init__(self, stop: tuple[str, ...]):
+    self.stop, self.stopped, self._held = stop, False, ""
+    self._keep = max((len(x) for x in stop), default=1) - 1
+
+  def push(self, text: str) -> str:
+    if self.stopped or not self.stop:
+      return "" if self.stopped else text
+    self._held += text
+    cut = first_stop(self._held, self.stop)
+    if cut is not None:
+      out, self._held, self.stopped = self._held[:cut], "", True
+      return out
+    split = max(len(self._held) - self._keep, 0)
+    out, self._held = self._held[:split], self._held[split:]
+    return out
+
+  def finish(self) -> str:
+    out, self._held = ("" if self.stopped else self._held), ""
+    return out
+
+
+def first_stop(text: str, stop) -> int | None:
+  hits = [i for i in (text.find(x) for x in stop) if i >= 0]
+  return min(hits) if hits else None
