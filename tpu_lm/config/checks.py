@@ -26,8 +26,8 @@ CHOICES = {
 POSITIVE_INTS = (
     "num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
     "keep_checkpoints", "max_consecutive_nonfinite", "data.seq_len", "data.global_batch_size",
-    "data.shuffle_block_docs", "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim", "model.max_len", "optim.grad_accum_steps",
-    "optim.loss_scale_period",
+    "data.shuffle_block_docs", "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
+    "model.max_len", "optim.grad_accum_steps", "optim.loss_scale_period",
 )
 NON_NEGATIVE = (
     "data.max_documents", "eval_max_batches", "model.num_kv_heads", "model.head_dim", "model.dropout_rate",

@@ -14,6 +14,7 @@ is read before it is asked for, so memory does not grow with the corpus. Kinds:
 - `TokenSource`: documents already tokenized, in memory (tests, tiny corpora).
 """
 
+import glob
 import io
 import os
 import struct
@@ -58,10 +59,7 @@ class TFRecordSource:
     self._features = builder.info.features
     self._files = [os.path.join(builder.data_dir, str(f)) for f in getattr(info, "filenames", [])]
     if not self._files:
-      pattern = os.path.join(builder.data_dir, f"{builder.name}-{split}.tfrecord*")
-      import glob
-
-      self._files = sorted(glob.glob(pattern))
+      self._files = sorted(glob.glob(os.path.join(builder.data_dir, f"{builder.name}-{split}.tfrecord*")))
     if not self._files:
       raise UserError(f"{builder.name} split {split!r} has no TFRecord files in {builder.data_dir}: prepare it first.")
     self._offsets = [_record_offsets(f) for f in self._files]
@@ -71,14 +69,16 @@ class TFRecordSource:
     return int(self._starts[-1])
 
   def get(self, indices):
-    out = []
-    for i in indices:
-      f = int(np.searchsorted(self._starts, i, side="right") - 1)
+    indices = list(indices)
+    files = np.searchsorted(self._starts, indices, side="right") - 1
+    out = [None] * len(indices)
+    for f in np.unique(files):  # each file opened once per call (a bucket read costs a round trip)
       with storage.open(self._files[f], "rb") as fh:
-        fh.seek(int(self._offsets[f][i - self._starts[f]]))
-        (length,) = struct.unpack("<Q", fh.read(8))
-        fh.read(4)  # the length's CRC
-        out.append(self._features.deserialize_example_np(fh.read(length)))
+        for k in np.flatnonzero(files == f):
+          fh.seek(int(self._offsets[f][indices[k] - self._starts[f]]))
+          (length,) = struct.unpack("<Q", fh.read(8))
+          fh.read(4)  # the length's CRC
+          out[k] = self._features.deserialize_example_np(fh.read(length))
     return out
 
 

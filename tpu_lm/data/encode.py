@@ -15,7 +15,8 @@ class Encoded:
   num_bytes: int = 0  # UTF-8 bytes of what the loss covers (bits per byte)
 
 
-def _text(value) -> str:
+def as_text(value) -> str:
+  """A record's text feature (bytes from TFDS, str from files) as str."""
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
@@ -36,12 +37,12 @@ class Encoder:
       return [Encoded(np.asarray(r["ids"]), num_bytes=int(r["num_bytes"])) for r in records]
     dtype = np.int32
     if self.kind == "instructions":
-      prompts = [_text(r["prompt"]) for r in records]
-      completions = [_text(r["completion"]) for r in records]
+      prompts = [as_text(r["prompt"]) for r in records]
+      completions = [as_text(r["completion"]) for r in records]
       ps, cs = self.tokenizer.encode_batch(prompts), self.tokenizer.encode_batch(completions)
       return [Encoded(np.concatenate([np.asarray(p, dtype), np.asarray(c, dtype)]), len(p),
                       num_bytes=len(t.encode("utf-8"))) for p, c, t in zip(ps, cs, completions)]
-    texts = [_text(r[self.text_key]) for r in records]
+    texts = [as_text(r[self.text_key]) for r in records]
     ids = self.tokenizer.encode_batch(texts)
     labels = [int(r[self.label_key]) for r in records] if self.kind == "classification" else [0] * len(texts)
     return [Encoded(np.asarray(i, dtype), label=lab, num_bytes=len(t.encode("utf-8")))

@@ -25,7 +25,7 @@ from grain.experimental import index_shuffle
 
 from tpu_lm.data import documents, local_files
 from tpu_lm.data import tokenizer as tokenizer_lib
-from tpu_lm.data.encode import Encoder
+from tpu_lm.data.encode import Encoder, as_text
 from tpu_lm.data.pipeline import Split
 from tpu_lm.errors import UserError
 
@@ -142,17 +142,13 @@ def sample_texts(source, encoder_kind: str, text_key: str, max_bytes: int, seed:
              for i in range(start, min(start + 256, n))]
     for record in source.get(order):
       if encoder_kind == "instructions":
-        text = _str(record["prompt"]) + _str(record["completion"])
+        text = as_text(record["prompt"]) + as_text(record["completion"])
       else:
-        text = _str(record[text_key])
+        text = as_text(record[text_key])
       yield text
       total += len(text.encode("utf-8"))
       if total >= max_bytes:
         return
-
-
-def _str(value) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def _tokenizer(data, train, split_kind: str, cache_dir: str):
@@ -175,7 +171,7 @@ def _zlib_reference(validation, split_kind: str, text_key: str) -> float:
   raw, size = [], 0
   for start in range(0, len(validation), 256):
     for record in validation.get(range(start, min(start + 256, len(validation)))):
-      raw.append(_str(record[text_key]).encode("utf-8"))
+      raw.append(as_text(record[text_key]).encode("utf-8"))
       size += len(raw[-1])
     if size >= _ZLIB_SAMPLE_BYTES:
       break

@@ -159,7 +159,7 @@ def load_sentencepiece(path: str, vocab_size: int) -> SentencePieceTokenizer:
   try:
     with storage.open(path, "rb") as f:
       tok = SentencePieceTokenizer(f.read(), path)
-  except (OSError, FileNotFoundError) as e:
+  except OSError as e:
     raise UserError(f"cannot read data.tokenizer_path {path} ({e.strerror}): give a SentencePiece .model file.") from None
   if tok.vocab_size != vocab_size:
     raise UserError(f"{path} has vocabulary {tok.vocab_size}, but data.vocab_size is {vocab_size}: set"

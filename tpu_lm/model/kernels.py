@@ -83,7 +83,7 @@ def _xla_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
   kv = k_BxTxKxH.shape[2]
   q_BxTxKxGxH = (q_BxTxNxH * h**-0.5).reshape(b, t, kv, n // kv, h)
   mask_Bx1x1xTxT = segment_causal_mask(segment_ids_BxT)[:, :, None]
-  blocks = next(nb for nb in (4, 2, 1) if t % nb == 0 and t // nb >= 64) if t >= 64 else 1
+  blocks = next((nb for nb in (4, 2) if t % nb == 0 and t // nb >= 64), 1)
   size = t // blocks
   outs = []
   for i in range(blocks):

@@ -139,9 +139,12 @@ class Writer:
 
 
 def _kept_lines(path: str, step: int) -> list[str]:
-  """The records up to `step`; a line cut short by a kill is dropped."""
   with storage.open(path) as f:
-    lines = f.readlines()
+    return _kept(f.readlines(), step)
+
+
+def _kept(lines: list[str], step: int) -> list[str]:
+  """The records up to `step`; a line cut short by a kill is dropped."""
   kept = []
   for line in lines:
     try:
@@ -155,7 +158,7 @@ def _kept_lines(path: str, step: int) -> list[str]:
 def _truncate_after(path: str, step: int) -> None:
   with open(path) as f:
     lines = f.readlines()
-  kept = _kept_lines(path, step)
+  kept = _kept(lines, step)
   if len(kept) != len(lines):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
