@@ -148,13 +148,14 @@ def _instruction_file(directory, n=40):
 
 def test_instruction_tuning_masks_the_prompt_through_packing_and_the_gradient(tmp_path):
   config = tiny_config(data_dir=str(tmp_path / "tfds"))
-  config.data.update(dataset="instructions", path=_instruction_file(str(tmp_path)))
+  config.data.update(dataset="instructions", path=_instruction_file(str(tmp_path)), chat_template="Q: {prompt}\nA: ")
   corpus = sources.prepare(config.data)
   tok = corpus.tokenizer
   # The mask travels with the tokens: a row's weighted targets are exactly the completions (+ EOS).
   batch, _ = next(iter(pipeline.eval_batches(corpus.train, seq_len=64, global_batch=1)))
   first = corpus.train.source.get([0])[0]
-  prompt = [int(i) for i in tok.encode_batch([first["prompt"].decode()])[0]]
+  # The prompt as the template writes it (the server's chat completions write a message the same way).
+  prompt = [int(i) for i in tok.encode_batch([f"Q: {first['prompt'].decode()}\nA: "])[0]]
   completion = [int(i) for i in tok.encode_batch([first["completion"].decode()])[0]]
   n = len(prompt) + len(completion) + 1
   assert batch["targets"][0, :n].tolist() == prompt + completion + [tok.eos_id]

@@ -1,13 +1,16 @@
 """The real server in a subprocess, driven over HTTP on localhost."""
 
 import concurrent.futures
+import glob
 import http.client
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 
 import jax
 import pytest
@@ -37,7 +40,8 @@ def server(trained_run):
                       "--max_batch=8")
   yield port
   proc.terminate()
-  assert proc.wait(timeout=30) == 0  # SIGTERM shuts it down cleanly
+  assert proc.wait(timeout=30) == 0  # SIGTERM shuts it down cleanly, saying what it did with requests
+  assert "server stopped: 0 in-flight requests finished; 0 cancelled after the 30 s grace;" in proc.stdout.read()
   proc.stdout.close()
   proc.stderr.close()
 
@@ -122,12 +126,13 @@ def test_n_and_a_list_of_prompts_give_one_choice_each(server):
     ({"prompt": "a", "top_p": 0}, 400, "'top_p' must be a number in (0, 1]"),
     ({"prompt": "x" * 41}, 400, "prompt 0 has 41 tokens; this server accepts at most 40"),
     ({"prompt": "x" * 40, "max_tokens": 30}, 400, "exceeds the model's context of 64 tokens"),
-    ({"prompt": "a", "logprobs": 2}, 400, "'logprobs' is not supported"),
+    ({"prompt": "a", "logprobs": 6}, 400, "'logprobs' must be an integer from 0 to 5"),
+    ({"prompt": "a", "logprobs": 1, "echo": True}, 400, "'logprobs' with 'echo'"),
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "'stop' must be a non-empty string or a list of at most 4"),
     ({"prompt": "a", "n": 9}, 400, "'n' must be an integer from 1 to 8"),
     ({"prompt": "x" * 5000}, 413, "the limit is 4000"),
 ], ids=["json", "not_object", "no_prompt", "bool_int", "too_many_tokens", "temperature", "top_p",
-        "prompt_too_long", "context", "logprobs", "stop", "n", "body_too_big"])
+        "prompt_too_long", "context", "logprobs", "logprobs_echo", "stop", "n", "body_too_big"])
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, status, message):
   got, data = _post(server, body)
   assert got == status, data
@@ -163,8 +168,11 @@ def test_the_official_openai_client_works_against_the_server(server, local):
   assert (out.choices[0].text, out.choices[0].finish_reason) == (text, reason)
   streamed = client.completions.create(model=model.id, prompt="a little", max_tokens=8, temperature=0, stream=True)
   assert "".join(chunk.choices[0].text for chunk in streamed) == text
-  with pytest.raises(openai.BadRequestError, match="logprobs"):
-    client.completions.create(model=model.id, prompt="a", max_tokens=2, logprobs=1)
+  scored = client.completions.create(model=model.id, prompt="a little", max_tokens=8, temperature=0, logprobs=3)
+  lp = scored.choices[0].logprobs
+  assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == scored.usage.completion_tokens
+  for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):  # greedy: the chosen token is the likeliest
+    assert len(top) <= 3 and chosen == pytest.approx(max(top.values())) and chosen < 0
   with pytest.raises(openai.BadRequestError, match="this run has no chat template"):
     client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "hi"}])
 
@@ -189,3 +197,57 @@ def test_a_request_that_outlives_its_timeout_gets_504(trained_run):
     proc.wait()
     proc.stdout.close()
     proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def chat_server(trained_run, tmp_path_factory):
+  """The trained run as if instruction-tuned with a template (its saved config says so),
+  served in this process."""
+  from tpu_lm.inference.engine import Engine
+  from tpu_lm.inference.http import BoundedServer, Limits, make_handler
+
+  workdir = str(tmp_path_factory.mktemp("chat") / "run")
+  shutil.copytree(trained_run, workdir)
+  for path in glob.glob(os.path.join(workdir, "checkpoints", "*", "config", "metadata")):
+    with open(path) as f:
+      config = json.load(f)
+    config["data"].update(dataset="instructions", path="pairs.jsonl", chat_template="Q: {prompt}\nA:")
+    with open(path, "w") as f:
+      json.dump(config, f)
+  run = run_dir.load(workdir, devices=jax.devices()[:1])
+  limits = Limits(max_prompt_tokens=56, max_new_tokens=16, max_body_bytes=4000, timeout_s=60, max_batch=4)
+  srv = BoundedServer(("127.0.0.1", 0), make_handler(run, Engine(run, 4), limits), max_connections=8)
+  threading.Thread(target=srv.serve_forever, daemon=True).start()
+  yield srv.server_address[1], run
+  srv.shutdown()
+  srv.server_close()
+
+
+def test_chat_completions_render_the_conversation_through_the_runs_template(chat_server):
+  openai = pytest.importorskip("openai")
+  port, run = chat_server
+  client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+  # One user message is exactly an instruction-tuning prompt: the completion of the templated text.
+  text, reason = _expected(run, "Q: add 2\nA:", max_new_tokens=8, temperature=0)
+  out = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "add 2"}], max_tokens=8,
+                                       temperature=0)
+  assert out.object == "chat.completion"
+  assert (out.choices[0].message.role, out.choices[0].message.content) == ("assistant", text)
+  assert out.choices[0].finish_reason == reason
+  streamed = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "add 2"}], max_tokens=8,
+                                            temperature=0, stream=True)
+  assert "".join(c.choices[0].delta.content or "" for c in streamed) == text
+  # Earlier turns and a system message are folded into the one templated prompt.
+  history = [{"role": "system", "content": "b"}, {"role": "user", "content": "h"},
+             {"role": "assistant", "content": "y"}, {"role": "user", "content": "add 2"}]
+  text, _ = _expected(run, "Q: System: b\nUser: h\nAssistant: y\nadd 2\nA:", max_new_tokens=6,
+                      temperature=0)
+  out = client.chat.completions.create(model="m", messages=history, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+  assert out.choices[0].message.content == text
+  assert len(out.choices[0].logprobs.content) == out.usage.completion_tokens
+  assert all(len(t.top_logprobs) == 2 for t in out.choices[0].logprobs.content)
+  for bad, message in (([{"role": "assistant", "content": "x"}], "the last message must be the user's"),
+                       ([{"role": "robot", "content": "x"}], "messages[0] must be an object with a role")):
+    with pytest.raises(openai.BadRequestError, match=re.escape(message)):
+      client.chat.completions.create(model="m", messages=bad)

@@ -9,42 +9,53 @@ import threading
 import time
 import types
 
+import numpy as np
 import pytest
 
 from tpu_lm.data.tokenizer import ByteTokenizer
 from tpu_lm.inference.engine import Engine
 from tpu_lm.inference.http import BoundedServer, Limits, make_handler
-from tpu_lm.inference.sampling import Completion
+from tpu_lm.inference.slots import StepOut
 
 
-class _GatedDecoder:
-  """Decodes 'ok' for every row once `gate` is set (a test holds a batch in flight)."""
+class _GatedSlots:
+  """Every sequence decodes "ok" then end-of-sequence, a token a step, while `gate` is set
+  (a test holds the sequences in flight by clearing it)."""
 
   max_len, eos_id = 64, 2
 
   def __init__(self):
     self.gate = threading.Event()
-    self.busy = threading.Event()  # a batch is being decoded
+    self.busy = threading.Event()  # a step is under way
 
   def check(self, prompt_len, sampling):
     pass
 
-  def generate(self, prompts, samplings, on_step=None):
+  def reset(self):
+    pass
+
+  def fit(self, rows, length):
+    pass
+
+  def prefill(self, slot, ids):
+    pass
+
+  def step(self, rows):
     self.busy.set()
     self.gate.wait(30)
-    ok = [int(t) for t in ByteTokenizer().encode_batch(["ok"])[0]]
-    return [Completion(ok, "length") for _ in prompts]
+    ok = [int(t) for t in ByteTokenizer().encode_batch(["ok"])[0]] + [self.eos_id]
+    return StepOut(np.array([ok[min(r.index, 2)] for r in rows]))
 
 
 @pytest.fixture
 def server():
   tok = ByteTokenizer()
-  decoder = _GatedDecoder()
+  decoder = _GatedSlots()
   run = types.SimpleNamespace(workdir="/runs/fake", step=1, tokenizer=tok, decoder=decoder,
                               encode_prompt=lambda text: [tok.bos_id, *tok.encode_batch([text])[0]])
   limits = Limits(max_prompt_tokens=32, max_new_tokens=16, max_body_bytes=2000, timeout_s=30, max_batch=2,
                   read_timeout_s=1.0)
-  engine = Engine(run, max_batch=2, max_queue=2)
+  engine = Engine(run, max_batch=2, max_queue=2, slots=decoder)
   srv = BoundedServer(("127.0.0.1", 0), make_handler(run, engine, limits), max_connections=4)
   threading.Thread(target=srv.serve_forever, daemon=True).start()
   yield srv.server_address[1], decoder, engine

@@ -1,20 +1,26 @@
 """HTTP API for a trained run: python -m tpu_lm.serve --workdir=RUN [--port=8000].
 
-  POST /v1/completions  OpenAI-style completions; "stream": true sends server-sent events
-  GET  /health          {"status": "ok", "step": ..., "queued": ...}
+  POST /v1/completions       OpenAI-style completions; "stream": true sends server-sent events
+  POST /v1/chat/completions  chat, for a run instruction-tuned here (its chat template)
+  GET  /v1/models            the one model served
+  GET  /health               {"status": "ok", "step": ..., "queued": ..., "running": ...}
 
-Requests are served together: a single engine thread takes every request that
-is waiting (up to --max_batch sequences) and decodes them in one batch; the
-rest queue for the next batch, up to --max_queue sequences (more get 429 with
-Retry-After). A malformed request gets a 4xx with a JSON error saying what was
-wrong, and the server keeps serving. Each connection has a thread, at most
+Requests are decoded by continuous batching: one engine thread steps every
+sequence in flight (up to --max_batch) one token at a time, and a new request
+joins at the next step, a finished one leaves at once, so a short request never
+waits for a long one. The rest wait, up to --max_queue sequences (more get 429
+with Retry-After). A malformed request gets a 4xx with a JSON error saying what
+was wrong, and the server keeps serving. Each connection has a thread, at most
 --max_connections (more get 503), and a socket timeout of --read_timeout_s: a
 client that sends half a request gets 408, one that stops reading a stream is
-dropped. Bound to 127.0.0.1 unless --host says otherwise.
+dropped. SIGTERM (or Ctrl-C) stops accepting, gives the requests in flight
+--shutdown_grace_s to finish, cancels the rest with a 503, and prints which
+finished and which were cancelled. Bound to 127.0.0.1 unless --host says otherwise.
 """
 
 import signal
 import threading
+import time
 
 from tpu_lm.parallel import libtpu_env
 
@@ -40,6 +46,11 @@ _READ_TIMEOUT = flags.DEFINE_float(
     "read_timeout_s", 30.0, "A connection that sends (or, streaming, reads) nothing for this long is closed.")
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 256, "Most sequences waiting for a batch; more get 429 + Retry-After.")
 _MAX_CONN = flags.DEFINE_integer("max_connections", 64, "Most connections served at once; more get 503.")
+_GRACE = flags.DEFINE_float(
+    "shutdown_grace_s", 30.0, "On SIGTERM, how long requests in flight may take to finish before they are cancelled.")
+_WARMUP = flags.DEFINE_bool(
+    "warmup", False, "Compile the common batch and prompt shapes before listening (else the first request of a"
+    " new shape waits for its compile).")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of a startup error.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -57,11 +68,14 @@ def main(argv) -> None:
     for name, value in (("request_timeout_s", _TIMEOUT.value), ("read_timeout_s", _READ_TIMEOUT.value)):
       if not value > 0:
         raise UserError(f"--{name}={value} is invalid: it must be positive.")
+    if not _GRACE.value >= 0:
+      raise UserError(f"--shutdown_grace_s={_GRACE.value} is invalid: it must be 0 or more seconds.")
     if not 0 <= _PORT.value < 65536:
       raise UserError(f"--port={_PORT.value} is invalid: give a port from 0 to 65535.")
     from tpu_lm.inference import run_dir
     from tpu_lm.inference.engine import Engine
     from tpu_lm.inference.http import BoundedServer, Limits, make_handler
+    from tpu_lm.inference.slots import SlotDecoder
 
     run = run_dir.load(_WORKDIR.value, step=_STEP.value, tensor_parallel=_TENSOR.value)
     context = run.decoder.max_len
@@ -70,7 +84,12 @@ def main(argv) -> None:
         max_new_tokens=min(_MAX_NEW.value, context - 1), max_body_bytes=_MAX_BODY.value,
         timeout_s=_TIMEOUT.value, max_batch=_MAX_BATCH.value, read_timeout_s=_READ_TIMEOUT.value,
     )
-    engine = Engine(run, limits.max_batch, max(_MAX_QUEUE.value, limits.max_batch))
+    slots = SlotDecoder(run.decoder, limits.max_batch)
+    if _WARMUP.value:
+      start = time.monotonic()
+      shapes = slots.warmup(limits.max_prompt_tokens)
+      print(f"warmup: {shapes} shapes compiled in {time.monotonic() - start:.1f} s", flush=True)
+    engine = Engine(run, limits.max_batch, max(_MAX_QUEUE.value, limits.max_batch), slots=slots)
     try:
       server = BoundedServer((_HOST.value, _PORT.value), make_handler(run, engine, limits), _MAX_CONN.value)
     except OSError as e:
@@ -84,11 +103,20 @@ def main(argv) -> None:
   print(f"serving {run.workdir} (step {run.step}) on http://{host}:{port}"
         f"  [context {context} tokens, max_batch {limits.max_batch}]", flush=True)
   try:
-    server.serve_forever()
+    server.serve_forever()  # until SIGTERM's shutdown(), or Ctrl-C
   except KeyboardInterrupt:
     pass
+  report = engine.close(_GRACE.value)  # no new sequences; those in flight finish or are cancelled
+  server.busy.wait_idle(10.0)  # their handlers write the last bytes
   server.server_close()
-  print("server stopped", flush=True)
+  print(f"server stopped: {_listed(report.finished, 'in-flight request finished', 'in-flight requests finished')};"
+        f" {_listed(report.cancelled, f'cancelled after the {_GRACE.value:g} s grace')};"
+        f" {_listed(report.refused, 'waiting request refused', 'waiting requests refused')}", flush=True)
+
+
+def _listed(ids: list[str], one: str, many: str | None = None) -> str:
+  shown = f" ({', '.join(ids[:8])}{', ...' if len(ids) > 8 else ''})" if ids else ""
+  return f"{len(ids)} {one if len(ids) == 1 or many is None else many}{shown}"
 
 
 if __name__ == "__main__":

@@ -102,6 +102,9 @@ def validate(config) -> None:
   if config.data.dataset in ("text_files", "instructions") and not config.data.path:
     kind = "text files" if config.data.dataset == "text_files" else "JSONL files of {\"prompt\", \"completion\"}"
     fail("data.path", "", f"data.dataset={config.data.dataset!r} needs a directory, file or glob of {kind}")
+  if config.data.chat_template.count("{prompt}") != 1:
+    fail("data.chat_template", config.data.chat_template, "it must hold \"{prompt}\" exactly once, where each"
+         " instruction's prompt goes")
   if not config.data.tokenizer_sample_mb > 0:
     fail("data.tokenizer_sample_mb", config.data.tokenizer_sample_mb, "it must be a number of MB > 0")
   if config.data.tokenizer == "hf" and not config.data.tokenizer_path and not config.init_from:

@@ -40,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
   # TFDS catalog name ("tiny_shakespeare", "lm1b", "glue/sst2", "imdb_reviews", ...).
   c.data.dataset = "python_stdlib"
   c.data.path = ""  # text_files / instructions: a directory, file or glob
+  # instructions: each prompt is written into this at "{prompt}" before its completion;
+  # the server's /v1/chat/completions renders a conversation the same way. E.g.
+  # "### Question:\n{prompt}\n### Answer:\n". Saved with the run.
+  c.data.chat_template = "{prompt}"
   c.data.data_dir = "~/tensorflow_datasets"
   c.data.train_split = "train"
   c.data.eval_split = "validation"

@@ -23,12 +23,15 @@ def as_text(value) -> str:
 @dataclasses.dataclass(frozen=True)
 class Encoder:
   """`kind`: "text" (a document), "instructions" (prompt + completion, loss on the
-  completion) or "classification" (text + integer label)."""
+  completion; the prompt written into `chat_template` at "{prompt}", as the server's
+  chat completions write a conversation, inference/chat.py) or "classification"
+  (text + integer label)."""
 
   tokenizer: object
   kind: str = "text"
   text_key: str = "text"
   label_key: str = "label"
+  chat_template: str = "{prompt}"
 
   def __call__(self, records: list[dict]) -> list[Encoded]:
     if not records:
@@ -37,7 +40,8 @@ class Encoder:
       return [Encoded(np.asarray(r["ids"]), num_bytes=int(r["num_bytes"])) for r in records]
     dtype = np.int32
     if self.kind == "instructions":
-      prompts = [as_text(r["prompt"]) for r in records]
+      # replace, not str.format: braces in a prompt are text
+      prompts = [self.chat_template.replace("{prompt}", as_text(r["prompt"])) for r in records]
       completions = [as_text(r["completion"]) for r in records]
       ps, cs = self.tokenizer.encode_batch(prompts), self.tokenizer.encode_batch(completions)
       return [Encoded(np.concatenate([np.asarray(p, dtype), np.asarray(c, dtype)]), len(p),

@@ -188,6 +188,6 @@ def prepare(data, tokenizer: tokenizer_lib.Tokenizer | None = None, task_kind: s
   if split_kind == "classification" and not class_names:
     raise UserError(f"feature {data.label_key!r} of {data.dataset!r} is not a class label: set data.label_key.")
   tok = tokenizer or _tokenizer(data, train, split_kind, cache_dir)
-  encoder = Encoder(tok, split_kind, data.text_key, data.label_key)
+  encoder = Encoder(tok, split_kind, data.text_key, data.label_key, data.chat_template)
   return Corpus(tok, Split(train, encoder, tok.bos_id, tok.eos_id), Split(validation, encoder, tok.bos_id, tok.eos_id),
                 _zlib_reference(validation, split_kind, data.text_key), cache_dir, class_names)

@@ -75,7 +75,8 @@ def _generate(params, tokens_BxP, lengths_B, max_new_B, temperature_B, top_k_B, 
   return out_BxN
 
 
-def _bucket(n: int, minimum: int, cap: int | None = None) -> int:
+def bucket(n: int, minimum: int, cap: int | None = None) -> int:
+  """`n` rounded up to a power of two, at least `minimum`, at most `cap`: a shape bucket."""
   size = max(minimum, 1 << (max(n, 1) - 1).bit_length())
   return min(size, cap) if cap else size
 
@@ -101,8 +102,8 @@ class Decoder:
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x, params)
     self.params, self.eos_id, self.pad_id, self.vocab_size = params, eos_id, pad_id, vocab_size
     self.max_len = model_cfg.max_len
-    self._context = context or (lambda: nn.logical_axis_rules(()))
-    self._batch_multiple = batch_multiple
+    self.context = context or (lambda: nn.logical_axis_rules(()))
+    self.batch_multiple = batch_multiple
     self._lock = threading.Lock()  # one generate call at a time (the stream target is per call)
     self._on_step = None
     self._fn = jax.jit(
@@ -137,15 +138,15 @@ class Decoder:
     for p, s in zip(prompts, sampling):
       self.check(len(p), s)
     n = len(prompts)
-    b = _bucket(n, self._batch_multiple)
-    b += -b % self._batch_multiple
+    b = bucket(n, self.batch_multiple)
+    b += -b % self.batch_multiple
     longest = max(len(p) for p in prompts)
-    p_len = _bucket(longest, 16, self.max_len)
-    max_new = _bucket(max(s.max_new_tokens for s in sampling), 16, self.max_len)
+    p_len = bucket(longest, 16, self.max_len)
+    max_new = bucket(max(s.max_new_tokens for s in sampling), 16, self.max_len)
     # Powers of two: a server meets log2(context) cache shapes, not context / 128.
-    cache_len = _bucket(longest + max_new, 128, self.max_len)
+    cache_len = bucket(longest + max_new, 128, self.max_len)
     kind, top_k = plan(sampling)
-    sampler = (kind, _bucket(top_k, 16, self.vocab_size) if kind == "top_k" else 0)
+    sampler = (kind, bucket(top_k, 16, self.vocab_size) if kind == "top_k" else 0)
 
     tokens = np.full((b, p_len), self.pad_id, np.int32)
     lengths = np.ones(b, np.int32)
@@ -158,7 +159,7 @@ class Decoder:
                           ("top_k", s.top_k), ("top_p", s.top_p), ("seed", s.seed)):
         fields[name][i] = value
 
-    with self._lock, self._context():
+    with self._lock, self.context():
       self._on_step = _InOrder(on_step, n) if on_step else None
       out = self._fn(
           self.params, tokens, lengths, fields["max_new"], fields["temperature"], fields["top_k"],

@@ -1,15 +1,27 @@
-"""The serving engine: one thread owning the model, decoding queued requests in batches.
+"""The serving engine: one thread owning the model, decoding every admitted sequence
+together by continuous batching.
 
-It knows nothing of HTTP: a request is a list of `Job`s whose events (tokens as
-they come, then the completion, or an error) go to a queue the transport reads.
+Sequences join the running batch at a step boundary (a prefill into a free slot of
+slots.SlotDecoder) and leave it the step they end: end-of-sequence, their own
+max_new_tokens, a stop sequence the transport saw (`Job.halt`), or their client
+gone (`Job.cancelled`). So a short request never waits for a long one, and each
+row keeps its own sampling settings and limits.
+
+It knows nothing of HTTP: a request is a list of `Job`s whose events go to a queue
+the transport reads, in order: ("token", index, token id, logprobs or None) as each
+is drawn, then ("done", index, Completion), or ("error", index, (status, message)).
 """
 
+import collections
 import dataclasses
 import logging
 import math
 import queue
 import threading
 import time
+
+from tpu_lm.inference.sampling import Completion
+from tpu_lm.inference.slots import Row, SlotDecoder
 
 
 @dataclasses.dataclass
@@ -20,7 +32,10 @@ class Job:
   prompt_ids: list[int]
   sampling: object
   events: queue.Queue
-  cancelled: threading.Event
+  cancelled: threading.Event  # the whole request is abandoned (client gone, timeout)
+  request_id: str = ""
+  logprobs: bool = False  # report each token's log-probability and the top alternatives
+  halt: threading.Event = dataclasses.field(default_factory=threading.Event)  # this sequence hit a stop sequence
 
 
 class Busy(Exception):
@@ -31,59 +46,137 @@ class Busy(Exception):
     self.queued, self.retry_after_s = queued, retry_after_s
 
 
+class Closed(Exception):
+  """The engine is shutting down and takes no more requests."""
+
+
+@dataclasses.dataclass
+class _Live:
+  job: Job
+  slot: int
+  started: float
+  tokens: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ShutdownReport:
+  finished: list[str]  # requests in flight at shutdown that completed within the grace period
+  cancelled: list[str]  # requests in flight when the grace period ran out
+  refused: list[str]  # requests still waiting for a slot: never started
+
+
 class Engine:
-  """One thread owning the model: drains the queue into batches and decodes them.
+  """Continuous batching over `max_batch` slots, at most `max_queue` sequences waiting
+  for one (0: no bound): `submit` refuses the rest with Busy, so a flood of requests
+  costs a quick refusal, not memory and latency."""
 
-  At most `max_queue` sequences wait (0: no bound); `submit` refuses the rest with
-  Busy, so a flood of requests costs a quick refusal, not memory and latency.
-  """
-
-  def __init__(self, run, max_batch: int, max_queue: int = 0):
-    self.run, self.max_batch, self.max_queue = run, max_batch, max_queue
-    self._queue: queue.Queue = queue.Queue()
-    self._admit = threading.Lock()  # the check and the enqueue as one step
-    self._batch_s = 1.0  # how long the last batch took: the estimate behind Retry-After
-    threading.Thread(target=self._loop, name="engine", daemon=True).start()
+  def __init__(self, run, max_batch: int, max_queue: int = 0, slots=None):
+    self.slots = slots if slots is not None else SlotDecoder(run.decoder, max_batch)
+    self.eos_id = run.decoder.eos_id
+    self.max_batch, self.max_queue = max_batch, max_queue
+    self._cond = threading.Condition()
+    self._waiting: collections.deque[Job] = collections.deque()
+    self._live: dict[int, _Live] = {}  # slot -> sequence; touched by the engine thread only
+    self._sequence_s = 1.0  # a moving average of a sequence's time in a slot: the Retry-After estimate
+    self._closing_at = None  # the deadline for in-flight sequences once close() is called
+    self._cancelled_at_close: set[str] = set()
+    self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+    self._thread.start()
 
   def queued(self) -> int:
-    return self._queue.qsize()
+    return len(self._waiting)
+
+  def running(self) -> int:
+    return len(self._live)
 
   def submit(self, jobs: list[Job]) -> None:
-    with self._admit:
-      waiting = self._queue.qsize()
+    with self._cond:
+      if self._closing_at is not None:
+        raise Closed("the server is shutting down")
+      waiting = len(self._waiting)
       if self.max_queue and waiting + len(jobs) > self.max_queue:
-        # The queue drains a batch per `_batch_s`: that long per max_batch waiting, plus this one.
-        batches = math.ceil((waiting + len(jobs)) / self.max_batch)
-        raise Busy(waiting, max(1, math.ceil(batches * self._batch_s)))
-      for job in jobs:
-        self._queue.put(job)
+        # Slots free at about max_batch per sequence time: wait for the ones ahead, and this one.
+        rounds = math.ceil((waiting + len(jobs)) / self.max_batch)
+        raise Busy(waiting, max(1, math.ceil(rounds * self._sequence_s)))
+      self._waiting.extend(jobs)
+      self._cond.notify()
+
+  def close(self, grace_s: float) -> ShutdownReport:
+    """Stops admitting; sequences in flight get `grace_s` to finish, then are cancelled
+    (their clients get a 503 saying so), as are the ones still waiting."""
+    with self._cond:
+      self._closing_at = time.monotonic() + grace_s
+      refused = list(self._waiting)
+      self._waiting.clear()
+      in_flight = {live.job.request_id for live in list(self._live.values())}
+      self._cond.notify()
+    for job in refused:
+      job.events.put(("error", job.index, (503, "the server shut down before this request started: retry it.")))
+    self._thread.join()
+    refused_ids = {job.request_id for job in refused}
+    cancelled = self._cancelled_at_close | (in_flight & refused_ids)  # a request with n > 1 may be split
+    return ShutdownReport(sorted(in_flight - cancelled), sorted(cancelled), sorted(refused_ids - in_flight))
 
   def _loop(self) -> None:
     while True:
-      jobs = [self._queue.get()]
-      while len(jobs) < self.max_batch:
-        try:
-          jobs.append(self._queue.get_nowait())
-        except queue.Empty:
+      with self._cond:
+        while not self._waiting and not self._live and self._closing_at is None:
+          self._cond.wait()
+        if self._closing_at is not None and (not self._live or time.monotonic() > self._closing_at):
           break
-      jobs = [j for j in jobs if not j.cancelled.is_set()]
-      if jobs:
-        start = time.monotonic()
-        self._decode(jobs)
-        self._batch_s = time.monotonic() - start
+        admitted = []
+        free = (s for s in range(self.max_batch) if s not in self._live)
+        while self._waiting and len(self._live) < self.max_batch:
+          job = self._waiting.popleft()
+          if not job.cancelled.is_set():
+            live = _Live(job, next(free), time.monotonic())
+            self._live[live.slot] = live
+            admitted.append(live)
+      try:
+        self._advance(admitted)
+      except Exception as e:  # keep serving: the sequences in flight get a 500
+        logging.exception("decode failed")
+        for live in self._live.values():
+          live.job.events.put(("error", live.job.index, (500, f"decoding failed: {type(e).__name__}: {e}")))
+        self._live.clear()
+        self.slots.reset()
+    for live in self._live.values():  # the grace period ran out
+      self._cancelled_at_close.add(live.job.request_id)
+      live.job.events.put(("error", live.job.index, (
+          503, f"the server shut down before this request finished ({len(live.tokens)} tokens generated).")))
+    self._live.clear()
 
-  def _decode(self, jobs: list[Job]) -> None:
-    def on_step(_, tokens_B, done_B):
-      for job, token, done in zip(jobs, tokens_B, done_B):
-        if not done and token != self.run.decoder.eos_id:
-          job.events.put(("token", job.index, int(token)))
-
-    try:
-      completions = self.run.decoder.generate([j.prompt_ids for j in jobs], [j.sampling for j in jobs], on_step)
-    except Exception as e:  # keep serving: the requests in this batch get a 500
-      logging.exception("decode failed")
-      for job in jobs:
-        job.events.put(("error", job.index, f"decoding failed: {type(e).__name__}: {e}"))
+  def _advance(self, admitted: list[_Live]) -> None:
+    """One step boundary: drop what ended, make room, prefill who joined, step everyone."""
+    for live in list(self._live.values()):
+      if live.job.cancelled.is_set():
+        del self._live[live.slot]
+      elif live.job.halt.is_set():
+        self._finish(live, "stop")
+    admitted = [live for live in admitted if live.slot in self._live]
+    if not self._live:
       return
-    for job, c in zip(jobs, completions):
-      job.events.put(("done", job.index, c))
+    self.slots.fit(max(self._live) + 1,
+                   max(len(v.job.prompt_ids) + v.job.sampling.max_new_tokens for v in self._live.values()))
+    for live in admitted:
+      self.slots.prefill(live.slot, live.job.prompt_ids)
+    lives = list(self._live.values())
+    out = self.slots.step([Row(v.slot, len(v.job.prompt_ids), len(v.tokens), v.job.sampling, v.job.logprobs)
+                           for v in lives])
+    for i, live in enumerate(lives):
+      token = int(out.tokens[i])
+      if token == self.eos_id:
+        self._finish(live, "stop")
+        continue
+      logprobs = None
+      if live.job.logprobs:
+        logprobs = (float(out.logprob[i]), [(int(t), float(lp)) for t, lp in zip(out.top_ids[i], out.top_logprobs[i])])
+      live.tokens.append(token)
+      live.job.events.put(("token", live.job.index, token, logprobs))
+      if len(live.tokens) >= live.job.sampling.max_new_tokens:
+        self._finish(live, "length")
+
+  def _finish(self, live: _Live, reason: str) -> None:
+    del self._live[live.slot]
+    self._sequence_s = 0.8 * self._sequence_s + 0.2 * (time.monotonic() - live.started)
+    live.job.events.put(("done", live.job.index, Completion(live.tokens, reason)))

@@ -58,7 +58,8 @@ def sample_tokens(logits_BxV, seeds_B, step, temperature_B, top_k_B, top_p_B, *,
   `kind`/`max_top_k` (from `plan`) choose how much of the vocabulary is sorted;
   every kind draws the same token for a row as "sort" would (to float rounding of
   the nucleus sum where top_k and top_p are both set), so a row's tokens do not
-  depend on the batch it is in.
+  depend on the batch it is in. `step` (a scalar, or one per row) is the index of the
+  new token being drawn: with the row's seed it picks the row's random numbers.
   """
   v = logits_BxV.shape[-1]
   greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
@@ -82,6 +83,7 @@ def sample_tokens(logits_BxV, seeds_B, step, temperature_B, top_k_B, top_p_B, *,
     keep_BxK = in_top_k_BxK & (below_BxK | (top_p_B[:, None] >= 1))
     threshold_B1 = jnp.take_along_axis(sorted_BxK, jnp.sum(keep_BxK, axis=-1, keepdims=True) - 1, axis=-1)
     masked_BxV = jnp.where(scaled_BxV >= threshold_B1, scaled_BxV, -jnp.inf)
-  keys_B = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds_B)
+  steps_B = jnp.broadcast_to(step, seeds_B.shape)
+  keys_B = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds_B, steps_B)
   sampled_B = jax.vmap(jax.random.categorical)(keys_B, masked_BxV)
   return jnp.where(temperature_B == 0, greedy_B, sampled_B).astype(jnp.int32)

@@ -1,0 +1,156 @@
+"""Continuous batching (engine.py over slots.py), in process: a request decodes the
+tokens it decodes alone whoever joins or leaves the batch; a short request finishes
+while a long one runs; stops, cancellation, logprobs and shutdown."""
+
+import math
+import queue
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+
+from tests.test_decode import EOS, VOCAB, _model, _prompts
+from tests.test_decode import _full_logits as full_logits
+from tpu_lm.inference import decode
+from tpu_lm.inference.engine import Closed, Engine, Job
+from tpu_lm.inference import slots as slots_lib
+from tpu_lm.inference.slots import TOP_LOGPROBS
+
+
+@pytest.fixture(scope="module")
+def decoder():
+  cfg, params = _model({})
+  return decode.Decoder(cfg, params, eos_id=EOS, pad_id=0, vocab_size=VOCAB)
+
+
+def _engine(decoder, max_batch=4):
+  return Engine(types.SimpleNamespace(decoder=decoder), max_batch=max_batch)
+
+
+def _job(prompt, sampling, index=0, request_id="r", logprobs=False):
+  return Job(index, prompt, sampling, queue.Queue(), threading.Event(), request_id, logprobs)
+
+
+def _collect(job, timeout=60):
+  """(tokens streamed, their logprobs, the done payload) of one job."""
+  tokens, logprobs = [], []
+  while True:
+    kind, _, payload, *rest = job.events.get(timeout=timeout)
+    if kind == "token":
+      tokens.append(payload)
+      logprobs.append(rest[0])
+    elif kind == "done":
+      return tokens, logprobs, payload
+    else:
+      raise AssertionError(f"{kind}: {payload}")
+
+
+SAMPLINGS = [decode.Sampling(max_new_tokens=9, temperature=0), decode.Sampling(max_new_tokens=30, temperature=0.8, seed=3),
+             decode.Sampling(max_new_tokens=5, temperature=1.0, top_k=7, seed=1),
+             decode.Sampling(max_new_tokens=17, temperature=0.7, top_p=0.9, seed=2)]
+
+
+def test_requests_joining_and_leaving_decode_what_each_decodes_alone(decoder):
+  prompts = _prompts() + [[1, 5, 6, 7]]
+  want = [decoder.generate([p], s)[0] for p, s in zip(prompts, SAMPLINGS)]
+  engine = _engine(decoder)
+  jobs = [_job(p, s, i) for i, (p, s) in enumerate(zip(prompts, SAMPLINGS))]
+  engine.submit(jobs[:1])
+  _, _, first = _collect(jobs[0])  # alone
+  engine.submit(jobs[1:2])
+  time.sleep(0.05)  # the long one is running when the others join, at different steps
+  engine.submit(jobs[2:3])
+  engine.submit(jobs[3:])
+  got = [first] + [_collect(j)[2] for j in jobs[1:]]
+  assert [(c.tokens, c.finish_reason) for c in got] == [(c.tokens, c.finish_reason) for c in want]
+
+
+def test_a_short_request_finishes_while_a_long_one_is_still_decoding(decoder):
+  engine = _engine(decoder, max_batch=2)
+  long = _job([1, 9, 9], decode.Sampling(max_new_tokens=60, temperature=1.0, seed=0), request_id="long")
+  engine.submit([long])
+  first = long.events.get(timeout=60)  # the long one is in flight
+  assert first[0] == "token"
+  short = _job([1, 4], decode.Sampling(max_new_tokens=3, temperature=0), request_id="short")
+  engine.submit([short])
+  _collect(short)
+  assert engine.running() == 1  # the long one is still decoding: no head-of-line blocking
+  _collect(long)
+
+
+def test_a_halted_or_cancelled_sequence_leaves_the_batch_at_the_next_step(decoder):
+  engine = _engine(decoder)
+  halted = _job([1, 3], decode.Sampling(max_new_tokens=60, temperature=1.0))
+  cancelled = _job([1, 4], decode.Sampling(max_new_tokens=60, temperature=1.0), index=1)
+  engine.submit([halted, cancelled])
+  assert halted.events.get(timeout=60)[0] == "token"
+  halted.halt.set()  # as the transport does when a stop sequence appears
+  cancelled.cancelled.set()  # as it does when the client goes
+  tokens, _, done = _collect(halted)
+  assert done.finish_reason == "stop" and len(done.tokens) < 60
+  deadline = time.time() + 30
+  while engine.running() and time.time() < deadline:
+    time.sleep(0.01)
+  assert engine.running() == 0
+
+
+def test_logprobs_are_the_models_and_the_chosen_token_is_the_top_one_when_greedy(decoder):
+  engine = _engine(decoder)
+  prompt = _prompts()[1]
+  job = _job(prompt, decode.Sampling(max_new_tokens=6, temperature=0), logprobs=True)
+  engine.submit([job])
+  tokens, logprobs, _ = _collect(job)
+  logits = np.asarray(_full_logits(decoder, prompt + tokens))
+  for i, (token, (lp, top)) in enumerate(zip(tokens, logprobs)):
+    row = logits[len(prompt) - 1 + i, :VOCAB]
+    want = row - (np.log(np.sum(np.exp(row - row.max()))) + row.max())
+    assert math.isclose(lp, want[token], abs_tol=1e-3)
+    assert len(top) == TOP_LOGPROBS and top[0][0] == token
+    assert [t for t, _ in top] == list(np.argsort(-want)[:TOP_LOGPROBS])
+
+
+def _full_logits(decoder, ids):
+  return full_logits(decoder.cfg, decoder.params, np.asarray([ids]))[0]
+
+
+def test_shutdown_finishes_what_fits_the_grace_cancels_the_rest_and_refuses_the_waiting(decoder):
+  engine = _engine(decoder, max_batch=1)
+  running = _job([1, 3], decode.Sampling(max_new_tokens=60, temperature=1.0), request_id="running")
+  waiting = _job([1, 4], decode.Sampling(max_new_tokens=4, temperature=0), request_id="waiting")
+  engine.submit([running])
+  assert running.events.get(timeout=60)[0] == "token"
+  engine.submit([waiting])
+  report = engine.close(grace_s=0.0)
+  assert (report.finished, report.cancelled, report.refused) == ([], ["running"], ["waiting"])
+  events = [running.events.get(timeout=5) for _ in range(running.events.qsize())]
+  assert events[-1][0] == "error" and events[-1][2][0] == 503
+  assert waiting.events.get(timeout=5)[2] == (503, "the server shut down before this request started: retry it.")
+  with pytest.raises(Closed):
+    engine.submit([_job([1], decode.Sampling())])
+
+  engine = _engine(decoder, max_batch=1)
+  quick = _job([1, 3], decode.Sampling(max_new_tokens=4, temperature=0), request_id="quick")
+  engine.submit([quick])
+  assert quick.events.get(timeout=60)[0] == "token"
+  report = engine.close(grace_s=60.0)
+  assert (report.finished, report.cancelled, report.refused) == (["quick"], [], [])
+  assert _collect(quick)[2].finish_reason in ("stop", "length")
+
+
+def test_the_cache_shrinks_after_a_lull_without_changing_what_is_decoded(decoder, monkeypatch):
+  monkeypatch.setattr(slots_lib, "SHRINK_AFTER", 4)
+  engine = _engine(decoder, max_batch=4)
+  long = _job(_prompts()[0], decode.Sampling(max_new_tokens=40, temperature=0.9, seed=4), index=0)
+  short = [_job([1, 5 + i], decode.Sampling(max_new_tokens=3, temperature=0), index=1 + i) for i in range(3)]
+  engine.submit([long, *short])  # four rows; three leave after 3 steps, the long one goes on alone
+  shapes = []
+  done = None
+  while done is None:
+    kind, _, payload, *_ = long.events.get(timeout=60)
+    shapes.append(engine.slots.shape[0])
+    if kind == "done":
+      done = payload
+  assert shapes[0] == 4 and shapes[-1] == 1  # shrunk while the long row was in flight
+  assert done.tokens == decoder.generate([long.prompt_ids], long.sampling)[0].tokens
