@@ -159,6 +159,8 @@ def test_each_sampler_kind_draws_what_the_full_sort_draws():
       [decode.Sampling(temperature=0.0)] * 64,
       [decode.Sampling(temperature=0.0)] * 32 + [decode.Sampling(temperature=0.7, top_k=k) for k in range(1, 33)],
       [decode.Sampling(temperature=t) for t in np.linspace(0.1, 2, 64)],
+      # Rows filtering by top-k beside rows that do not filter: neither shortcut serves both.
+      [decode.Sampling(temperature=1.0)] * 32 + [decode.Sampling(temperature=1.0, top_k=3)] * 32,
   ]
   for rows in cases:
     kind, k = sampling.plan(rows)
@@ -168,7 +170,7 @@ def test_each_sampler_kind_draws_what_the_full_sort_draws():
       want = decode.sample_tokens(logits, seeds, step, *args)
       got = decode.sample_tokens(logits, seeds, step, *args, kind=kind, max_top_k=k)
       np.testing.assert_array_equal(got, want)
-  assert [sampling.plan(c)[0] for c in cases] == ["greedy", "top_k", "plain"]
+  assert [sampling.plan(c)[0] for c in cases] == ["greedy", "top_k", "plain", "sort"]
   assert sampling.plan([decode.Sampling(top_p=0.9), decode.Sampling(top_k=5)]) == ("sort", 0)
 
 

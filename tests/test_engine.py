@@ -8,15 +8,19 @@ import threading
 import time
 import types
 
+import jax
 import numpy as np
 import pytest
 
+from tests.conftest import tiny_config
 from tests.test_decode import EOS, VOCAB, _model, _prompts
 from tests.test_decode import _full_logits as full_logits
 from tpu_lm.inference import decode
 from tpu_lm.inference.engine import Closed, Engine, Job
 from tpu_lm.inference import slots as slots_lib
 from tpu_lm.inference.slots import TOP_LOGPROBS
+from tpu_lm.parallel import mesh as mesh_lib
+from tpu_lm.training.setup import Setup
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +158,22 @@ def test_the_cache_shrinks_after_a_lull_without_changing_what_is_decoded(decoder
       done = payload
   assert shapes[0] == 4 and shapes[-1] == 1  # shrunk while the long row was in flight
   assert done.tokens == decoder.generate([long.prompt_ids], long.sampling)[0].tokens
+
+
+def test_a_sharded_engine_decodes_what_one_device_decodes():
+  """Data 2 x tensor 4 on the 8 fake devices: the slot cache and step run sharded."""
+  config = tiny_config()
+  config.model.update(num_heads=4, num_kv_heads=4)
+  setup = Setup(config, mesh_lib.make_mesh({"data": 2, "fsdp": 1, "tensor": 4}, jax.devices()))
+  with setup.context():
+    params = setup.init(jax.random.key(0)).params
+  params = jax.tree.map(lambda x: x * 4 if x.ndim > 1 else x, params)
+  sharded = decode.Decoder(setup.model_cfg, params, eos_id=EOS, pad_id=0, vocab_size=VOCAB, context=setup.context,
+                           batch_multiple=2)
+  single = decode.Decoder(setup.model_cfg, jax.device_get(params), eos_id=EOS, pad_id=0, vocab_size=VOCAB)
+  engine = _engine(sharded, max_batch=4)
+  jobs = [_job(p, s, i) for i, (p, s) in enumerate(zip(_prompts(), SAMPLINGS))]
+  engine.submit(jobs)
+  got = [_collect(j)[2] for j in jobs]
+  assert engine.slots.shape[0] % 2 == 0  # rows a multiple of the data-parallel size
+  assert got == [single.generate([j.prompt_ids], j.sampling)[0] for j in jobs]

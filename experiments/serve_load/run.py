@@ -43,6 +43,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 from experiments import record  # noqa: E402
+from tpu_lm.parallel import libtpu_env  # noqa: E402
+
+libtpu_env.quiet_where_no_tpu()  # before JAX starts its backends (write_run uses it)
 
 
 def write_run(workdir: str) -> None:

@@ -16,9 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Hugging Face by python -m tpu_lm.convert): a fresh optimizer at step 0. Its
   # architecture must be this config's; see configs/finetune.py.
   c.init_from = ""
-  c.num_train_steps = 2200
+  c.num_train_steps = 2400
   c.log_every_steps = 200
-  c.eval_every_steps = 1100
+  c.eval_every_steps = 1200
   c.eval_max_batches = 0  # > 0: each eval reads at most this many batches (whole documents only); 0: the whole split
   c.checkpoint_every_steps = 800
   c.keep_checkpoints = 3

@@ -40,13 +40,14 @@ def plan(samplings) -> tuple[str, int]:
   """The cheapest sampler that serves every row of a batch (static, so compiled
   per kind): ("greedy", 0) when no row samples; ("top_k", K) when every sampling
   row has a top_k (K bounds them: a partial sort of K, not of the vocabulary);
-  ("plain", 0) when no sampling row filters (no sort at all); else ("sort", 0)."""
+  ("plain", 0) when no sampling row filters, by top-k or top-p (no sort at all);
+  else, rows that filter beside rows that do not, ("sort", 0)."""
   sampling = [s for s in samplings if s.temperature > 0]
   if not sampling:
     return "greedy", 0
   if all(s.top_k > 0 for s in sampling):
     return "top_k", max(s.top_k for s in sampling)
-  if all(s.top_p >= 1 for s in sampling):
+  if all(s.top_k == 0 and s.top_p >= 1 for s in sampling):
     return "plain", 0
   return "sort", 0
 
