@@ -134,13 +134,37 @@ def test_shutdown_finishes_what_fits_the_grace_cancels_the_rest_and_refuses_the_
   with pytest.raises(Closed):
     engine.submit([_job([1], decode.Sampling())])
 
-  engine = _engine(decoder, max_batch=1)
+  # A step held while close() starts: the sequence is in flight, and finishes in the grace.
+  gated = _Gated(slots_lib.SlotDecoder(decoder, 1))
+  engine = Engine(types.SimpleNamespace(decoder=decoder), max_batch=1, slots=gated)
   quick = _job([1, 3], decode.Sampling(max_new_tokens=4, temperature=0), request_id="quick")
   engine.submit([quick])
-  assert quick.events.get(timeout=60)[0] == "token"
-  report = engine.close(grace_s=60.0)
+  assert gated.entered.wait(60)
+  closing = {}
+  closer = threading.Thread(target=lambda: closing.setdefault("report", engine.close(grace_s=60.0)))
+  closer.start()
+  while engine._closing_at is None:
+    time.sleep(0.01)
+  gated.gate.set()
+  closer.join(60)
+  report = closing["report"]
   assert (report.finished, report.cancelled, report.refused) == (["quick"], [], [])
-  assert _collect(quick)[2].finish_reason in ("stop", "length")
+  assert len(_collect(quick)[0]) <= 4
+
+
+class _Gated:
+  """A SlotDecoder whose steps wait for `gate` (a test holds a sequence in flight)."""
+
+  def __init__(self, slots):
+    self._slots, self.gate, self.entered = slots, threading.Event(), threading.Event()
+
+  def step(self, rows):
+    self.entered.set()
+    assert self.gate.wait(60)
+    return self._slots.step(rows)
+
+  def __getattr__(self, name):
+    return getattr(self._slots, name)
 
 
 def test_the_cache_shrinks_after_a_lull_without_changing_what_is_decoded(decoder, monkeypatch):

@@ -55,6 +55,45 @@ def _check_freeze(config) -> None:
     fail("lora.rank", config.lora.rank, "LoRA adapters are added per layer: set model.scan_layers=False")
 
 
+def _check_compression(config) -> None:
+  import re
+
+  q, p, d = config.quant, config.prune, config.distill
+  if q.weight_qtype not in ("", "int8", "int4"):
+    fail("quant.weight_qtype", q.weight_qtype, "use 'int8', 'int4' or '' (none)")
+  if q.act_qtype not in ("", "int8"):
+    fail("quant.act_qtype", q.act_qtype, "use 'int8' or '' (none)")
+  if q.act_qtype and not q.weight_qtype:
+    fail("quant.act_qtype", q.act_qtype, "activations are quantized with the weights: set quant.weight_qtype too")
+  if q.tile_size < 0 or (q.tile_size and q.tile_size & (q.tile_size - 1)):
+    fail("quant.tile_size", q.tile_size, "use 0 (one scale per output channel) or a power of two")
+  if q.weight_qtype and (config.lora.rank or config.model.scan_layers):
+    fail("quant.weight_qtype", q.weight_qtype, "quantization needs model.scan_layers=False and no LoRA")
+  if not 0 <= p.sparsity < 1:
+    fail("prune.sparsity", p.sparsity, "it must be in [0, 1)")
+  if p.n_m:
+    nm = re.fullmatch(r"(\d+):(\d+)", p.n_m)
+    if not nm or not 0 < int(nm[1]) < int(nm[2]):
+      fail("prune.n_m", p.n_m, "write 'N:M' with 0 < N < M, e.g. '2:4'")
+    if p.sparsity:
+      fail("prune.sparsity", p.sparsity, "prune.n_m fixes the sparsity: set one of them")
+  if not (0 <= p.begin_step <= p.end_step and p.every >= 1):
+    fail("prune.end_step", p.end_step, f"need 0 <= begin_step ({p.begin_step}) <= end_step and every >= 1")
+  if (p.sparsity or p.n_m) and config.model.scan_layers:
+    fail("prune.sparsity", p.sparsity or p.n_m, "pruning names per-layer kernels: set model.scan_layers=False")
+  for field, pattern in (("quant.targets", q.targets), ("prune.targets", p.targets)):
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      fail(field, pattern, f"it is not a regular expression ({e})")
+  if not 0 <= d.alpha <= 1:
+    fail("distill.alpha", d.alpha, "it must be in [0, 1]")
+  if not d.temperature > 0:
+    fail("distill.temperature", d.temperature, "it must be > 0")
+  if d.teacher and config.task.kind != "lm":
+    fail("distill.teacher", d.teacher, "distillation trains a language model: task.kind must be 'lm'")
+
+
 def _get(config, dotted):
   node = config
   for part in dotted.split("."):
@@ -120,6 +159,7 @@ def validate(config) -> None:
       fail("model.rope_scaling", s.to_dict(), "llama3 scaling needs factor >= 1, 0 < low_freq_factor <"
            " high_freq_factor and original_max_len > 0")
   _check_freeze(config)
+  _check_compression(config)
   if not 0 <= config.optim.min_lr_ratio <= 1:
     fail("optim.min_lr_ratio", config.optim.min_lr_ratio, "it must be in [0, 1]")
   if config.optim.warmup_steps > config.num_train_steps:

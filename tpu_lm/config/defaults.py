@@ -166,6 +166,39 @@ def get_config() -> ml_collections.ConfigDict:
   c.lora.alpha = 16.0
   c.lora.targets = ".*"  # e.g. ".*attn/(query|value)"
 
+  # Compression (README "Compression"; python -m tpu_lm.compress for post-training).
+  # Quantization through Qwix: the projections' kernels in int8 or int4 (per output
+  # channel, or per group of tile_size input rows), optionally int8 activations. A run
+  # directory whose config sets weight_qtype holds the integer kernels; generate and
+  # serve run them. qat=True trains with fake quantization (straight-through
+  # gradients): quantization-aware fine-tuning, exported quantized at the end.
+  c.quant = ml_collections.ConfigDict()
+  c.quant.weight_qtype = ""  # "", "int8" or "int4"
+  c.quant.tile_size = 0  # 0: one scale per output channel
+  c.quant.act_qtype = ""  # "" or "int8"
+  # Module paths quantized: the blocks' projections and an untied unembedding (a tied
+  # one is the embedding table, kept in float: Qwix would see its attend() as a matmul).
+  c.quant.targets = r"layers_\d+/.*|unembed"
+  c.quant.qat = False
+  # Magnitude pruning of the blocks' projection kernels, the masks kept in the optimizer
+  # state (pruned weights stay zero through updates and checkpoints): to `sparsity`
+  # (unstructured) or `n_m` ("2:4": N of every M consecutive input weights), at
+  # begin_step, or gradually (Zhu & Gupta's cubic schedule) until end_step, the masks
+  # recomputed every `every` updates.
+  c.prune = ml_collections.ConfigDict()
+  c.prune.sparsity = 0.0
+  c.prune.n_m = ""
+  c.prune.begin_step = 0
+  c.prune.end_step = 0
+  c.prune.every = 100
+  c.prune.targets = r"layers_\d+/.*/kernel"
+  # Knowledge distillation: a frozen teacher (a run directory with the same tokenizer)
+  # runs in the same step; loss = alpha T^2 KL(teacher_T || student_T) + (1 - alpha) CE.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = ""
+  c.distill.alpha = 0.5
+  c.distill.temperature = 2.0
+
   c.sample = ml_collections.ConfigDict()
   c.sample.num_prompts = 3
   c.sample.prompt_tokens = 32

@@ -86,11 +86,12 @@ class Decoder:
 
   `context` is a callable returning the mesh/logical-rules context the model's
   sharding constraints read (as `train.Setup.context`); `batch_multiple` pads
-  the batch to a multiple of the data-parallel size.
+  the batch to a multiple of the data-parallel size; `wrap(model)`, when given, is the
+  model that runs `params` (quantized matmuls, model/quant.py).
   """
 
   def __init__(self, model_cfg: transformer.ModelConfig, params, *, eos_id: int, pad_id: int, vocab_size: int,
-               context: Callable | None = None, batch_multiple: int = 1):
+               context: Callable | None = None, batch_multiple: int = 1, wrap: Callable | None = None):
     if model_cfg.scan_layers:
       params = params_lib.unstack_layers(params)
     self.cfg = dataclasses.replace(model_cfg, scan_layers=False, remat="none", dropout_rate=0.0)
@@ -106,8 +107,10 @@ class Decoder:
     self.batch_multiple = batch_multiple
     self._lock = threading.Lock()  # one generate call at a time (the stream target is per call)
     self._on_step = None
+    self.model = transformer.Transformer(self.cfg)
+    self.model = wrap(self.model) if wrap else self.model
     self._fn = jax.jit(
-        functools.partial(_generate, model=transformer.Transformer(self.cfg), eos_id=eos_id, pad_id=pad_id,
+        functools.partial(_generate, model=self.model, eos_id=eos_id, pad_id=pad_id,
                           vocab_size=vocab_size),
         static_argnames=("cache_len", "max_new", "emit", "sampler"),
     )

@@ -124,6 +124,29 @@ def model_for(config, model_cfg):
   return model
 
 
+def quantized(config) -> bool:
+  """Whether the run directory holds quantized kernels (written by python -m tpu_lm.compress)."""
+  return bool(config.quant.weight_qtype) and not config.quant.qat
+
+
+def inference_wrap(config):
+  """What wraps the plain model to run the parameters read_model returns: quantized
+  matmuls for a quantized run, nothing otherwise (LoRA is merged on reading)."""
+  if not quantized(config):
+    return None
+  from tpu_lm.model import quant
+
+  spec = quant.Spec.from_config(config.quant)
+  return lambda model: quant.ptq_model(model, spec)
+
+
+def inference_model(config, model_cfg):
+  """The model that runs read_model's parameters."""
+  model = transformer.Transformer(model_cfg)
+  wrap = inference_wrap(config)
+  return wrap(model) if wrap else model
+
+
 def load(workdir: str, *, step: int | None = None, tensor_parallel: int = 1, devices=None) -> Run:
   """The run's newest (or `step`'s) checkpoint on `devices` (default: all), split
   `tensor_parallel` ways over heads/MLP/vocab and data-parallel over the rest."""
@@ -137,7 +160,7 @@ def load(workdir: str, *, step: int | None = None, tensor_parallel: int = 1, dev
   params, model_cfg, rules = read_model(workdir, step, config, mesh)
   decoder = decode.Decoder(
       model_cfg, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size,
-      context=lambda: mesh_lib.context(mesh, rules), batch_multiple=mesh.shape["data"],
+      context=lambda: mesh_lib.context(mesh, rules), batch_multiple=mesh.shape["data"], wrap=inference_wrap(config),
   )
   jax.block_until_ready(decoder.params)
   return Run(workdir, step, config, tokenizer, decoder)
@@ -154,6 +177,8 @@ def read_model(workdir: str, step: int, config, mesh, dtype: str | None = None):
   mesh_lib.check_divisible(abstract, shardings)
   mesh_lib.check_heads(model_cfg.num_heads, model_cfg.num_kv_heads, mesh, rules)
   dtype = jax.numpy.dtype(dtype or model_cfg.dtype)
+  if quantized(config):
+    return _read_quantized(workdir, step, config, model_cfg, mesh, dtype), model_cfg, rules
   if config.lora.rank:  # merged in float32, then cast once
     from tpu_lm.model import lora
 
@@ -163,6 +188,19 @@ def read_model(workdir: str, step: int, config, mesh, dtype: str | None = None):
   else:
     params = read_params(workdir, step, abstract, shardings, dtype)
   return params, model_cfg, rules
+
+
+def _read_quantized(workdir, step, config, model_cfg, mesh, dtype):
+  """Integer kernels and their scales, as saved (replicated: no tensor parallelism for
+  quantized runs yet); the float parameters and scales in `dtype`."""
+  from tpu_lm.model import quant
+
+  abstract = quant.abstract_quantized(inference_model(config, model_cfg))
+  saved = quant.saved_abstract(abstract)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = read_params(workdir, step, saved, jax.tree.map(lambda _: replicated, saved))
+  params = jax.tree.map(lambda x: x.astype(dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, params)
+  return quant.from_saved(params, abstract)
 
 
 def write(workdir: str, config, params, tokenizer, step: int = 0) -> None:

@@ -103,7 +103,7 @@ class SlotDecoder:
   def __init__(self, decoder: Decoder, slots: int):
     self.decoder, self.slots = decoder, slots
     self.max_len, self.eos_id = decoder.max_len, decoder.eos_id
-    model = transformer.Transformer(decoder.cfg)
+    model = decoder.model
     self._prefill = jax.jit(functools.partial(_prefill, model=model))
     self._insert = jax.jit(_insert, donate_argnums=(0, 1))
     self._resize = jax.jit(_resize, static_argnames=("rows", "length"))  # new shapes: nothing to donate to

@@ -9,9 +9,11 @@ from tpu_lm.inference import decode
 from tpu_lm.training import metrics as metrics_lib
 
 
-def evaluate(setup, params, corpus) -> dict:
+def evaluate(setup, params, corpus, eval_step=None) -> dict:
   """The task's eval metrics over the validation split (its first eval_max_batches
-  batches' worth of whole documents, if set)."""
+  batches' worth of whole documents, if set); `eval_step` (params, batch) -> sums,
+  default setup's (another model over the same batches: a quantized one)."""
+  eval_step = eval_step or setup.eval_step
   d = setup.config.data
   if len(corpus.validation) == 0:
     raise UserError(f"the validation split {d.eval_split!r} of {d.dataset!r} is empty: set data.eval_split to another split.")
@@ -20,7 +22,7 @@ def evaluate(setup, params, corpus) -> dict:
       corpus.validation, seq_len=d.seq_len, global_batch=d.global_batch_size, max_batches=setup.config.eval_max_batches,
       process_index=jax.process_index(), process_count=jax.process_count(),
   ):
-    out = setup.eval_step(params, setup.device_batch(batch))
+    out = eval_step(params, setup.device_batch(batch))
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
     if _everywhere(done_here):  # every process runs the same number of eval steps
       break

@@ -18,15 +18,15 @@ from tpu_lm.training import metrics as metrics_lib
 from tpu_lm.training.trainable import param_path
 
 
-def source_tokenizer(path: str):
-  """The tokenizer the source run was trained with (the new run must speak it)."""
+def source_tokenizer(path: str, field: str = "init_from"):
+  """The tokenizer the source run (config `field`) was trained with (the new run must speak it)."""
   from tpu_lm.data import tokenizer as tokenizer_lib
 
   try:
     run_dir.resolve_step(_workdir(path))  # a run directory at all?
     return tokenizer_lib.load_for_run(_workdir(path))
   except UserError as e:
-    raise UserError(f"init_from={path}: {e}") from None
+    raise UserError(f"{field}={path}: {e}") from None
 
 
 def _workdir(path: str) -> str:

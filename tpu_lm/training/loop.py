@@ -44,8 +44,15 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
   mesh = mesh_lib.make_mesh(mesh_lib.mesh_sizes(config.mesh))
   d = config.data
   check_batch(config, mesh, jax.process_count())
-  # Fine-tuning speaks the source run's tokenizer, whatever data.tokenizer says.
+  # Fine-tuning speaks the source run's tokenizer, whatever data.tokenizer says; a
+  # distilled student, its teacher's.
   tokenizer = init_from.source_tokenizer(config.init_from) if config.init_from else None
+  if config.distill.teacher:
+    teacher_tok = init_from.source_tokenizer(config.distill.teacher, "distill.teacher")
+    if tokenizer is not None and tokenizer.name != teacher_tok.name:
+      raise UserError(f"init_from {config.init_from} speaks tokenizer {tokenizer.name} and distill.teacher"
+                      f" {config.distill.teacher} speaks {teacher_tok.name}: teacher and student must share one.")
+    tokenizer = teacher_tok
   corpus = None
   if config.task.kind == "classification":  # the head's size comes from the dataset
     corpus = _prepare_corpus(d, tokenizer, config.task.kind)

@@ -4,6 +4,7 @@ shardings and the jitted steps."""
 import dataclasses
 import functools
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -14,7 +15,7 @@ from tpu_lm.model import params as params_lib
 from tpu_lm.model import transformer
 from tpu_lm.parallel import mesh as mesh_lib
 from tpu_lm.training import metrics as metrics_lib
-from tpu_lm.training import optim, tasks, trainable
+from tpu_lm.training import optim, prune, tasks, trainable
 from tpu_lm.training.state import init_boxed
 from tpu_lm.training.step import StepOptions, eval_step, train_step
 
@@ -36,6 +37,9 @@ class Setup:
     if o.freeze or config.lora.rank:
       mask_fn = functools.partial(trainable.mask, freeze=tuple(o.freeze), lora_rank=config.lora.rank)
     self.tx = optim.make(config.optim, config.num_train_steps, trainable=mask_fn)
+    self.prune = prune.Spec.from_config(config.prune)
+    if self.prune.active:  # masks in the optimizer state: pruned weights stay zero
+      self.tx = prune.masked(self.tx, self.prune)
     self.lr = optim.schedule(config.optim, config.num_train_steps)
     dynamic_scale = o.loss_scale == "dynamic" or (o.loss_scale == "auto" and self.model_cfg.dtype == "float16")
     self.step_options = StepOptions(
@@ -64,20 +68,30 @@ class Setup:
                       " leave some to train.")
     self.batch_sharding = mesh_lib.batch_sharding(mesh, self.rules)
     self.init = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=self.state_shardings)
-    self.train_step = jax.jit(
+    # A distillation teacher's parameters: an argument of the step, frozen.
+    self.frozen, frozen_shardings = None, None
+    if config.distill.teacher and isinstance(self.task, tasks.LanguageModel):
+      self.task, self.frozen = distill_teacher(config, mesh, self.task)
+      frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
+    step = jax.jit(
         functools.partial(train_step, model=self.train_model, task=self.task, tx=self.tx, lr_schedule=self.lr,
                           opts=self.step_options, trainable=self.trainable),
-        in_shardings=(self.state_shardings, self.batch_sharding),
+        in_shardings=(self.state_shardings, self.batch_sharding, frozen_shardings),
         out_shardings=(self.state_shardings, None),
         donate_argnums=0,
     )
+    self.train_step = _Step(step, self.frozen)
     self.eval_step = jax.jit(
         functools.partial(eval_step, model=self.eval_model, task=self.task),
         in_shardings=(self.state_shardings.params, self.batch_sharding),
     )
 
   def _model(self, model):
-    c = self.config.lora
+    c, q = self.config.lora, self.config.quant
+    if q.qat:  # fake quantization in the forward pass, straight-through gradients
+      from tpu_lm.model import quant
+
+      return quant.qat_model(model, quant.Spec.from_config(q))
     if not c.rank:
       return model
     from tpu_lm.model import lora
@@ -104,6 +118,50 @@ class Setup:
     return metrics_lib.flops_per_token(n, self.model_cfg.num_layers, self.model_cfg.d_model, d.seq_len) * (
         d.global_batch_size * d.seq_len
     )
+
+
+class _Step:
+  """The jitted train step as `(state, batch)`, the frozen arguments (a teacher) bound:
+  called, lowered and compiled like the jitted function it wraps."""
+
+  def __init__(self, fn, frozen):
+    self._fn, self._frozen = fn, frozen
+
+  def __call__(self, state, batch):
+    return self._fn(state, batch, self._frozen)
+
+  def lower(self, state, batch):
+    return _Step(self._fn.lower(state, batch, self._frozen), self._frozen)
+
+  def compile(self):
+    return _Step(self._fn.compile(), self._frozen)
+
+  def __getattr__(self, name):  # cost_analysis, memory_analysis, as_text, ...
+    return getattr(self._fn, name)
+
+
+def distill_teacher(config, mesh, student_task):
+  """(the Distill task, the teacher's parameters on `mesh`) for config.distill.teacher."""
+  from tpu_lm.data import tokenizer as tokenizer_lib
+  from tpu_lm.inference import run_dir
+
+  d = config.distill
+  workdir = os.path.abspath(os.path.expanduser(d.teacher))
+  step = run_dir.resolve_step(workdir)
+  teacher_config = run_dir.read_config(workdir, step)
+  if teacher_config.task.kind != "lm":
+    raise UserError(f"distill.teacher {workdir} is a {teacher_config.task.kind} run: the teacher must be a"
+                    " language model.")
+  mine = derived.tokenizer_vocab_size(config)
+  theirs = tokenizer_lib.load_for_run(workdir)
+  if theirs.vocab_size != mine:  # (loop.py also compares the two tokenizers' encodings)
+    raise UserError(f"distill.teacher {workdir} speaks a tokenizer of {theirs.vocab_size} tokens and this run"
+                    f" one of {mine}: teacher and student must share a tokenizer (set data.tokenizer_path to"
+                    " the teacher's tokenizer file).")
+  params, teacher_cfg, _ = run_dir.read_model(workdir, step, teacher_config, mesh, dtype="float32")
+  teacher = run_dir.inference_model(teacher_config, teacher_cfg)
+  task = tasks.Distill(logits_chunk=0, alpha=d.alpha, temperature=d.temperature, teacher=teacher)
+  return task, params
 
 
 def check_batch(config, mesh, process_count: int) -> None:

@@ -84,7 +84,12 @@ def loss_and_grads(params, batch, rng, *, model, task, opts: StepOptions, loss_s
   return loss, grads, metrics
 
 
-def train_step(state: TrainState, batch, *, model, task, tx, lr_schedule, opts: StepOptions, trainable=None):
+def train_step(state: TrainState, batch, frozen=None, *, model, task, tx, lr_schedule, opts: StepOptions,
+               trainable=None):
+  """One update. `frozen`: parameters the task reads but never trains (a distillation
+  teacher's), passed in, not compiled in."""
+  if frozen is not None:
+    task = task.bind(frozen)
   rng = jax.random.fold_in(jax.random.key(opts.seed), state.step)
   scale = state.loss_scale if opts.dynamic_scale else jnp.ones((), jnp.float32)
   loss, grads, task_metrics = loss_and_grads(
