@@ -1,7 +1,24 @@
 """Results files of the experiments: each run's entry goes on top (newest first), under
 the file's header, so a reader sees the latest measurement first."""
 
+import json
 import os
+import subprocess
+import sys
+
+CPU_SPEED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "tools",
+                         "cpu_speed.py")
+
+
+def speed_factor() -> str:
+  """This machine's speed against the 2-core reference (../shared/tools/cpu_speed.py), as
+  "speed factor F" (or "speed factor unmeasured" where the tool is absent)."""
+  out = subprocess.run([sys.executable, CPU_SPEED], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  lines = out.stdout.strip().splitlines()
+  try:
+    return f"speed factor {json.loads(lines[-1])['speed_factor']}"
+  except (IndexError, ValueError, KeyError):
+    return "speed factor unmeasured"
 
 
 def prepend(path: str, entry: str, header: str) -> None:
@@ -10,3 +27,10 @@ def prepend(path: str, entry: str, header: str) -> None:
   at = previous.find("### ") if "### " in previous else len(previous)
   with open(path, "w") as f:
     f.write(previous[:at] + entry.rstrip() + "\n\n" + previous[at:])
+
+
+def publish(path: str, title: str, lines: list[str], header: str) -> None:
+  """Prints a results entry (a "### " title over its lines) and puts it on top of `path`."""
+  entry = "\n".join([title, "", *lines])
+  print(entry)
+  prepend(path, entry, header)

@@ -191,6 +191,7 @@ def compressed(trained_run, tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 def test_compressed_runs_evaluate_close_to_the_source_and_decode(compressed):
   for name, (workdir, result) in compressed.items():
     change = result.compressed["eval_bpb"] - result.source["eval_bpb"]
@@ -207,6 +208,7 @@ def test_compressed_runs_evaluate_close_to_the_source_and_decode(compressed):
   assert all(abs(s - 0.5) < 1e-9 for s in two_four.sparsity["per_layer"].values())
 
 
+@pytest.mark.slow
 def test_a_quantized_run_is_served_by_its_integer_kernels(compressed):
   workdir, _ = compressed["int8"]
   run = run_dir.load(workdir, devices=jax.devices()[:1])
@@ -214,6 +216,7 @@ def test_a_quantized_run_is_served_by_its_integer_kernels(compressed):
   assert kernel.array.qvalue.dtype == jnp.int8
 
 
+@pytest.mark.slow
 def test_the_command_refuses_what_it_cannot_do_in_one_line(trained_run, tmp_path):
   env = {**os.environ, "XLA_FLAGS": ""}
   for flags, message in ((["--quant=int3"], "--quant is 'int3': use 'int8', 'int4' or '' (none)."),
@@ -223,3 +226,23 @@ def test_the_command_refuses_what_it_cannot_do_in_one_line(trained_run, tmp_path
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(f"{tmp_path}/x")
+
+
+def test_quantization_aware_training_trains_float_weights_that_quantize_to_what_it_simulated():
+  config = tiny_config()
+  config.quant.update(weight_qtype="int4", tile_size=16, qat=True)
+  it = pipeline.train_iter(STREAM, seq_len=32, global_batch=8, seed=0)
+  losses, _, state, setup = train_steps(config, [next(it) for _ in range(3)], jax.devices()[:1])
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+  assert state.params["layers_0"]["attn"]["query"]["kernel"].dtype == np.float32  # float master weights
+  params = jax.tree.map(jnp.asarray, state.params)  # (Qwix intercepts jax arrays, not numpy ones)
+  # The fake-quantized forward pass is the quantized model's, to rounding.
+  spec = quant.Spec.from_config(config.quant)
+  plain = transformer.Transformer(setup.model_cfg)
+  ptq = quant.ptq_model(plain, spec)
+  t = jnp.asarray([[1, 5, 9, 30, 2, 7]])
+  ones, pos = jnp.ones_like(t), jnp.arange(6)[None]
+  simulated = setup.eval_model.apply({"params": params}, t, ones, pos)[..., :259]
+  real = ptq.apply({"params": quant.quantize(params, ptq, spec)}, t, ones, pos)[..., :259]
+  unquantized = plain.apply({"params": params}, t, ones, pos)[..., :259]
+  assert float(jnp.abs(simulated - real).max()) < 0.1 * float(jnp.abs(simulated - unquantized).max())

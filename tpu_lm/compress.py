@@ -68,7 +68,8 @@ def main(argv) -> None:
   b, a = result.source["eval_bpb"], result.compressed["eval_bpb"]
   print(f"wrote {_OUT.value}: {result.bits_per_weight:.2f} bits per parameter, sparsity"
         f" {result.sparsity['targets']:.1%} of the pruned kernels ({result.sparsity['overall']:.1%} of all"
-        f" parameters); checkpoint {result.bytes_on_disk[0] / 2**20:.2f} -> {result.bytes_on_disk[1] / 2**20:.2f} MiB")
+        f" parameters); {result.bytes_on_disk[0] / 2**20:.2f} MiB of float32 parameters -> a"
+        f" {result.bytes_on_disk[1] / 2**20:.2f} MiB checkpoint")
   print(f"validation bits/byte {b:.4f} -> {a:.4f} ({a - b:+.4f})")
 
 

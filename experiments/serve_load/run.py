@@ -217,9 +217,7 @@ def main() -> None:
   ap.add_argument("--rounds", type=int, default=2, help="times the clean + mixed phases run")
   ap.add_argument("--baseline", help="another checkout of tpu_lm to measure the same way")
   args = ap.parse_args()
-  speed = subprocess.run([sys.executable, os.path.join(ROOT, "..", "shared", "tools", "cpu_speed.py")],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout.strip().splitlines()
-  factor = f"speed factor {json.loads(speed[-1])['speed_factor']}" if speed else "speed factor unmeasured"
+  factor = record.speed_factor()
   with tempfile.TemporaryDirectory() as tmp:
     workdir = os.path.join(tmp, "run")
     write_run(workdir)
@@ -236,13 +234,11 @@ def main() -> None:
   title = (f"### {datetime.date.today()}, {os.cpu_count()} CPU cores, {factor}:"
            f" GPT-2 124M (random weights, byte tokenizer), {args.clients} streaming clients x {args.requests}"
            f" requests, --max_batch={args.max_batch}, {args.rounds} rounds")
-  table = "\n".join([title, "", *rows, "",
-                     f"Command: `python experiments/serve_load/run.py --clients {args.clients} --requests"
-                     f" {args.requests}{' --baseline ' + args.baseline if args.baseline else ''}`."
-                     " mixed: + 3 slow readers, 3 half-open clients, 3 clients leaving mid-stream."])
-  print(table)
-  record.prepend(os.path.join(HERE, "results.md"), table, "The server under load (experiments/serve_load/run.py)")
-
+  record.publish(os.path.join(HERE, "results.md"), title, [
+      *rows, "", f"Command: `python experiments/serve_load/run.py --clients {args.clients} --requests"
+      f" {args.requests}{' --baseline ' + args.baseline if args.baseline else ''}`."
+      " mixed: + 3 slow readers, 3 half-open clients, 3 clients leaving mid-stream."],
+      "The server under load (experiments/serve_load/run.py)")
 
 if __name__ == "__main__":
   main()

@@ -31,18 +31,26 @@ from tpu_lm.model import params as params_lib
 from tpu_lm.model import transformer
 
 
-def _generate(params, tokens_BxP, lengths_B, max_new_B, temperature_B, top_k_B, top_p_B, seeds_B, *,
-              model, cache_len: int, max_new: int, eos_id: int, pad_id: int, vocab_size: int, emit,
-              sampler: tuple[str, int]):
+def prefill(model, params, tokens_BxP, lengths_B, cache_len: int):
+  """Right-padded prompts through the model into a fresh KV cache of `cache_len`
+  positions: (the cache, each prompt's next-token logits [B, V]). Only each prompt's
+  last position is unembedded: one [B, V] of logits, not [B, P, V]."""
   b, p = tokens_BxP.shape
   cache = transformer.init_cache(model.cfg, b, cache_len)
   positions_BxP = jnp.broadcast_to(jnp.arange(p), (b, p))
   variables = {"params": params}
   hidden_BxPxD, cache = model.apply(variables, tokens_BxP, jnp.ones_like(tokens_BxP), positions_BxP, cache=cache,
                                     return_cache=True, method="hidden")
-  # Only each prompt's last position is unembedded: one [B, V] of logits, not [B, P, V].
   last_Bx1xD = jnp.take_along_axis(hidden_BxPxD, (lengths_B - 1)[:, None, None], axis=1)
-  logits_BxV = model.apply(variables, last_Bx1xD, method="logits")[:, 0]
+  return cache, model.apply(variables, last_Bx1xD, method="logits")[:, 0]
+
+
+def _generate(params, tokens_BxP, lengths_B, max_new_B, temperature_B, top_k_B, top_p_B, seeds_B, *,
+              model, cache_len: int, max_new: int, eos_id: int, pad_id: int, vocab_size: int, emit,
+              sampler: tuple[str, int]):
+  b = tokens_BxP.shape[0]
+  cache, logits_BxV = prefill(model, params, tokens_BxP, lengths_B, cache_len)
+  variables = {"params": params}
   usable_V = jnp.arange(logits_BxV.shape[-1]) < vocab_size  # the model's vocab is padded for sharding
 
   def cond(carry):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_lm.inference.decode import Decoder, bucket
+from tpu_lm.inference.decode import Decoder, bucket, prefill
 from tpu_lm.inference.sampling import Sampling, plan, sample_tokens
 from tpu_lm.model import transformer
 
@@ -52,15 +52,8 @@ class StepOut:
   top_logprobs: np.ndarray | None = None  # [n, TOP_LOGPROBS]
 
 
-def _prefill(params, tokens_NxP, lengths_N, *, model):
-  n, p = tokens_NxP.shape
-  cache = transformer.init_cache(model.cfg, n, p)
-  positions_NxP = jnp.broadcast_to(jnp.arange(p), (n, p))
-  variables = {"params": params}
-  hidden_NxPxD, cache = model.apply(variables, tokens_NxP, jnp.ones_like(tokens_NxP), positions_NxP, cache=cache,
-                                    return_cache=True, method="hidden")
-  last_Nx1xD = jnp.take_along_axis(hidden_NxPxD, (lengths_N - 1)[:, None, None], axis=1)
-  return cache, model.apply(variables, last_Nx1xD, method="logits")[:, 0]
+def _prefill(params, tokens_1xP, lengths_1, *, model):
+  return prefill(model, params, tokens_1xP, lengths_1, tokens_1xP.shape[1])
 
 
 def _insert(cache, logits_RxV, new_cache, new_logits_1xV, slot_1):

@@ -71,7 +71,7 @@ def quantize(params, qmodel, spec: Spec):
   import flax.linen as nn
   import qwix
 
-  params = nn.unbox(params)
+  params = jax.tree.map(jnp.asarray, nn.unbox(params))  # (Qwix takes jax arrays only)
   abstract = abstract_quantized(qmodel)
   _check_tiles(abstract, spec)
   return qwix.quantize_params(params, abstract)

@@ -34,7 +34,7 @@ class Result:
   compressed: dict  # and of the written one
   sparsity: dict  # prune.report of the written parameters
   bits_per_weight: float
-  bytes_on_disk: tuple[int, int]  # source, written (checkpoint directories)
+  bytes_on_disk: tuple[int, int]  # the parameters in float32; the written checkpoint directory
 
 
 def dir_bytes(path: str) -> int:
@@ -67,6 +67,7 @@ def compress(src: str, out: str, *, quant_spec: quant.Spec, prune_spec: prune.Sp
   setup = Setup(plain, mesh)
   corpus = sources.prepare(plain.data, tokenizer, "lm")
   before = evaluate.evaluate(setup, params, corpus)
+  float_bytes = 4 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
   if prune_spec.active:
     params = jax.jit(lambda p: prune.prune(p, prune_spec))(params)
@@ -89,8 +90,7 @@ def compress(src: str, out: str, *, quant_spec: quant.Spec, prune_spec: prune.Sp
   written.init_from = ""
   run_dir.write(out, written, saved, tokenizer, step=step)
   out = storage.absolute(out)
-  result = Result(before, after, sparsity, bits, (dir_bytes(os.path.join(src, "checkpoints", str(step))),
-                                                  dir_bytes(os.path.join(out, "checkpoints", str(step)))))
+  result = Result(before, after, sparsity, bits, (float_bytes, dir_bytes(os.path.join(out, "checkpoints", str(step)))))
   with open(os.path.join(out, REPORT_FILE), "w") as f:
     json.dump({"source": src, "step": step, **dataclasses.asdict(result)}, f, indent=1)
   return result

@@ -25,7 +25,7 @@ from tpu_lm.model import params as params_lib
 from tpu_lm.parallel import mesh as mesh_lib
 from tpu_lm.training import checkpoint as checkpoint_lib
 from tpu_lm.training import metrics as metrics_lib
-from tpu_lm.training import init_from, preemption, tasks
+from tpu_lm.training import init_from, preemption, prune, tasks
 from tpu_lm.training.evaluate import evaluate, print_samples
 from tpu_lm.training.setup import Setup, check_batch
 from tpu_lm.training.state import TrainState
@@ -280,4 +280,10 @@ def _log_eval(setup, state, corpus, writer, step) -> dict:
       + f" in {time.time() - t0:.1f} s"
       + metrics_lib.classification_table(result))
   writer.write(step, result)
+  if setup.prune.active:  # what the masks achieved, per layer and overall
+    report = prune.report(jax.device_get(state.params), setup.prune)
+    layers = ", ".join(f"{k.removesuffix('/kernel')} {v:.0%}" for k, v in report["per_layer"].items())
+    metrics_lib.console(f"sparsity at step {step}: {report['targets']:.1%} of the pruned kernels"
+                        f" ({report['overall']:.1%} of all parameters): {layers}")
+    writer.write(step, {"sparsity": report["targets"], "sparsity_overall": report["overall"]})
   return result
