@@ -246,3 +246,15 @@ def test_quantization_aware_training_trains_float_weights_that_quantize_to_what_
   real = ptq.apply({"params": quant.quantize(params, ptq, spec)}, t, ones, pos)[..., :259]
   unquantized = plain.apply({"params": params}, t, ones, pos)[..., :259]
   assert float(jnp.abs(simulated - real).max()) < 0.1 * float(jnp.abs(simulated - unquantized).max())
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_quantized_run_is_refused_in_one_line(compressed):
+  from tpu_lm.training import init_from
+
+  workdir, _ = compressed["int8"]
+  config = tiny_config()
+  config.init_from = workdir
+  setup = Setup(config, mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
+  with pytest.raises(UserError, match="holds int8 kernels .* fine-tune the float run it came from"):
+    init_from.check(setup, workdir)

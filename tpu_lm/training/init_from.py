@@ -40,6 +40,9 @@ def check(setup, path: str) -> tuple[int, object]:
   workdir = _workdir(path)
   step = run_dir.resolve_step(workdir)
   saved = run_dir.read_config(workdir, step)
+  if run_dir.quantized(saved):
+    raise UserError(f"init_from={path} holds {saved.quant.weight_qtype} kernels (python -m tpu_lm.compress wrote"
+                    " it): fine-tune the float run it came from, then compress the result.")
   diff = derived.architecture_difference(derived.model_config(saved), setup.model_cfg)
   if diff:
     field, theirs, ours = diff

@@ -247,6 +247,8 @@ def _log_train(setup, writer, step, window, sec_per_step, *, eta_s, flops_per_st
   }
   # Whatever else the task reports (e.g. a classifier's accuracy), as is.
   record.update({k: float(v) for k, v in window[-1].items() if k not in _STEP_METRICS})
+  if "ce" in record:  # distillation: the loss is the mixed objective; perplexity is the cross-entropy's
+    record["ppl"] = math.exp(min(record["ce"], 50))
   if setup.step_options.dynamic_scale:
     record["loss_scale"] = float(window[-1]["loss_scale"])
   mfu = "n/a (unknown peak)"
