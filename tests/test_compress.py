@@ -151,6 +151,7 @@ def test_two_four_pruning_in_training_gives_valid_masks():
   assert _sparsity(state.params)["targets"] == pytest.approx(0.5)
 
 
+@pytest.mark.slow  # several compiled training runs
 def test_distillation_at_alpha_0_is_ordinary_training_and_above_0_is_not(trained_run):
   it = pipeline.train_iter(STREAM, seq_len=32, global_batch=8, seed=0)
   batches = [next(it) for _ in range(3)]
@@ -228,6 +229,7 @@ def test_the_command_refuses_what_it_cannot_do_in_one_line(trained_run, tmp_path
     assert not os.path.exists(f"{tmp_path}/x")
 
 
+@pytest.mark.slow  # several compiled training runs
 def test_quantization_aware_training_trains_float_weights_that_quantize_to_what_it_simulated():
   config = tiny_config()
   config.quant.update(weight_qtype="int4", tile_size=16, qat=True)

@@ -184,6 +184,7 @@ def test_the_cache_shrinks_after_a_lull_without_changing_what_is_decoded(decoder
   assert done.tokens == decoder.generate([long.prompt_ids], long.sampling)[0].tokens
 
 
+@pytest.mark.slow  # compiles the sharded slots
 def test_a_sharded_engine_decodes_what_one_device_decodes():
   """Data 2 x tensor 4 on the 8 fake devices: the slot cache and step run sharded."""
   config = tiny_config()
