@@ -112,70 +112,56 @@ def _unpack_int4(packed, shape) -> jax.Array:
   return jnp.asarray((flat.astype(np.int8) - 8).reshape(shape), jnp.int4)
 
 
+def _on_kernels(fn, tree, *rest, others=lambda x, *_: x):
+  """`fn(kernel, *rest_at_it)` at every quantized kernel of `tree`, `others` at every
+  other leaf; `rest` are trees with `tree`'s structure down to its kernels."""
+  return jax.tree.map(lambda n, *r: fn(n, *r) if _is_withaux(n) else others(n, *r), tree, *rest,
+                      is_leaf=_is_withaux)
+
+
 def saved_form(qparams) -> dict:
   """Qwix's tree -> plain arrays: each quantized kernel {"qvalue", "scale"} (int4 packed)."""
-  def walk(node):
-    if _is_withaux(node):
-      q = node.array
-      qvalue = _pack_int4(q.qvalue) if q.qtype == "int4" else np.asarray(q.qvalue)
-      return {"qvalue": qvalue, "scale": np.asarray(q.scale)}
-    if isinstance(node, dict):
-      return {k: walk(v) for k, v in node.items()}
-    return node
+  def one(node):
+    q = node.array
+    qvalue = _pack_int4(q.qvalue) if q.qtype == "int4" else np.asarray(q.qvalue)
+    return {"qvalue": qvalue, "scale": np.asarray(q.scale)}
 
-  return walk(qparams)
+  return _on_kernels(one, qparams)
 
 
 def saved_abstract(abstract) -> dict:
   """The saved form's shapes and dtypes, for a partial Orbax restore."""
-  def walk(node):
-    if _is_withaux(node):
-      q = node.array
-      if q.qtype == "int4":
-        size = int(np.prod(q.qvalue.shape))
-        qvalue = jax.ShapeDtypeStruct(((size + 1) // 2,), np.uint8)
-      else:
-        qvalue = jax.ShapeDtypeStruct(q.qvalue.shape, q.qvalue.dtype)
-      return {"qvalue": qvalue, "scale": jax.ShapeDtypeStruct(q.scale.shape, q.scale.dtype)}
-    if isinstance(node, dict):
-      return {k: walk(v) for k, v in node.items()}
-    return node
+  def one(node):
+    q = node.array
+    if q.qtype == "int4":
+      qvalue = jax.ShapeDtypeStruct(((int(np.prod(q.qvalue.shape)) + 1) // 2,), np.uint8)
+    else:
+      qvalue = jax.ShapeDtypeStruct(q.qvalue.shape, q.qvalue.dtype)
+    return {"qvalue": qvalue, "scale": jax.ShapeDtypeStruct(q.scale.shape, q.scale.dtype)}
 
-  return walk(abstract)
+  return _on_kernels(one, abstract)
 
 
 def from_saved(saved, abstract):
   """The saved form -> Qwix's tree, shaped like `abstract`."""
-  def walk(node, s):
-    if _is_withaux(node):
-      q = node.array
-      qvalue = _unpack_int4(s["qvalue"], q.qvalue.shape) if q.qtype == "int4" else jnp.asarray(s["qvalue"])
-      return dataclasses.replace(node, array=dataclasses.replace(q, qvalue=qvalue, scale=jnp.asarray(s["scale"])))
-    if isinstance(node, dict):
-      return {k: walk(v, s[k]) for k, v in node.items()}
-    return s
+  def one(node, s):
+    q = node.array
+    qvalue = _unpack_int4(s["qvalue"], q.qvalue.shape) if q.qtype == "int4" else jnp.asarray(s["qvalue"])
+    return dataclasses.replace(node, array=dataclasses.replace(q, qvalue=qvalue, scale=jnp.asarray(s["scale"])))
 
-  return walk(abstract, saved)
+  return _on_kernels(one, abstract, saved, others=lambda _, s: s)
 
 
 def dequantize(qparams):
   """Quantized kernels back to float (what the quantized model computes with)."""
   import qwix
 
-  def walk(node):
-    if _is_withaux(node):
-      return qwix.dequantize(node.array)
-    if isinstance(node, dict):
-      return {k: walk(v) for k, v in node.items()}
-    return node
-
-  return walk(qparams)
+  return _on_kernels(lambda node: qwix.dequantize(node.array), qparams)
 
 
 def bits_per_weight(qparams) -> float:
   """Stored bits per model parameter, scales and unquantized parameters included."""
   stored = sum(np.asarray(x).nbytes * 8 for x in jax.tree.leaves(saved_form(qparams)))
   weights = sum(int(np.prod(n.array.qvalue.shape)) for _, n in _quantized_nodes(qparams))
-  others = sum(np.asarray(x).size for x in jax.tree.leaves(
-      jax.tree.map(lambda n: None if _is_withaux(n) else n, qparams, is_leaf=_is_withaux)))
+  others = sum(np.asarray(x).size for x in jax.tree.leaves(_on_kernels(lambda _: None, qparams)))
   return stored / (weights + others)
