@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
@@ -68,7 +70,7 @@ def params_of(workdir: str) -> int:
   from tpu_lm.inference import run_dir
 
   step = run_dir.resolve_step(workdir)
-  return sum(int(__import__("numpy").prod(s)) for s in run_dir.saved_param_shapes(workdir, step).values())
+  return sum(int(np.prod(s)) for s in run_dir.saved_param_shapes(workdir, step).values())
 
 
 def main() -> None:

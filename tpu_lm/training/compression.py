@@ -58,7 +58,7 @@ def compress(src: str, out: str, *, quant_spec: quant.Spec, prune_spec: prune.Sp
                     " fine-tune it with --config.model.scan_layers=False first.")
   tokenizer = tokenizer_lib.load_for_run(src)
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  params, model_cfg, _ = run_dir.read_model(src, step, config, mesh, dtype="float32")
+  params, _, _ = run_dir.read_model(src, step, config, mesh, dtype="float32")
   config.eval_max_batches = eval_max_batches or config.eval_max_batches
   plain = ml_collections.ConfigDict(config.to_dict())
   # The parameters read are the plain model's (adapters merged); nothing trains here.
