@@ -31,10 +31,13 @@ from tpu_lm.training.setup import Setup, check_batch
 from tpu_lm.training.state import TrainState
 
 
-def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = None, on_eval=None) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final eval.
 
   `watch` (made first thing by `main`) turns SIGTERM/Ctrl-C into save-and-stop.
+  `on_eval(step, result) -> bool`, if given, sees every intermediate eval; True stops
+  training there (a sweep's pruner): the step is saved and its eval returned, with
+  "stopped_early" set to the step.
   """
   t_start = time.time()
   watch = watch or preemption.Watch()
@@ -130,8 +133,15 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
         ckpt.save(step, state, train_iter, config.to_dict())
         saved_step = step
       if step % config.eval_every_steps == 0 and step < config.num_train_steps:
-        _log_eval(setup, state, corpus, writer, step)
+        result = _log_eval(setup, state, corpus, writer, step)
         timer.restart()  # eval time is not training throughput (nor are the steps timed before it)
+        if on_eval is not None and on_eval(step, result):
+          if saved_step != step:
+            ckpt.save(step, state, train_iter, config.to_dict())
+          ckpt.close()
+          writer.close()
+          metrics_lib.console(f"stopped early at step {step} (its eval was not promising)")
+          return {**result, "stopped_early": step}
     if last_streak is not None and int(last_streak) >= config.max_consecutive_nonfinite:
       _diverged(ckpt, writer, int(last_streak), step, config.max_consecutive_nonfinite)
     if saved_step != step:

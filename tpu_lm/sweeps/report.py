@@ -1,0 +1,111 @@
+"""A sweep's results: a table (results.md, results.csv) and plots (objective per trial,
+objective against each parameter), written to the sweep directory."""
+
+import csv
+import math
+import os
+
+_SHOWN_STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
+                 "WAITING": "waiting"}
+
+
+def rows(study) -> list[dict]:
+  out = []
+  for t in study.get_trials(deepcopy=False):
+    if t.user_attrs.get("surplus"):  # asked for past the budget by a racing worker, never run
+      continue
+    state = _SHOWN_STATES[t.state.name]
+    if state == "failed" and "error" not in t.user_attrs:
+      state = "interrupted"
+    value = t.value if t.state.name == "COMPLETE" else (
+        t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
+    seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+    out.append({"trial": t.number, "state": state, "value": value, **t.params,
+                "last_eval_step": max(t.intermediate_values) if t.intermediate_values else "",
+                "seconds": round(seconds, 1) if seconds is not None else "",
+                "workdir": t.user_attrs.get("workdir", ""), "error": t.user_attrs.get("error", "")})
+  return out
+
+
+def write(study, directory: str, metric: str, fields: list[str]) -> list[str]:
+  """Writes results.md, results.csv and the plots; returns the paths written."""
+  table = rows(study)
+  columns = ["trial", "state", "value", *fields, "last_eval_step", "seconds", "workdir", "error"]
+  csv_path = os.path.join(directory, "results.csv")
+  with open(csv_path, "w", newline="") as f:
+    w = csv.DictWriter(f, columns, extrasaction="ignore")
+    w.writeheader()
+    for r in table:
+      w.writerow({k: r.get(k, "") for k in columns})
+  best = _best(study)
+  md = [f"# Sweep {study.study_name}: {metric} ({study.direction.name.lower()})", ""]
+  if best is not None:
+    md += [f"Best: trial {best.number}, {metric} {best.value:.4f}, "
+           + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()), ""]
+  md += ["| trial | state | " + metric + " | " + " | ".join(fields) + " | last eval step | seconds | error |",
+         "|---" * (len(fields) + 6) + "|"]
+  for r in table:
+    md.append(f"| {r['trial']} | {r['state']} | {_fmt(r['value'])} | "
+              + " | ".join(_fmt(r.get(f, "")) for f in fields)
+              + f" | {r['last_eval_step']} | {r['seconds']} | {r['error'][:120]} |")
+  md_path = os.path.join(directory, "results.md")
+  with open(md_path, "w") as f:
+    f.write("\n".join(md) + "\n")
+  return [md_path, csv_path, *_plots(table, directory, metric, fields)]
+
+
+def _plots(table, directory, metric, fields) -> list[str]:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  scored = [r for r in table if r["value"] is not None and math.isfinite(r["value"])]
+  if not scored:
+    return []
+  colors = {"complete": "C0", "pruned": "C1", "running": "C2", "interrupted": "C3", "failed": "C3"}
+  paths = []
+  fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+  for state in sorted({r["state"] for r in scored}):
+    pts = [r for r in scored if r["state"] == state]
+    ax.plot([r["trial"] for r in pts], [r["value"] for r in pts], "o", color=colors.get(state, "C4"),
+            label=state + (" (last eval)" if state != "complete" else ""))
+  ax.set_xlabel("trial")
+  ax.set_ylabel(metric)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  paths.append(os.path.join(directory, "objective_per_trial.png"))
+  fig.savefig(paths[-1], dpi=100)
+  plt.close(fig)
+  fig, axes = plt.subplots(1, len(fields), figsize=(4 * len(fields), 3.5), constrained_layout=True, squeeze=False)
+  for ax, field in zip(axes[0], fields):
+    pts = [r for r in scored if field in r]
+    xs = [r[field] for r in pts]
+    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+    if not numeric:
+      labels = sorted({str(x) for x in xs})
+      xs = [labels.index(str(x)) for x in xs]
+      ax.set_xticks(range(len(labels)), labels)
+    ax.scatter(xs, [r["value"] for r in pts], c=[colors.get(r["state"], "C4") for r in pts])
+    if numeric and xs and min(xs) > 0 and max(xs) / min(xs) > 20:
+      ax.set_xscale("log")
+    ax.set_xlabel(field)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+  paths.append(os.path.join(directory, "objective_by_param.png"))
+  fig.savefig(paths[-1], dpi=100)
+  plt.close(fig)
+  return paths
+
+
+def _best(study):
+  try:
+    return study.best_trial
+  except ValueError:
+    return None
+
+
+def _fmt(v) -> str:
+  if v is None or v == "":
+    return ""
+  return f"{v:.4g}" if isinstance(v, float) else str(v)
