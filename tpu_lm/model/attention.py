@@ -53,7 +53,12 @@ class Attention(nn.Module):
       q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.rope_theta, self.rope_scaling)
       k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, self.rope_theta, self.rope_scaling)
     q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, _ACT)
-    if cache is None:
+    if cache is None and self.is_mutable_collection("intermediates"):
+      # Looking inside (tpu_lm.interpret): the reference path, whose probabilities
+      # are recorded; ordinary training and decoding never take it.
+      out_BxTxNxH, probs_BxNxTxS = kernels.attention_with_probs(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+      self.sow("intermediates", "attn_probs", probs_BxNxTxS)
+    elif cache is None:
       out_BxTxNxH = kernels.dot_product_attention(
           q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, self.implementation
       )

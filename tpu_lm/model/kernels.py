@@ -66,6 +66,21 @@ def dot_product_attention(
   raise ValueError(f"unknown attention implementation {implementation!r}")
 
 
+def attention_with_probs(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
+  """The reference path: plain softmax attention that also returns its probabilities
+  [B, N, T, S] (float32), for looking inside a model (the fused kernels never form
+  them). Same function as the kernels up to rounding."""
+  b, t, n, h = q_BxTxNxH.shape
+  kv = k_BxTxKxH.shape[2]
+  q_BxTxKxGxH = (q_BxTxNxH.astype(jnp.float32) * h**-0.5).reshape(b, t, kv, n // kv, h)
+  scores_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxTxKxH.astype(jnp.float32))
+  mask_Bx1x1xTxS = segment_causal_mask(segment_ids_BxT)[:, :, None]
+  scores_BxKxGxTxS = jnp.where(mask_Bx1x1xTxS, scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+  probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1)
+  out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxTxKxH.astype(jnp.float32))
+  return out_BxTxKxGxH.reshape(b, t, n, h).astype(q_BxTxNxH.dtype), probs_BxKxGxTxS.reshape(b, n, t, t)
+
+
 def _xla_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
   """Causal segment attention in plain XLA ops, cheaper than `jax.nn.dot_product_attention`'s
   on a CPU (the GPT-2 small train step: 143 -> 122 ms on 2 cores) for two reasons:

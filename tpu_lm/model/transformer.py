@@ -156,6 +156,11 @@ class Transformer(nn.Module):
       x_BxTxD = x_BxTxD + jnp.take(self.pos_embed, positions_BxT, axis=0).astype(cfg.dtype)
     x_BxTxD = self.embed_dropout(x_BxTxD, deterministic=self.deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_length", "act_embed"))
+    # The residual stream, seen from outside (tpu_lm.interpret): each `perturb` adds a
+    # "perturbations" variable when one is passed (its gradient is the stream's; a
+    # difference patches activations in) and is the identity otherwise; `sow` records
+    # the stream when "intermediates" is mutable. Neither costs anything in training.
+    x_BxTxD = self._probe("embeddings", x_BxTxD)
     new_cache = None
     if cfg.scan_layers:
       x_BxTxD, _ = self.layers(x_BxTxD, segment_ids_BxT, positions_BxT)
@@ -164,10 +169,22 @@ class Transformer(nn.Module):
       for i, block in enumerate(self.layers):
         x_BxTxD, layer_cache = block(x_BxTxD, segment_ids_BxT, positions_BxT, None if cache is None else cache[i])
         new_cache.append(layer_cache)
+        if cache is None:
+          x_BxTxD = self._probe(f"residual_{i}", x_BxTxD)
     x_BxTxD = self.final_norm(x_BxTxD).astype(cfg.dtype)
     if return_cache:
       return x_BxTxD, (new_cache if cache is not None else None)
     return x_BxTxD
+
+  def _probe(self, name, x_BxTxD):
+    x_BxTxD = self.perturb(name, x_BxTxD)
+    self.sow("intermediates", name, x_BxTxD)
+    return x_BxTxD
+
+  def lens(self, x_BxTxD):
+    """The logit lens: a residual stream [B, T, D] read out as the final layer's is
+    (final norm, unembedding) -> float32 logits [B, T, V]."""
+    return self.logits(self.final_norm(x_BxTxD).astype(self.cfg.dtype))
 
   def logits(self, x_BxTxD):
     """Hidden states [B, T, D] -> float32 logits [B, T, V] (any T: a chunk will do)."""
