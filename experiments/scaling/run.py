@@ -92,11 +92,29 @@ def fit(x, y) -> dict:
           "rms_residual_log10": float(np.sqrt(np.mean(residuals**2)))}
 
 
+def fit_with_floor(x, y) -> dict | None:
+  """y = E + A x^-alpha (an irreducible loss E, as Hoffmann et al. fit), by nonlinear
+  least squares; five points constrain three parameters poorly: reported, not trusted."""
+  from scipy.optimize import curve_fit
+
+  lx = np.log(np.asarray(x, float))
+  try:
+    (e, log_a, alpha), cov = curve_fit(lambda lx, e, log_a, alpha: e + np.exp(log_a - alpha * lx), lx, y,
+                                       p0=(1.0, 2.0, 0.3), bounds=([0.0, -20.0, 0.0], [min(y), 50.0, 3.0]),
+                                       maxfev=20000)
+  except (RuntimeError, ValueError):
+    return None
+  err = np.sqrt(np.diag(cov))
+  return {"E": float(e), "A": float(np.exp(log_a)), "alpha": float(alpha), "alpha_stderr": float(err[2]),
+          "E_stderr": float(err[0])}
+
+
 def plot(rows, fits, path):
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
   for ax, key, label, f in ((axes[0], "params", "non-embedding parameters N", fits["params"]),
@@ -109,6 +127,7 @@ def plot(rows, fits, path):
               label=f"fit: {f['a']:.3g} x^-{f['alpha']:.3f}")
     for r, xi, yi in zip(rows, x, y):
       ax.annotate(r["size"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: minor labels overlap
     ax.set_xlabel(label)
     ax.set_ylabel("validation bits per byte")
     ax.grid(True, which="both", alpha=0.3)
@@ -117,12 +136,13 @@ def plot(rows, fits, path):
   fig.savefig(path, dpi=110)
 
 
-def report(rows, factor: str) -> None:
+def report(rows, factor: str, replace_latest: bool = False) -> None:
   rows = sorted(rows, key=lambda r: r["params"])
   fits = {"params": fit([r["params"] for r in rows], [r["eval_bpb"] for r in rows]),
-          "compute": fit([r["compute"] for r in rows], [r["eval_bpb"] for r in rows])}
+          "compute": fit([r["compute"] for r in rows], [r["eval_bpb"] for r in rows]),
+          "params_with_floor": fit_with_floor([r["params"] for r in rows], [r["eval_bpb"] for r in rows])}
   with open(os.path.join(HERE, "results.json"), "w") as f:
-    json.dump({"rows": rows, "fits": fits, "tokens_per_param": TOKENS_PER_PARAM}, f, indent=1)
+    json.dump({"rows": rows, "fits": fits, "tokens_per_param": TOKENS_PER_PARAM, "factor": factor}, f, indent=1)
   plot(rows, fits, os.path.join(HERE, "scaling.png"))
   lines = ["| size | layers x width | N (non-embedding) | N (all) | steps | tokens D | C = 6ND | eval bits/byte"
            " | residual (log10) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -131,9 +151,20 @@ def report(rows, factor: str) -> None:
                  f" | {r['steps']} | {r['tokens'] / 1e6:.2f}M | {r['compute']:.2e} | {r['eval_bpb']:.4f} | {res:+.4f} |")
   p, c = fits["params"], fits["compute"]
   lines += ["", f"Fit L(N) = {p['a']:.3g} N^-{p['alpha']:.3f} (rms residual {p['rms_residual_log10']:.4f} in log10);"
-            f" L(C) = {c['a']:.3g} C^-{c['alpha']:.3f} (rms {c['rms_residual_log10']:.4f}).",
+            f" L(C) = {c['a']:.3g} C^-{c['alpha']:.3f} (rms {c['rms_residual_log10']:.4f})."]
+  if fl := fits["params_with_floor"]:
+    lines += [f"With an irreducible term: L(N) = {fl['E']:.3f} (+-{fl['E_stderr']:.2f}) + {fl['A']:.3g}"
+              f" N^-{fl['alpha']:.3f} (+-{fl['alpha_stderr']:.3f}); five points pin three parameters loosely."]
+  lines += [
             "Published: " + "; ".join(f"{k}: {v}" for k, v in PUBLISHED.items()) + ". Plot: scaling.png."]
-  record.publish(os.path.join(HERE, "results.md"),
+  path = os.path.join(HERE, "results.md")
+  if replace_latest and os.path.exists(path):  # a refit replaces the entry of the runs it refits
+    text = open(path).read()
+    first = text.find("### ")
+    second = text.find("### ", first + 4)
+    with open(path, "w") as f:
+      f.write(text[:first] + (text[second:] if second > 0 else ""))
+  record.publish(path,
                  f"### {datetime.date.today()}, 2-core CPU, {factor}, {TOKENS_PER_PARAM} tokens/parameter", lines,
                  "Scaling: validation bits/byte against parameters and compute (run.py)")
 
@@ -144,7 +175,8 @@ def main():
   parser.add_argument("--plot_only", action="store_true")
   args = parser.parse_args()
   if args.plot_only:
-    report(json.load(open(os.path.join(HERE, "results.json")))["rows"], "refit")
+    saved = json.load(open(os.path.join(HERE, "results.json")))
+    report(saved["rows"], saved.get("factor", record.speed_factor()), replace_latest=True)
     return
   factor = record.speed_factor()
   rows = [run(name) for name in args.only]
