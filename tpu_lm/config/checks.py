@@ -160,6 +160,7 @@ def validate(config) -> None:
            " high_freq_factor and original_max_len > 0")
   _check_freeze(config)
   _check_compression(config)
+  _check_privacy(config)
   if not 0 <= config.optim.min_lr_ratio <= 1:
     fail("optim.min_lr_ratio", config.optim.min_lr_ratio, "it must be in [0, 1]")
   if config.optim.warmup_steps > config.num_train_steps:
@@ -195,3 +196,26 @@ def validate(config) -> None:
         f"sample.prompt_tokens ({config.sample.prompt_tokens}) plus new tokens must fit model.max_len"
         f" ({m.max_len}); lower them or raise model.max_len",
     )
+
+
+def _check_privacy(config) -> None:
+  p = config.privacy
+  if not p.dp:
+    return
+  if not p.clip_norm > 0:
+    fail("privacy.clip_norm", p.clip_norm, "DP-SGD clips every example's gradient to this L2 norm: give one > 0")
+  if p.target_epsilon < 0 or p.noise_multiplier < 0:
+    fail("privacy.target_epsilon", p.target_epsilon, "epsilon and the noise multiplier must be >= 0")
+  if p.target_epsilon and p.noise_multiplier:
+    fail("privacy.noise_multiplier", p.noise_multiplier, "give either privacy.target_epsilon (the noise is"
+         " calibrated to it) or privacy.noise_multiplier, not both")
+  if not 0 < p.delta < 1:
+    fail("privacy.delta", p.delta, "it must be in (0, 1), and below 1 / (the number of training examples)")
+  if p.expected_batch_size > config.data.global_batch_size:
+    fail("privacy.expected_batch_size", p.expected_batch_size, "the expected Poisson batch must not exceed"
+         f" data.global_batch_size ({config.data.global_batch_size}), the compiled batch it is padded to")
+  if config.model.dtype == "float16":
+    fail("model.dtype", "float16", "DP-SGD's per-example gradients are not loss-scaled: use bfloat16 or float32")
+  if config.distill.teacher or config.prune.sparsity or config.prune.n_m or config.quant.qat:
+    fail("privacy.dp", True, "DP-SGD trains language models, classifiers and instruction tuning; combine it"
+         " with distillation, pruning or QAT in a second run")

@@ -199,6 +199,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.alpha = 0.5
   c.distill.temperature = 2.0
 
+  # Differentially private training (DP-SGD through jax-privacy; training/private.py):
+  # each example (one packed row of data.seq_len tokens) joins a step with probability
+  # expected_batch_size / N (Poisson), its gradient is clipped to clip_norm, Gaussian
+  # noise of noise_multiplier x clip_norm is added to the sum. data.global_batch_size
+  # is the compiled batch (rows beyond a step's sample are padding; a larger sample is
+  # truncated to it). Epsilon at delta is logged as training goes.
+  c.privacy = ml_collections.ConfigDict()
+  c.privacy.dp = False
+  c.privacy.clip_norm = 1.0
+  c.privacy.noise_multiplier = 0.0  # used as given when target_epsilon is 0
+  c.privacy.target_epsilon = 0.0  # > 0: the noise is calibrated to reach this at num_train_steps
+  c.privacy.delta = 1e-5  # must be below 1 / N
+  c.privacy.expected_batch_size = 0  # 0: the largest that overflows data.global_batch_size at most 1e-6 a step
+
   c.sample = ml_collections.ConfigDict()
   c.sample.num_prompts = 3
   c.sample.prompt_tokens = 32

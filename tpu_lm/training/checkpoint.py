@@ -48,7 +48,8 @@ class Checkpointer:
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(_gathered_position(data_iter)),
+            data=ocp.args.JsonSave(data_iter.position() if hasattr(data_iter, "position")
+                                   else _gathered_position(data_iter)),
             config=ocp.args.JsonSave(config_dict),
         ),
         force=True,
@@ -62,7 +63,10 @@ class Checkpointer:
           step,
           args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
       )
-      data_iter.set_state(_position(restored["data"], data_iter))
+      if hasattr(data_iter, "restore_position"):  # DP-SGD's Poisson loader: steps drawn
+        data_iter.restore_position(restored["data"])
+      else:
+        data_iter.set_state(_position(restored["data"], data_iter))
     return restored["state"]
 
   def check_structure(self, step: int, abstract_state) -> None:

@@ -74,10 +74,17 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
   )
   if jax.process_index() == 0:
     tokenizer_lib.save_for_run(corpus.tokenizer, workdir)
-  train_iter = pipeline.train_iter(
-      corpus.train, seq_len=d.seq_len, global_batch=d.global_batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(), block_docs=d.shuffle_block_docs,
-  )
+  private = None
+  if config.privacy.dp:  # Poisson-sampled examples and the private step (training/private.py)
+    from tpu_lm.training import private as private_lib
+
+    private = private_lib.prepare(setup, corpus, metrics_lib.console, jax.process_index(), jax.process_count())
+    train_iter = private.loader
+  else:
+    train_iter = pipeline.train_iter(
+        corpus.train, seq_len=d.seq_len, global_batch=d.global_batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(), block_docs=d.shuffle_block_docs,
+    )
 
   ckpt = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", config.keep_checkpoints)
   state = _restore_or_init(setup, ckpt, train_iter)
@@ -117,7 +124,7 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
         _log_train(setup, writer, step, jax.device_get(window), timer.seconds_per_step(),  # host sync
                    eta_s=(config.num_train_steps - step) * (time.time() - t_train) / steps_done,
-                   flops_per_step=flops_per_step, peak=peak)
+                   flops_per_step=flops_per_step, peak=peak, extra=private.metrics(step) if private else None)
         window = []
         timer.restart()
       if watch.should_stop(step):
@@ -246,7 +253,7 @@ def _restore_or_init(setup: Setup, ckpt, train_iter) -> TrainState:
 _STEP_METRICS = ("loss", "step_loss", "grad_norm", "nonfinite_steps", "nonfinite_streak", "loss_scale", "lr")
 
 
-def _log_train(setup, writer, step, window, sec_per_step, *, eta_s, flops_per_step, peak) -> None:
+def _log_train(setup, writer, step, window, sec_per_step, *, eta_s, flops_per_step, peak, extra=None) -> None:
   d = setup.config.data
   loss = float(window[-1]["loss"])  # the mean over the logging window, kept in the train state
   record = {
@@ -261,6 +268,7 @@ def _log_train(setup, writer, step, window, sec_per_step, *, eta_s, flops_per_st
     record["ppl"] = math.exp(min(record["ce"], 50))
   if setup.step_options.dynamic_scale:
     record["loss_scale"] = float(window[-1]["loss_scale"])
+  record.update(extra or {})  # a private run's epsilon so far
   mfu = "n/a (unknown peak)"
   if peak:
     record["mfu"] = flops_per_step / sec_per_step / peak
@@ -271,6 +279,7 @@ def _log_train(setup, writer, step, window, sec_per_step, *, eta_s, flops_per_st
       f"  lr {record['lr']:.2e}  grad_norm {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s"
       f"  MFU {mfu}  ETA {metrics_lib.format_seconds(eta_s)}"
       + (f"  loss scale {record['loss_scale']:g}" if "loss_scale" in record else "")
+      + (f"  epsilon {record['epsilon']:.3f} (delta {record['delta']:g})" if "epsilon" in record else "")
       + (f"  SKIPPED {record['nonfinite_steps']} non-finite step(s)" if record["nonfinite_steps"] else "")
   )
   writer.write(step, record)

@@ -73,18 +73,33 @@ class Setup:
     if config.distill.teacher and isinstance(self.task, tasks.LanguageModel):
       self.task, self.frozen = distill_teacher(config, mesh, self.task)
       frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
-    step = jax.jit(
-        functools.partial(train_step, model=self.train_model, task=self.task, tx=self.tx, lr_schedule=self.lr,
-                          opts=self.step_options, trainable=self.trainable),
-        in_shardings=(self.state_shardings, self.batch_sharding, frozen_shardings),
-        out_shardings=(self.state_shardings, None),
-        donate_argnums=0,
-    )
-    self.train_step = _Step(step, self.frozen)
+    self._frozen_shardings = frozen_shardings
+    self._build_train_step()
     self.eval_step = jax.jit(
         functools.partial(eval_step, model=self.eval_model, task=self.task),
         in_shardings=(self.state_shardings.params, self.batch_sharding),
     )
+
+  def _build_train_step(self) -> None:
+    step = jax.jit(
+        functools.partial(train_step, model=self.train_model, task=self.task, tx=self.tx, lr_schedule=self.lr,
+                          opts=self.step_options, trainable=self.trainable),
+        in_shardings=(self.state_shardings, self.batch_sharding, self._frozen_shardings),
+        out_shardings=(self.state_shardings, None),
+        donate_argnums=0,
+    )
+    self.train_step = _Step(step, self.frozen)
+
+  def use_private_step(self, clip_norm: float, noise_multiplier: float, expected_batch: float) -> None:
+    """DP-SGD from here on (training/private.py): known once the data is, so set after."""
+    from tpu_lm.training import private
+
+    rows = self.config.data.global_batch_size
+    dp = private.DpOptions(clip_norm, noise_multiplier, expected_batch,
+                           microbatch=rows // self.step_options.accum_steps if self.step_options.accum_steps > 1 else None,
+                           batch_axes=_axes(self.batch_sharding.spec[0]))
+    self.step_options = dataclasses.replace(self.step_options, dp=dp)
+    self._build_train_step()
 
   def _model(self, model):
     c, q = self.config.lora, self.config.quant
@@ -118,6 +133,11 @@ class Setup:
     return metrics_lib.flops_per_token(n, self.model_cfg.num_layers, self.model_cfg.d_model, d.seq_len) * (
         d.global_batch_size * d.seq_len
     )
+
+
+def _axes(entry) -> tuple:
+  """A PartitionSpec entry as a tuple of mesh axes."""
+  return () if entry is None else tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
 class _Step:

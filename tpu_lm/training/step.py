@@ -23,6 +23,7 @@ class StepOptions:
   accum_steps: int = 1
   dynamic_scale: bool = False
   scale_period: int = 2000
+  dp: object = None  # private.DpOptions: per-example clipped, noised gradients (DP-SGD)
 
 
 def loss_and_grads(params, batch, rng, *, model, task, opts: StepOptions, loss_scale, trainable=None):
@@ -35,6 +36,12 @@ def loss_and_grads(params, batch, rng, *, model, task, opts: StepOptions, loss_s
   gradient is of the scaled loss (loss_scale > 1 only for float16). Parameters
   `trainable` marks False get exactly zero gradient (and XLA computes none).
   """
+  if opts.dp is not None:  # DP-SGD: its own per-example gradient (accumulation inside)
+    from tpu_lm.training import private
+
+    loss, grads, metrics = private.loss_and_grads(params, batch, rng, model=model, task=task, dp=opts.dp,
+                                                  trainable=trainable)
+    return loss, _with_l1(grads, params, opts, trainable, loss_scale), metrics
   if trainable is not None:
     params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
   if opts.accum_steps == 1:
@@ -76,12 +83,16 @@ def loss_and_grads(params, batch, rng, *, model, task, opts: StepOptions, loss_s
   # A task's metrics are sums over what its count counts (e.g. correct examples):
   # reported per count, so they mean the same with or without accumulation.
   metrics = jax.tree.map(lambda m: m / count, metrics)
-  if opts.l1:
-    l1_grads = jax.grad(optim.l1_penalty)(params, opts.l1)
-    if trainable is not None:
-      l1_grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), l1_grads, trainable)
-    grads = jax.tree.map(lambda g, l: g + l * loss_scale, grads, l1_grads)
-  return loss, grads, metrics
+  return loss, _with_l1(grads, params, opts, trainable, loss_scale), metrics
+
+
+def _with_l1(grads, params, opts: StepOptions, trainable, loss_scale):
+  if not opts.l1:
+    return grads
+  l1_grads = jax.grad(optim.l1_penalty)(params, opts.l1)
+  if trainable is not None:
+    l1_grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), l1_grads, trainable)
+  return jax.tree.map(lambda g, l: g + l * loss_scale, grads, l1_grads)
 
 
 def train_step(state: TrainState, batch, frozen=None, *, model, task, tx, lr_schedule, opts: StepOptions,

@@ -1,0 +1,173 @@
+"""DP-SGD: clipping, the private step against the ordinary one, the accountant
+against dp_accounting, the Poisson loader, and a private run end to end."""
+
+import json
+import os
+import shutil
+
+import dp_accounting
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_config
+from tpu_lm.errors import UserError
+from tpu_lm.parallel import mesh as mesh_lib
+from tpu_lm.training import private, step
+from tpu_lm.training.setup import Setup
+
+B, T = 8, 32
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, 250, (B, T + 1)).astype(np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((B, T), np.int32),
+          "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)), private.PADDING: np.zeros(B, bool)}
+
+
+@pytest.fixture(scope="module")
+def setup_and_params():
+  c = tiny_config()
+  c.data.seq_len, c.data.global_batch_size = T, B
+  setup = Setup(c, mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}))  # 8 fake devices, data parallel
+  with setup.context():
+    params = setup.init(jax.random.key(0)).params
+  return setup, params
+
+
+def _grads(setup, params, batch, dp=None):
+  opts = setup.step_options if dp is None else type(setup.step_options)(**{**setup.step_options.__dict__, "dp": dp})
+  fn = jax.jit(lambda p, b: step.loss_and_grads(p, b, jax.random.key(1), model=setup.train_model, task=setup.task,
+                                                opts=opts, loss_scale=1.0)[:2])
+  with setup.context():
+    loss, grads = fn(params, setup.device_batch({k: v for k, v in batch.items() if dp or k != private.PADDING}))
+  return float(loss), jax.device_get(grads)
+
+
+def _norm(tree):
+  return float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree))))
+
+
+def _dp(clip, noise=0.0, expected=B):
+  return private.DpOptions(clip, noise, expected, batch_axes=("data",))
+
+
+def test_without_noise_and_clipping_the_private_step_is_ordinary_training(setup_and_params):
+  setup, params = setup_and_params
+  batch = _batch()
+  loss, grads = _grads(setup, params, batch)
+  dp_loss, dp_grads = _grads(setup, params, batch, _dp(clip=1e6))
+  assert abs(loss - dp_loss) < 1e-5
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7), grads, dp_grads)
+
+
+def test_clipping_bounds_every_examples_contribution(setup_and_params):
+  setup, params = setup_and_params
+  clip = 1e-3  # far below every example's gradient norm
+  batch = _batch(1)
+  _, full = _grads(setup, params, batch, _dp(clip))
+  assert _norm(full) <= clip + 1e-9  # B examples of norm <= clip, divided by B
+  for i in (0, 5):
+    without = dict(batch)
+    without[private.PADDING] = np.arange(B) == i
+    _, rest = _grads(setup, params, without, _dp(clip))
+    contribution = _norm(jax.tree.map(lambda a, b: a - b, full, rest))
+    # Each example moves the update by exactly its clipped gradient / B: norm clip / B.
+    np.testing.assert_allclose(contribution, clip / B, rtol=1e-3)
+
+
+def test_noise_has_the_calibrated_scale(setup_and_params):
+  setup, params = setup_and_params
+  clip, noise = 0.5, 2.0
+  _, quiet = _grads(setup, params, _batch(2), _dp(clip))
+  _, noisy = _grads(setup, params, _batch(2), _dp(clip, noise))
+  diff = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(noisy), jax.tree.leaves(quiet))])
+  np.testing.assert_allclose(diff.std(), noise * clip / B, rtol=0.05)
+  assert abs(diff.mean()) < 0.05 * noise * clip / B
+
+
+def test_epsilon_matches_dp_accounting_computed_independently():
+  n, expected, rows, delta, sigma, steps = 5000, 24, 32, 1e-5, 1.1, 300
+  budget = private.Budget(n, expected, rows, delta)
+  ours = budget.epsilon(sigma, steps)
+  acc = dp_accounting.pld.PLDAccountant()
+  acc.compose(dp_accounting.TruncatedSubsampledGaussianDpEvent(
+      dataset_size=n, sampling_probability=expected / n, truncated_batch_size=rows, noise_multiplier=sigma), steps)
+  theirs = acc.get_epsilon(delta)
+  assert theirs <= ours <= theirs * 1.002  # our coarser grid is pessimistic, never optimistic
+  # The default expected batch leaves truncation too rare to cost epsilon: the same as
+  # untruncated Poisson sampling (which the RDP accountant bounds more loosely).
+  e = private.expected_batch_size(0, rows, n)
+  assert private.truncation_probability(e, n, rows) <= 1e-6 < private.truncation_probability(e + 1, n, rows)
+  poisson = dp_accounting.pld.PLDAccountant()
+  poisson.compose(dp_accounting.PoissonSampledDpEvent(e / n, dp_accounting.GaussianDpEvent(sigma)), steps)
+  truncated = private.Budget(n, e, rows, delta).epsilon(sigma, steps)
+  assert poisson.get_epsilon(delta) <= truncated <= 1.01 * poisson.get_epsilon(delta)  # (our grid: +0.7% here)
+  rdp = dp_accounting.rdp.RdpAccountant()
+  rdp.compose(dp_accounting.PoissonSampledDpEvent(e / n, dp_accounting.GaussianDpEvent(sigma)), steps)
+  assert rdp.get_epsilon(delta) > poisson.get_epsilon(delta)
+  # Calibration: the noise reaches the target epsilon (from below, within 2%).
+  noise = budget.calibrate(2.0, steps)
+  assert 0.98 * 2.0 <= budget.epsilon(noise, steps) <= 2.0
+  assert budget.epsilon(0.0, steps) == float("inf") and budget.epsilon(sigma, 0) == 0.0
+
+
+def test_the_poisson_loader_samples_at_its_rate_and_resumes_its_draws():
+  examples = {"inputs": np.arange(400 * 4).reshape(400, 4)}
+  make = lambda: private.PoissonLoader(examples, sampling_prob=10 / 400, num_steps=200, batch_rows=16, seed=3)  # noqa: E731
+  loader = make()
+  batches = [next(loader) for _ in range(200)]
+  sizes = np.array([(~b[private.PADDING]).sum() for b in batches])
+  assert abs(sizes.mean() - 10) < 0.6 and sizes.max() <= 16
+  for b in batches[:5]:  # padding rows are zeros, real rows are examples
+    real = ~b[private.PADDING]
+    assert (b["inputs"][~real] == 0).all() and (b["inputs"][real][:, 0] % 4 == 0).all()
+  resumed = make()
+  resumed.restore_position({"poisson_steps_drawn": 120})
+  np.testing.assert_array_equal(next(resumed)["inputs"], batches[120]["inputs"])
+  with pytest.raises(UserError, match="without privacy.dp"):
+    resumed.restore_position({"streams": []})
+
+
+@pytest.mark.slow
+def test_a_private_run_logs_epsilon_and_resumes_exactly(corpus_dir, data_dir, tmp_path):
+  from tpu_lm.training import loop
+  from tpu_lm.training import checkpoint as checkpoint_lib
+
+  c = tiny_config(corpus_dir, data_dir)
+  with c.unlocked():
+    c.privacy.dp, c.privacy.target_epsilon, c.privacy.delta = True, 4.0, 1e-3
+    c.data.global_batch_size, c.sample.num_prompts, c.keep_checkpoints = 16, 0, 3
+  run = str(tmp_path / "dp")
+  loop.train_and_evaluate(c, run)
+  records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+  eps = [r["epsilon"] for r in records if "epsilon" in r]
+  assert len(eps) == 3 and eps == sorted(eps) and 3.0 < eps[-1] <= 4.0  # the target, reached at the last step
+  # Resume from the step-3 checkpoint: the same Poisson draws and noise, the same final parameters.
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(run, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
+  loop.train_and_evaluate(c, resumed)
+  setup = Setup(c, mesh_lib.make_mesh(mesh_lib.mesh_sizes(c.mesh)))
+  states = []
+  for d in (run, resumed):
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(d, "checkpoints"), 3)
+    states.append(jax.device_get(ckpt._mngr.restore(6).state["params"]))
+    ckpt.close()
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), *states)
+
+
+def test_private_config_mistakes_are_one_sentence(corpus_dir, data_dir, tmp_path):
+  from tpu_lm.config import checks
+  from tpu_lm.training import loop
+
+  c = tiny_config(corpus_dir, data_dir)
+  with c.unlocked():
+    c.privacy.dp, c.privacy.noise_multiplier, c.privacy.target_epsilon = True, 1.0, 3.0
+  with pytest.raises(UserError, match="not both"):
+    checks.validate(c)
+  with c.unlocked():
+    c.privacy.target_epsilon, c.privacy.delta, c.privacy.expected_batch_size = 0.0, 0.5, 2
+  with pytest.raises(UserError, match="not below 1 / N"):
+    loop.train_and_evaluate(c, str(tmp_path / "bad"))
