@@ -171,3 +171,53 @@ def test_private_config_mistakes_are_one_sentence(corpus_dir, data_dir, tmp_path
     c.privacy.target_epsilon, c.privacy.delta, c.privacy.expected_batch_size = 0.0, 0.5, 2
   with pytest.raises(UserError, match="not below 1 / N"):
     loop.train_and_evaluate(c, str(tmp_path / "bad"))
+
+
+def test_canaries_land_in_the_training_split_and_their_list_stays_out(tmp_path):
+  from tpu_lm.data import local_files
+  from tpu_lm.privacy import audit
+
+  data = tmp_path / "data"
+  canaries = audit.make_canaries([1, 3, 7], seed=5)
+  path = audit.insert(canaries, str(data))
+  assert path == str(tmp_path / "data_canaries.json") and audit.read_canaries(path) == canaries
+  files = sorted(os.listdir(data))
+  assert len(files) == 11 and not any(local_files.is_validation(f) for f in files)
+  for c in canaries:
+    assert sum(open(data / f).read() == c.text for f in files) == c.repeats
+  with pytest.raises(UserError, match="inside the data directory"):
+    audit.insert(canaries, str(data), str(data / "list.json"))
+
+
+def test_exposure_is_the_canarys_rank_in_bits(monkeypatch):
+  from tpu_lm.privacy import audit
+
+  canary = audit.Canary("0123abcd", 4)
+  # A model that gives the canary the lowest log-perplexity: it ranks first of all.
+  monkeypatch.setattr(audit, "log_perplexities", lambda m, texts: np.array([1.0] + list(np.linspace(20, 40, len(texts) - 1))))
+  first = audit.exposure(None, canary, num_candidates=255)
+  assert first["rank"] == 1 and first["exposure_sampled"] == 8.0 and first["exposure_extrapolated"] > 8.0
+  # In the middle of the candidates: about one bit.
+  monkeypatch.setattr(audit, "log_perplexities", lambda m, texts: np.array([30.0] + list(np.linspace(20, 40, len(texts) - 1))))
+  middle = audit.exposure(None, canary, num_candidates=255)
+  assert 120 < middle["rank"] < 136 and 0.9 < middle["exposure_sampled"] < 1.1 and 0.7 < middle["exposure_extrapolated"] < 1.3
+
+
+def test_the_audit_scores_a_real_run(trained_run, tmp_path):
+  from tpu_lm.interpret import run
+  from tpu_lm.privacy import audit
+
+  m = run.load(trained_run)
+  canary = audit.Canary("00ff00ff", 1)
+  texts = [canary.text, audit.TEMPLATE.format("12345678")]
+  scores = audit.log_perplexities(m, texts)
+  # The whole text's nats: the sum of the model's per-token losses, every token predicted.
+  tokens = m.encode(texts[0])
+  import jax
+
+  logits = m.model.apply({"params": m.params}, np.asarray([tokens[:-1]]), np.ones((1, len(tokens) - 1), np.int32),
+                         np.arange(len(tokens) - 1)[None])
+  nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits[0])), np.asarray(tokens[1:])[:, None], 1).sum()
+  np.testing.assert_allclose(scores[0], nll, rtol=1e-4)
+  r = audit.exposure(m, canary, num_candidates=40)
+  assert 1 <= r["rank"] <= 41 and 0 <= r["exposure_sampled"] <= np.log2(41) + 1e-9

@@ -9,28 +9,21 @@ import os
 import numpy as np
 
 
-def _plt():
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  return plt
-
-
 def _labels(pieces):
   return [repr(p)[1:-1] if p.strip() == p and p else repr(p) for p in pieces]
 
 
 def attention_pngs(attention_LxNxTxT, pieces, directory: str) -> list[str]:
   """One PNG per layer: its heads' attention maps (query rows, key columns)."""
-  plt = _plt()
+  from matplotlib.figure import Figure  # no pyplot: a library never switches the caller's backend
+
   labels = _labels(pieces)
   paths = []
   layers, heads, t, _ = attention_LxNxTxT.shape
   size = max(3.0, 0.28 * t + 1.5)
   for layer in range(layers):
-    fig, axes = plt.subplots(1, heads, figsize=(size * heads, size), squeeze=False, constrained_layout=True)
+    fig = Figure(figsize=(size * heads, size), layout="constrained")
+    axes = fig.subplots(1, heads, squeeze=False)
     for h, ax in enumerate(axes[0]):
       ax.imshow(attention_LxNxTxT[layer, h], cmap="viridis", vmin=0.0, vmax=1.0)
       ax.set_title(f"layer {layer} head {h}", fontsize=9)
@@ -41,14 +34,15 @@ def attention_pngs(attention_LxNxTxT, pieces, directory: str) -> list[str]:
         ax.set_ylabel("query", fontsize=8)
     paths.append(os.path.join(directory, f"attention_layer{layer}.png"))
     fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
   return paths
 
 
 def heatmap_png(values_RxC, row_labels, col_labels, title: str, path: str, cmap="RdBu_r", center=True) -> str:
-  plt = _plt()
+  from matplotlib.figure import Figure  # no pyplot: a library never switches the caller's backend
+
   r, c = values_RxC.shape
-  fig, ax = plt.subplots(figsize=(max(4, 0.35 * c + 2), max(2.5, 0.4 * r + 1.5)), constrained_layout=True)
+  fig = Figure(figsize=(max(4, 0.35 * c + 2), max(2.5, 0.4 * r + 1.5)), layout="constrained")
+  ax = fig.subplots()
   finite = values_RxC[np.isfinite(values_RxC)]
   lim = float(np.abs(finite).max()) if finite.size else 1.0
   im = ax.imshow(values_RxC, cmap=cmap, vmin=-lim if center else None, vmax=lim if center else None, aspect="auto")
@@ -57,7 +51,6 @@ def heatmap_png(values_RxC, row_labels, col_labels, title: str, path: str, cmap=
   ax.set_title(title, fontsize=9)
   fig.colorbar(im, ax=ax, shrink=0.8)
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   return path
 
 

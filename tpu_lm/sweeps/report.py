@@ -55,17 +55,15 @@ def write(study, directory: str, metric: str, fields: list[str]) -> list[str]:
 
 
 def _plots(table, directory, metric, fields) -> list[str]:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure  # no pyplot: a library never switches the caller's backend
 
   scored = [r for r in table if r["value"] is not None and math.isfinite(r["value"])]
   if not scored:
     return []
   colors = {"complete": "C0", "pruned": "C1", "running": "C2", "interrupted": "C3", "failed": "C3"}
   paths = []
-  fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+  fig = Figure(figsize=(6, 4), layout="constrained")
+  ax = fig.subplots()
   for state in sorted({r["state"] for r in scored}):
     pts = [r for r in scored if r["state"] == state]
     ax.plot([r["trial"] for r in pts], [r["value"] for r in pts], "o", color=colors.get(state, "C4"),
@@ -76,8 +74,8 @@ def _plots(table, directory, metric, fields) -> list[str]:
   ax.legend(fontsize=8)
   paths.append(os.path.join(directory, "objective_per_trial.png"))
   fig.savefig(paths[-1], dpi=100)
-  plt.close(fig)
-  fig, axes = plt.subplots(1, len(fields), figsize=(4 * len(fields), 3.5), constrained_layout=True, squeeze=False)
+  fig = Figure(figsize=(4 * len(fields), 3.5), layout="constrained")
+  axes = fig.subplots(1, len(fields), squeeze=False)
   for ax, field in zip(axes[0], fields):
     pts = [r for r in scored if field in r]
     xs = [r[field] for r in pts]
@@ -94,7 +92,6 @@ def _plots(table, directory, metric, fields) -> list[str]:
     ax.grid(alpha=0.3)
   paths.append(os.path.join(directory, "objective_by_param.png"))
   fig.savefig(paths[-1], dpi=100)
-  plt.close(fig)
   return paths
 
 
