@@ -149,7 +149,6 @@ def test_a_private_run_logs_epsilon_and_resumes_exactly(corpus_dir, data_dir, tm
   shutil.copytree(run, resumed)
   shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
   loop.train_and_evaluate(c, resumed)
-  setup = Setup(c, mesh_lib.make_mesh(mesh_lib.mesh_sizes(c.mesh)))
   states = []
   for d in (run, resumed):
     ckpt = checkpoint_lib.Checkpointer(os.path.join(d, "checkpoints"), 3)

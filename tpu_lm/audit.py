@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 
 from tpu_lm import cli  # noqa: E402
-from tpu_lm.errors import UserError, exit_with  # noqa: E402
+from tpu_lm.errors import UserError  # noqa: E402
 
 _INSERT = flags.DEFINE_string("insert_into", "", "Write canary files into this data directory (their list goes beside it).")
 _REPEATS = flags.DEFINE_list("repeats", ["1", "4", "16", "64"], "With --insert_into: copies of each canary.")
@@ -38,7 +38,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}: every option is a --flag.")
   logging.set_verbosity(logging.ERROR)
-  try:
+  with cli.user_errors(_DEBUG.value):
     from tpu_lm.privacy import audit
 
     if _INSERT.value:
@@ -60,10 +60,6 @@ def main(argv) -> None:
     canaries = audit.read_canaries(_CANARIES.value)
     m = run.load(_WORKDIR.value)
     results = [audit.exposure(m, c, _CANDIDATES.value) for c in canaries]
-  except UserError as e:
-    if _DEBUG.value:
-      raise
-    exit_with(str(e))
   import math
 
   print(f"{m.workdir} at step {m.step}: exposure of {len(results)} canaries ({audit.LENGTH}-hex-digit secrets, a"

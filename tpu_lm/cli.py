@@ -1,11 +1,12 @@
 """Flag parsing shared by the commands (main, generate, serve)."""
 
+import contextlib
 import os
 import traceback
 
 from absl import flags
 
-from tpu_lm.errors import exit_with
+from tpu_lm.errors import UserError, exit_with
 
 
 def parse_flags(argv):
@@ -15,6 +16,18 @@ def parse_flags(argv):
     return flags.FLAGS(argv)
   except Exception as e:
     exit_with(_one_line(e, argv))
+
+
+@contextlib.contextmanager
+def user_errors(debug: bool):
+  """A command's body: a UserError inside becomes one line and exit code 2 (with
+  --debug, the traceback)."""
+  try:
+    yield
+  except UserError as e:
+    if debug:
+      raise
+    exit_with(str(e))
 
 
 def _one_line(e: Exception, argv) -> str:

@@ -22,7 +22,7 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # noqa: E402
 
 from tpu_lm import cli  # noqa: E402
-from tpu_lm.errors import UserError, exit_with  # noqa: E402
+from tpu_lm.errors import UserError  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory to compress.")
 _OUT = flags.DEFINE_string("out", None, "The new run directory to write (must not hold checkpoints).")
@@ -41,7 +41,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}: every option is a --flag.")
   logging.set_verbosity(logging.ERROR)
-  try:
+  with cli.user_errors(_DEBUG.value):
     from tpu_lm.config import checks, defaults
     from tpu_lm.model import quant
     from tpu_lm.training import compression, prune
@@ -61,10 +61,6 @@ def main(argv) -> None:
     result = compression.compress(
         _WORKDIR.value, _OUT.value, quant_spec=quant.Spec.from_config(probe.quant),
         prune_spec=prune.Spec.from_config(probe.prune), step=_STEP.value, eval_max_batches=_EVAL_BATCHES.value)
-  except UserError as e:
-    if _DEBUG.value:
-      raise
-    exit_with(str(e))
   b, a = result.source["eval_bpb"], result.compressed["eval_bpb"]
   print(f"wrote {_OUT.value}: {result.bits_per_weight:.2f} bits per parameter, sparsity"
         f" {result.sparsity['targets']:.1%} of the pruned kernels ({result.sparsity['overall']:.1%} of all"

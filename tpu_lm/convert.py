@@ -19,7 +19,7 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # noqa: E402
 
 from tpu_lm import cli  # noqa: E402
-from tpu_lm.errors import UserError, exit_with  # noqa: E402
+from tpu_lm.errors import UserError  # noqa: E402
 
 _FROM = flags.DEFINE_string("from_hf", None, "Hugging Face model directory or hub name to import.")
 _TO = flags.DEFINE_string("to_hf", None, "Directory to export the run to, in Hugging Face's format.")
@@ -36,7 +36,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}: every option is a --flag.")
   logging.set_verbosity(logging.ERROR)
-  try:
+  with cli.user_errors(_DEBUG.value):
     if bool(_FROM.value) == bool(_TO.value):
       raise UserError("pass exactly one of --from_hf=DIR (import) and --to_hf=DIR (export), with --workdir=RUN.")
     from tpu_lm.interop import hf
@@ -48,10 +48,6 @@ def main(argv) -> None:
       print(hf.import_model(_FROM.value, _WORKDIR.value, dtype), flush=True)
     else:
       print(hf.export_model(_WORKDIR.value, _TO.value, _STEP.value, _DTYPE.value), flush=True)
-  except UserError as e:
-    if _DEBUG.value:
-      raise
-    exit_with(str(e))
 
 
 if __name__ == "__main__":

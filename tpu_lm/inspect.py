@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 
 from tpu_lm import cli  # noqa: E402
-from tpu_lm.errors import UserError, exit_with  # noqa: E402
+from tpu_lm.errors import UserError  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of a language model.")
 _TEXT = flags.DEFINE_string("text", None, "The text to look inside.")
@@ -42,7 +42,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}: every option is a --flag.")
   logging.set_verbosity(logging.ERROR)
-  try:
+  with cli.user_errors(_DEBUG.value):
     if _IG_STEPS.value < 1 or _TOP_K.value < 1:
       raise UserError("--ig_steps and --top_k must be at least 1.")
     from tpu_lm.interpret import analysis, run
@@ -51,10 +51,6 @@ def main(argv) -> None:
     out = _OUT.value or os.path.join(m.workdir, "inspect")
     r = analysis.inspect_text(m, _TEXT.value, out=out, target=_TARGET.value, position=_POSITION.value,
                               corrupt=_CORRUPT.value, top_k=_TOP_K.value, ig_steps=_IG_STEPS.value)
-  except UserError as e:
-    if _DEBUG.value:
-      raise
-    exit_with(str(e))
   a = r["attributions"]
   print(f"{m.workdir} at step {m.step}: {len(r['tokens'])} tokens\n")
   print("logit lens (top prediction and its probability, per probe point):")

@@ -54,7 +54,7 @@ def main(argv) -> None:
     exit_with(f"config file {filename} does not exist: pass --config=configs/<name>.py.")
   logging.set_verbosity(logging.ERROR)
   name = os.path.splitext(os.path.basename(filename))[0]
-  try:
+  with cli.user_errors(_DEBUG.value):
     from tpu_lm.config import checks
     from tpu_lm.sweeps import report, space, study
 
@@ -74,10 +74,6 @@ def main(argv) -> None:
     written = report.write(study.open_study(sweep, create=_REPORT.value is False), sweep.directory, sweep.metric,
                            [p.field for p in params])
     print("results: " + ", ".join(written), flush=True)
-  except UserError as e:
-    if _DEBUG.value:
-      raise
-    exit_with(str(e))
 
 
 if __name__ == "__main__":

@@ -155,3 +155,7 @@ def main():
 
 if __name__ == "__main__":
   main()
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from experiments import plots  # the picture next to the table, from the entry just written
+
+  plots.decode()

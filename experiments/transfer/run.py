@@ -130,3 +130,7 @@ def _base_bpb(base: str, corpus: str) -> float:
 
 if __name__ == "__main__":
   main()
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from experiments import plots  # the picture next to the table, from the entry just written
+
+  plots.transfer()

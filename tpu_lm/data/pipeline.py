@@ -48,12 +48,12 @@ def train_iter(split: Split, *, seq_len: int, global_batch: int, seed: int, proc
 
 
 def eval_batches(split: Split, *, seq_len: int, global_batch: int, max_batches: int = 0, process_index: int = 0,
-                 process_count: int = 1):
+                 process_count: int = 1, on_progress=None):
   """(this process's rows of an eval batch, done here) until the split (or
-  `max_batches`) is used up."""
+  `max_batches`) is used up; `on_progress(fraction)` after each."""
   return stream.eval_rows(split.source, split.encoder, seq_len=seq_len, global_batch=global_batch,
                           max_batches=max_batches, process_index=process_index, process_count=process_count,
-                          **_options(split))
+                          on_progress=on_progress, **_options(split))
 
 
 def first_tokens(split: Split, num: int, length: int) -> np.ndarray:

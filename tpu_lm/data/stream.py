@@ -399,11 +399,13 @@ atexit.register(lambda: [loader.close() for loader in list(_LIVE)])
 
 
 def eval_rows(source, encoder, *, seq_len: int, global_batch: int, bos_id: int, eos_id: int, max_batches: int = 0,
-              process_index: int = 0, process_count: int = 1, one_per_row: bool = False, loss_mask: bool = False):
+              process_index: int = 0, process_count: int = 1, one_per_row: bool = False, loss_mask: bool = False,
+              on_progress=None):
   """This process's rows of every eval batch: each document once, in order; a pass
   bounded to `max_batches` takes whole documents only. Yields (batch, done), done
   when this process's streams are exhausted (the caller agrees on the end across
-  processes). Rows carry `num_bytes`: the bytes of the documents they end."""
+  processes). Rows carry `num_bytes`: the bytes of the documents they end.
+  `on_progress(fraction)` hears after each batch how far the pass is."""
   per = global_batch // process_count
   streams = [ShardStream(source, shard=r, num_shards=global_batch, seq_len=seq_len, seed=0, bos_id=bos_id,
                          eos_id=eos_id, shuffle=False, one_pass=True, max_rows=max_batches, one_per_row=one_per_row,
@@ -416,6 +418,9 @@ def eval_rows(source, encoder, *, seq_len: int, global_batch: int, bos_id: int, 
     rows = [s.next_row(fetch) for s in streams]
     batches += 1
     done = all(s.done for s in streams) or (max_batches and batches >= max_batches)
+    if on_progress is not None:
+      fraction = sum(s.pos for s in streams) / max(1, sum(s.num_docs for s in streams))
+      on_progress(max(fraction, batches / max_batches) if max_batches else fraction)
     yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, done
 
 

@@ -27,9 +27,17 @@ _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
 def read(directory: str) -> dict[str, np.ndarray]:
+  from tpu_lm.progress import Progress
+
   tensors = {}
-  for path in _weight_files(directory):
+  files = _weight_files(directory)
+  total = sum(os.path.getsize(p) for p in files)
+  progress, done = Progress(f"reading {len(files)} weight file(s), {total / 2**30:.2f} GiB", every_s=5.0), 0
+  for path in files:
     tensors.update(read_file(path))
+    done += os.path.getsize(path)
+    progress.update(done / max(total, 1), f"{done / 2**30:.2f} GiB")
+  progress.done()
   return tensors
 
 

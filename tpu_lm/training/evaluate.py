@@ -6,6 +6,7 @@ import numpy as np
 from tpu_lm.data import pipeline
 from tpu_lm.errors import UserError
 from tpu_lm.inference import decode
+from tpu_lm.progress import Progress
 from tpu_lm.training import metrics as metrics_lib
 
 
@@ -18,9 +19,10 @@ def evaluate(setup, params, corpus, eval_step=None) -> dict:
   if len(corpus.validation) == 0:
     raise UserError(f"the validation split {d.eval_split!r} of {d.dataset!r} is empty: set data.eval_split to another split.")
   sums = None
+  progress = Progress("eval", every_s=15.0, enabled=jax.process_index() == 0)
   for batch, done_here in pipeline.eval_batches(
       corpus.validation, seq_len=d.seq_len, global_batch=d.global_batch_size, max_batches=setup.config.eval_max_batches,
-      process_index=jax.process_index(), process_count=jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count(), on_progress=progress.update,
   ):
     out = eval_step(params, setup.device_batch(batch))
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)

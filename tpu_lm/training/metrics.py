@@ -8,6 +8,8 @@ import time
 
 import jax
 
+from tpu_lm.progress import format_seconds  # noqa: F401  (the loop's ETA)
+
 from tpu_lm import storage
 
 # bf16 dense peak FLOP/s per device, by `device_kind`. TPUs report exact names,
@@ -45,11 +47,6 @@ def peak_flops_for_kind(kind: str) -> float:
 def console(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
-
-
-def format_seconds(s: float) -> str:
-  s = int(max(s, 0))
-  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 class StepTimer:

@@ -143,13 +143,17 @@ def materialize(split, *, seq_len: int, chunk_rows: int = 64) -> dict:
   """Every row of a split, packed in order once (the examples DP-SGD samples): a dict
   of [N, seq_len] arrays. The whole split is tokenized here, up front."""
   from tpu_lm.data import pipeline
+  from tpu_lm.progress import Progress
 
   parts = []
-  for batch, done in pipeline.eval_batches(split, seq_len=seq_len, global_batch=chunk_rows):
+  progress = Progress("DP-SGD: tokenizing the training split", every_s=15.0)
+  for batch, done in pipeline.eval_batches(split, seq_len=seq_len, global_batch=chunk_rows,
+                                           on_progress=progress.update):
     keep = batch["segment_ids"].max(axis=1) > 0
     parts.append({k: v[keep] for k, v in batch.items() if k != "num_bytes"})
     if done:
       break
+  progress.done()
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 

@@ -1,0 +1,163 @@
+"""Plots next to the experiments' tables, drawn from the results files they write.
+
+  python experiments/plots.py              # every experiment below that has results
+  python experiments/plots.py compression  # one
+
+Each experiment's run.py calls its function here after writing its results, so the
+picture is always the latest entry's; this script redraws them from the files alone.
+(scaling/ and privacy/ draw their own.)
+"""
+
+import json
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _pyplot():
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def latest_table(path: str) -> list[dict]:
+  """The first markdown table of the newest entry (the first one in the file)."""
+  rows, header = [], None
+  for line in open(path):
+    line = line.strip()
+    if not line.startswith("|"):
+      if header is not None:
+        break
+      continue
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    if header is None:
+      header = cells
+    elif not set("".join(cells)) <= set("-: "):
+      rows.append(dict(zip(header, cells)))
+  return rows
+
+
+def _num(text: str) -> float:
+  m = re.search(r"-?[\d,]*\.?\d+", text.replace(",", ""))
+  return float(m.group(0)) if m else float("nan")
+
+
+def compression():
+  rows = latest_table(os.path.join(HERE, "compression", "results.md"))
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+  for r in rows:
+    x, y = _num(r["weights on disk (MiB)"]), _num(r["validation bits/byte"])
+    ax.plot(x, y, "o", color="C1" if "fine-tune" in r["method"] or "distilled" in r["method"] else "C0")
+    ax.annotate(re.sub(r"\s*\(.*?\)", "", r["method"])[:34], (x, y), textcoords="offset points", xytext=(4, 3),
+                fontsize=7)
+  ax.set_xlabel("weights on disk (MiB)")
+  ax.set_ylabel("validation bits/byte (lower is better)")
+  ax.set_title("Compression of the base model: size against quality")
+  ax.grid(alpha=0.3)
+  return _save(fig, "compression", "compression.png")
+
+
+def transfer():
+  saved = json.load(open(os.path.join(HERE, "transfer", "results.json")))
+  plt = _pyplot()
+  lm = saved["lm"]
+  fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
+  names = [r["name"] for r in lm]
+  ax.barh(names, [r["eval"]["eval_bpb"] for r in lm], color="C0")
+  for i, r in enumerate(lm):
+    ax.text(r["eval"]["eval_bpb"], i, f" {r['eval']['eval_bpb']:.3f}", va="center", fontsize=8)
+  ax.invert_yaxis()
+  ax.set_xlabel("validation bits/byte on the target corpus (lower is better)")
+  ax.set_title("Transfer: the same 300 steps from scratch and from the base model")
+  ax.grid(axis="x", alpha=0.3)
+  return _save(fig, "transfer", "transfer.png")
+
+
+def serve_load():
+  rows = latest_table(os.path.join(HERE, "serve_load", "results.md"))
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+  labels = [f"{r['server']}\n{r['phase']}" for r in rows]
+  for ax, column, title in ((axes[0], "TTFT p50 / p99 ms", "time to first token"),
+                            (axes[1], "ITL p50 / p99 ms", "inter-token latency")):
+    p50 = [_num(r[column].split("/")[0]) for r in rows]
+    p99 = [_num(r[column].split("/")[1]) for r in rows]
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], p50, 0.4, label="p50")
+    ax.bar([x + 0.2 for x in xs], p99, 0.4, label="p99")
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_ylabel("ms")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+  fig.suptitle("The server under load: continuous batching (this tree) against the batch-at-a-time baseline")
+  return _save(fig, "serve_load", "serve_load.png")
+
+
+def data_scale():
+  rows = latest_table(os.path.join(HERE, "data_scale", "results.md"))
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+  for code in sorted({r["code"] for r in rows}):
+    pts = [r for r in rows if r["code"] == code]
+    sizes = [_num(r["corpus"].split(",")[1]) for r in pts]
+    axes[0].plot(sizes, [_num(r["peak RSS"]) for r in pts], "o-", label=code)
+    axes[1].plot(sizes, [_num(r["first training step"]) for r in pts], "o-", label=code)
+  import matplotlib.ticker
+
+  for ax, label in ((axes[0], "peak RSS (MiB)"), (axes[1], "seconds to the first training step")):
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("corpus (MB)")
+    ax.set_ylabel(label)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+  fig.suptitle("Data at any scale: memory and start-up as the corpus grows")
+  return _save(fig, "data_scale", "data_scale.png")
+
+
+def decode():
+  text = open(os.path.join(HERE, "decode", "results.md")).read()
+  # The newest entry that measured the peer (the file is oldest first).
+  entries = [e for e in text.split("\n## ") if "transformers tok/s" in e]
+  if not entries:
+    return None
+  path = os.path.join(HERE, "decode", ".latest.md")
+  with open(path, "w") as f:
+    f.write(entries[-1])
+  rows = latest_table(path)
+  os.remove(path)
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 3.8), constrained_layout=True)
+  labels = [f"{r['model']}\nbatch {r['batch']}" for r in rows]
+  xs = range(len(rows))
+  ax.bar([x - 0.2 for x in xs], [_num(r["decode tok/s"]) for r in rows], 0.4, label="tpu_lm")
+  ax.bar([x + 0.2 for x in xs], [_num(r["transformers tok/s"]) for r in rows], 0.4, label="transformers (PyTorch)")
+  ax.set_xticks(list(xs), labels)
+  ax.set_yscale("log")
+  ax.set_ylabel("decode tokens/s")
+  ax.set_title("Decode speed on this CPU")
+  ax.legend(fontsize=8)
+  ax.grid(axis="y", alpha=0.3)
+  return _save(fig, "decode", "decode.png")
+
+
+def _save(fig, experiment: str, name: str) -> str:
+  path = os.path.join(HERE, experiment, name)
+  fig.savefig(path, dpi=100)
+  print(f"wrote {path}")
+  return path
+
+
+ALL = {"compression": compression, "transfer": transfer, "serve_load": serve_load, "data_scale": data_scale,
+       "decode": decode}
+
+if __name__ == "__main__":
+  for name in sys.argv[1:] or ALL:
+    ALL[name]()
