@@ -62,6 +62,13 @@ def test_without_noise_and_clipping_the_private_step_is_ordinary_training(setup_
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7), grads, dp_grads)
 
 
+def test_gradient_accumulation_inside_the_clipping_changes_nothing(setup_and_params):
+  setup, params = setup_and_params
+  _, whole = _grads(setup, params, _batch(3), _dp(clip=0.05))
+  _, micro = _grads(setup, params, _batch(3), private.DpOptions(0.05, 0.0, B, microbatch=2, batch_axes=("data",)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8), whole, micro)
+
+
 def test_clipping_bounds_every_examples_contribution(setup_and_params):
   setup, params = setup_and_params
   clip = 1e-3  # far below every example's gradient norm

@@ -5,6 +5,7 @@ usage (from the repository root, after `python -m tpu_lm.main --config=configs/b
 has trained workdirs/base; ~20 minutes on 2 cores):
   python experiments/privacy/run.py [--base=workdirs/base] [--steps=300]
   python experiments/privacy/run.py --cost_only   # the step cost again, on an idle machine
+  python experiments/privacy/run.py --big_batch   # + epsilon 8 at an expected batch of 82 in 128 rows
 
 The fine-tuning corpus is the installed optax package's Python sources (a dependency,
 so every machine has the same files), with four canaries (`password = "<8 hex>"`)
@@ -55,24 +56,24 @@ def corpus(directory: str) -> str:
   return directory.rstrip("/") + "_canaries.json"
 
 
-def overrides(base: str, data: str, steps: int, eps: float) -> list[str]:
+def overrides(base: str, data: str, steps: int, eps: float, rows: int = ROWS, expected: int = EXPECTED) -> list[str]:
   flags = [f"--config=configs/finetune.py:{base}", "--config.data.dataset=text_files", f"--config.data.path={data}",
            f"--config.num_train_steps={steps}", f"--config.eval_every_steps={steps}",
            f"--config.checkpoint_every_steps={steps}", f"--config.log_every_steps={max(1, steps // 10)}",
            f"--config.optim.warmup_steps={steps // 10}", "--config.sample.num_prompts=0"]
   if eps == float("inf"):
     return flags + [f"--config.data.global_batch_size={EXPECTED}"]
-  return flags + [f"--config.data.global_batch_size={ROWS}", "--config.privacy.dp=True",
+  return flags + [f"--config.data.global_batch_size={rows}", "--config.privacy.dp=True",
                   f"--config.privacy.target_epsilon={eps}", f"--config.privacy.delta={DELTA}",
-                  f"--config.privacy.expected_batch_size={EXPECTED}", "--config.privacy.clip_norm=1.0"]
+                  f"--config.privacy.expected_batch_size={expected}", "--config.privacy.clip_norm=1.0"]
 
 
-def fine_tune(base, data, steps, eps, name="") -> dict:
+def fine_tune(base, data, steps, eps, name="", rows=ROWS, expected=EXPECTED) -> dict:
   name = name or ("eps_inf" if eps == float("inf") else f"eps_{eps:g}")
   workdir = os.path.join(HERE, "runs", name)
   shutil.rmtree(workdir, ignore_errors=True)
   t0 = time.time()
-  flags = overrides(base, data, steps, eps)
+  flags = overrides(base, data, steps, eps, rows, expected)
   if name == "before":  # the base model's own numbers on this corpus: one step at learning rate 0
     flags += ["--config.optim.learning_rate=0.0", "--config.optim.warmup_steps=0"]
   out = subprocess.run([sys.executable, "-m", "tpu_lm.main", f"--workdir={workdir}", *flags],
@@ -83,7 +84,10 @@ def fine_tune(base, data, steps, eps, name="") -> dict:
   noise = next((line.split("noise multiplier ")[1].split()[0] for line in out.stdout.splitlines()
                 if line.startswith("DP-SGD:")), "0")
   train = [r for r in records if "step_time_s" in r]
-  return {"name": name, "epsilon": eps, "workdir": workdir, "noise_multiplier": float(noise),
+  examples = next((int(line.split()[1].replace(",", "")) for line in out.stdout.splitlines()
+                   if line.startswith("DP-SGD:")), None)
+  return {"name": name, "epsilon": eps, "expected_batch": expected if eps != float("inf") else EXPECTED,
+          "examples": examples, "workdir": workdir, "noise_multiplier": float(noise),
           "eval_bpb": [r for r in records if "eval_bpb" in r][-1]["eval_bpb"],
           "epsilon_logged": train[-1].get("epsilon", float("inf")), "wall_s": time.time() - t0}
 
@@ -139,7 +143,8 @@ def plot(rows, path):
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
-  labels = ["inf" if r["epsilon"] == float("inf") else f"{r['epsilon']:g}" for r in rows]
+  labels = ["inf" if r["epsilon"] == float("inf") else f"{r['epsilon']:g}"
+            + (f"\nbatch {r['expected_batch']}" if r.get("expected_batch", EXPECTED) != EXPECTED else "") for r in rows]
   for k, rep in enumerate(REPEATS):
     axes[0].plot(labels, [r["audit"][k]["exposure_extrapolated"] for r in rows], "o-", label=f"{rep} copies")
   axes[0].set_xlabel("epsilon (delta 1e-5)")
@@ -159,10 +164,13 @@ def main():
   parser.add_argument("--base", default="workdirs/base")
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--cost_only", action="store_true", help="only measure the step cost again")
+  parser.add_argument("--big_batch", action="store_true", help="add a private run with a larger batch")
   args = parser.parse_args()
   base = os.path.abspath(args.base)
   if args.cost_only:
     return cost_only(base)
+  if args.big_batch:
+    return big_batch(base, args.steps)
   if not os.path.isdir(os.path.join(base, "checkpoints")):
     raise SystemExit(f"{base} has no checkpoints: train it first (python -m tpu_lm.main --config=configs/base.py).")
   factor = record.speed_factor()
@@ -192,6 +200,8 @@ def report(saved: dict, replace_latest: bool = False) -> None:
   lines.append(f"| base, before fine-tuning | - | {before['eval_bpb']:.4f} | {exp(before['audit'])} |")
   for r in rows:
     eps = "inf (ordinary fine-tuning)" if r["epsilon"] == float("inf") else f"{r['epsilon']:g} (logged {r['epsilon_logged']:.3f})"
+    if r.get("expected_batch", EXPECTED) != EXPECTED:
+      eps += f", expected batch {r['expected_batch']}"
     lines.append(f"| {eps} | {r['noise_multiplier']:.3g} | {r['eval_bpb']:.4f} | {exp(r['audit'])} |")
   o, p = cost["ordinary"], cost["private"]
   lines += ["", "Exposure in bits: extrapolated (skew-normal tail), then by rank among 2000 random secrets (caps at"
@@ -210,6 +220,18 @@ def report(saved: dict, replace_latest: bool = False) -> None:
       f.write(text[:first] + (text[second:] if second > 0 else ""))
   record.publish(path, f"### {datetime.date.today()}, 2-core CPU, {factor}", lines,
                  "Privacy: DP fine-tuning against canary exposure and utility (run.py)")
+
+
+def big_batch(base: str, steps: int) -> None:
+  """One more private run at epsilon 8 with an expected batch of 82 in 128 rows (the
+  default rule's), into the latest results: what a larger batch buys back."""
+  saved = json.load(open(os.path.join(HERE, "results.json")))
+  data = os.path.join(HERE, "runs", "data")
+  r = fine_tune(base, data, steps, 8.0, name="eps_8_batch82", rows=128, expected=82)
+  r["audit"] = audit(r["workdir"], data.rstrip("/") + "_canaries.json")
+  saved["rows"] = [x for x in saved["rows"] if x["name"] != r["name"]] + [r]
+  json.dump(saved, open(os.path.join(HERE, "results.json"), "w"), indent=1)
+  report(saved, replace_latest=True)
 
 
 def cost_only(base: str) -> None:

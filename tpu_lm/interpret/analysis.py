@@ -62,10 +62,11 @@ def _write(m, out, r, text, decode) -> list[str]:
                                     f"activation patching: share of log p({r['target']!r}) restored",
                                     os.path.join(out, "patching.png")))
   lens_rows = [["position", "token", *r["lens_points"]]] + [
-      [str(t), pieces[t], *(f"{decode(int(r['logit_lens_ids'][p, t, 0]))} ({r['logit_lens_probs'][p, t, 0]:.2f})"
-                            for p in range(len(r["lens_points"])))] for t in range(len(pieces))]
+      [str(t), render.label(pieces[t]),
+       *(f"{render.label(decode(int(r['logit_lens_ids'][p, t, 0])))} ({r['logit_lens_probs'][p, t, 0]:.2f})"
+         for p in range(len(r["lens_points"])))] for t in range(len(pieces))]
   attr_rows = [["position", "token", "gradient x input", "integrated gradients"]] + [
-      [str(t), pieces[t], f"{a['grad_x_input'][t]:+.4f}", f"{a['integrated_gradients'][t]:+.4f}"]
+      [str(t), render.label(pieces[t]), f"{a['grad_x_input'][t]:+.4f}", f"{a['integrated_gradients'][t]:+.4f}"]
       for t in range(len(pieces))]
   files.append(render.page(
       os.path.join(out, "inspect.html"), title=f"{m.workdir} (step {m.step})",

@@ -9,8 +9,13 @@ import os
 import numpy as np
 
 
+def label(piece: str) -> str:
+  """A token as a visible label: quoted where it has spaces or newlines at its ends."""
+  return repr(piece)[1:-1] if piece.strip() == piece and piece else repr(piece)
+
+
 def _labels(pieces):
-  return [repr(p)[1:-1] if p.strip() == p and p else repr(p) for p in pieces]
+  return [label(p) for p in pieces]
 
 
 def attention_pngs(attention_LxNxTxT, pieces, directory: str) -> list[str]:
