@@ -1,6 +1,8 @@
 """DP-SGD: clipping, the private step against the ordinary one, the accountant
 against dp_accounting, the Poisson loader, and a private run end to end."""
 
+import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -36,12 +38,18 @@ def setup_and_params():
   return setup, params
 
 
+@functools.lru_cache(maxsize=None)
+def _grad_fn(setup, dp):
+  """One compiled gradient per (setup, DP options): the batches below share shapes."""
+  opts = dataclasses.replace(setup.step_options, dp=dp)
+  return jax.jit(lambda p, b: step.loss_and_grads(p, b, jax.random.key(1), model=setup.train_model, task=setup.task,
+                                                  opts=opts, loss_scale=1.0)[:2])
+
+
 def _grads(setup, params, batch, dp=None):
-  opts = setup.step_options if dp is None else type(setup.step_options)(**{**setup.step_options.__dict__, "dp": dp})
-  fn = jax.jit(lambda p, b: step.loss_and_grads(p, b, jax.random.key(1), model=setup.train_model, task=setup.task,
-                                                opts=opts, loss_scale=1.0)[:2])
   with setup.context():
-    loss, grads = fn(params, setup.device_batch({k: v for k, v in batch.items() if dp or k != private.PADDING}))
+    loss, grads = _grad_fn(setup, dp)(
+        params, setup.device_batch({k: v for k, v in batch.items() if dp or k != private.PADDING}))
   return float(loss), jax.device_get(grads)
 
 
@@ -62,10 +70,11 @@ def test_without_noise_and_clipping_the_private_step_is_ordinary_training(setup_
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7), grads, dp_grads)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_inside_the_clipping_changes_nothing(setup_and_params):
   setup, params = setup_and_params
-  _, whole = _grads(setup, params, _batch(3), _dp(clip=0.05))
-  _, micro = _grads(setup, params, _batch(3), private.DpOptions(0.05, 0.0, B, microbatch=2, batch_axes=("data",)))
+  _, whole = _grads(setup, params, _batch(3), _dp(clip=1e-3))
+  _, micro = _grads(setup, params, _batch(3), private.DpOptions(1e-3, 0.0, B, microbatch=2, batch_axes=("data",)))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8), whole, micro)
 
 
@@ -86,7 +95,7 @@ def test_clipping_bounds_every_examples_contribution(setup_and_params):
 
 def test_noise_has_the_calibrated_scale(setup_and_params):
   setup, params = setup_and_params
-  clip, noise = 0.5, 2.0
+  clip, noise = 1e-3, 2.0  # the clipping test's compiled step serves the quiet run
   _, quiet = _grads(setup, params, _batch(2), _dp(clip))
   _, noisy = _grads(setup, params, _batch(2), _dp(clip, noise))
   diff = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(noisy), jax.tree.leaves(quiet))])
@@ -209,6 +218,7 @@ def test_exposure_is_the_canarys_rank_in_bits(monkeypatch):
   assert 120 < middle["rank"] < 136 and 0.9 < middle["exposure_sampled"] < 1.1 and 0.7 < middle["exposure_extrapolated"] < 1.3
 
 
+@pytest.mark.slow
 def test_the_audit_scores_a_real_run(trained_run, tmp_path):
   from tpu_lm.interpret import run
   from tpu_lm.privacy import audit
