@@ -21,7 +21,7 @@ def rows(study) -> list[dict]:
         t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
     seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
     out.append({"trial": t.number, "state": state, "value": value, **t.params,
-                "last_eval_step": max(t.intermediate_values) if t.intermediate_values else "",
+                "last_intermediate_eval": max(t.intermediate_values) if t.intermediate_values else "",
                 "seconds": round(seconds, 1) if seconds is not None else "",
                 "workdir": t.user_attrs.get("workdir", ""), "error": t.user_attrs.get("error", "")})
   return out
@@ -30,7 +30,7 @@ def rows(study) -> list[dict]:
 def write(study, directory: str, metric: str, fields: list[str]) -> list[str]:
   """Writes results.md, results.csv and the plots; returns the paths written."""
   table = rows(study)
-  columns = ["trial", "state", "value", *fields, "last_eval_step", "seconds", "workdir", "error"]
+  columns = ["trial", "state", "value", *fields, "last_intermediate_eval", "seconds", "workdir", "error"]
   csv_path = os.path.join(directory, "results.csv")
   with open(csv_path, "w", newline="") as f:
     w = csv.DictWriter(f, columns, extrasaction="ignore")
@@ -42,12 +42,12 @@ def write(study, directory: str, metric: str, fields: list[str]) -> list[str]:
   if best is not None:
     md += [f"Best: trial {best.number}, {metric} {best.value:.4f}, "
            + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()), ""]
-  md += ["| trial | state | " + metric + " | " + " | ".join(fields) + " | last eval step | seconds | error |",
+  md += ["| trial | state | " + metric + " | " + " | ".join(fields) + " | last intermediate eval | seconds | error |",
          "|---" * (len(fields) + 6) + "|"]
   for r in table:
     md.append(f"| {r['trial']} | {r['state']} | {_fmt(r['value'])} | "
               + " | ".join(_fmt(r.get(f, "")) for f in fields)
-              + f" | {r['last_eval_step']} | {r['seconds']} | {r['error'][:120]} |")
+              + f" | {r['last_intermediate_eval']} | {r['seconds']} | {r['error'][:120]} |")
   md_path = os.path.join(directory, "results.md")
   with open(md_path, "w") as f:
     f.write("\n".join(md) + "\n")
@@ -84,7 +84,10 @@ def _plots(table, directory, metric, fields) -> list[str]:
       labels = sorted({str(x) for x in xs})
       xs = [labels.index(str(x)) for x in xs]
       ax.set_xticks(range(len(labels)), labels)
-    ax.scatter(xs, [r["value"] for r in pts], c=[colors.get(r["state"], "C4") for r in pts])
+    for state in sorted({r["state"] for r in pts}):
+      ax.scatter([x for x, r in zip(xs, pts) if r["state"] == state], [r["value"] for r in pts if r["state"] == state],
+                 color=colors.get(state, "C4"), label=state + (" (last eval)" if state != "complete" else ""))
+    ax.legend(fontsize=7)
     if numeric and xs and min(xs) > 0 and max(xs) / min(xs) > 20:
       ax.set_xscale("log")
     ax.set_xlabel(field)
