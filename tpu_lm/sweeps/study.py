@@ -93,7 +93,9 @@ def open_storage(url: str):
 def open_study(sweep: Sweep, create: bool = True):
   import optuna
 
-  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  # ERROR: Optuna would log every failed trial with its traceback, and an interrupted or
+  # surplus trial is "failed" to it; the worker prints one line for each instead.
+  optuna.logging.set_verbosity(optuna.logging.ERROR)
   os.makedirs(sweep.directory, exist_ok=True)
   storage = open_storage(storage_url(sweep))
   if not create:
@@ -193,6 +195,7 @@ def run_worker(sweep: Sweep, train=None) -> dict:
   def objective(trial):
     if "resumes" not in trial.user_attrs and _over_budget(study, trial, sweep.trials):
       trial.set_user_attr("surplus", True)
+      metrics_lib.console(f"sweep: trial {trial.number} not run: other workers took the study's last trials")
       raise _Surplus()
     try:
       return run_trial(trial)
