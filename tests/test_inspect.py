@@ -84,6 +84,7 @@ def test_activation_patching_restores_where_the_texts_differ(model_params):
     probe.activation_patching(model, params, TOKENS, TOKENS[:-1])
 
 
+@pytest.mark.slow
 def test_inspect_a_run_directory_writes_pictures_and_a_page(trained_run, tmp_path):
   from tpu_lm.interpret import analysis, run
 

@@ -116,6 +116,7 @@ def test_chunked_logits_give_the_same_loss_and_gradients(family):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
 
 
+@pytest.mark.slow  # four compiled variants
 def test_dropout_is_the_same_under_remat_and_differs_per_key():
   """Dropout > 0 with scanned layers and with per-layer ones: remat recomputes the
   same masks (the loss and gradients equal those without remat), and another key

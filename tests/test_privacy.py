@@ -93,6 +93,7 @@ def test_clipping_bounds_every_examples_contribution(setup_and_params):
     np.testing.assert_allclose(contribution, clip / B, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_noise_has_the_calibrated_scale(setup_and_params):
   setup, params = setup_and_params
   clip, noise = 1e-3, 2.0  # the clipping test's compiled step serves the quiet run

@@ -115,6 +115,7 @@ def _scalar_steps(workdir: str, tag: str) -> list[int]:
   return shown
 
 
+@pytest.mark.slow  # two training runs
 def test_resume_with_clipping_turned_on_and_tensorboard_without_duplicates(corpus_dir, data_dir, tmp_path):
   """The divergence message says to set optim.grad_clip_norm and rerun: that must
   resume, not be called a damaged checkpoint. And TensorBoard shows each step once."""
