@@ -112,11 +112,17 @@ def write(directory: str, tensors: dict[str, np.ndarray], max_shard_bytes: int =
   if len(shards) == 1:
     write_file(os.path.join(directory, SINGLE), shards[0], {"format": "pt"})
     return
+  from tpu_lm.progress import Progress
+
   weight_map = {}
+  total = sum(v.nbytes for v in tensors.values())
+  progress, done = Progress(f"writing {len(shards)} weight shards, {total / 2**30:.2f} GiB", every_s=5.0), 0
   for i, shard in enumerate(shards):
     name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
     write_file(os.path.join(directory, name), shard, {"format": "pt"})
     weight_map.update({k: name for k in shard})
-  total = sum(v.nbytes for v in tensors.values())
+    done += sum(v.nbytes for v in shard.values())
+    progress.update(done / total, f"{done / 2**30:.2f} GiB")
+  progress.done()
   with open(os.path.join(directory, INDEX), "w") as f:
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
