@@ -172,6 +172,12 @@ def test_a_private_run_logs_epsilon_and_resumes_exactly(corpus_dir, data_dir, tm
     states.append(jax.device_get(ckpt._mngr.restore(6).state["params"]))
     ckpt.close()
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), *states)
+  # The same run resumed without privacy.dp: one sentence, nothing changed on disk.
+  with c.unlocked():
+    c.privacy.dp, c.num_train_steps = False, 9
+  with pytest.raises(UserError, match="privacy.dp=True"):
+    loop.train_and_evaluate(c, resumed)
+  assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["3", "6"]
 
 
 def test_private_config_mistakes_are_one_sentence(corpus_dir, data_dir, tmp_path):

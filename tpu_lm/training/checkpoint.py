@@ -140,6 +140,9 @@ def _gathered_position(data_iter) -> dict:
 
 def _position(saved, data_iter) -> np.ndarray:
   """The saved stream states, checked against this run's global batch."""
+  if isinstance(saved, dict) and "poisson_steps_drawn" in saved:
+    raise UserError("the checkpoint was written by a run with privacy.dp=True (Poisson-sampled batches): resume it"
+                    " with --config.privacy.dp=True, or start this run in a new --workdir.")
   streams = np.asarray(saved.get("streams") if isinstance(saved, dict) else None, np.int64)
   rows = data_iter.streams[0].num_shards
   if streams.shape != (rows, 3):
