@@ -32,7 +32,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
-from experiments import record  # noqa: E402
+from experiments import plots, record  # noqa: E402
 MIB = 2**20
 
 
@@ -167,7 +167,4 @@ def main() -> None:
 
 if __name__ == "__main__":
   main()
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from experiments import plots  # the picture next to the table, from the entry just written
-
-  plots.data_scale()
+  plots.data_scale()  # the picture next to the table, from the entry just written

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from experiments import plots  # noqa: E402
 from tpu_lm.parallel import libtpu_env  # noqa: E402
 
 libtpu_env.quiet_where_no_tpu()  # before JAX starts its backends
@@ -155,7 +156,4 @@ def main():
 
 if __name__ == "__main__":
   main()
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from experiments import plots  # the picture next to the table, from the entry just written
-
-  plots.decode()
+  plots.decode()  # the picture next to the table, from the entry just written

@@ -42,7 +42,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
-from experiments import record  # noqa: E402
+from experiments import plots, record  # noqa: E402
 from tpu_lm.parallel import libtpu_env  # noqa: E402
 
 libtpu_env.quiet_where_no_tpu()  # before JAX starts its backends (write_run uses it)
@@ -242,7 +242,4 @@ def main() -> None:
 
 if __name__ == "__main__":
   main()
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from experiments import plots  # the picture next to the table, from the entry just written
-
-  plots.serve_load()
+  plots.serve_load()  # the picture next to the table, from the entry just written

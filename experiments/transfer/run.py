@@ -34,6 +34,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+from experiments import plots  # noqa: E402
+
 PACKAGES = ("flax", "optax", "numpy")
 
 
@@ -130,7 +133,4 @@ def _base_bpb(base: str, corpus: str) -> float:
 
 if __name__ == "__main__":
   main()
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from experiments import plots  # the picture next to the table, from the entry just written
-
-  plots.transfer()
+  plots.transfer()  # the picture next to the table, from the entry just written
