@@ -21,16 +21,20 @@ def speed_factor() -> str:
     return "speed factor unmeasured"
 
 
-def prepend(path: str, entry: str, header: str) -> None:
-  """Writes `entry` (starting with "### ") above the earlier entries of `path`."""
+def prepend(path: str, entry: str, header: str, replace_latest: bool = False) -> None:
+  """Writes `entry` (starting with "### ") above the earlier entries of `path`; with
+  `replace_latest`, in place of the newest one (a refit of the same runs)."""
   previous = open(path).read() if os.path.exists(path) else f"# {header}\n\n"
   at = previous.find("### ") if "### " in previous else len(previous)
+  if replace_latest and at < len(previous):
+    following = previous.find("### ", at + 4)
+    previous = previous[:at] + (previous[following:] if following > 0 else "")
   with open(path, "w") as f:
     f.write(previous[:at] + entry.rstrip() + "\n\n" + previous[at:])
 
 
-def publish(path: str, title: str, lines: list[str], header: str) -> None:
+def publish(path: str, title: str, lines: list[str], header: str, replace_latest: bool = False) -> None:
   """Prints a results entry (a "### " title over its lines) and puts it on top of `path`."""
   entry = "\n".join([title, "", *lines])
   print(entry)
-  prepend(path, entry, header)
+  prepend(path, entry, header, replace_latest)

@@ -212,14 +212,8 @@ def report(saved: dict, replace_latest: bool = False) -> None:
             f"{saved['steps']} steps each from {os.path.relpath(saved['base'], ROOT)}; expected batch {EXPECTED} rows"
             f" (private: Poisson into {ROWS}); clip norm 1; lr 6e-4 cosine; delta {DELTA:g}. Plot: privacy.png."]
   path = os.path.join(HERE, "results.md")
-  if replace_latest and os.path.exists(path):
-    text = open(path).read()
-    first = text.find("### ")
-    second = text.find("### ", first + 4)
-    with open(path, "w") as f:
-      f.write(text[:first] + (text[second:] if second > 0 else ""))
   record.publish(path, f"### {datetime.date.today()}, 2-core CPU, {factor}", lines,
-                 "Privacy: DP fine-tuning against canary exposure and utility (run.py)")
+                 "Privacy: DP fine-tuning against canary exposure and utility (run.py)", replace_latest)
 
 
 def big_batch(base: str, steps: int) -> None:

@@ -158,15 +158,10 @@ def report(rows, factor: str, replace_latest: bool = False) -> None:
   lines += [
             "Published: " + "; ".join(f"{k}: {v}" for k, v in PUBLISHED.items()) + ". Plot: scaling.png."]
   path = os.path.join(HERE, "results.md")
-  if replace_latest and os.path.exists(path):  # a refit replaces the entry of the runs it refits
-    text = open(path).read()
-    first = text.find("### ")
-    second = text.find("### ", first + 4)
-    with open(path, "w") as f:
-      f.write(text[:first] + (text[second:] if second > 0 else ""))
   record.publish(path,
                  f"### {datetime.date.today()}, 2-core CPU, {factor}, {TOKENS_PER_PARAM} tokens/parameter", lines,
-                 "Scaling: validation bits/byte against parameters and compute (run.py)")
+                 "Scaling: validation bits/byte against parameters and compute (run.py)",
+                 replace_latest)  # a refit replaces the entry of the runs it refits
 
 
 def main():
