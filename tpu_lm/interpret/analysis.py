@@ -24,7 +24,7 @@ def inspect_text(m, text: str, *, out: str | None = None, target: str = "", posi
   tr = probe.trace(m.model, m.params, tokens)
   points = probe.probe_names(m.model.cfg.num_layers)
   lens_ids, lens_probs = probe.logit_lens(m.model, m.params, tr.residual_PxTxD, top_k)
-  position = probe._check_position(tokens, position)
+  position = probe.check_position(tokens, position)
   target_id = _target_id(m, target) if target else int(np.argmax(tr.logits_TxV[position]))
   attr = probe.attributions(m.model, m.params, tokens, position, target_id, ig_steps, m.tokenizer.pad_id)
   decode = lambda i: m.tokenizer.decode([i])  # noqa: E731

@@ -10,6 +10,7 @@ Everything here runs one prompt (a batch of one row, one document) at a time.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +38,19 @@ class Trace:
   residual_PxTxD: np.ndarray  # the stream at each probe point (probe_names)
 
 
+@functools.lru_cache(maxsize=16)
+def compiled_apply(model, record: bool = False, method: str | None = None):
+  """`model.apply(variables, *inputs)` jitted once per (model, kind): the calls of one
+  look (clean and corrupted text, text and baseline, every canary) compile once.
+  `record`: the "intermediates" collection mutable, so the reference attention path
+  runs and the probes are recorded; returns (output, state) then."""
+  return jax.jit(lambda variables, *inputs: model.apply(
+      variables, *inputs, mutable=["intermediates"] if record else False, method=method))
+
+
 def trace(model, params, tokens_T) -> Trace:
   """One forward pass of the reference path, recording attention and the stream."""
-  logits_1xTxV, state = _traced(model, params, *_inputs(tokens_T))
+  logits_1xTxV, state = compiled_apply(model, record=True)({"params": params}, *_inputs(tokens_T))
   inter = state["intermediates"]
   n = model.cfg.num_layers
   attention = np.stack([np.asarray(inter[f"layers_{i}"]["attn"]["attn_probs"][0][0]) for i in range(n)])
@@ -47,16 +58,11 @@ def trace(model, params, tokens_T) -> Trace:
   return Trace(np.asarray(logits_1xTxV[0]), attention, residual)
 
 
-def _traced(model, params, tokens, segments, positions):
-  return jax.jit(lambda p, t, s, q: model.apply({"params": p}, t, s, q, mutable=["intermediates"]))(
-      params, tokens, segments, positions)
-
-
 def logit_lens(model, params, residual_PxTxD, k: int = 5):
   """The top-k next-token predictions read off every probe point of the stream (the
   final norm and unembedding applied to it): (ids [P, T, k], probabilities [P, T, k]).
   The last point's lens is the model's own output."""
-  logits_PxTxV = jax.jit(lambda p, x: model.apply({"params": p}, x, method="lens"))(params, jnp.asarray(residual_PxTxD))
+  logits_PxTxV = compiled_apply(model, method="lens")({"params": params}, jnp.asarray(residual_PxTxD))
   probs_PxTxV = jax.nn.softmax(logits_PxTxV, axis=-1)
   top_p, top_i = jax.lax.top_k(probs_PxTxV, k)
   return np.asarray(top_i), np.asarray(top_p)
@@ -73,7 +79,7 @@ def _target_logprob(model, params, perturbations, tokens_T, position: int, targe
   return jax.nn.log_softmax(logits_1xTxV[0, position])[target]
 
 
-def _check_position(tokens_T, position: int) -> int:
+def check_position(tokens_T, position: int) -> int:
   t = len(tokens_T)
   if not -t <= position < t:
     raise UserError(f"position {position} is outside the {t} tokens of the text: give one in {-t} .. {t - 1}.")
@@ -94,7 +100,7 @@ def attributions(model, params, tokens_T, position: int, target: int, steps: int
     the attributions add up to f(x) - f(x'), and `completeness_gap` is the difference.
   Tokens after `position` cannot contribute (causality): theirs are exactly zero.
   """
-  position = _check_position(tokens_T, position)
+  position = check_position(tokens_T, position)
   zeros = _zero_perturbations(model, params, tokens_T)
   x_1xTxD = jnp.asarray(trace_embeddings(model, params, tokens_T))[None]
   baseline_T = [tokens_T[0]] + [baseline_id] * (len(tokens_T) - 1)
@@ -119,9 +125,7 @@ def attributions(model, params, tokens_T, position: int, target: int, steps: int
 
 def trace_embeddings(model, params, tokens_T) -> np.ndarray:
   """The input embeddings [T, D] the blocks receive (token + learned position)."""
-  _, state = jax.jit(lambda p, t, s, q: model.apply({"params": p}, t, s, q, mutable=["intermediates"],
-                                                     method="hidden"))(params, *_inputs(tokens_T))
-  return np.asarray(state["intermediates"][EMBED][0][0])
+  return trace(model, params, tokens_T).residual_PxTxD[0]
 
 
 def activation_patching(model, params, clean_T, corrupt_T, position: int = -1, target: int | None = None) -> dict:
@@ -136,7 +140,7 @@ def activation_patching(model, params, clean_T, corrupt_T, position: int = -1, t
   if len(clean_T) != len(corrupt_T):
     raise UserError(f"the clean text has {len(clean_T)} tokens and the corrupted one {len(corrupt_T)}: patching"
                     " pairs positions, so the two must tokenize to the same length (change a word for a word).")
-  position = _check_position(clean_T, position)
+  position = check_position(clean_T, position)
   clean, corrupt = trace(model, params, clean_T), trace(model, params, corrupt_T)
   if target is None:
     target = int(np.argmax(clean.logits_TxV[position]))
@@ -150,8 +154,7 @@ def activation_patching(model, params, clean_T, corrupt_T, position: int = -1, t
              .reshape(p_count * t_count, t_count, -1) for i, name in enumerate(names)}
   tokens_NxT = jnp.tile(jnp.asarray(corrupt_T, jnp.int32)[None], (p_count * t_count, 1))
   segments, positions = jnp.ones_like(tokens_NxT), jnp.tile(jnp.arange(t_count)[None], (p_count * t_count, 1))
-  logits_NxTxV = jax.jit(lambda p, pert: model.apply({"params": p, "perturbations": pert}, tokens_NxT, segments,
-                                                     positions))(params, patches)
+  logits_NxTxV = compiled_apply(model)({"params": params, "perturbations": patches}, tokens_NxT, segments, positions)
   patched_N = np.asarray(jax.nn.log_softmax(logits_NxTxV[:, position])[:, target])
   clean_lp = float(jax.nn.log_softmax(clean.logits_TxV[position])[target])
   corrupt_lp = float(jax.nn.log_softmax(corrupt.logits_TxV[position])[target])

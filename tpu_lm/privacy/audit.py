@@ -95,7 +95,9 @@ def log_perplexities(m, texts: list[str], batch: int = 256) -> np.ndarray:
   """Nats the model gives each whole text ([BOS] + tokens, every token predicted)."""
   seqs = [m.encode(t) for t in texts]
   width = max(len(s) for s in seqs)
-  apply = jax.jit(lambda p, t, s, q: m.model.apply({"params": p}, t, s, q))
+  from tpu_lm.interpret import probe
+
+  apply = probe.compiled_apply(m.model)  # one compile for every canary's batches
   out = []
   for start in range(0, len(seqs), batch):
     chunk = seqs[start:start + batch]
@@ -103,7 +105,7 @@ def log_perplexities(m, texts: list[str], batch: int = 256) -> np.ndarray:
     real = np.zeros((batch, width), np.int32)
     for i, s in enumerate(chunk):
       tokens[i, :len(s)], real[i, :len(s)] = s, 1
-    logits = apply(m.params, jnp.asarray(tokens[:, :-1]), jnp.asarray(real[:, :-1]),
+    logits = apply({"params": m.params}, jnp.asarray(tokens[:, :-1]), jnp.asarray(real[:, :-1]),
                    jnp.tile(jnp.arange(width - 1), (batch, 1)))
     logp = jax.nn.log_softmax(logits, -1)
     nll = -jnp.take_along_axis(logp, jnp.asarray(tokens[:, 1:])[..., None], -1)[..., 0]
