@@ -5,18 +5,15 @@ import csv
 import math
 import os
 
-_SHOWN_STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
-                 "WAITING": "waiting"}
+from tpu_lm.sweeps.study import state_of
 
 
 def rows(study) -> list[dict]:
   out = []
   for t in study.get_trials(deepcopy=False):
-    if t.user_attrs.get("surplus"):  # asked for past the budget by a racing worker, never run
+    state = state_of(t)
+    if state == "surplus":  # never run
       continue
-    state = _SHOWN_STATES[t.state.name]
-    if state == "failed" and "error" not in t.user_attrs:
-      state = "interrupted"
     value = t.value if t.state.name == "COMPLETE" else (
         t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
     seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None

@@ -121,19 +121,27 @@ def open_study(sweep: Sweep, create: bool = True):
   return study
 
 
-def counts(study) -> dict:
-  """complete / pruned / failed (these count against the budget), running, waiting."""
-  from optuna.trial import TrialState
+_STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "RUNNING": "running", "WAITING": "waiting"}
 
+
+def state_of(t) -> str:
+  """A trial's state as the sweep sees it: complete, pruned, failed (an error; these
+  three count against the budget), interrupted (Optuna's FAIL without an error: put
+  back in the queue), running, waiting, or surplus (asked for past the budget by a
+  racing worker, never run)."""
+  if t.user_attrs.get("surplus"):
+    return "surplus"
+  if t.state.name == "FAIL":
+    return "failed" if "error" in t.user_attrs else "interrupted"
+  return _STATES[t.state.name]
+
+
+def counts(study) -> dict:
+  """Trials per state_of (surplus ones left out)."""
   out = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0, "interrupted": 0}
   for t in study.get_trials(deepcopy=False):
-    if t.user_attrs.get("surplus"):
-      continue
-    if t.state == TrialState.FAIL:
-      out["failed" if "error" in t.user_attrs else "interrupted"] += 1
-    else:
-      out[{TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.RUNNING: "running",
-           TrialState.WAITING: "waiting"}[t.state]] += 1
+    if (state := state_of(t)) != "surplus":
+      out[state] += 1
   return out
 
 
@@ -164,14 +172,8 @@ def _over_budget(study, trial, budget: int) -> bool:
   """Whether the trials numbered before this one already fill the budget (those that
   count, run or wait). Two workers that both saw room for one more trial ask at once:
   Optuna numbers trials atomically, so exactly one of them finds itself surplus."""
-  from optuna.trial import TrialState
-
-  ahead = 0
-  for t in study.get_trials(deepcopy=False):
-    if t.number >= trial.number or t.user_attrs.get("surplus"):
-      continue
-    if t.state != TrialState.FAIL or "error" in t.user_attrs:
-      ahead += 1
+  ahead = sum(1 for t in study.get_trials(deepcopy=False)
+              if t.number < trial.number and state_of(t) not in ("surplus", "interrupted"))
   return ahead >= budget
 
 
