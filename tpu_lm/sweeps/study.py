@@ -77,17 +77,27 @@ def open_storage(url: str):
     path = url.removeprefix("journal:")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(path))
-  try:
-    with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5
-      warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-      return optuna.storages.RDBStorage(
-        url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-        # SQLite: wait for the other workers' writes rather than fail on a locked file.
-        engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
-  except Exception as e:  # a wrong URL, a missing database driver, a server that does not answer
-    raise UserError(f"--storage={url} cannot be opened ({str(e).strip().splitlines()[0][:200]}): give"
-                    " sqlite:///FILE, journal:FILE, or a database URL SQLAlchemy can reach.") from None
+  for attempt in range(5):
+    try:
+      with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+          url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+          # SQLite: wait for the other workers' writes rather than fail on a locked file.
+          engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
+    except Exception as e:  # a wrong URL, a missing database driver, a server that does not answer
+      # Workers started together on a new database race to create its tables and
+      # version row ("already exists", or an IntegrityError on the row): the loser
+      # finds them made and opens the storage on its next try.
+      import sqlalchemy.exc
+
+      racing = "already exists" in str(e) or isinstance(e, sqlalchemy.exc.IntegrityError)
+      if racing and attempt < 4:
+        time.sleep(0.5 * (attempt + 1))
+        continue
+      raise UserError(f"--storage={url} cannot be opened ({str(e).strip().splitlines()[0][:200]}): give"
+                      " sqlite:///FILE, journal:FILE, or a database URL SQLAlchemy can reach.") from None
 
 
 def open_study(sweep: Sweep, create: bool = True):
