@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tests.conftest import tiny_config, train_steps
@@ -102,6 +103,22 @@ def test_the_gradual_schedule_is_zhu_and_gupta_cubic():
   assert got == pytest.approx([0, 0, 0, 0.8 * (1 - 0.5**3), 0.8, 0.8])
   w = jnp.asarray(np.random.default_rng(0).normal(size=(32, 32)), jnp.float32)
   assert float(1 - prune.magnitude_mask(w, 0.25).mean()) == pytest.approx(0.25, abs=1 / 1024)
+
+
+def test_gradual_pruning_reaches_its_target_exactly_whatever_every_is():
+  # end_step - begin_step is not a multiple of every: the last scheduled recomputation
+  # (update 200) is short of the target, so the masks are recomputed at end_step too.
+  spec = prune.Spec(sparsity=0.9, begin_step=0, end_step=250, every=100)
+  params = {"layers_0": {"mlp": {"up": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(20, 10)),
+                                                              jnp.float32)}}}}
+  tx = prune.masked(optax.sgd(1e-3), spec)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  update = jax.jit(tx.update)
+  for _ in range(spec.end_step + 5):
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  assert prune.report(jax.device_get(params), spec)["targets"] == 0.9
 
 
 def _sparsity(params, targets=prune.Spec().targets):

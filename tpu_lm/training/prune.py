@@ -7,7 +7,7 @@ run). `masked` wraps an Optax transformation: its state holds the masks and the
 update leaves every pruned weight exactly zero, so masks survive updates and
 checkpoints (they are part of the train state). Gradual magnitude pruning (Zhu &
 Gupta, 2017) raises the sparsity along s_t = s_f + (s_i - s_f) (1 - (t - t0) / (t1 - t0))^3
-from step t0 to t1, recomputing the masks every `every` steps.
+from step t0 to t1, recomputing the masks every `every` steps and at t1.
 
 Hand-written: jaxpruner, the JAX library for this, calls APIs jax 0.10 removed.
 """
@@ -124,9 +124,11 @@ def masked(inner: optax.GradientTransformation, spec: Spec) -> optax.GradientTra
     new = optax.apply_updates(params, updates)
     step = state.count
     is_target = targeted(params, spec.targets)
-    # Recompute at begin_step, then every `every` updates until end_step (N:M: once).
+    # Recompute at begin_step, then every `every` updates, and at end_step whatever
+    # `every` is (else a schedule whose length is no multiple of it stops short of the
+    # target); N:M once, at begin_step.
     last = spec.begin_step if spec.n_m else spec.end_step
-    due = (step >= spec.begin_step) & (step <= last) & ((step - spec.begin_step) % spec.every == 0)
+    due = (step >= spec.begin_step) & (step <= last) & (((step - spec.begin_step) % spec.every == 0) | (step == last))
     masks = jax.lax.cond(due, lambda: masks_for(new, spec, sparsity_at(spec, step), is_target),
                          lambda: state.masks)
     new = jax.tree.map(lambda w, m: jnp.where(m, w, jnp.zeros_like(w)), new, masks)
