@@ -136,6 +136,29 @@ def test_resume_with_clipping_turned_on_and_tensorboard_without_duplicates(corpu
   assert _scalar_steps(workdir, "loss") == list(range(1, 8))
 
 
+@pytest.mark.parametrize("restored", [0, 100])
+def test_tensorboard_shows_each_step_once_after_any_restart(tmp_path, restored):
+  """A run that died at step 130 (its checkpoint at `restored`, or none) and was started
+  again: TensorBoard's own reader sees the restarted run's points and nothing the dead
+  attempt logged past the restored step."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+  workdir = str(tmp_path)
+  dead = metrics.Writer(workdir)
+  for step in range(10, 140, 10):
+    dead.write(step, {"loss": float(step)})
+  dead.close()
+  again = metrics.Writer(workdir, resume_step=restored)
+  for step in range(restored + 10, restored + 70, 10):
+    again.write(step, {"loss": -float(step)})
+  again.close()
+  events = EventAccumulator(workdir)
+  events.Reload()
+  points = [(e.step, e.value) for e in events.Scalars("loss")]
+  expected = [(s, float(s)) for s in range(10, restored + 1, 10)] + [(s, -float(s)) for s in range(restored + 10, restored + 70, 10)]
+  assert points == expected
+
+
 def test_tokens_per_second_counts_only_the_steps_after_an_eval_inside_the_window():
   """Log every 4 steps, eval after step 2 (taking 100 s), each step 1 s: the rate is
   one step per second, not 4 steps in the 2 s after the eval (the old bookkeeping)."""

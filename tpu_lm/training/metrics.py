@@ -105,9 +105,13 @@ class Writer:
     try:
       from tensorboardX import SummaryWriter
 
-      # The purge step tells TensorBoard to drop the points a previous run logged
-      # past the checkpoint this one resumed from: they are logged again.
-      self._tb = SummaryWriter(workdir, flush_secs=30, purge_step=resume_step + 1 if resume_step else None)
+      # The purge step tells TensorBoard to drop the points an earlier attempt logged
+      # past the checkpoint this one resumed from (or all of them, started from
+      # scratch): they are logged again. TensorBoard reads a directory's event files in
+      # name order and names carry the second they were made, so the nanosecond suffix
+      # keeps a restart within the same second after (and apart from) the attempt before.
+      self._tb = SummaryWriter(workdir, flush_secs=30, purge_step=resume_step + 1,
+                               filename_suffix=f".{time.time_ns()}")
     except ImportError:  # TensorBoard files are optional; metrics.jsonl is not
       print("tensorboardX is not installed: no TensorBoard event files.", file=sys.stderr)
       self._tb = None
