@@ -41,17 +41,20 @@ class DpOptions:
   batch_axes: tuple = ()  # mesh axes the batch is split over (the vmapped axis's sharding)
 
 
-def loss_and_grads(params, batch, rng, *, model, task, dp: DpOptions, trainable=None):
-  """(mean loss over the real examples, privatized gradient, metrics)."""
+def loss_and_grads(split, batch, rng, *, model, task, dp: DpOptions):
+  """(mean loss over the real examples, privatized gradient of the trained leaves
+  `split.trained` (a list), metrics). An example's clipped norm is its gradient's
+  over the trained leaves alone: frozen ones (a LoRA base model, optim.freeze) are
+  constants here, neither differentiated nor noised."""
   padding_B = batch[PADDING]
   examples = {k: v for k, v in batch.items() if k != PADDING}
   # Inside the per-example function a batch has one row: its logical "act_batch"
   # axis must not be sharded (the vmapped axis is, over batch_axes).
   rules = tuple((name, None if name == "act_batch" else axes) for name, axes in nn.get_logical_axis_rules())
 
-  def example_loss(params, example_1xT, rng):  # clipped_grad keeps each example's batch axis (of 1)
+  def example_loss(trained, example_1xT, rng):  # clipped_grad keeps each example's batch axis (of 1)
     with nn.logical_axis_rules(rules):
-      total, count, _ = task.loss(model, params, example_1xT, rng)
+      total, count, _ = task.loss(model, split.join(trained), example_1xT, rng)
     return total / jnp.maximum(count, 1)
 
   from jax_privacy import clipping
@@ -59,16 +62,11 @@ def loss_and_grads(params, batch, rng, *, model, task, dp: DpOptions, trainable=
   grad_fn = clipping.clipped_grad(
       example_loss, l2_clip_norm=dp.clip_norm, batch_argnums=1, prng_argnum=2, return_values=True,
       return_grad_norms=True, microbatch_size=dp.microbatch, spmd_axis_name=dp.batch_axes or None)
-  if trainable is not None:
-    params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-  grad_sum, aux = grad_fn(params, examples, rng, is_padding_example=padding_B)
-  leaves, treedef = jax.tree.flatten(grad_sum)
-  keys = jax.random.split(jax.random.fold_in(rng, 0x5EED), len(leaves))
-  trainable_leaves = jax.tree.leaves(trainable) if trainable is not None else [True] * len(leaves)
+  grad_sum, aux = grad_fn(split.trained, examples, rng, is_padding_example=padding_B)
+  keys = jax.random.split(jax.random.fold_in(rng, 0x5EED), len(grad_sum))
   std = dp.noise_multiplier * dp.clip_norm
-  noisy = [g + (std * jax.random.normal(k, g.shape, jnp.float32)).astype(g.dtype) if t else g
-           for g, k, t in zip(leaves, keys, trainable_leaves)]
-  grads = jax.tree.map(lambda g: g / dp.expected_batch, jax.tree.unflatten(treedef, noisy))
+  grads = [(g + (std * jax.random.normal(k, g.shape, jnp.float32)).astype(g.dtype)) / dp.expected_batch
+           for g, k in zip(grad_sum, keys)]
   real_B = (~padding_B).astype(jnp.float32)
   num_real = real_B.sum()
   loss = (aux.values * real_B).sum() / jnp.maximum(num_real, 1)

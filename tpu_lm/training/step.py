@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from tpu_lm.training import optim
+from tpu_lm.training import trainable as trainable_lib
 from tpu_lm.training.state import TrainState
 
 
@@ -33,24 +34,23 @@ def loss_and_grads(params, batch, rng, *, model, task, opts: StepOptions, loss_s
   microbatch i mod k, so each device keeps its own rows) and a lax.scan sums
   their losses, counts and gradients: one gradient-sized carry, activations of
   one microbatch at a time, and the same result as the whole batch at once. The
-  gradient is of the scaled loss (loss_scale > 1 only for float16). Parameters
-  `trainable` marks False get exactly zero gradient (and XLA computes none).
+  gradient is of the scaled loss (loss_scale > 1 only for float16). Only the
+  parameters `trainable` marks True are differentiated: the others get exactly
+  zero gradient, and XLA computes none for them.
   """
+  split = trainable_lib.Split.of(params, trainable)
   if opts.dp is not None:  # DP-SGD: its own per-example gradient (accumulation inside)
     from tpu_lm.training import private
 
-    loss, grads, metrics = private.loss_and_grads(params, batch, rng, model=model, task=task, dp=opts.dp,
-                                                  trainable=trainable)
-    return loss, _with_l1(grads, params, opts, trainable, loss_scale), metrics
-  if trainable is not None:
-    params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+    loss, grads, metrics = private.loss_and_grads(split, batch, rng, model=model, task=task, dp=opts.dp)
+    return loss, _with_l1(split.full_grads(grads), params, opts, trainable, loss_scale), metrics
   if opts.accum_steps == 1:
-    def sum_fn(params):
-      total, count, metrics = task.loss(model, params, batch, rng)
+    def sum_fn(trained):
+      total, count, metrics = task.loss(model, split.join(trained), batch, rng)
       # The gradient of the mean: the count does not depend on the parameters.
       return total / jnp.maximum(count, 1) * loss_scale, (total, count, metrics)
 
-    (_, (total, count, metrics)), grads = jax.value_and_grad(sum_fn, has_aux=True)(params)
+    (_, (total, count, metrics)), grads = jax.value_and_grad(sum_fn, has_aux=True)(split.trained)
     count = jnp.maximum(count, 1)
   else:
     k = opts.accum_steps
@@ -61,20 +61,20 @@ def loss_and_grads(params, batch, rng, *, model, task, opts: StepOptions, loss_s
         batch,
     )
 
-    def sum_fn(params, micro, rng):
-      total, count, metrics = task.loss(model, params, micro, rng)
+    def sum_fn(trained, micro, rng):
+      total, count, metrics = task.loss(model, split.join(trained), micro, rng)
       return total * loss_scale, (total, count, metrics)
 
     def body(carry, xs):
       grad_sum, total_sum, count_sum, metrics_sum = carry
       i, micro = xs
       (_, (total, count, metrics)), grads = jax.value_and_grad(sum_fn, has_aux=True)(
-          params, micro, jax.random.fold_in(rng, i))
+          split.trained, micro, jax.random.fold_in(rng, i))
       return (jax.tree.map(jnp.add, grad_sum, grads), total_sum + total, count_sum + count,
               jax.tree.map(jnp.add, metrics_sum, metrics)), None
 
     metrics_shape = jax.eval_shape(lambda: task.loss(model, params, jax.tree.map(lambda x: x[0], micro_batches), rng)[2])
-    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()),
+    zeros = (jax.tree.map(jnp.zeros_like, split.trained), jnp.zeros(()), jnp.zeros(()),
              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
     (grad_sum, total, count, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro_batches))
     count = jnp.maximum(count, 1)
@@ -83,7 +83,7 @@ def loss_and_grads(params, batch, rng, *, model, task, opts: StepOptions, loss_s
   # A task's metrics are sums over what its count counts (e.g. correct examples):
   # reported per count, so they mean the same with or without accumulation.
   metrics = jax.tree.map(lambda m: m / count, metrics)
-  return loss, _with_l1(grads, params, opts, trainable, loss_scale), metrics
+  return loss, _with_l1(split.full_grads(grads), params, opts, trainable, loss_scale), metrics
 
 
 def _with_l1(grads, params, opts: StepOptions, trainable, loss_scale):

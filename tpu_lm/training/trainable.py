@@ -2,9 +2,13 @@
 or with LoRA only the adapters (and a classification head, which is new anyway).
 
 Frozen parameters get no optimizer state and no update (`optax.multi_transform`
-with `optax.set_to_zero`), and the step stops their gradients, so XLA does not
-even compute them.
+with `optax.set_to_zero`), and the step differentiates with respect to the trained
+leaves alone (`Split`), so XLA computes no gradient for a frozen one: under DP-SGD
+an example's clipped norm is its trained leaves' gradient norm, and the logged
+gradient norm is theirs.
 """
+
+import dataclasses
 
 import re
 
@@ -33,6 +37,35 @@ def mask(params, freeze=(), lora_rank: int = 0):
     return not lora_rank or lora.is_adapter(name) or name.startswith(HEADS)
 
   return jax.tree_util.tree_map_with_path(trains, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """A parameter tree cut into the leaves that train and the frozen rest:
+  `jax.grad(lambda t: f(split.join(t)))(split.trained)` differentiates the trained
+  leaves only, the frozen ones entering as constants."""
+
+  trained: list
+  frozen: list
+  flags: tuple  # per leaf of the tree, in order: True where it trains
+  treedef: object
+
+  @classmethod
+  def of(cls, params, trainable) -> "Split":
+    leaves, treedef = jax.tree.flatten(params)
+    flags = tuple(bool(t) for t in jax.tree.leaves(trainable)) if trainable is not None else (True,) * len(leaves)
+    return cls([x for x, t in zip(leaves, flags) if t], [x for x, t in zip(leaves, flags) if not t], flags, treedef)
+
+  def join(self, trained: list, frozen: list | None = None):
+    """The whole tree from trained leaves (and the frozen ones, default this split's)."""
+    it_trained, it_frozen = iter(trained), iter(self.frozen if frozen is None else frozen)
+    return self.treedef.unflatten([next(it_trained) if t else next(it_frozen) for t in self.flags])
+
+  def full_grads(self, trained_grads: list):
+    """Gradients as a whole tree: zeros where frozen (the optimizer discards them)."""
+    import jax.numpy as jnp
+
+    return self.join(trained_grads, [jnp.zeros_like(x) for x in self.frozen])
 
 
 def summary(abstract_params, trainable, abstract_opt_state) -> str:
