@@ -305,3 +305,49 @@ def test_sigterm_before_training_starts_exits_0_with_nothing_to_save(corpus_dir,
   assert not os.path.exists(f"{workdir}/metrics.jsonl") or not _losses(workdir)
   again = _run(_cmd(corpus_dir, data_dir, workdir, "--config.num_train_steps=2"))  # nothing was left broken
   assert again.returncode == 0, again.stderr[-3000:]
+
+
+def _snapshot(directory) -> dict:
+  """Every file under `directory` with its bytes."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = f.read()
+  return out
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    # Another tokenizer whose vocabulary pads to the same embedding rows as the bytes one (384):
+    # the parameter shapes agree, so nothing else would notice.
+    ({"data.tokenizer": "sentencepiece", "data.vocab_size": 300}, "tokenizer"),
+    # Another tokenizer and other shapes (the README's base config into a tiny run).
+    ({"data.tokenizer": "sentencepiece", "data.vocab_size": 512}, "tokenizer"),
+    ({"data.seq_len": 16}, "data.seq_len"),
+    ({"model.mlp_dim": 96}, "params/layers_0/mlp/down/kernel"),
+])
+def test_resuming_another_run_is_refused_before_anything_in_it_is_written(trained_run, tmp_path, overrides, fragment):
+  from tpu_lm.errors import UserError
+  from tpu_lm.training import loop
+
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_run, workdir)
+  before = _snapshot(workdir)
+  config = run_config(trained_run)
+  with config.unlocked():
+    config.num_train_steps += 2
+    for dotted, value in overrides.items():
+      section, leaf = dotted.split(".")
+      config[section][leaf] = value
+  with pytest.raises(UserError, match=re.escape(fragment)) as e:
+    loop.train_and_evaluate(config, workdir)
+  assert "\n" not in str(e.value) and "new --workdir" in str(e.value)
+  assert _snapshot(workdir) == before
+
+
+def run_config(workdir):
+  """The config a run directory was trained with."""
+  from tpu_lm.inference import run_dir
+
+  return run_dir.read_config(workdir, run_dir.resolve_step(workdir))

@@ -69,19 +69,33 @@ class Checkpointer:
         data_iter.set_state(_position(restored["data"], data_iter))
     return restored["state"]
 
-  def check_structure(self, step: int, abstract_state) -> None:
-    """UserError naming the first array whose saved path or shape differs from the config's."""
+  def saved_config(self, step: int) -> dict:
+    """The config the run saved with the checkpoint at `step` (as JSON)."""
+    with self._damage_is_user_error(step):
+      return self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+  def _saved_shapes(self, step: int) -> dict:
+    """{'params/layers_0/...': shape} of the checkpoint's train state, from its metadata."""
     with self._damage_is_user_error(step):
       saved = self._mngr.item_metadata(step)["state"]
       if saved is None:
         raise FileNotFoundError("no readable metadata for the train state")
-      saved = {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
-    wanted = {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
-    if all(n.startswith("params/") for n in saved):  # written by tpu_lm.convert: no train state
+      return {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+
+  def check_resumable(self, step: int) -> None:
+    """UserError if the checkpoint holds parameters only (written by tpu_lm.convert or
+    tpu_lm.compress): a run to fine-tune from, not to resume."""
+    if all(n.startswith("params/") for n in self._saved_shapes(step)):
       raise UserError(
           f"{self.directory} holds parameters only (a converted or exported run directory), not a run to"
           f" resume: train from it with --config.init_from={os.path.dirname(self.directory)} and a new --workdir."
       )
+
+  def check_structure(self, step: int, abstract_state) -> None:
+    """UserError naming the first array whose saved path or shape differs from the config's."""
+    self.check_resumable(step)
+    saved = self._saved_shapes(step)
+    wanted = {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
     for name in list(wanted) + [n for n in saved if n not in wanted]:
       got, want = saved.get(name), wanted.get(name)
       if got == want:

@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from tpu_lm import storage
-from tpu_lm.config import checks
+from tpu_lm.config import checks, defaults
 from tpu_lm.data import pipeline, sources
 from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.errors import UserError
@@ -72,6 +72,8 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
       + (f"; zlib -9 on the validation text: {corpus.zlib_bits_per_byte:.3f} bits/byte"
          if corpus.zlib_bits_per_byte else f"; classes {', '.join(corpus.class_names)}" if corpus.class_names else "")
   )
+  ckpt = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", config.keep_checkpoints)
+  _check_same_run(config, setup, ckpt, corpus.tokenizer, workdir)  # before anything in workdir is written
   if jax.process_index() == 0:
     tokenizer_lib.save_for_run(corpus.tokenizer, workdir)
   private = None
@@ -86,7 +88,6 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
         process_index=jax.process_index(), process_count=jax.process_count(), block_docs=d.shuffle_block_docs,
     )
 
-  ckpt = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", config.keep_checkpoints)
   state = _restore_or_init(setup, ckpt, train_iter)
 
   n_params = params_lib.num_params(setup.abstract_state.params)
@@ -213,6 +214,38 @@ def _check_shared_workdir(workdir: str) -> None:
     raise UserError(
         f"--workdir={workdir} is not shared: process(es) {list(np.flatnonzero(~seen))} cannot see what process 0"
         " writes there. Several hosts need one workdir on shared storage (a gs:// bucket or a network file system).")
+
+
+# What makes a run's data: resuming with another value would continue another run's
+# stream positions on other rows. (The tokenizer is compared as itself; the
+# architecture and optimizer by the checkpoint's shapes.)
+_RECIPE = ("task.kind", "data.dataset", "data.path", "data.train_split", "data.text_key", "data.label_key",
+           "data.max_documents", "data.seq_len", "data.chat_template")
+
+
+def _check_same_run(config, setup: Setup, ckpt, tokenizer, workdir: str) -> None:
+  """UserError, before anything in `workdir` is written, unless its newest checkpoint
+  was trained with this config's tokenizer, data recipe and parameter shapes."""
+  latest = ckpt.latest_step()
+  if latest is None:  # nothing trained there yet: a start from scratch
+    return
+  ckpt.check_resumable(latest)
+  new_workdir = "resume with the config it was trained with, or use a new --workdir"
+  if storage.exists(os.path.join(workdir, tokenizer_lib.RUN_FILE)):
+    theirs = tokenizer_lib.load_for_run(workdir)
+    if theirs.name != tokenizer.name:
+      raise UserError(f"{workdir} holds a run trained with tokenizer {theirs.name}, and this config makes"
+                      f" {tokenizer.name} (data.tokenizer={config.data.tokenizer!r}): {new_workdir}.")
+  saved = defaults.complete(ckpt.saved_config(latest))
+  for field in _RECIPE:
+    section, name = field.split(".")
+    was, now = saved[section][name], config[section][name]
+    if field == "data.path":  # the same files, however the path was written
+      was, now = (os.path.abspath(os.path.expanduser(p)) if p else p for p in (was, now))
+    if was != now:
+      raise UserError(f"{workdir} holds a run trained with {field}={was!r}, and this config has {now!r}:"
+                      f" {new_workdir}.")
+  ckpt.check_structure(latest, setup.abstract_state)  # another architecture or optimizer; parameters only
 
 
 def _check_vocabulary(config, tok) -> None:
