@@ -73,13 +73,45 @@ def test_each_epoch_is_a_new_order_of_the_same_documents():
   assert sorted(int(t) for t in seen[seen > 2]) == sorted(t for d in docs for t in d)
 
 
-def test_a_bounded_eval_takes_whole_documents_and_counts_their_bytes():
-  docs = [list(range(3, 3 + n)) for n in (5, 9, 2, 30, 4, 4)]
-  s, fetch = _one_stream(docs, 8, shuffle=False, one_pass=True, with_bytes=True, max_rows=3)
+def test_a_bounded_eval_samples_documents_in_a_seeded_order_and_scores_them_whatever_their_length():
+  docs = [list(range(3, 3 + n)) for n in (5, 9, 2, 30, 4, 4, 40, 7)]
+  s, fetch = _one_stream(docs, 8, shuffle=True, one_pass=True, with_bytes=True, max_rows=3)
+  order = [s.doc_index(0, p) for p in range(len(docs))]
   rows = [s.next_row(fetch) for _ in range(3)]
-  # 24 slots: docs of 6, 10 and 3 pairs fit (19); the next (31 pairs) would not, so the pass ends.
-  real = sum(int((r["segment_ids"] > 0).sum()) for r in rows)
-  assert real == 6 + 10 + 3 and sum(int(r["num_bytes"]) for r in rows) == 5 + 9 + 2 and s.done
+  assert s.done and order != sorted(order)  # not the split's first documents
+  # Every slot is scored, documents packed in the seeded order, the last one cut by the budget.
+  pairs = [len(docs[i]) + 1 for i in order]
+  whole = next(k for k in range(len(pairs) + 1) if sum(pairs[:k + 1]) > 24)
+  cut = 24 - sum(pairs[:whole])
+  assert sum(int((r["segment_ids"] > 0).sum()) for r in rows) == 24
+  expected_bytes = sum(len(docs[i]) for i in order[:whole]) + (len(docs[order[whole]]) * cut / pairs[whole] if cut else 0)
+  assert sum(float(r["num_bytes"]) for r in rows) == pytest.approx(expected_bytes)
+  assert sum(int(r["num_docs"]) for r in rows) == whole + (cut > 0)
+  # The same sample every time.
+  again, fetch = _one_stream(docs, 8, shuffle=True, one_pass=True, with_bytes=True, max_rows=3)
+  assert all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(rows, [again.next_row(fetch) for _ in range(3)]))
+
+
+def test_a_bounded_eval_of_documents_longer_than_its_budget_still_scores_them():
+  """The old rule (whole documents only) scored nothing here, and reported loss 0."""
+  docs = [list(range(3, 50)), list(range(3, 60))]
+  s, fetch = _one_stream(docs, 8, shuffle=True, one_pass=True, with_bytes=True, max_rows=2)
+  rows = [s.next_row(fetch) for _ in range(2)]
+  assert sum(int((r["segment_ids"] > 0).sum()) for r in rows) == 16 and sum(float(r["num_bytes"]) for r in rows) > 0
+
+
+def test_an_eval_that_scores_nothing_is_an_error_not_a_perfect_score():
+  import types
+
+  from tpu_lm.training import evaluate, tasks
+
+  config = types.SimpleNamespace(data=types.SimpleNamespace(seq_len=8, global_batch_size=2, eval_split="validation",
+                                                            dataset="text_files"), eval_max_batches=0)
+  setup = types.SimpleNamespace(config=config, task=tasks.LanguageModel(), device_batch=lambda b: b)
+  corpus = types.SimpleNamespace(validation=_split([[5, 6], [7]]))
+  nothing = lambda params, batch: {"nats": 0.0, "tokens": 0.0, "bytes": 0.0, "documents": 0}  # noqa: E731
+  with pytest.raises(UserError, match="scored nothing"):
+    evaluate.evaluate(setup, None, corpus, eval_step=nothing)
 
 
 @pytest.mark.parametrize("kind", ["bytes", "sentencepiece"])
@@ -282,3 +314,9 @@ def test_a_saved_position_is_checked_against_the_batch_and_block_size():
     checkpoint._position(saved, pipeline.train_iter(split, seq_len=16, global_batch=8, seed=0, block_docs=4))
   with pytest.raises(UserError, match=r"resume with --config.data.shuffle_block_docs=4, or use a new --workdir"):
     checkpoint._position(saved, pipeline.train_iter(split, seq_len=16, global_batch=4, seed=0))
+
+
+def test_sample_prompts_are_as_many_as_asked_zero_included():
+  split = _split([list(range(3, 40))] * 5)
+  assert pipeline.first_tokens(split, 2, 8).shape == (2, 8)
+  assert pipeline.first_tokens(split, 0, 8).shape == (0, 8)  # sample.num_prompts=0 printed every document's

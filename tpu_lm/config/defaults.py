@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_train_steps = 2400
   c.log_every_steps = 200
   c.eval_every_steps = 1200
-  c.eval_max_batches = 0  # > 0: each eval reads at most this many batches (whole documents only); 0: the whole split
+  c.eval_max_batches = 0  # > 0: each eval reads this many batches of documents in a fixed seeded order; 0: the whole split
   c.checkpoint_every_steps = 800
   c.keep_checkpoints = 3
   # A step with a NaN/Inf loss or gradient is skipped (no update); this many in a

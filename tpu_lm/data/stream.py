@@ -127,16 +127,10 @@ class ShardStream:
   def _packed_row(self, fetch):
     t = self.seq_len
     inputs, targets, seg, positions, mask = (np.zeros(t, np.int32) for _ in range(5))
-    filled, segment, row_bytes = 0, 0, 0
+    filled, segment, row_bytes, row_docs = 0, 0, 0.0, 0
     while filled < t and not self.done:
       tokens, target_mask, nbytes, _ = self._doc(fetch)
       pairs = len(tokens) - 1
-      if self.offset == 0 and self.max_rows:
-        # A bounded pass takes whole documents only, so bits per byte stay exact.
-        room = (self.max_rows - self.rows_made) * t + (t - filled)
-        if pairs > room:
-          self.done = True
-          break
       take = min(pairs - self.offset, t - filled)
       a, b = self.offset, self.offset + take
       segment += 1
@@ -149,12 +143,22 @@ class ShardStream:
       self.offset = b
       if b == pairs:
         row_bytes += nbytes
+        row_docs += 1
         self._advance_doc()
+    if self.max_rows and self.rows_made >= self.max_rows and not self.done:
+      # The budget ends inside a document: it counts as scored, with the share of its
+      # bytes its scored tokens are (rows are separate contexts even in a full pass).
+      if self.offset:
+        tokens, _, nbytes, _ = self._cache[(self.epoch, self.pos)]
+        row_bytes += nbytes * self.offset / (len(tokens) - 1)
+        row_docs += 1
+      self.done = True
     row = {"inputs": inputs, "targets": targets, "segment_ids": seg, "positions": positions}
     if self.loss_mask:
       row["loss_mask"] = mask
     if self.with_bytes:
-      row["num_bytes"] = np.int32(row_bytes)
+      row["num_bytes"] = np.float32(row_bytes)
+      row["num_docs"] = np.int32(row_docs)
     return row
 
   def _example_row(self, fetch):
@@ -398,18 +402,25 @@ _LIVE: "weakref.WeakSet[Loader]" = weakref.WeakSet()
 atexit.register(lambda: [loader.close() for loader in list(_LIVE)])
 
 
+EVAL_SEED = 0  # a bounded eval's sample of documents: the same in every eval of every run
+
+
 def eval_rows(source, encoder, *, seq_len: int, global_batch: int, bos_id: int, eos_id: int, max_batches: int = 0,
               process_index: int = 0, process_count: int = 1, one_per_row: bool = False, loss_mask: bool = False,
               on_progress=None):
-  """This process's rows of every eval batch: each document once, in order; a pass
-  bounded to `max_batches` takes whole documents only. Yields (batch, done), done
-  when this process's streams are exhausted (the caller agrees on the end across
-  processes). Rows carry `num_bytes`: the bytes of the documents they end.
-  `on_progress(fraction)` hears after each batch how far the pass is."""
+  """This process's rows of every eval batch: each document once, in order. A pass
+  bounded to `max_batches` reads the documents in a fixed seeded order instead (a
+  sample that does not depend on the split's order or prefer short documents), packs
+  them as the full pass does, and stops after that many batches, inside a document
+  if need be. Yields (batch, done), done when this process's streams are exhausted
+  (the caller agrees on the end across processes). Rows carry `num_bytes`, the bytes
+  of the documents they end (of a document cut by the budget, the share its scored
+  tokens are), and `num_docs`, how many. `on_progress(fraction)` hears after each
+  batch how far the pass is."""
   per = global_batch // process_count
-  streams = [ShardStream(source, shard=r, num_shards=global_batch, seq_len=seq_len, seed=0, bos_id=bos_id,
-                         eos_id=eos_id, shuffle=False, one_pass=True, max_rows=max_batches, one_per_row=one_per_row,
-                         loss_mask=loss_mask, with_bytes=not one_per_row)
+  streams = [ShardStream(source, shard=r, num_shards=global_batch, seq_len=seq_len, seed=EVAL_SEED, bos_id=bos_id,
+                         eos_id=eos_id, shuffle=bool(max_batches), one_pass=True, max_rows=max_batches,
+                         one_per_row=one_per_row, loss_mask=loss_mask, with_bytes=not one_per_row)
              for r in range(process_index * per, (process_index + 1) * per)]
   fetch = _fetcher(source, encoder)
   batches = 0
@@ -427,6 +438,8 @@ def eval_rows(source, encoder, *, seq_len: int, global_batch: int, bos_id: int, 
 def first_tokens(source, encoder, bos_id: int, num: int, length: int) -> np.ndarray:
   """[BOS] + the first tokens of the first `num` documents long enough: sample prompts."""
   prompts = []
+  if num <= 0:
+    return np.zeros((0, length), np.int32)
   for start in range(0, min(len(source), 64 * max(num, 1)), 64):
     for e in encoder(source.get(range(start, min(start + 64, len(source))))):
       if len(e.ids) + 1 > length:

@@ -11,9 +11,9 @@ from tpu_lm.training import metrics as metrics_lib
 
 
 def evaluate(setup, params, corpus, eval_step=None) -> dict:
-  """The task's eval metrics over the validation split (its first eval_max_batches
-  batches' worth of whole documents, if set); `eval_step` (params, batch) -> sums,
-  default setup's (another model over the same batches: a quantized one)."""
+  """The task's eval metrics over the validation split (or eval_max_batches batches
+  of its documents in a fixed seeded order, if set); `eval_step` (params, batch) ->
+  sums, default setup's (another model over the same batches: a quantized one)."""
   eval_step = eval_step or setup.eval_step
   d = setup.config.data
   if len(corpus.validation) == 0:
@@ -28,7 +28,13 @@ def evaluate(setup, params, corpus, eval_step=None) -> dict:
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
     if _everywhere(done_here):  # every process runs the same number of eval steps
       break
-  return setup.task.eval_metrics(jax.device_get(sums))
+  result = setup.task.eval_metrics(jax.device_get(sums))
+  scored = result.get("eval_tokens", result.get("eval_examples"))
+  if not scored:  # a loss of 0 over nothing is no score: never report it as one
+    raise UserError(f"the eval scored nothing: the validation split {d.eval_split!r} of {d.dataset!r} has"
+                    f" {len(corpus.validation)} documents but no {'tokens' if 'eval_tokens' in result else 'examples'}"
+                    " to score; set data.eval_split to a split with text.")
+  return result
 
 
 def _everywhere(flag: bool) -> bool:

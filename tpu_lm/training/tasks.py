@@ -48,8 +48,9 @@ class LanguageModel:
 
   def eval_sums(self, model, params, batch) -> dict:
     nats, count = losses.token_nats(model, params, batch, None, self.logits_chunk)
-    # Eval rows carry the UTF-8 bytes of the documents they end (data/stream.py).
-    return {"nats": nats, "tokens": count, "bytes": batch["num_bytes"].astype(jnp.float32).sum()}
+    # Eval rows carry the UTF-8 bytes of the documents they end, and how many (data/stream.py).
+    return {"nats": nats, "tokens": count, "bytes": batch["num_bytes"].astype(jnp.float32).sum(),
+            "documents": batch["num_docs"].sum()}
 
   def eval_metrics(self, sums: dict) -> dict:
     nats, count, num_bytes = float(sums["nats"]), float(sums["tokens"]), float(sums["bytes"])
@@ -59,6 +60,8 @@ class LanguageModel:
         "eval_ppl": math.exp(min(loss, 50)),
         # Per UTF-8 byte of the evaluated text: comparable across tokenizers.
         "eval_bpb": nats / math.log(2) / max(num_bytes, 1),
+        # What was scored (ints: a count, not a metric).
+        "eval_tokens": int(count), "eval_documents": int(sums["documents"]),
     }
 
 
@@ -121,6 +124,7 @@ def classification_metrics(confusion_CxC: np.ndarray, nats: float = 0.0, class_n
       "eval_per_class": {n: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                          for n, p, r, f, s in zip(names, precision, recall, f1, actual)},
       "eval_confusion": c.astype(np.int64).tolist(),
+      "eval_examples": int(total),
   }
 
 
