@@ -67,13 +67,19 @@ def test_trains_then_resumes_from_its_checkpoint(corpus_dir, data_dir, tmp_path)
         (["--config.model.num_layers=two"],
          "error: flag --config.model.num_layers=two: invalid literal for int() with base 10: 'two'."),
         (["--config=configs/no_such.py"],
-         "error: config file configs/no_such.py does not exist: pass --config=configs/<name>.py."),
+         f"error: config file configs/no_such.py does not exist (relative paths start at {ROOT}): pass"
+         " --config=configs/<name>.py from the repository root, or the config file's full path."),
+        (["--num_train_steps=5"],
+         "error: unknown flag --num_train_steps: config fields are set as --config.num_train_steps=VALUE."),
+        (["--learning_rate=0.1"],
+         "error: unknown flag --learning_rate: config fields are set as --config.optim.learning_rate=VALUE."),
         (["--config={tmp}/syntax.py"],
          "error: config file {tmp}/syntax.py failed to load at line 4 (SyntaxError: invalid syntax): fix it and rerun."),
         (["--config={tmp}/raises.py"],
          "error: config file {tmp}/raises.py failed to load at line 3 (KeyError: 'no_such_key'): fix it and rerun."),
     ],
-    ids=["bad_value", "unknown_field", "wrong_type", "missing_file", "config_syntax_error", "config_raises"],
+    ids=["bad_value", "unknown_field", "wrong_type", "missing_file", "bare_field", "bare_leaf", "config_syntax_error",
+         "config_raises"],
 )
 def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path):
   (tmp_path / "syntax.py").write_text("import ml_collections\ndef get_config():\n  c = ml_collections.ConfigDict()\n  c.x = 1 +\n")
@@ -85,6 +91,17 @@ def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path):
   assert result.stderr.strip().splitlines() == [message]
   assert "Traceback" not in result.stdout + result.stderr
   assert not os.path.exists(f"{tmp_path}/w/checkpoints")
+
+
+def test_a_config_file_loads_from_any_working_directory(tmp_path):
+  """configs/tiny.py imports configs.base: that worked only from the repository root."""
+  env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": ROOT}
+  result = subprocess.run([sys.executable, "-m", "tpu_lm.main", f"--config={ROOT}/configs/tiny.py",
+                           f"--workdir={tmp_path}/w", "--config.model.num_heads=3"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "error: config field model.num_heads is 3: it must divide model.d_model (64), or set model.head_dim."]
 
 
 @pytest.mark.parametrize(

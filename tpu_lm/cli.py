@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import sys
 import traceback
 
 from absl import flags
@@ -12,10 +13,28 @@ from tpu_lm.errors import UserError, exit_with
 def parse_flags(argv):
   """absl's parser, with its failures (bad file, unknown field, bad value, a config
   file that raises while it loads) as one line and exit code 2."""
+  _importable_configs(argv)
   try:
     return flags.FLAGS(argv)
   except Exception as e:
     exit_with(_one_line(e, argv))
+
+
+def _importable_configs(argv) -> None:
+  """A config file in a package (configs/tiny.py does `from configs import base`)
+  loads from any working directory: the folder above its package goes on sys.path."""
+  config_file = _config_file(argv)
+  if config_file is None:
+    return
+  package = os.path.dirname(config_file)
+  if os.path.isfile(os.path.join(package, "__init__.py")) and os.path.dirname(package) not in sys.path:
+    sys.path.insert(0, os.path.dirname(package))
+
+
+def missing_config(filename: str) -> str:
+  """The line for a --config file that is not there."""
+  return (f"config file {filename} does not exist (relative paths start at {os.getcwd()}): pass"
+          " --config=configs/<name>.py from the repository root, or the config file's full path.")
 
 
 @contextlib.contextmanager
@@ -34,6 +53,10 @@ def _one_line(e: Exception, argv) -> str:
   config_file = _config_file(argv)
   if config_file and _raised_in(e, config_file):  # a config file is user code
     return _config_failure(e, config_file)
+  if isinstance(e, flags.UnrecognizedFlagError) and config_file:
+    field = _config_field(e.flagname)
+    if field:  # --num_train_steps=5 for --config.num_train_steps=5 (absl would suggest another flag)
+      return f"unknown flag --{e.flagname}: config fields are set as --config.{field}=VALUE."
   if isinstance(e, flags.Error):
     lines = [l for l in str(e).splitlines() if l.strip()]  # first line names the flag, last the error
     return lines[0] + (f" {lines[-1].strip()}" if len(lines) > 1 else "") + "."
@@ -46,6 +69,25 @@ def _one_line(e: Exception, argv) -> str:
     hint = f" ({hint[0]})" if hint else ""
     return f"unknown config field {name}{where}{hint}: check the name against the config file."
   raise e
+
+
+def _config_field(name: str) -> str | None:
+  """The config field a bare flag name means ('num_train_steps', 'learning_rate' ->
+  'optim.learning_rate'), if exactly one field is so named."""
+  from tpu_lm.config import defaults
+
+  def fields(node, prefix=""):
+    for key, value in node.items():
+      if hasattr(value, "items"):
+        yield from fields(value, f"{prefix}{key}.")
+      else:
+        yield f"{prefix}{key}"
+
+  names = list(fields(defaults.get_config()))
+  if name in names:
+    return name
+  matches = [f for f in names if f.rsplit(".", 1)[-1] == name]
+  return matches[0] if len(matches) == 1 else None
 
 
 def _config_file(argv) -> str | None:

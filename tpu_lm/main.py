@@ -51,7 +51,7 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments {argv[1:]}: every option is a --flag.")
   filename = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]  # file.py:ARG
   if not os.path.isfile(filename):
-    exit_with(f"config file {filename} does not exist: pass --config=configs/<name>.py.")
+    exit_with(cli.missing_config(filename))
   try:
     config = _CONFIG.value
   except Exception as e:  # a config file is user code: any error in it is the user's to fix

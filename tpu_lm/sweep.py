@@ -51,7 +51,7 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments {argv[1:]}: every option is a --flag.")
   filename = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
   if not os.path.isfile(filename):
-    exit_with(f"config file {filename} does not exist: pass --config=configs/<name>.py.")
+    exit_with(cli.missing_config(filename))
   logging.set_verbosity(logging.ERROR)
   name = os.path.splitext(os.path.basename(filename))[0]
   with cli.user_errors(_DEBUG.value):
