@@ -104,14 +104,25 @@ def test_noise_has_the_calibrated_scale(setup_and_params):
   assert abs(diff.mean()) < 0.05 * noise * clip / B
 
 
+def _segment(noise, start=0, n=5000, expected=24, rows=32, plan=()):
+  return private.Segment(start, noise, n, expected, rows, plan)
+
+
+def _their_epsilon(parts, delta, grid=1e-4):
+  """dp_accounting's own PLD composition of (segment, steps) pairs (its default grid:
+  finer than ours; ours, 1e-3: the same computation, for an exact comparison)."""
+  acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=grid)
+  for seg, steps in parts:
+    acc.compose(dp_accounting.TruncatedSubsampledGaussianDpEvent(
+        dataset_size=seg.num_examples, sampling_probability=seg.expected_batch / seg.num_examples,
+        truncated_batch_size=seg.batch_rows, noise_multiplier=seg.noise_multiplier), steps)
+  return acc.get_epsilon(delta)
+
+
 def test_epsilon_matches_dp_accounting_computed_independently():
   n, expected, rows, delta, sigma, steps = 5000, 24, 32, 1e-5, 1.1, 300
-  budget = private.Budget(n, expected, rows, delta)
-  ours = budget.epsilon(sigma, steps)
-  acc = dp_accounting.pld.PLDAccountant()
-  acc.compose(dp_accounting.TruncatedSubsampledGaussianDpEvent(
-      dataset_size=n, sampling_probability=expected / n, truncated_batch_size=rows, noise_multiplier=sigma), steps)
-  theirs = acc.get_epsilon(delta)
+  ours = private.epsilon([_segment(sigma)], steps, delta)
+  theirs = _their_epsilon([(_segment(sigma), steps)], delta)
   assert theirs <= ours <= theirs * 1.002  # our coarser grid is pessimistic, never optimistic
   # The default expected batch leaves truncation too rare to cost epsilon: the same as
   # untruncated Poisson sampling (which the RDP accountant bounds more loosely).
@@ -119,15 +130,52 @@ def test_epsilon_matches_dp_accounting_computed_independently():
   assert private.truncation_probability(e, n, rows) <= 1e-6 < private.truncation_probability(e + 1, n, rows)
   poisson = dp_accounting.pld.PLDAccountant()
   poisson.compose(dp_accounting.PoissonSampledDpEvent(e / n, dp_accounting.GaussianDpEvent(sigma)), steps)
-  truncated = private.Budget(n, e, rows, delta).epsilon(sigma, steps)
+  truncated = private.epsilon([_segment(sigma, expected=e)], steps, delta)
   assert poisson.get_epsilon(delta) <= truncated <= 1.01 * poisson.get_epsilon(delta)  # (our grid: +0.7% here)
   rdp = dp_accounting.rdp.RdpAccountant()
   rdp.compose(dp_accounting.PoissonSampledDpEvent(e / n, dp_accounting.GaussianDpEvent(sigma)), steps)
   assert rdp.get_epsilon(delta) > poisson.get_epsilon(delta)
   # Calibration: the noise reaches the target epsilon (from below, within 2%).
-  noise = budget.calibrate(2.0, steps)
-  assert 0.98 * 2.0 <= budget.epsilon(noise, steps) <= 2.0
-  assert budget.epsilon(0.0, steps) == float("inf") and budget.epsilon(sigma, 0) == 0.0
+  [calibrated] = private.extend([], _segment(0.0), 0, steps, 2.0, delta)
+  assert 0.98 * 2.0 <= private.epsilon([calibrated], steps, delta) <= 2.0
+  assert private.epsilon([_segment(0.0)], steps, delta) == float("inf")
+  assert private.epsilon([_segment(sigma)], 0, delta) == 0.0
+
+
+def test_a_resumed_run_charges_each_step_at_the_noise_it_was_taken_with():
+  """The review's case: 20 steps calibrated to a target epsilon, then resumed to train to 60."""
+  n, delta, target = 5000, 1e-5, 1.0
+  plan20, plan60 = (target, 0.0, 20), (target, 0.0, 60)
+  first = private.extend([], _segment(0.0, plan=plan20), 0, 20, target, delta)
+  assert 0.98 * target <= private.epsilon(first, 20, delta) <= target
+  # Resumed with the same plan: the same segment goes on, with the same noise.
+  assert private.extend(first, _segment(0.0, start=10, plan=plan20), 10, 20, target, delta) == first
+  # All 20 steps spent: training on to 60 would exceed the target; said before training.
+  with pytest.raises(UserError, match=r"spent epsilon \d\.\d+ of privacy.target_epsilon=1: training on to 60"):
+    private.extend(first, _segment(0.0, start=20, plan=plan60), 20, 60, target, delta)
+  # Resumed from step 10 to train to 60: the last 50 steps get more noise, and the whole run
+  # (10 steps at the first noise, 50 at the new one) stays within the target.
+  resumed = private.extend(first, _segment(0.0, start=10, plan=plan60), 10, 60, target, delta)
+  assert [s.start for s in resumed] == [0, 10] and resumed[1].noise_multiplier > first[0].noise_multiplier
+  whole = private.epsilon(resumed, 60, delta)
+  assert whole == pytest.approx(_their_epsilon([(first[0], 10), (resumed[1], 50)], delta, grid=1e-3), rel=1e-9)
+  assert 0.98 * target <= whole <= target
+  # Epsilon never falls: at the resumed step it is what the first run had logged there.
+  eps = [private.epsilon(resumed, s, delta) for s in (10, 11, 35, 60)]
+  assert eps[0] == private.epsilon(first, 10, delta) and eps == sorted(eps)
+  # A larger batch on resume is a new segment, accounted at its own rate.
+  bigger = private.extend(first, _segment(0.7, start=10, expected=28, plan=(0.0, 0.7, 20)), 10, 20, 0.0, delta)
+  assert private.epsilon(bigger, 20, delta) == pytest.approx(
+      _their_epsilon([(first[0], 10), (bigger[1], 10)], delta, grid=1e-3), rel=1e-9)
+
+
+def test_resuming_on_another_dataset_is_refused():
+  saved = {"poisson_steps_drawn": 10, private.LEDGER: [dataclasses.asdict(_segment(0.8, n=5000))]}
+  assert private._ledger(saved, 5000) == [_segment(0.8, n=5000)]
+  with pytest.raises(UserError, match="now has 4000 examples and the checkpoint's privacy accounting is for 5000"):
+    private._ledger(saved, 4000)
+  with pytest.raises(UserError, match="without privacy.dp"):
+    private._ledger({"streams": []}, 5000)
 
 
 def test_the_poisson_loader_samples_at_its_rate_and_resumes_its_draws():
@@ -172,9 +220,29 @@ def test_a_private_run_logs_epsilon_and_resumes_exactly(corpus_dir, data_dir, tm
     states.append(jax.device_get(ckpt._mngr.restore(6).state["params"]))
     ckpt.close()
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), *states)
+  # Trained to its target: training on under the same target is refused before any step.
+  with c.unlocked():
+    c.num_train_steps = 9
+  with pytest.raises(UserError, match="training on to 9 steps would exceed it"):
+    loop.train_and_evaluate(c, resumed)
+  # From the step-3 checkpoint to 9 steps: the 6 steps left take more noise, and the
+  # logged epsilon is the composition of 3 steps at the first noise and 6 at the new one.
+  longer = str(tmp_path / "longer")
+  shutil.copytree(run, longer)
+  shutil.rmtree(os.path.join(longer, "checkpoints", "6"))
+  loop.train_and_evaluate(c, longer)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(longer, "checkpoints"), 3)
+  segments = [private.Segment(**{**s, "plan": tuple(s["plan"])}) for s in ckpt.saved_item(9, "data")[private.LEDGER]]
+  ckpt.close()
+  assert [s.start for s in segments] == [0, 3] and segments[1].noise_multiplier > segments[0].noise_multiplier
+  logged = {r["step"]: r["epsilon"] for r in map(json.loads, open(os.path.join(longer, "metrics.jsonl")))
+            if "epsilon" in r}
+  theirs = _their_epsilon([(segments[0], 3), (segments[1], 6)], 1e-3)
+  assert theirs <= logged[9] <= theirs * 1.002 and logged[9] <= 4.0
+  assert list(logged.values()) == sorted(logged.values())  # a resume never lowers it
   # The same run resumed without privacy.dp: one sentence, nothing changed on disk.
   with c.unlocked():
-    c.privacy.dp, c.num_train_steps = False, 9
+    c.privacy.dp = False
   with pytest.raises(UserError, match="privacy.dp=True"):
     loop.train_and_evaluate(c, resumed)
   assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["3", "6"]

@@ -69,10 +69,11 @@ class Checkpointer:
         data_iter.set_state(_position(restored["data"], data_iter))
     return restored["state"]
 
-  def saved_config(self, step: int) -> dict:
-    """The config the run saved with the checkpoint at `step` (as JSON)."""
+  def saved_item(self, step: int, name: str) -> dict:
+    """A JSON item of the checkpoint at `step`: "config" (the run's config) or "data"
+    (the data position, and a private run's privacy ledger)."""
     with self._damage_is_user_error(step):
-      return self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+      return self._mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
 
   def _saved_shapes(self, step: int) -> dict:
     """{'params/layers_0/...': shape} of the checkpoint's train state, from its metadata."""

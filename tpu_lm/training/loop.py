@@ -80,8 +80,11 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
   if config.privacy.dp:  # Poisson-sampled examples and the private step (training/private.py)
     from tpu_lm.training import private as private_lib
 
-    private = private_lib.prepare(setup, corpus, metrics_lib.console, jax.process_index(), jax.process_count())
-    train_iter = private.loader
+    latest = ckpt.latest_step()
+    resumed = (latest, ckpt.saved_item(latest, "data")) if latest is not None else None
+    private = private_lib.prepare(setup, corpus, metrics_lib.console, jax.process_index(), jax.process_count(),
+                                  resumed)
+    train_iter = private
   else:
     train_iter = pipeline.train_iter(
         corpus.train, seq_len=d.seq_len, global_batch=d.global_batch_size, seed=config.seed,
@@ -236,7 +239,7 @@ def _check_same_run(config, setup: Setup, ckpt, tokenizer, workdir: str) -> None
     if theirs.name != tokenizer.name:
       raise UserError(f"{workdir} holds a run trained with tokenizer {theirs.name}, and this config makes"
                       f" {tokenizer.name} (data.tokenizer={config.data.tokenizer!r}): {new_workdir}.")
-  saved = defaults.complete(ckpt.saved_config(latest))
+  saved = defaults.complete(ckpt.saved_item(latest, "config"))
   for field in _RECIPE:
     section, name = field.split(".")
     was, now = saved[section][name], config[section][name]
@@ -321,6 +324,13 @@ def _log_train(setup, writer, step, window, sec_per_step, *, eta_s, flops_per_st
 _EVAL_NAMES = {"eval_loss": "loss", "eval_ppl": "ppl", "eval_bpb": "bits/byte"}
 
 
+def _scored(result: dict) -> str:
+  """'1,234 tokens of 12 documents' (or '56 examples'): what an eval scored."""
+  if "eval_tokens" in result:
+    return f"{result['eval_tokens']:,} tokens of {result['eval_documents']:,} documents"
+  return f"{result.get('eval_examples', 0):,} examples"
+
+
 def _log_eval(setup, state, corpus, writer, step) -> dict:
   t0 = time.time()
   with setup.context():
@@ -329,8 +339,9 @@ def _log_eval(setup, state, corpus, writer, step) -> dict:
                     if isinstance(v, float))
   zlib = f"  (zlib -9: {corpus.zlib_bits_per_byte:.4f})" if corpus.zlib_bits_per_byte else ""
   metrics_lib.console(
-      f"eval at step {step}: {shown}{zlib}; validation"
-      + (f" (at most {setup.config.eval_max_batches} batches)" if setup.config.eval_max_batches else " (whole split)")
+      f"eval at step {step}: {shown}{zlib}; validation: {_scored(result)}"
+      + (f" (a seeded sample of {setup.config.eval_max_batches} batches)" if setup.config.eval_max_batches
+         else " (whole split)")
       + f" in {time.time() - t0:.1f} s"
       + metrics_lib.classification_table(result))
   writer.write(step, result)
