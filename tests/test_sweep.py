@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import optuna
@@ -140,6 +141,94 @@ def test_metric_and_storage_mistakes_are_one_sentence(tmp_path):
   assert t.state.name == "FAIL" and "pass one of those as --metric" in t.user_attrs["error"]
 
 
+def _runs(workdir) -> list[str]:
+  """The FakeTraining calls made in a run directory."""
+  return open(os.path.join(workdir, "runs.txt")).read().split()
+
+
+def test_a_second_study_never_trains_in_the_first_ones_directories(tmp_path):
+  first = _sweep(tmp_path, trials=2, pruner="none")
+  train = FakeTraining(interrupt_on={1})  # leaves a trial to resume in the first study
+  study.run_worker(first, train)
+  first_dirs = set(train.calls)
+  # Another study in the same sweep directory: its own directories, every run from scratch.
+  other = _sweep(tmp_path, trials=3, pruner="none")
+  other.study_name = "u"
+  train = FakeTraining()
+  assert study.run_worker(other, train)["complete"] == 3
+  assert not first_dirs & set(train.calls) and all(_runs(d) == [str(i)] for i, d in enumerate(train.calls))
+  # The first study's database deleted and the sweep run again: a new study of the same
+  # name, refused before any trial, in one sentence naming the directory and the fix.
+  os.remove(os.path.join(first.directory, "study.db"))
+  train = FakeTraining()
+  with pytest.raises(UserError) as e:
+    study.run_worker(first, train)
+  d = os.path.join(first.directory, "trials", "t", "0000")
+  assert str(e.value) == (f"trial directory {d} belongs to an earlier study of the same name (its database was"
+                          " recreated, or another storage holds it), not to study 't': use another --sweep_dir or"
+                          f" --study, or delete {d}.")
+  assert not train.calls
+
+
+def test_a_directory_that_is_not_the_trials_stops_the_worker_before_it_trains(tmp_path):
+  sweep = _sweep(tmp_path, trials=3, pruner="none")
+  marker = os.path.join(sweep.directory, "trials", "t", "0001", "sweep_trial.json")
+
+  class Intruder(FakeTraining):
+    """While trial 0 trains, another process claims trial 1's directory for other values."""
+
+    def __call__(self, config, workdir, watch, on_eval):
+      if not self.calls:
+        uid = study.study_uid(study.open_study(sweep))
+        os.makedirs(os.path.dirname(marker))
+        json.dump({"study": "t", "study_uid": uid, "trial": 1, "params": {"optim.learning_rate": 0.5}},
+                  open(marker, "w"))
+      return super().__call__(config, workdir, watch, on_eval)
+
+  train = Intruder()
+  with pytest.raises(UserError, match=r"trial directory .*0001 holds trial 1 with \{'optim.learning_rate': 0.5\}, not"
+                     r" trial 1 with .*: use another --sweep_dir or --study, or delete .*0001\.$"):
+    study.run_worker(sweep, train)
+  assert len(train.calls) == 1  # trial 1 never trained; it waits in the queue for its own directory
+  c = study.counts(study.open_study(sweep))
+  assert c["complete"] == 1 and c["interrupted"] == 1 and c["waiting"] == 1
+  os.remove(marker)
+  assert study.run_worker(sweep, train)["complete"] == 3 and train.calls[1] == os.path.dirname(marker)
+  # A directory with files but no marker is not a trial's either.
+  stray = os.path.join(sweep.directory, "trials", "t", "0007")
+  os.makedirs(stray)
+  open(os.path.join(stray, "notes.txt"), "w").close()
+  with pytest.raises(UserError, match="holds files but no sweep_trial.json"):
+    study.run_worker(sweep, train)
+
+
+class Killed(BaseException):
+  """A worker killed outright: nothing records the trial's end."""
+
+
+def test_a_trial_whose_worker_died_is_retried_in_its_own_directory(tmp_path, monkeypatch):
+  monkeypatch.setattr(study, "HEARTBEAT_S", 1)
+  monkeypatch.setattr(study, "GRACE_S", 1)
+  sweep = _sweep(tmp_path, trials=2, pruner="none")
+
+  class Dies(FakeTraining):
+    def __call__(self, config, workdir, watch, on_eval):
+      out = super().__call__(config, workdir, watch, on_eval)
+      if len(self.calls) == 2:
+        raise Killed()
+      return out
+
+  train = Dies()
+  with pytest.raises(Killed):
+    study.run_worker(sweep, train)
+  time.sleep(3)  # the heartbeat goes stale; the next worker requeues the trial
+  c = study.run_worker(sweep, train)
+  assert c["complete"] == 2 and c["interrupted"] == 1
+  assert train.calls[2] == train.calls[1] and _runs(train.calls[1]) == ["1", "2"]
+  retried = [t for t in study.open_study(sweep).get_trials() if "failed_trial" in t.system_attrs]
+  assert len(retried) == 1 and retried[0].state.name == "COMPLETE"
+
+
 @pytest.mark.slow
 def test_two_worker_processes_share_one_study(corpus_dir, data_dir, tmp_path):
   """Two real `python -m tpu_lm.sweep` processes on one SQLite study: every trial runs
@@ -163,3 +252,4 @@ def test_two_worker_processes_share_one_study(corpus_dir, data_dir, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 6
   assert all("trial" in o for o in outs)  # both workers took part
   assert os.path.exists(sweep_dir / "results.csv") and os.path.exists(sweep_dir / "objective_by_param.png")
+

@@ -3,10 +3,10 @@
   python -m tpu_lm.sweep --config=configs/tiny.py --trials=8 \\
       --space='optim.learning_rate=loguniform(1e-4, 3e-2); model.num_layers=int(1, 3)'
 
-Each trial is a full training run in <sweep_dir>/trials/NNNN (a run directory like any
-other: generate, serve and evaluate read it); its objective is a metric of its final
-eval (--metric, default eval_bpb), and the pruner stops unpromising trials at their
-intermediate evals (every config.eval_every_steps). The study lives in --storage:
+Each trial is a full training run in <sweep_dir>/trials/<study>/NNNN (a run directory
+like any other: generate, serve and evaluate read it; it belongs to its study and trial,
+tpu_lm/sweeps/trial_dirs.py); its objective is a metric of its final eval (--metric,
+default eval_bpb), and the pruner stops unpromising trials at their intermediate evals (every config.eval_every_steps). The study lives in --storage:
 by default a SQLite file in the sweep directory; any database URL Optuna accepts
 (postgresql://..., mysql://...) or journal:FILE lets several workers on several hosts
 share it: start the same command on each. --trials is the study's total, whoever runs
