@@ -131,14 +131,36 @@ def test_the_pruner_stops_trials_worse_than_the_median(tmp_path):
 
 
 def test_metric_and_storage_mistakes_are_one_sentence(tmp_path):
-  with pytest.raises(UserError, match="say whether to minimize or maximize"):
-    _sweep(tmp_path, metric="eval_score").resolved_direction()
   with pytest.raises(UserError, match="cannot be opened"):
     study.open_study(_sweep(tmp_path, storage="nosuchdb://x"))
-  sweep = _sweep(tmp_path, trials=1, metric="eval_nothing", direction="minimize")
-  study.run_worker(sweep, FakeTraining())
-  t = study.open_study(sweep).get_trials()[0]
-  assert t.state.name == "FAIL" and "pass one of those as --metric" in t.user_attrs["error"]
+  # A metric the task does not produce: refused before any trial, with the valid ones listed.
+  for direction in ("", "minimize"):
+    train = FakeTraining()
+    with pytest.raises(UserError) as e:
+      study.run_worker(_sweep(tmp_path, trials=2, metric="eval_bpd", direction=direction), train)
+    assert str(e.value) == ("--metric=eval_bpd: a lm run's final eval has no such metric; use one of eval_loss,"
+                            " eval_ppl, eval_bpb.") and not train.calls
+  classifier = _sweep(tmp_path, metric="eval_bpb")
+  with classifier.config.unlocked():
+    classifier.config.task.kind = "classification"
+  with pytest.raises(UserError, match="eval_loss, eval_accuracy, eval_macro_f1, eval_macro_precision, eval_macro_rec"):
+    classifier.resolved_direction()
+  classifier.metric = "eval_macro_f1"
+  assert classifier.resolved_direction() == "maximize"
+
+
+def test_a_sweep_whose_trials_all_failed_is_an_error_naming_the_first(tmp_path):
+  sweep = _sweep(tmp_path, trials=3, pruner="none")
+  study.run_worker(sweep, FakeTraining(fail_on={0, 1, 2}))
+  with pytest.raises(UserError) as e:
+    study.check_outcome(study.open_study(sweep))
+  assert str(e.value).startswith('all 3 trials of the sweep failed, the first (trial 0) with "optim.learning_rate is'
+                                 ' too large: lower it": fix that')
+  # One trial that completes is a result: the others' failures are in the report.
+  other = _sweep(tmp_path, trials=3, pruner="none")
+  other.study_name = "u"
+  study.run_worker(other, FakeTraining(fail_on={0, 1}))
+  study.check_outcome(study.open_study(other))
 
 
 def _runs(workdir) -> list[str]:
@@ -253,3 +275,25 @@ def test_two_worker_processes_share_one_study(corpus_dir, data_dir, tmp_path):
   assert all("trial" in o for o in outs)  # both workers took part
   assert os.path.exists(sweep_dir / "results.csv") and os.path.exists(sweep_dir / "objective_by_param.png")
 
+
+def test_the_command_fails_when_every_trial_failed_and_reports_without_space(tmp_path):
+  """The CLI: a sweep whose trials all failed exits 2 with the first error (its report
+  written); --report_only takes the parameters from the study, without --space."""
+  sweep_dir = tmp_path / "sweep"
+  cmd = [sys.executable, "-m", "tpu_lm.sweep", "--config=configs/tiny.py", f"--sweep_dir={sweep_dir}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+  def run(*flags):
+    return subprocess.run(cmd + list(flags), cwd=ROOT, env=env, capture_output=True, text=True)
+
+  out = run("--trials=2", "--space=model.num_heads=choice(3, 5)", "--pruner=none")
+  assert out.returncode == 2, out.stdout + out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: all 2 trials of the sweep failed, the first (trial 0) with "config field'
+                         ' model.num_heads is')
+  assert last.endswith('": fix that and rerun in a new --sweep_dir or --study.')
+  assert os.path.exists(sweep_dir / "results.csv")
+  out = run("--report_only")
+  assert out.returncode == 0, out.stderr
+  table = list(csv.DictReader(open(sweep_dir / "results.csv")))
+  assert len(table) == 2 and all(r["state"] == "failed" and r["model.num_heads"] in ("3", "5") for r in table)

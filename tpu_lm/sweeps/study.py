@@ -35,9 +35,12 @@ from tpu_lm.sweeps import trial_dirs
 
 HEARTBEAT_S = 20
 GRACE_S = 60
-# Whether the objective is to be made small, by its name; others need --direction.
-MINIMIZE = ("eval_loss", "eval_ppl", "eval_bpb")
-MAXIMIZE = ("eval_accuracy", "eval_macro_f1", "eval_macro_precision", "eval_macro_recall")
+# The final eval's metrics of each task.kind (training/tasks.py), each with the way it improves.
+METRICS = {
+    "lm": {"eval_loss": "minimize", "eval_ppl": "minimize", "eval_bpb": "minimize"},
+    "classification": {"eval_loss": "minimize", "eval_accuracy": "maximize", "eval_macro_f1": "maximize",
+                       "eval_macro_precision": "maximize", "eval_macro_recall": "maximize"},
+}
 
 
 @dataclasses.dataclass
@@ -55,15 +58,18 @@ class Sweep:
   seed: int = -1  # < 0: unseeded (each worker of a shared study samples its own points)
 
   def resolved_direction(self) -> str:
+    """--direction, or the metric's own; a metric the config's task does not produce is
+    refused here, before any trial."""
+    kind = self.config.task.kind
+    produced = METRICS.get(kind, {})
+    if self.metric not in produced:
+      raise UserError(f"--metric={self.metric}: a {kind} run's final eval has no such metric; use one of"
+                      f" {', '.join(produced)}.")
     if self.direction:
       if self.direction not in ("minimize", "maximize"):
         raise UserError(f"--direction={self.direction}: use minimize or maximize.")
       return self.direction
-    if self.metric in MINIMIZE:
-      return "minimize"
-    if self.metric in MAXIMIZE:
-      return "maximize"
-    raise UserError(f"--metric={self.metric}: say whether to minimize or maximize it with --direction.")
+    return produced[self.metric]
 
 
 def storage_url(sweep: Sweep) -> str:
@@ -306,6 +312,17 @@ def run_worker(sweep: Sweep, train=None) -> dict:
     metrics_lib.console(f"sweep stopped by {stop['reason']}: the trial in flight was saved and goes back in the"
                         " queue; run the same command again to resume it.")
   return counts(study)
+
+
+def check_outcome(study) -> None:
+  """Refuses (one UserError naming the first error) a study whose every finished trial
+  failed, once none runs or waits: its command must not look like a success."""
+  c = counts(study)
+  if c["failed"] and not (c["complete"] + c["pruned"] + c["running"] + c["waiting"]):
+    first = next(t for t in study.get_trials(deepcopy=False) if state_of(t) == "failed")
+    error = first.user_attrs["error"].rstrip(".")
+    raise UserError(f"all {c['failed']} trials of the sweep failed, the first (trial {first.number}) with"
+                    f" \"{error}\": fix that and rerun in a new --sweep_dir or --study.")
 
 
 def _progress(study, sweep, durations) -> None:
