@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import optuna
@@ -130,14 +131,124 @@ def test_the_pruner_stops_trials_worse_than_the_median(tmp_path):
 
 
 def test_metric_and_storage_mistakes_are_one_sentence(tmp_path):
-  with pytest.raises(UserError, match="say whether to minimize or maximize"):
-    _sweep(tmp_path, metric="eval_score").resolved_direction()
   with pytest.raises(UserError, match="cannot be opened"):
     study.open_study(_sweep(tmp_path, storage="nosuchdb://x"))
-  sweep = _sweep(tmp_path, trials=1, metric="eval_nothing", direction="minimize")
-  study.run_worker(sweep, FakeTraining())
-  t = study.open_study(sweep).get_trials()[0]
-  assert t.state.name == "FAIL" and "pass one of those as --metric" in t.user_attrs["error"]
+  # A metric the task does not produce: refused before any trial, with the valid ones listed.
+  for direction in ("", "minimize"):
+    train = FakeTraining()
+    with pytest.raises(UserError) as e:
+      study.run_worker(_sweep(tmp_path, trials=2, metric="eval_bpd", direction=direction), train)
+    assert str(e.value) == ("--metric=eval_bpd: a lm run's final eval has no such metric; use one of eval_loss,"
+                            " eval_ppl, eval_bpb.") and not train.calls
+  classifier = _sweep(tmp_path, metric="eval_bpb")
+  with classifier.config.unlocked():
+    classifier.config.task.kind = "classification"
+  with pytest.raises(UserError, match="eval_loss, eval_accuracy, eval_macro_f1, eval_macro_precision, eval_macro_rec"):
+    classifier.resolved_direction()
+  classifier.metric = "eval_macro_f1"
+  assert classifier.resolved_direction() == "maximize"
+
+
+def test_a_sweep_whose_trials_all_failed_is_an_error_naming_the_first(tmp_path):
+  sweep = _sweep(tmp_path, trials=3, pruner="none")
+  study.run_worker(sweep, FakeTraining(fail_on={0, 1, 2}))
+  with pytest.raises(UserError) as e:
+    study.check_outcome(study.open_study(sweep))
+  assert str(e.value).startswith('all 3 trials of the sweep failed, the first (trial 0) with "optim.learning_rate is'
+                                 ' too large: lower it": fix that')
+  # One trial that completes is a result: the others' failures are in the report.
+  other = _sweep(tmp_path, trials=3, pruner="none")
+  other.study_name = "u"
+  study.run_worker(other, FakeTraining(fail_on={0, 1}))
+  study.check_outcome(study.open_study(other))
+
+
+def _runs(workdir) -> list[str]:
+  """The FakeTraining calls made in a run directory."""
+  return open(os.path.join(workdir, "runs.txt")).read().split()
+
+
+def test_a_second_study_never_trains_in_the_first_ones_directories(tmp_path):
+  first = _sweep(tmp_path, trials=2, pruner="none")
+  train = FakeTraining(interrupt_on={1})  # leaves a trial to resume in the first study
+  study.run_worker(first, train)
+  first_dirs = set(train.calls)
+  # Another study in the same sweep directory: its own directories, every run from scratch.
+  other = _sweep(tmp_path, trials=3, pruner="none")
+  other.study_name = "u"
+  train = FakeTraining()
+  assert study.run_worker(other, train)["complete"] == 3
+  assert not first_dirs & set(train.calls) and all(_runs(d) == [str(i)] for i, d in enumerate(train.calls))
+  # The first study's database deleted and the sweep run again: a new study of the same
+  # name, refused before any trial, in one sentence naming the directory and the fix.
+  os.remove(os.path.join(first.directory, "study.db"))
+  train = FakeTraining()
+  with pytest.raises(UserError) as e:
+    study.run_worker(first, train)
+  d = os.path.join(first.directory, "trials", "t", "0000")
+  assert str(e.value) == (f"trial directory {d} belongs to an earlier study of the same name (its database was"
+                          " recreated, or another storage holds it), not to study 't': use another --sweep_dir or"
+                          f" --study, or delete {d}.")
+  assert not train.calls
+
+
+def test_a_directory_that_is_not_the_trials_stops_the_worker_before_it_trains(tmp_path):
+  sweep = _sweep(tmp_path, trials=3, pruner="none")
+  marker = os.path.join(sweep.directory, "trials", "t", "0001", "sweep_trial.json")
+
+  class Intruder(FakeTraining):
+    """While trial 0 trains, another process claims trial 1's directory for other values."""
+
+    def __call__(self, config, workdir, watch, on_eval):
+      if not self.calls:
+        uid = study.study_uid(study.open_study(sweep))
+        os.makedirs(os.path.dirname(marker))
+        json.dump({"study": "t", "study_uid": uid, "trial": 1, "params": {"optim.learning_rate": 0.5}},
+                  open(marker, "w"))
+      return super().__call__(config, workdir, watch, on_eval)
+
+  train = Intruder()
+  with pytest.raises(UserError, match=r"trial directory .*0001 holds trial 1 with \{'optim.learning_rate': 0.5\}, not"
+                     r" trial 1 with .*: use another --sweep_dir or --study, or delete .*0001\.$"):
+    study.run_worker(sweep, train)
+  assert len(train.calls) == 1  # trial 1 never trained; it waits in the queue for its own directory
+  c = study.counts(study.open_study(sweep))
+  assert c["complete"] == 1 and c["interrupted"] == 1 and c["waiting"] == 1
+  os.remove(marker)
+  assert study.run_worker(sweep, train)["complete"] == 3 and train.calls[1] == os.path.dirname(marker)
+  # A directory with files but no marker is not a trial's either.
+  stray = os.path.join(sweep.directory, "trials", "t", "0007")
+  os.makedirs(stray)
+  open(os.path.join(stray, "notes.txt"), "w").close()
+  with pytest.raises(UserError, match="holds files but no sweep_trial.json"):
+    study.run_worker(sweep, train)
+
+
+class Killed(BaseException):
+  """A worker killed outright: nothing records the trial's end."""
+
+
+def test_a_trial_whose_worker_died_is_retried_in_its_own_directory(tmp_path, monkeypatch):
+  monkeypatch.setattr(study, "HEARTBEAT_S", 1)
+  monkeypatch.setattr(study, "GRACE_S", 1)
+  sweep = _sweep(tmp_path, trials=2, pruner="none")
+
+  class Dies(FakeTraining):
+    def __call__(self, config, workdir, watch, on_eval):
+      out = super().__call__(config, workdir, watch, on_eval)
+      if len(self.calls) == 2:
+        raise Killed()
+      return out
+
+  train = Dies()
+  with pytest.raises(Killed):
+    study.run_worker(sweep, train)
+  time.sleep(3)  # the heartbeat goes stale; the next worker requeues the trial
+  c = study.run_worker(sweep, train)
+  assert c["complete"] == 2 and c["interrupted"] == 1
+  assert train.calls[2] == train.calls[1] and _runs(train.calls[1]) == ["1", "2"]
+  retried = [t for t in study.open_study(sweep).get_trials() if "failed_trial" in t.system_attrs]
+  assert len(retried) == 1 and retried[0].state.name == "COMPLETE"
 
 
 @pytest.mark.slow
@@ -163,3 +274,26 @@ def test_two_worker_processes_share_one_study(corpus_dir, data_dir, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 6
   assert all("trial" in o for o in outs)  # both workers took part
   assert os.path.exists(sweep_dir / "results.csv") and os.path.exists(sweep_dir / "objective_by_param.png")
+
+
+def test_the_command_fails_when_every_trial_failed_and_reports_without_space(tmp_path):
+  """The CLI: a sweep whose trials all failed exits 2 with the first error (its report
+  written); --report_only takes the parameters from the study, without --space."""
+  sweep_dir = tmp_path / "sweep"
+  cmd = [sys.executable, "-m", "tpu_lm.sweep", "--config=configs/tiny.py", f"--sweep_dir={sweep_dir}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+  def run(*flags):
+    return subprocess.run(cmd + list(flags), cwd=ROOT, env=env, capture_output=True, text=True)
+
+  out = run("--trials=2", "--space=model.num_heads=choice(3, 5)", "--pruner=none")
+  assert out.returncode == 2, out.stdout + out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: all 2 trials of the sweep failed, the first (trial 0) with "config field'
+                         ' model.num_heads is')
+  assert last.endswith('": fix that and rerun in a new --sweep_dir or --study.')
+  assert os.path.exists(sweep_dir / "results.csv")
+  out = run("--report_only")
+  assert out.returncode == 0, out.stderr
+  table = list(csv.DictReader(open(sweep_dir / "results.csv")))
+  assert len(table) == 2 and all(r["state"] == "failed" and r["model.num_heads"] in ("3", "5") for r in table)

@@ -24,6 +24,11 @@ def rows(study) -> list[dict]:
   return out
 
 
+def fields(study) -> list[str]:
+  """The parameters the study's trials sampled, in the order they first appear."""
+  return list(dict.fromkeys(k for t in study.get_trials(deepcopy=False) for k in t.params))
+
+
 def write(study, directory: str, metric: str, fields: list[str]) -> list[str]:
   """Writes results.md, results.csv and the plots; returns the paths written."""
   table = rows(study)
@@ -39,12 +44,12 @@ def write(study, directory: str, metric: str, fields: list[str]) -> list[str]:
   if best is not None:
     md += [f"Best: trial {best.number}, {metric} {best.value:.4f}, "
            + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()), ""]
-  md += ["| trial | state | " + metric + " | " + " | ".join(fields) + " | last intermediate eval | seconds | error |",
-         "|---" * (len(fields) + 6) + "|"]
+  head = ["trial", "state", metric, *fields, "last intermediate eval", "seconds", "error"]
+  md += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
   for r in table:
-    md.append(f"| {r['trial']} | {r['state']} | {_fmt(r['value'])} | "
-              + " | ".join(_fmt(r.get(f, "")) for f in fields)
-              + f" | {r['last_intermediate_eval']} | {r['seconds']} | {r['error'][:120]} |")
+    cells = [r["trial"], r["state"], _fmt(r["value"]), *(_fmt(r.get(f, "")) for f in fields),
+             r["last_intermediate_eval"], r["seconds"], r["error"][:120]]
+    md.append("| " + " | ".join(map(str, cells)) + " |")
   md_path = os.path.join(directory, "results.md")
   with open(md_path, "w") as f:
     f.write("\n".join(md) + "\n")

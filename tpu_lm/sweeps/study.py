@@ -2,9 +2,9 @@
 
 Several workers (processes, hosts) share a study through its storage and each asks
 it for the next trial until the study holds `trials` of them; a trial's parameters
-come from the sampler (TPE or random), its run directory is `<sweep>/trials/NNNN`,
-its intermediate evals go to the pruner (which may stop it), and its objective is a
-named metric of its final eval.
+come from the sampler (TPE or random), its run directory is
+`<sweep>/trials/<study>/NNNN` (its own: trial_dirs.py), its intermediate evals go to
+the pruner (which may stop it), and its objective is a named metric of its final eval.
 
 What a trial can end as:
 - complete: its objective recorded;
@@ -18,6 +18,9 @@ A worker killed outright (SIGKILL, a lost host) leaves its trial running; with t
 SQLite or a database storage a heartbeat notices within a few minutes and the trial
 is put back the same way (a journal file has no heartbeat: there it stays running).
 Interrupted trials do not count against the budget; failed ones do.
+A trial directory that is not the trial's (another study's, or another parameter
+set's) stops the worker before that trial trains; the trial goes back in the queue,
+as an interrupted one.
 """
 
 import dataclasses
@@ -28,12 +31,16 @@ import warnings
 
 from tpu_lm.errors import UserError
 from tpu_lm.sweeps import space as space_lib
+from tpu_lm.sweeps import trial_dirs
 
 HEARTBEAT_S = 20
 GRACE_S = 60
-# Whether the objective is to be made small, by its name; others need --direction.
-MINIMIZE = ("eval_loss", "eval_ppl", "eval_bpb")
-MAXIMIZE = ("eval_accuracy", "eval_macro_f1", "eval_macro_precision", "eval_macro_recall")
+# The final eval's metrics of each task.kind (training/tasks.py), each with the way it improves.
+METRICS = {
+    "lm": {"eval_loss": "minimize", "eval_ppl": "minimize", "eval_bpb": "minimize"},
+    "classification": {"eval_loss": "minimize", "eval_accuracy": "maximize", "eval_macro_f1": "maximize",
+                       "eval_macro_precision": "maximize", "eval_macro_recall": "maximize"},
+}
 
 
 @dataclasses.dataclass
@@ -51,15 +58,18 @@ class Sweep:
   seed: int = -1  # < 0: unseeded (each worker of a shared study samples its own points)
 
   def resolved_direction(self) -> str:
+    """--direction, or the metric's own; a metric the config's task does not produce is
+    refused here, before any trial."""
+    kind = self.config.task.kind
+    produced = METRICS.get(kind, {})
+    if self.metric not in produced:
+      raise UserError(f"--metric={self.metric}: a {kind} run's final eval has no such metric; use one of"
+                      f" {', '.join(produced)}.")
     if self.direction:
       if self.direction not in ("minimize", "maximize"):
         raise UserError(f"--direction={self.direction}: use minimize or maximize.")
       return self.direction
-    if self.metric in MINIMIZE:
-      return "minimize"
-    if self.metric in MAXIMIZE:
-      return "maximize"
-    raise UserError(f"--metric={self.metric}: say whether to minimize or maximize it with --direction.")
+    return produced[self.metric]
 
 
 def storage_url(sweep: Sweep) -> str:
@@ -123,8 +133,13 @@ def open_study(sweep: Sweep, create: bool = True):
   if sweep.pruner not in pruners:
     raise UserError(f"--pruner={sweep.pruner}: use one of {', '.join(pruners)}.")
   direction = sweep.resolved_direction()
-  study = optuna.create_study(study_name=sweep.study_name, storage=storage, load_if_exists=True,
-                              direction=direction, sampler=samplers[sweep.sampler](), pruner=pruners[sweep.pruner]())
+  sampler, pruner = samplers[sweep.sampler](), pruners[sweep.pruner]()
+  try:  # exclusively: the one worker that makes the study gives it its id
+    study = optuna.create_study(study_name=sweep.study_name, storage=storage, direction=direction, sampler=sampler,
+                                pruner=pruner)
+    study.set_user_attr(trial_dirs.UID, trial_dirs.new_uid())
+  except optuna.exceptions.DuplicatedStudyError:
+    study = optuna.load_study(study_name=sweep.study_name, storage=storage, sampler=sampler, pruner=pruner)
   if study.direction.name.lower() != direction:
     raise UserError(f"study {sweep.study_name!r} in {storage_url(sweep)} was made to {study.direction.name.lower()}"
                     f" {sweep.metric}, not {direction}: use another --study name or --sweep_dir.")
@@ -155,6 +170,17 @@ def counts(study) -> dict:
   return out
 
 
+def study_uid(study) -> str:
+  """The study's own id (trial_dirs.py), read from the storage each time: the worker
+  that made the study sets it just after; a study made before ids were kept gets one."""
+  for _ in range(50):
+    if uid := study.user_attrs.get(trial_dirs.UID):
+      return uid
+    time.sleep(0.1)
+  study.set_user_attr(trial_dirs.UID, trial_dirs.new_uid())
+  return study.user_attrs[trial_dirs.UID]
+
+
 def trial_dir(sweep: Sweep, trial) -> str:
   """The run directory of a trial: its own, or that of the trial it resumes."""
   import optuna
@@ -167,7 +193,7 @@ def trial_dir(sweep: Sweep, trial) -> str:
       warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
       retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
     number = trial.number if retried is None else retried
-  return os.path.join(sweep.directory, "trials", f"{number:04d}")
+  return os.path.join(trial_dirs.study_dir(sweep.directory, sweep.study_name), f"{number:04d}")
 
 
 class _Interrupted(Exception):
@@ -201,7 +227,8 @@ def run_worker(sweep: Sweep, train=None) -> dict:
   if train is None:
     from tpu_lm.training.loop import train_and_evaluate as train
   study = open_study(sweep)
-  stop = {"reason": None}
+  trial_dirs.check_all(trial_dirs.study_dir(sweep.directory, sweep.study_name), sweep.study_name, study_uid(study))
+  stop = {"reason": None, "refused": None}
   durations = []
 
   def objective(trial):
@@ -223,8 +250,22 @@ def run_worker(sweep: Sweep, train=None) -> dict:
   def run_trial(trial):
     values = {p.field: p.suggest(trial) for p in sweep.params}
     workdir = trial_dir(sweep, trial)
+    number = int(os.path.basename(workdir))  # the trial whose directory it is (this one, or the one it resumes)
     trial.set_user_attr("workdir", workdir)
     config = space_lib.apply(sweep.config, values)
+
+    def interrupted(reason):
+      # Back in the queue with the same parameters and run directory: whoever runs
+      # it next resumes there (from the checkpoint just saved, if any).
+      stop["reason"] = reason
+      study.enqueue_trial(values, user_attrs={"resumes": number})
+      return _Interrupted()
+
+    try:
+      trial_dirs.claim(workdir, sweep.study_name, study_uid(study), number, values)
+    except UserError as e:
+      stop["refused"] = e
+      raise interrupted("a trial directory another study made") from None
     metrics_lib.console(f"sweep: trial {trial.number} in {workdir}: "
                         + ", ".join(f"{k}={_short(v)}" for k, v in values.items()))
 
@@ -233,13 +274,6 @@ def run_worker(sweep: Sweep, train=None) -> dict:
         return False
       trial.report(float(result[sweep.metric]), step)
       return trial.should_prune()
-
-    def interrupted(reason):
-      # Back in the queue with the same parameters and run directory: whoever runs
-      # it next resumes from the checkpoint just saved.
-      stop["reason"] = reason
-      study.enqueue_trial(values, user_attrs={"resumes": int(os.path.basename(workdir))})
-      return _Interrupted()
 
     try:
       result = train(config, workdir, preemption.Watch(), on_eval)
@@ -259,6 +293,12 @@ def run_worker(sweep: Sweep, train=None) -> dict:
     return value
 
   while stop["reason"] is None:
+    # A dead worker's trial still counts as running until the heartbeat check fails it,
+    # which Optuna does only when asked for a trial: without this, a budget filled by
+    # it would end the worker before the trial is put back.
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+      optuna.storages.fail_stale_trials(study)
     c = counts(study)
     if c["waiting"] == 0 and c["complete"] + c["pruned"] + c["failed"] + c["running"] >= sweep.trials:
       break
@@ -266,10 +306,23 @@ def run_worker(sweep: Sweep, train=None) -> dict:
     study.optimize(objective, n_trials=1, catch=(Exception,))
     durations.append(time.time() - t0)
     _progress(study, sweep, durations)
+  if stop["refused"] is not None:
+    raise stop["refused"]
   if stop["reason"] is not None:
     metrics_lib.console(f"sweep stopped by {stop['reason']}: the trial in flight was saved and goes back in the"
                         " queue; run the same command again to resume it.")
   return counts(study)
+
+
+def check_outcome(study) -> None:
+  """Refuses (one UserError naming the first error) a study whose every finished trial
+  failed, once none runs or waits: its command must not look like a success."""
+  c = counts(study)
+  if c["failed"] and not (c["complete"] + c["pruned"] + c["running"] + c["waiting"]):
+    first = next(t for t in study.get_trials(deepcopy=False) if state_of(t) == "failed")
+    error = first.user_attrs["error"].rstrip(".")
+    raise UserError(f"all {c['failed']} trials of the sweep failed, the first (trial {first.number}) with"
+                    f" \"{error}\": fix that and rerun in a new --sweep_dir or --study.")
 
 
 def _progress(study, sweep, durations) -> None:
