@@ -275,6 +275,36 @@ def test_our_tokenizers_export_to_the_same_ids(kind, tmp_path):
     assert theirs.decode(ids) == text
 
 
+def _sentencepiece_run(hf_models, workdir):
+  """A Llama-shape run directory with a SentencePiece tokenizer (the imported Llama's
+  parameters, a tokenizer of its vocabulary size trained here)."""
+  _, _, imported = hf_models["llama_tied"]
+  step = run_dir.resolve_step(imported)
+  config = run_dir.read_config(imported, step)
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  params = jax.tree.map(np.asarray, run_dir.read_model(imported, step, config, mesh, "float32")[0])
+  tok = tokenizer_lib.SentencePieceTokenizer(tokenizer_lib.train_sentencepiece(TEXTS * 20, config.data.vocab_size))
+  config.data.update(tokenizer="sentencepiece", tokenizer_path="")
+  run_dir.write(workdir, config, params, tok)
+  return tok
+
+
+def test_a_sentencepiece_run_exports_its_own_model_for_sentencepiece_consumers(hf_models, tmp_path):
+  import sentencepiece as spm
+
+  tok = _sentencepiece_run(hf_models, str(tmp_path / "run"))
+  hf.export_model(str(tmp_path / "run"), str(tmp_path / "out"))
+  out = tmp_path / "out"
+  assert (out / "tokenizer.model").read_bytes() == (tmp_path / "run" / "tokenizer.model").read_bytes()
+  assert json.loads((out / "tokenizer_config.json").read_text())["add_prefix_space"] is False
+  sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))  # what llama.cpp's converter loads
+  llama = transformers.LlamaTokenizer.from_pretrained(out)  # reads add_prefix_space
+  for text in TEXTS + [" leading space", "    return x\n", "\n\n  def f():\n\tpass  # ünïcode 日本語 ✓\n", "  \t\n"]:
+    ids = [int(i) for i in tok.encode_batch([text])[0]]
+    assert sp.encode(text) == ids, text
+    assert llama(text)["input_ids"] == [tok.bos_id] + ids, text
+
+
 def test_a_trained_run_exports_and_reimports(trained_run, tmp_path):
   out = tmp_path / "hf"
   hf.export_model(trained_run, str(out), dtype="float32")
