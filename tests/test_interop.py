@@ -107,16 +107,107 @@ def test_imported_logits_equal_transformers_at_every_position(hf_models, name):
   assert (ours[..., ref.shape[-1]:] < -1e29).all()  # padding rows of the table are never predicted
 
 
-@pytest.mark.parametrize("name", ("gpt2", "llama"))
-def test_32_greedy_tokens_equal_transformers_generate(hf_models, name):
-  model, _, workdir = hf_models[name]
+def _retokenized(source, tmp_path, post_processor=None, **tokenizer_config):
+  """A copy of the Hugging Face model directory `source` whose tokenizer.json gets
+  `post_processor` (tokenizers.processors) and tokenizer_config.json the keys given."""
+  import shutil
+
+  dst = tmp_path / "retokenized"
+  shutil.copytree(source, dst)
+  if post_processor is not None:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(dst / "tokenizer.json"))
+    tokenizer.post_processor = post_processor
+    tokenizer.save(str(dst / "tokenizer.json"))
+  config = json.loads((dst / "tokenizer_config.json").read_text())
+  (dst / "tokenizer_config.json").write_text(json.dumps({**config, **tokenizer_config}))
+  return str(dst)
+
+
+def _llama3_post_processor():
+  """What Llama 3's tokenizer.json does: ByteLevel, then the BOS token before the text."""
+  from tokenizers import processors
+
+  bos = ("<|endoftext|>", 0)
+  return processors.Sequence([processors.ByteLevel(trim_offsets=False), processors.TemplateProcessing(
+      single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]}:1 $B:1", special_tokens=[bos])])
+
+
+@pytest.mark.parametrize("name, tokenizer", [
+    ("gpt2", None),  # no special tokens added (GPT-2's own tokenizer adds none)
+    ("llama", None),
+    ("llama", "llama3"),  # the post-processor adds BOS
+    ("llama", "add_bos_token"),  # which transformers 5 ignores beside a tokenizer.json
+])
+def test_imported_runs_continue_the_plain_text_as_transformers_generate_does(hf_models, tmp_path, name, tokenizer):
+  from tpu_lm.interpret import run as interpret_run
+
+  model, source, workdir = hf_models[name]
+  if tokenizer:
+    source = _retokenized(source, tmp_path, _llama3_post_processor() if tokenizer == "llama3" else None,
+                          **({"add_bos_token": True} if tokenizer == "add_bos_token" else {}))
+    workdir = str(tmp_path / "run")
+    hf.import_model(source, workdir)
+  text = "the model reads"
+  ids = transformers.AutoTokenizer.from_pretrained(source)(text)["input_ids"]  # transformers' own encoding
+  assert (ids[0] == 0) == (tokenizer == "llama3")
   run = run_dir.load(workdir, devices=jax.devices()[:1])
-  prompt = run.encode_prompt("the model reads")
-  [c] = run.decoder.generate([prompt], run_dir.decode.Sampling(32, 0.0))
+  [c] = run.decoder.generate([run.encode_prompt(text)], run_dir.decode.Sampling(32, 0.0))
   with torch.no_grad():
-    ref = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=run.tokenizer.eos_id,
-                         pad_token_id=run.tokenizer.pad_id)[0, len(prompt):].tolist()
+    ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=32, do_sample=False, eos_token_id=run.tokenizer.eos_id,
+                         pad_token_id=run.tokenizer.pad_id)[0, len(ids):].tolist()
   assert c.tokens == ref[:len(c.tokens)] and (len(c.tokens) == 32 or c.tokens[-1] == run.tokenizer.eos_id)
+  # generate, serve and scoring (the memorization audit, inspect) all encode the same way
+  assert run.encode_prompt(text) == interpret_run.load(workdir).encode(text) == ids
+
+
+def test_the_prompt_convention_follows_the_run(hf_models, trained_run, tmp_path):
+  """Trained here: [BOS] + tokens; imported: the tokenizer's own; a copy of an imported
+  run (python -m tpu_lm.compress writes one) keeps it; a run directory written before
+  the convention was recorded is prompted with [BOS] + tokens, as it was then."""
+  text = "the model reads"
+  trained = run_dir.load(trained_run, devices=jax.devices()[:1])
+  tok = trained.tokenizer
+  assert trained.encode_prompt(text) == [tok.bos_id, *map(int, tok.encode_batch([text])[0])]
+  _, _, imported = hf_models["gpt2"]
+  tok = tokenizer_lib.load_for_run(imported)
+  plain = tok.encode_batch([text])[0]
+  assert tokenizer_lib.encode_prompt(tok, text) == plain
+  step = run_dir.resolve_step(imported)
+  config = run_dir.read_config(imported, step)
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  params = jax.tree.map(np.asarray, run_dir.read_model(imported, step, config, mesh, "float32")[0])
+  run_dir.write(str(tmp_path / "copy"), config, params, tok)
+  assert tokenizer_lib.encode_prompt(tokenizer_lib.load_for_run(str(tmp_path / "copy")), text) == plain
+  # what training writes, here fine-tuning from the imported run (its tokenizer read from there)
+  tokenizer_lib.save_for_run(tok, str(tmp_path))
+  assert tokenizer_lib.encode_prompt(tokenizer_lib.load_for_run(str(tmp_path)), text) == [tok.bos_id, *plain]
+  meta_path = tmp_path / "copy" / tokenizer_lib.RUN_FILE
+  meta = json.loads(meta_path.read_text())
+  assert meta["prompt"] == tokenizer_lib.PROMPT_OWN
+  del meta["prompt"]
+  meta_path.write_text(json.dumps(meta))
+  assert tokenizer_lib.encode_prompt(tokenizer_lib.load_for_run(str(tmp_path / "copy")), text) == [tok.bos_id, *plain]
+
+
+@pytest.mark.slow
+def test_a_run_fine_tuned_from_an_imported_one_is_prompted_with_bos(hf_models, corpus_dir, data_dir, tmp_path):
+  from configs import finetune
+  from tpu_lm.training import loop
+
+  _, _, imported = hf_models["llama_tied"]
+  config = finetune.get_config(imported)
+  config.data.update(dataset="text_files", path=corpus_dir, data_dir=data_dir, seq_len=32, global_batch_size=8)
+  config.update(num_train_steps=2, log_every_steps=1, eval_every_steps=2, checkpoint_every_steps=2, eval_max_batches=1)
+  config.optim.warmup_steps = 1
+  config.sample.update(num_prompts=1, prompt_tokens=4, new_tokens=2)
+  workdir = str(tmp_path / "tuned")
+  loop.train_and_evaluate(config, workdir)  # packs every document as [BOS] + tokens + [EOS]
+  tok = tokenizer_lib.load_for_run(workdir)
+  assert tok.prompt == tokenizer_lib.PROMPT_BOS
+  assert tokenizer_lib.encode_prompt(tok, "the model") == [tok.bos_id, *tok.encode_batch(["the model"])[0]]
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -182,6 +273,36 @@ def test_our_tokenizers_export_to_the_same_ids(kind, tmp_path):
     ids = [int(i) for i in tok.encode_batch([text])[0]]
     assert theirs(text)["input_ids"] == [tok.bos_id] + ids, text
     assert theirs.decode(ids) == text
+
+
+def _sentencepiece_run(hf_models, workdir):
+  """A Llama-shape run directory with a SentencePiece tokenizer (the imported Llama's
+  parameters, a tokenizer of its vocabulary size trained here)."""
+  _, _, imported = hf_models["llama_tied"]
+  step = run_dir.resolve_step(imported)
+  config = run_dir.read_config(imported, step)
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  params = jax.tree.map(np.asarray, run_dir.read_model(imported, step, config, mesh, "float32")[0])
+  tok = tokenizer_lib.SentencePieceTokenizer(tokenizer_lib.train_sentencepiece(TEXTS * 20, config.data.vocab_size))
+  config.data.update(tokenizer="sentencepiece", tokenizer_path="")
+  run_dir.write(workdir, config, params, tok)
+  return tok
+
+
+def test_a_sentencepiece_run_exports_its_own_model_for_sentencepiece_consumers(hf_models, tmp_path):
+  import sentencepiece as spm
+
+  tok = _sentencepiece_run(hf_models, str(tmp_path / "run"))
+  hf.export_model(str(tmp_path / "run"), str(tmp_path / "out"))
+  out = tmp_path / "out"
+  assert (out / "tokenizer.model").read_bytes() == (tmp_path / "run" / "tokenizer.model").read_bytes()
+  assert json.loads((out / "tokenizer_config.json").read_text())["add_prefix_space"] is False
+  sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))  # what llama.cpp's converter loads
+  llama = transformers.LlamaTokenizer.from_pretrained(out)  # reads add_prefix_space
+  for text in TEXTS + [" leading space", "    return x\n", "\n\n  def f():\n\tpass  # ünïcode 日本語 ✓\n", "  \t\n"]:
+    ids = [int(i) for i in tok.encode_batch([text])[0]]
+    assert sp.encode(text) == ids, text
+    assert llama(text)["input_ids"] == [tok.bos_id] + ids, text
 
 
 def test_a_trained_run_exports_and_reimports(trained_run, tmp_path):

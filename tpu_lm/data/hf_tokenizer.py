@@ -6,6 +6,12 @@ normalizer, pre-tokenizer, model, decoder) and usually `tokenizer_config.json` /
 `special_tokens_map.json` naming the beginning-, end-of-sequence and padding
 tokens; a model's `config.json` may name their ids instead. Encoding adds no
 special tokens: packing adds [BOS] and [EOS] itself, as for every tokenizer.
+
+A model imported from Hugging Face is prompted as `transformers` prompts it
+(`encode_with_special_tokens`): transformers 5 (checked on 5.24, GPT-2, Llama 2 and
+Llama 3 layouts) adds exactly what tokenizer.json's post-processor adds, nothing
+without one, and ignores tokenizer_config.json's add_bos_token / add_eos_token
+whenever a tokenizer.json is there (it always is here).
 """
 
 import hashlib
@@ -13,6 +19,7 @@ import json
 import os
 
 from tpu_lm import storage
+from tpu_lm.data.tokenizer import PROMPT_BOS
 from tpu_lm.errors import UserError
 
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -20,6 +27,8 @@ FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 class HFTokenizer:
   """`tokenizer.json` plus its special ids; `directory` keeps the files it came from."""
+
+  prompt = PROMPT_BOS
 
   def __init__(self, directory: str, special_ids: dict | None = None):
     import tokenizers
@@ -48,6 +57,10 @@ class HFTokenizer:
 
   def encode_batch(self, texts):
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def encode_with_special_tokens(self, text: str) -> list[int]:
+    """`text` as `transformers.AutoTokenizer` encodes it: tokenizer.json's post-processor applied."""
+    return self._tok.encode(text, add_special_tokens=True).ids
 
   def decode(self, ids):
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

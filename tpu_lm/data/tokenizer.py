@@ -6,6 +6,9 @@ Each tokenizer owns its special ids (`pad_id`, `bos_id`, `eos_id`): nothing else
 in the project assumes their values, and a run directory records them. A
 SentencePiece model is read back from its serialized protobuf; nothing here
 unpickles.
+
+A run directory also records how its prompts become ids (`prompt`, see
+`encode_prompt`): the way its model saw every text begin.
 """
 
 import hashlib
@@ -25,6 +28,13 @@ from tpu_lm.errors import UserError
 # made elsewhere bring their own.
 _OWN_IDS = {"pad_id": 0, "bos_id": 1, "eos_id": 2}
 
+# How a prompt (or a text to score) becomes ids. Training packs every document as
+# [BOS] + tokens + [EOS], so a run trained here (fine-tuned ones included) is
+# prompted with [BOS] + tokens; a model imported from Hugging Face learned its
+# tokenizer's own convention, which `transformers` applies (hf_tokenizer.py).
+PROMPT_BOS = "[BOS] + tokens"
+PROMPT_OWN = "the tokenizer's own special tokens"
+
 
 class Tokenizer(Protocol):
   vocab_size: int
@@ -32,6 +42,7 @@ class Tokenizer(Protocol):
   pad_id: int
   bos_id: int
   eos_id: int
+  prompt: str  # PROMPT_BOS, or what the run it was read from records
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
 
@@ -45,6 +56,7 @@ class ByteTokenizer:
   vocab_size = 256 + OFFSET
   name = "bytes"
   pad_id, bos_id, eos_id = _OWN_IDS["pad_id"], _OWN_IDS["bos_id"], _OWN_IDS["eos_id"]
+  prompt = PROMPT_BOS
 
   def encode_batch(self, texts):
     return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.uint16) + self.OFFSET for t in texts]
@@ -61,6 +73,8 @@ class SentencePieceTokenizer:
   Identity normalisation, no dummy prefix, kept whitespace and '\\n' as its own
   piece make it lossless; byte fallback covers any character unseen in training.
   """
+
+  prompt = PROMPT_BOS
 
   def __init__(self, model_proto: bytes, path: str = "<memory>"):
     self._sp = spm.SentencePieceProcessor()
@@ -191,7 +205,19 @@ def special_ids(tok: Tokenizer) -> dict[str, int]:
   return {"pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
 
 
-def save_for_run(tok: Tokenizer, workdir: str) -> None:
+def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
+  """`text` as the run's model saw texts begin: [BOS] + tokens (tok.prompt ==
+  PROMPT_BOS), or as the Hugging Face tokenizer itself encodes it (PROMPT_OWN)."""
+  if tok.prompt == PROMPT_OWN:
+    return tok.encode_with_special_tokens(text)
+  return [tok.bos_id, *(int(t) for t in tok.encode_batch([text])[0])]
+
+
+def save_for_run(tok: Tokenizer, workdir: str, prompt: str = PROMPT_BOS) -> None:
+  """Writes `tok` into the run directory, with `prompt`: how the run is prompted
+  (training writes the default; the Hugging Face importer PROMPT_OWN)."""
+  if prompt not in (PROMPT_BOS, PROMPT_OWN) or (prompt == PROMPT_OWN and not hasattr(tok, "files")):
+    raise ValueError(f"prompt={prompt!r} for a {type(tok).__name__}")
   meta = {"type": "bytes"}
   if isinstance(tok, SentencePieceTokenizer):
     meta = {"type": "sentencepiece", "file": "tokenizer.model", "name": tok.name}
@@ -202,6 +228,7 @@ def save_for_run(tok: Tokenizer, workdir: str) -> None:
     for name, data in tok.files().items():
       storage.write_atomic(os.path.join(workdir, HF_DIR, name), data)
   meta["special_ids"] = special_ids(tok)  # for readers of the run directory other than tpu_lm
+  meta["prompt"] = prompt
   storage.write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(meta, indent=1).encode())
 
 
@@ -223,6 +250,10 @@ def load_for_run(workdir: str) -> Tokenizer:
     saved = meta.get("special_ids", special_ids(tok))
     if saved != special_ids(tok):
       raise ValueError(f"special ids {saved} differ from the tokenizer's {special_ids(tok)}")
+    # Run directories written before the key were all prompted with [BOS] + tokens.
+    tok.prompt = meta.get("prompt", PROMPT_BOS)
+    if tok.prompt not in (PROMPT_BOS, PROMPT_OWN) or (tok.prompt == PROMPT_OWN and meta["type"] != "hf"):
+      raise ValueError(f"prompt {tok.prompt!r} for a {meta['type']} tokenizer")
     return tok
   except FileNotFoundError as e:
     raise UserError(

@@ -47,8 +47,10 @@ class Run:
   decoder: decode.Decoder
 
   def encode_prompt(self, text: str) -> list[int]:
-    """[BOS] + tokens: prompts start the way every training document did."""
-    return [self.tokenizer.bos_id, *(int(t) for t in self.tokenizer.encode_batch([text])[0])]
+    """`text` as the model saw texts begin: [BOS] + tokens for a run trained here, the
+    tokenizer's own special tokens (as transformers adds them) for one imported from
+    Hugging Face; the run directory records which (tokenizer.encode_prompt)."""
+    return tokenizer_lib.encode_prompt(self.tokenizer, text)
 
 
 def _manager(workdir: str, *, read_only: bool = True) -> ocp.CheckpointManager:
@@ -203,9 +205,11 @@ def _read_quantized(workdir, step, config, model_cfg, mesh, dtype):
   return quant.from_saved(params, abstract)
 
 
-def write(workdir: str, config, params, tokenizer, step: int = 0) -> None:
+def write(workdir: str, config, params, tokenizer, step: int = 0, prompt: str | None = None) -> None:
   """A run directory holding `params` (a per-layer tree of arrays), `config` and
-  `tokenizer`; refuses to overwrite a directory that already has checkpoints."""
+  `tokenizer`; refuses to overwrite a directory that already has checkpoints.
+  `prompt` (tokenizer.PROMPT_*): how the run is prompted; by default as the run
+  `tokenizer` was read from is (a compressed run keeps its source's)."""
   workdir = storage.absolute(workdir)
   ckpts = os.path.join(workdir, "checkpoints")
   if storage.isdir(ckpts) and storage.listdir(ckpts):
@@ -219,7 +223,7 @@ def write(workdir: str, config, params, tokenizer, step: int = 0) -> None:
       state=ocp.args.PyTreeSave({"params": params}), config=ocp.args.JsonSave(config.to_dict())))
   mngr.wait_until_finished()
   mngr.close()
-  tokenizer_lib.save_for_run(tokenizer, workdir)
+  tokenizer_lib.save_for_run(tokenizer, workdir, prompt or tokenizer.prompt)
 
 
 class _readable:

@@ -120,7 +120,9 @@ def import_model(src: str, workdir: str, dtype: str = "float32") -> str:
                     " weights are incomplete or of another model.") from None
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
   _check_against_model(params, model_cfg, directory)
-  run_dir.write(workdir, config, params, tokenizer)
+  # Prompted as transformers prompts it; a run fine-tuned from this one, on documents
+  # packed with [BOS], records [BOS] + tokens instead.
+  run_dir.write(workdir, config, params, tokenizer, prompt=tokenizer_lib.PROMPT_OWN)
   with open(os.path.join(os.path.abspath(os.path.expanduser(workdir)), SOURCE_FILE), "w") as f:
     json.dump({"source": src, "architecture": arch.ARCHITECTURE, "dtype": source_dtype}, f)
   n = sum(x.size for x in jax.tree.leaves(params))

@@ -1,5 +1,7 @@
 """A run's tokenizer as Hugging Face tokenizer files (`tokenizer.json` +
-`tokenizer_config.json`) that `AutoTokenizer.from_pretrained` loads.
+`tokenizer_config.json`, and a SentencePiece run's own `tokenizer.model`) that
+`AutoTokenizer.from_pretrained` loads and other consumers of Hugging Face
+checkpoints read.
 
 A Hugging Face tokenizer is copied as it came. tpu_lm's own are rebuilt with the
 `tokenizers` library so that they give the same ids:
@@ -15,6 +17,19 @@ Both prepend [BOS] when encoding (the post-processor), as tpu_lm's prompts do. T
 special tokens are named `<|tpu_lm_bos|>` and so on rather than SentencePiece's
 `<s>`: Hugging Face tokenizers match a special token's text wherever it appears in
 the input, and source code does contain `<s>` (tpu_lm encodes it as characters).
+
+Consumers that read more than tokenizer.json:
+- `tokenizer.model`, a SentencePiece run's own model copied byte for byte: llama.cpp's
+  converter and the `sentencepiece` library tokenize with its pieces, scores and piece
+  types (from tokenizer.json alone, llama.cpp gives every piece the same score).
+- `add_prefix_space: false`: neither tokenizer puts a space before the text, while
+  llama.cpp's converter (it reads this key for Llama models) and transformers'
+  LlamaTokenizer add one unless told.
+- No `legacy` key: transformers 5 reads it only where add_prefix_space is true;
+  transformers 4's slow LlamaTokenizer with legacy=false would encode "<unk>" + text
+  and drop the "<unk>" pieces for a text starting with a space (a workaround for
+  SentencePiece models that strip leading whitespace, which ours keeps), with its
+  default it encodes with the model as it is.
 """
 
 import json
@@ -33,10 +48,14 @@ def write(tok, directory: str, max_len: int | None = None) -> None:
     return
   hf_tok = build(tok)
   hf_tok.save(os.path.join(directory, "tokenizer.json"))
+  if isinstance(tok, tokenizer_lib.SentencePieceTokenizer):
+    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+      f.write(tok.model_proto)
   names = {k: hf_tok.id_to_token(getattr(tok, k)) for k in _SPECIAL}
   meta = {
       "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names["bos_id"], "eos_token": names["eos_id"],
       "pad_token": names["pad_id"], "clean_up_tokenization_spaces": False, "add_bos_token": True,
+      "add_prefix_space": False,
   }
   if max_len:
     meta["model_max_length"] = max_len

@@ -23,8 +23,8 @@ class Model:
   tokenizer: object
 
   def encode(self, text: str) -> list[int]:
-    """[BOS] + tokens, as every training document starts."""
-    return [self.tokenizer.bos_id, *(int(t) for t in self.tokenizer.encode_batch([text])[0])]
+    """`text` as generate and serve prompt the run (tokenizer.encode_prompt)."""
+    return tokenizer_lib.encode_prompt(self.tokenizer, text)
 
   def pieces(self, tokens) -> list[str]:
     """Each token as text (BOS as <bos>), for axis labels."""
