@@ -250,6 +250,20 @@ def test_the_command_refuses_what_it_cannot_do_in_one_line(trained_run, tmp_path
     assert not os.path.exists(f"{tmp_path}/x")
 
 
+def test_compressing_into_an_existing_run_is_refused_before_any_work(trained_run, tmp_path, monkeypatch):
+  import shutil
+
+  from tpu_lm.training import evaluate
+
+  out = str(tmp_path / "existing")
+  shutil.copytree(trained_run, out)
+  before = {f: open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(out) for f in fs}
+  monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated before refusing"))
+  with pytest.raises(UserError, match="already holds a run .* pass a new --out directory"):
+    compression.compress(trained_run, out, quant_spec=quant.Spec(weight_qtype="int8"), prune_spec=prune.Spec())
+  assert {f: open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(out) for f in fs} == before
+
+
 @pytest.mark.slow  # several compiled training runs
 def test_quantization_aware_training_trains_float_weights_that_quantize_to_what_it_simulated():
   config = tiny_config()

@@ -345,7 +345,7 @@ def test_missing_weights_and_an_existing_run_are_one_line(hf_models, tmp_path):
   os.remove(os.path.join(src, "model.safetensors"))
   with pytest.raises(UserError, match="has no model.safetensors or model.safetensors.index.json"):
     hf.import_model(src, str(tmp_path / "run"))
-  with pytest.raises(UserError, match="already holds checkpoints"):
+  with pytest.raises(UserError, match="already holds a run .* pass a new --workdir directory"):
     hf.import_model(hf_models["gpt2"][1], hf_models["gpt2"][2])
 
 

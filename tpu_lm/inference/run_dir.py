@@ -205,15 +205,23 @@ def _read_quantized(workdir, step, config, model_cfg, mesh, dtype):
   return quant.from_saved(params, abstract)
 
 
+def check_new(workdir: str, flag: str = "--workdir") -> None:
+  """UserError if `workdir` already holds a run (checkpoints or a tokenizer): the
+  commands that write a new run directory call this before any work."""
+  workdir = storage.absolute(workdir)
+  ckpts = os.path.join(workdir, "checkpoints")
+  if (storage.isdir(ckpts) and storage.listdir(ckpts)) or storage.exists(os.path.join(workdir, tokenizer_lib.RUN_FILE)):
+    raise UserError(f"{workdir} already holds a run (checkpoints or a tokenizer): pass a new {flag} directory"
+                    " (nothing was overwritten).")
+
+
 def write(workdir: str, config, params, tokenizer, step: int = 0, prompt: str | None = None) -> None:
   """A run directory holding `params` (a per-layer tree of arrays), `config` and
   `tokenizer`; refuses to overwrite a directory that already has checkpoints.
   `prompt` (tokenizer.PROMPT_*): how the run is prompted; by default as the run
   `tokenizer` was read from is (a compressed run keeps its source's)."""
   workdir = storage.absolute(workdir)
-  ckpts = os.path.join(workdir, "checkpoints")
-  if storage.isdir(ckpts) and storage.listdir(ckpts):
-    raise UserError(f"{workdir} already holds checkpoints: pass a new --workdir (nothing was overwritten).")
+  check_new(workdir)
   try:
     storage.makedirs(workdir)
   except OSError as e:

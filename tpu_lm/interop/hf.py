@@ -102,6 +102,7 @@ def import_model(src: str, workdir: str, dtype: str = "float32") -> str:
   from tpu_lm.data import tokenizer as tokenizer_lib
   from tpu_lm.inference import run_dir
 
+  run_dir.check_new(workdir)  # before reading (or downloading) the weights
   directory = resolve(src)
   hf, arch = read_hf_config(directory)
   tokenizer = tokenizer_lib.load_hf(directory)

@@ -47,6 +47,7 @@ def dir_bytes(path: str) -> int:
 def compress(src: str, out: str, *, quant_spec: quant.Spec, prune_spec: prune.Spec, step: int | None = None,
              eval_max_batches: int = 0) -> Result:
   src = storage.absolute(src)
+  run_dir.check_new(out, "--out")  # before the evaluations, which take minutes on a real model
   step = run_dir.resolve_step(src, step)
   config = run_dir.read_config(src, step)
   if config.task.kind != "lm":
