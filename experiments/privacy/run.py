@@ -178,7 +178,9 @@ def main():
   canaries = corpus(data)
   cost = step_cost(base, data)
   before = fine_tune(base, data, 1, float("inf"), name="before")
-  before["audit"] = audit(base, canaries)
+  # Audited through the one-step, learning-rate-0 run: the base's weights, and a config
+  # that read the canaries (the audit refuses a run that never trained on them).
+  before["audit"] = audit(before["workdir"], canaries)
   rows = []
   for eps in EPSILONS:
     r = fine_tune(base, data, args.steps, eps)
