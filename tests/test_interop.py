@@ -210,6 +210,23 @@ def test_a_run_fine_tuned_from_an_imported_one_is_prompted_with_bos(hf_models, c
   assert tokenizer_lib.encode_prompt(tok, "the model") == [tok.bos_id, *tok.encode_batch(["the model"])[0]]
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_an_exported_hf_tokenizer_prompts_as_the_run_was_trained(hf_models, name, tmp_path):
+  """A run trained here on a Hugging Face tokenizer (or fine-tuned from an imported run)
+  saw every document start with BOS: its export's tokenizer adds it, as ours does; an
+  imported run's export keeps the tokenizer as it came."""
+  _, _, imported = hf_models[name]
+  tok = tokenizer_lib.load_for_run(imported)
+  for prompt in (tokenizer_lib.PROMPT_OWN, tokenizer_lib.PROMPT_BOS):
+    tok.prompt = prompt
+    out = tmp_path / prompt.replace(" ", "_").replace("'", "")
+    out.mkdir()
+    tokenizer_export.write(tok, str(out))
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    for text in ("def f(x):\n    return x", " the model reads"):
+      assert theirs(text).input_ids == tokenizer_lib.encode_prompt(tok, text), (prompt, text)
+
+
 @pytest.mark.parametrize("name", ARCHS)
 def test_export_loads_in_transformers_with_our_logits_and_bitwise_weights(hf_models, name, tmp_path):
   from safetensors.numpy import load_file

@@ -43,6 +43,8 @@ _SPECIAL = {"pad_id": "<|tpu_lm_pad|>", "bos_id": "<|tpu_lm_bos|>", "eos_id": "<
 def write(tok, directory: str, max_len: int | None = None) -> None:
   if hasattr(tok, "files"):  # already a Hugging Face tokenizer
     for name, data in tok.files().items():
+      if name == "tokenizer.json":
+        data = _prompted_as_trained(tok, data)
       with open(os.path.join(directory, name), "wb") as f:
         f.write(data)
     return
@@ -61,6 +63,24 @@ def write(tok, directory: str, max_len: int | None = None) -> None:
     meta["model_max_length"] = max_len
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
     json.dump(meta, f, indent=2)
+
+
+def _prompted_as_trained(tok, tokenizer_json: bytes) -> bytes:
+  """A Hugging Face tokenizer.json that encodes prompts as the run's model saw texts
+  begin: as it came for an imported run; for one trained here ([BOS] + tokens: every
+  document was packed so) with a post-processor that prepends BOS, if it lacks one."""
+  if getattr(tok, "prompt", tokenizer_lib.PROMPT_BOS) != tokenizer_lib.PROMPT_BOS:
+    return tokenizer_json
+  probe = "def f(x):\n    return x"
+  if tok.encode_with_special_tokens(probe) == tokenizer_lib.encode_prompt(tok, probe):
+    return tokenizer_json
+  from tokenizers import Tokenizer, processors
+
+  hf_tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+  bos = hf_tok.id_to_token(tok.bos_id)
+  hf_tok.post_processor = processors.TemplateProcessing(
+      single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_id)])
+  return hf_tok.to_str().encode("utf-8")
 
 
 def build(tok):
