@@ -124,8 +124,11 @@ class Decoder:
     )
 
   def check(self, prompt_len: int, sampling: Sampling) -> None:
-    """Raises UserError when a request cannot fit the model's context."""
+    """Raises UserError when a request's settings are out of range or it cannot fit the model's context."""
     sampling.check()
+    if sampling.top_k > self.vocab_size:
+      raise UserError(f"top_k={sampling.top_k} is invalid: it must be an integer from 0 to the vocabulary size,"
+                      f" {self.vocab_size} (0 keeps every token).")
     if prompt_len < 1:
       raise UserError("the prompt is empty after tokenization: give at least one token.")
     if prompt_len + sampling.max_new_tokens > self.max_len:
