@@ -48,7 +48,7 @@ def _is_number(x) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Completion:
   tokens: list[int]  # the new tokens, without the end-of-sequence token
-  finish_reason: str  # "stop" (end-of-sequence) or "length" (max_new_tokens)
+  finish_reason: str  # "stop" (end-of-sequence, or ended by on_step) or "length" (max_new_tokens)
 
 
 def plan(samplings) -> tuple[str, int]:
