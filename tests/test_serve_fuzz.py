@@ -27,9 +27,9 @@ HOSTILE = {
     "n": [0, -1, 3, 2**31, 1.5, True, "1"],
     "seed": [-1, 2**32, 2**63, 10**30, 1.5, True, "1"],
     "logprobs": [-1, 6, 2**31, 1.5, True, "1"],
-    "stop": [5, "", [""], ["a"] * 5, [1], [None], True, {}],
-    "echo": [1, 0.0, "true", []],
-    "stream": [1, 0, "true", []],
+    "stop": [5, 10**30, -1, 1.5, "", [""], ["a"] * 5, [1], [None], True, {}],
+    "echo": [1, 10**30, -1, 0.0, "true", []],
+    "stream": [1, 10**30, -1, 0, 0.5, "true", []],
     "prompt": [5, -1, 1.5, True, [], [1, 2], {}, [["a"]], "x" * 40, "\ud800", ["a", "b\udfff"]],
     "suffix": ["x"],
     "best_of": [2],
@@ -41,7 +41,7 @@ CHAT_HOSTILE = {
     "max_completion_tokens": [0, 17, 2**31, 1.5, True],
     "max_tokens": [0, 2**63],
     "logprobs": [1, "true"],
-    "top_logprobs": [-1, 6, 2**31, 1.5, "1"],  # with "logprobs": true
+    "top_logprobs": [-1, 6, 2**31, 1.5, True, "1"],  # with "logprobs": true
     "top_k": [2**31],
     "tools": [[{"type": "function"}]],
 }

@@ -95,7 +95,7 @@ def serving(decoder: GatedSlots | None = None, *, api_key: str | None = None, ma
   engine = Engine(run, max_batch=limits.max_batch, max_queue=max_queue, slots=decoder)
   srv = BoundedServer(("127.0.0.1", 0), make_handler(run, engine, limits, api_key), max_connections,
                       max_connections_per_client)
-  threading.Thread(target=srv.serve_forever, daemon=True).start()
+  threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
   try:
     yield Served(srv.server_address[1], decoder, engine)
   finally:

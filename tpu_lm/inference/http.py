@@ -612,7 +612,7 @@ def make_handler(run, engine: Engine, limits: Limits, api_key: str | None = None
           if kind == "error":
             cancelled.set()
             status, message = payload
-            self._fail(started, status, message, "server_error")
+            self._fail(started, status, message, "invalid_request_error" if status < 500 else "server_error")
             return
           if kind == "token":
             drawn += 1
