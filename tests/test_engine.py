@@ -71,6 +71,26 @@ def test_requests_joining_and_leaving_decode_what_each_decodes_alone(decoder):
   assert [(c.tokens, c.finish_reason) for c in got] == [(c.tokens, c.finish_reason) for c in want]
 
 
+def test_a_sequence_with_hostile_settings_fails_alone_and_the_others_decode_on(decoder):
+  """Settings that bypass the HTTP parser (top_k past int32, a prompt past the context)
+  fail their own sequence with a 400; the one in flight decodes what it decodes alone."""
+  engine = _engine(decoder)
+  prompt, sampling = _prompts()[1], SAMPLINGS[1]
+  good = _job(prompt, sampling, request_id="good")
+  engine.submit([good])
+  assert good.events.get(timeout=60)[0] == "token"  # in flight when the hostile ones join
+  hostile = [_job([1, 4], decode.Sampling(max_new_tokens=9, temperature=1.0, top_k=2**31), request_id="top_k"),
+             _job([1] * 80, decode.Sampling(max_new_tokens=4), index=1, request_id="long")]
+  engine.submit(hostile)
+  for job, word in zip(hostile, ("top_k", "context")):
+    kind, _, (status, message) = job.events.get(timeout=60)
+    assert (kind, status) == ("error", 400) and word in message, message
+  tokens, _, done = _collect(good)
+  want = decoder.generate([prompt], sampling)[0]
+  assert (done.tokens, done.finish_reason) == (want.tokens, want.finish_reason)
+  assert tokens == want.tokens[1:]  # the first was taken above
+
+
 def test_a_short_request_finishes_while_a_long_one_is_still_decoding(decoder):
   engine = _engine(decoder, max_batch=2)
   long = _job([1, 9, 9], decode.Sampling(max_new_tokens=60, temperature=1.0, seed=0), request_id="long")

@@ -27,10 +27,18 @@ def test_one_prompt_streams_its_completion(trained_run):
   assert "loaded" in out.stderr and "step 6" in out.stderr
   text = local.tokenizer.decode(c.tokens)
   stop = text[3:5]
+  # Decoding stops at the token that completes the stop sequence (byte tokenizer: a token a byte).
+  decoded = len(text[: text.index(stop) + len(stop)].encode())
+  assert decoded < len(c.tokens)
   out = _generate(f"--workdir={trained_run}", "--prompt=the model", "--temperature=0", "--max_new_tokens=9",
                   f"--stop={stop}")
   assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout == "the model" + text[: text.index(stop)] + f"\n[{len(c.tokens)} tokens, stop sequence]\n"
+  assert out.stdout == "the model" + text[: text.index(stop)] + f"\n[{decoded} tokens, stop sequence]\n"
+  out = _generate(f"--workdir={trained_run}", "--prompt=the model", "--num_samples=2", "--temperature=0",
+                  "--max_new_tokens=9", f"--stop={stop}")  # a batch: each row stops at its own stop sequence
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout == "".join(f"--- sample {i + 1}/2 (seed {i}; {decoded} tokens, stop sequence) ---\n"
+                               f"the model{text[: text.index(stop)]}\n" for i in range(2))
 
 
 def test_stop_scanner_holds_back_what_could_start_a_stop_and_cuts_at_the_first():
@@ -56,6 +64,61 @@ def test_several_samples_and_interactive_mode(trained_run):
   assert out.stdout.count("[5 tokens, ") == 2  # the two interactive prompts, streamed
 
 
+# Runs the command with Ctrl-C pressed (SIGINT to the process) at the third step of the
+# decode calls listed in $INTERRUPT_CALLS (1: the first), while the compiled loop runs.
+_CTRL_C = """
+import os, signal, sys
+from absl import app
+from tpu_lm import cli, generate as command
+from tpu_lm.inference import decode
+
+calls, real = [], decode.Decoder.generate
+interrupted = [int(c) for c in os.environ["INTERRUPT_CALLS"].split(",")]
+
+def generate(self, prompts, sampling, on_step=None):
+  calls.append(1)
+  press = len(calls) in interrupted
+  def step(i, tokens, done):
+    if press and i == 2:
+      os.kill(os.getpid(), signal.SIGINT)
+    return on_step(i, tokens, done)
+  return real(self, prompts, sampling, on_step=step if on_step else None)
+
+decode.Decoder.generate = generate
+app.run(command.main, flags_parser=cli.parse_flags)
+"""
+
+
+def _generate_with_ctrl_c(calls: str, *flags, stdin=None):
+  env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1", "INTERRUPT_CALLS": calls}
+  return subprocess.run([sys.executable, "-c", _CTRL_C, *flags], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300, input=stdin)
+
+
+def test_ctrl_c_stops_decoding_at_the_next_step_prints_what_came_and_exits_130(trained_run):
+  local = run_dir.load(trained_run, devices=jax.devices()[:1])
+  [c] = local.decoder.generate([local.encode_prompt("the model")], decode.Sampling(40, 0.0))
+  full = local.tokenizer.decode(c.tokens)
+  assert len(c.tokens) == 40  # uninterrupted, it runs to its limit
+  out = _generate_with_ctrl_c("1", f"--workdir={trained_run}", "--prompt=the model", "--temperature=0",
+                              "--max_new_tokens=40")
+  assert out.returncode == 130, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr and "KeyboardInterrupt" not in out.stderr, out.stderr
+  assert out.stdout.startswith("the model") and out.stdout.endswith("\n[interrupted]\n"), out.stdout
+  text = out.stdout[len("the model"): -len("\n[interrupted]\n")]
+  assert full.startswith(text) and len(text.encode()) < 10  # stopped a step or so after the third
+
+
+def test_ctrl_c_in_interactive_mode_stops_the_completion_and_returns_to_the_prompt(trained_run):
+  # Ctrl-C during the batch of --prompt samples, then during the first typed prompt; the second runs whole.
+  out = _generate_with_ctrl_c("1,2", f"--workdir={trained_run}", "--prompt=a", "--num_samples=2", "--temperature=0",
+                              "--max_new_tokens=40", "--interactive", stdin="the model\nthe model\n")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr, out.stderr
+  assert out.stdout.count("tokens, interrupted) ---") == 2 and out.stdout.count("[interrupted]\n") == 2
+  assert out.stdout.count("[40 tokens, length]") == 1
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--workdir=/nonexistent/run", "--prompt=a"], "/nonexistent/run has no checkpoints/ directory"),
     (["--prompt=a", "--top_p=0"], "top_p=0.0 is invalid: it must be a number in (0, 1]"),
@@ -65,7 +128,13 @@ def test_several_samples_and_interactive_mode(trained_run):
     ([], "no prompt given"),
     (["--prompt=a", "--num_samples=x"], "flag --num_samples=x"),
     (["--prompt=a", "--stop="], "--stop is empty"),
-], ids=["no_run", "top_p", "context", "step", "prompt_file", "no_prompt", "bad_flag", "empty_stop"])
+    (["--prompt=a", f"--top_k={2**31}"], "top_k=2147483648 is invalid: it must be an integer from 0 to the vocabulary"
+                                         " size, 259"),
+    (["--prompt=a", "--temperature=1e300"], "temperature=1e+300 is invalid: it must be a number from 0 to 100"),
+    (["--prompt=a", "--num_samples=100000"], "is more than the 1024 sequences decoded in one batch"),
+    (["--prompt=a", "--tensor_parallel=0"], "--tensor_parallel=0 is invalid: it must be at least 1"),
+], ids=["no_run", "top_p", "context", "step", "prompt_file", "no_prompt", "bad_flag", "empty_stop", "top_k",
+        "temperature", "batch", "tensor_parallel"])
 def test_bad_input_is_one_line_and_exit_2(trained_run, flags, message):
   if not any(f.startswith("--workdir") for f in flags):
     flags = [f"--workdir={trained_run}", *flags]

@@ -18,10 +18,12 @@ import pytest
 from tpu_lm.inference import decode, run_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "sk-tpu-lm-test"  # the module's server requires it (TPU_LM_API_KEY)
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def _start(workdir, *flags):
-  env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+def _start(workdir, *flags, env=None):
+  env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1", **(env or {})}
   proc = subprocess.Popen(
       [sys.executable, "-m", "tpu_lm.serve", f"--workdir={workdir}", "--port=0", *flags],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -37,7 +39,7 @@ def _start(workdir, *flags):
 @pytest.fixture(scope="module")
 def server(trained_run):
   proc, port = _start(trained_run, "--max_prompt_tokens=40", "--max_new_tokens=48", "--max_body_bytes=4000",
-                      "--max_batch=8")
+                      "--max_batch=8", env={"TPU_LM_API_KEY": KEY})
   yield port
   proc.terminate()
   assert proc.wait(timeout=30) == 0  # SIGTERM shuts it down cleanly, saying what it did with requests
@@ -52,10 +54,10 @@ def local(trained_run):
   return run_dir.load(trained_run, devices=jax.devices()[:1])
 
 
-def _post(port, body, path="/v1/completions", method="POST"):
+def _post(port, body, path="/v1/completions", method="POST", headers=AUTH):
   conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
   conn.request(method, path, body=body if isinstance(body, (bytes, str)) else json.dumps(body),
-               headers={"Content-Type": "application/json"})
+               headers={"Content-Type": "application/json", **headers})
   resp = conn.getresponse()
   data = resp.read().decode()
   conn.close()
@@ -68,9 +70,16 @@ def _expected(local, prompt, **sampling):
 
 
 def test_health(server):
-  status, data = _post(server, None, "/health", "GET")
+  status, data = _post(server, None, "/health", "GET", headers={})  # open without the key
   assert status == 200
   assert json.loads(data)["status"] == "ok"
+
+
+def test_the_api_key_from_the_environment_guards_every_route_but_health(server):
+  for headers in ({}, {"Authorization": "Bearer wrong"}):
+    for path, method in (("/v1/completions", "POST"), ("/v1/chat/completions", "POST"), ("/v1/models", "GET")):
+      status, data = _post(server, {"prompt": "a"}, path, method, headers=headers)
+      assert status == 401 and "a valid API key is required" in json.loads(data)["error"]["message"], data
 
 
 def test_completion_is_what_the_model_generates(server, local):
@@ -86,7 +95,7 @@ def test_completion_is_what_the_model_generates(server, local):
 def test_streaming_sends_the_same_text_as_events(server, local):
   conn = http.client.HTTPConnection("127.0.0.1", server, timeout=120)
   conn.request("POST", "/v1/completions", body=json.dumps(
-      {"prompt": "a little", "max_tokens": 10, "temperature": 0, "stream": True}))
+      {"prompt": "a little", "max_tokens": 10, "temperature": 0, "stream": True}), headers=AUTH)
   resp = conn.getresponse()
   assert resp.status == 200
   assert resp.getheader("Content-Type") == "text/event-stream"
@@ -151,7 +160,7 @@ def test_stop_sequences_cut_the_text_streamed_or_not_and_echo_repeats_the_prompt
   assert json.loads(data)["choices"][0]["text"] == want
   assert json.loads(data)["choices"][0]["finish_reason"] == "stop"
   conn = http.client.HTTPConnection("127.0.0.1", server, timeout=120)
-  conn.request("POST", "/v1/completions", body=json.dumps({**request, "stream": True, "echo": True}))
+  conn.request("POST", "/v1/completions", body=json.dumps({**request, "stream": True, "echo": True}), headers=AUTH)
   events = [e[len("data: "):] for e in conn.getresponse().read().decode().split("\n\n") if e.startswith("data: ")]
   conn.close()
   chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
@@ -161,7 +170,7 @@ def test_stop_sequences_cut_the_text_streamed_or_not_and_echo_repeats_the_prompt
 
 def test_the_official_openai_client_works_against_the_server(server, local):
   openai = pytest.importorskip("openai")
-  client = openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="unused", max_retries=0)
+  client = openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key=KEY, max_retries=0)
   [model] = client.models.list().data
   text, reason = _expected(local, "a little", max_new_tokens=8, temperature=0)
   out = client.completions.create(model=model.id, prompt="a little", max_tokens=8, temperature=0)
@@ -175,13 +184,15 @@ def test_the_official_openai_client_works_against_the_server(server, local):
     assert len(top) <= 3 and chosen == pytest.approx(max(top.values())) and chosen < 0
   with pytest.raises(openai.BadRequestError, match="this run has no chat template"):
     client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "hi"}])
+  with pytest.raises(openai.AuthenticationError, match="a valid API key is required"):
+    openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="wrong", max_retries=0).models.list()
 
 
 def test_wrong_route_method_and_missing_length(server):
   assert _post(server, {"prompt": "a"}, "/v1/chat")[0] == 404
   assert _post(server, {"prompt": "a"}, "/v1/completions", "PUT")[0] == 405
   with socket.create_connection(("127.0.0.1", server), timeout=30) as s:
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n" % KEY.encode())
     assert b" 411 " in s.recv(4096).split(b"\r\n")[0] + b" "
 
 
@@ -197,6 +208,19 @@ def test_a_request_that_outlives_its_timeout_gets_504(trained_run):
     proc.wait()
     proc.stdout.close()
     proc.stderr.close()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tensor_parallel=0"], "--tensor_parallel=0 is invalid: it must be at least 1."),
+    (["--header_timeout_s=0"], "--header_timeout_s=0.0 is invalid: it must be positive."),
+    (["--max_connections_per_client=-1"], "--max_connections_per_client=-1 is invalid"),
+    (["--api_key=two words"], "the API key (--api_key or TPU_LM_API_KEY) must be printable ASCII without spaces"),
+], ids=["tensor_parallel", "header_timeout", "per_client", "api_key"])
+def test_bad_flags_are_one_line_and_exit_2(flags, message):  # refused before the run is read
+  out = subprocess.run([sys.executable, "-m", "tpu_lm.serve", "--workdir=/nonexistent/run", *flags], cwd=ROOT,
+                       env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and out.stderr.splitlines() == [f"error: {out.stderr[7:].strip()}"], out.stderr
+  assert message in out.stderr
 
 
 @pytest.fixture(scope="module")

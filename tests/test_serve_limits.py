@@ -1,9 +1,17 @@
 """The server's limits under misbehaving clients, in process over a model that decodes
 on command: a full queue gets 429 with Retry-After, half a body 408 after the read
-timeout, a connection over the limit 503, and the others are served meanwhile."""
+timeout, half a request line 408 after the (shorter) header timeout, a connection over
+the limit 503 and one over a client's share 429, a request whose client left is
+cancelled at the next step, and the others are served meanwhile; the API key.
 
+The tests talk HTTP to a port; `serving` is the one place that builds the server, so
+they can run against another transport unchanged."""
+
+import contextlib
+import dataclasses
 import http.client
 import json
+import select
 import socket
 import threading
 import time
@@ -15,18 +23,28 @@ import pytest
 from tpu_lm.data.tokenizer import ByteTokenizer
 from tpu_lm.inference.engine import Engine
 from tpu_lm.inference.http import BoundedServer, Limits, make_handler
-from tpu_lm.inference.slots import StepOut
+from tpu_lm.inference.slots import TOP_LOGPROBS, StepOut
+
+TOKENIZER = ByteTokenizer()
 
 
-class _GatedSlots:
-  """Every sequence decodes "ok" then end-of-sequence, a token a step, while `gate` is set
-  (a test holds the sequences in flight by clearing it)."""
+class GatedSlots:
+  """Every sequence decodes "ok" then end-of-sequence (`endless`: "o" until its
+  max_tokens), a token a step, while `gate` is set; a test holds the sequences in
+  flight by clearing it, and lets them on a step at a time with `allow`."""
 
-  max_len, eos_id = 64, 2
+  max_len, eos_id, vocab_size = 64, 2, TOKENIZER.vocab_size
 
-  def __init__(self):
+  def __init__(self, endless: bool = False):
+    self.endless = endless
     self.gate = threading.Event()
     self.busy = threading.Event()  # a step is under way
+    self.steps = 0  # steps taken
+    self._allowed = threading.Semaphore(0)
+
+  def allow(self, steps: int = 1) -> None:
+    for _ in range(steps):
+      self._allowed.release()
 
   def check(self, prompt_len, sampling):
     pass
@@ -42,35 +60,70 @@ class _GatedSlots:
 
   def step(self, rows):
     self.busy.set()
-    self.gate.wait(30)
-    ok = [int(t) for t in ByteTokenizer().encode_batch(["ok"])[0]] + [self.eos_id]
-    return StepOut(np.array([ok[min(r.index, 2)] for r in rows]))
+    deadline = time.monotonic() + 30
+    while not self.gate.is_set() and not self._allowed.acquire(timeout=0.01) and time.monotonic() < deadline:
+      pass
+    self.steps += 1
+    o, k = (int(t) for t in TOKENIZER.encode_batch(["ok"])[0])
+    tokens = np.array([o if self.endless else [o, k, self.eos_id][min(r.index, 2)] for r in rows])
+    if not any(r.logprobs for r in rows):
+      return StepOut(tokens)
+    top = np.stack([tokens, *(tokens + i for i in range(1, TOP_LOGPROBS))], axis=1)  # the drawn one likeliest
+    top_logprobs = np.tile(-0.5 * np.arange(1, TOP_LOGPROBS + 1), (len(rows), 1))
+    return StepOut(tokens, np.full(len(rows), -0.5), top, top_logprobs)
+
+
+@dataclasses.dataclass
+class Served:
+  port: int
+  decoder: GatedSlots
+  engine: Engine
+
+
+@contextlib.contextmanager
+def serving(decoder: GatedSlots | None = None, *, api_key: str | None = None, max_connections: int = 4,
+            max_connections_per_client: int = 8, max_queue: int = 2, **limits):
+  """The server over `decoder` (a GatedSlots), in this process, on a free port of
+  127.0.0.1; `limits` override Limits' fields. The run is instruction-tuned ("Q:
+  {prompt}"), so chat completions are served too."""
+  decoder = decoder or GatedSlots()
+  config = types.SimpleNamespace(data=types.SimpleNamespace(dataset="instructions", chat_template="Q: {prompt}"))
+  run = types.SimpleNamespace(workdir="/runs/fake", step=1, tokenizer=TOKENIZER, decoder=decoder, config=config,
+                              encode_prompt=lambda text: [TOKENIZER.bos_id, *TOKENIZER.encode_batch([text])[0]])
+  limits = Limits(**{**dict(max_prompt_tokens=32, max_new_tokens=16, max_body_bytes=2000, timeout_s=30, max_batch=2,
+                            read_timeout_s=1.0), **limits})
+  engine = Engine(run, max_batch=limits.max_batch, max_queue=max_queue, slots=decoder)
+  srv = BoundedServer(("127.0.0.1", 0), make_handler(run, engine, limits, api_key), max_connections,
+                      max_connections_per_client)
+  threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+  try:
+    yield Served(srv.server_address[1], decoder, engine)
+  finally:
+    decoder.gate.set()
+    srv.shutdown()
+    srv.server_close()
+    engine.close(grace_s=0)
 
 
 @pytest.fixture
 def server():
-  tok = ByteTokenizer()
-  decoder = _GatedSlots()
-  run = types.SimpleNamespace(workdir="/runs/fake", step=1, tokenizer=tok, decoder=decoder,
-                              encode_prompt=lambda text: [tok.bos_id, *tok.encode_batch([text])[0]])
-  limits = Limits(max_prompt_tokens=32, max_new_tokens=16, max_body_bytes=2000, timeout_s=30, max_batch=2,
-                  read_timeout_s=1.0)
-  engine = Engine(run, max_batch=2, max_queue=2, slots=decoder)
-  srv = BoundedServer(("127.0.0.1", 0), make_handler(run, engine, limits), max_connections=4)
-  threading.Thread(target=srv.serve_forever, daemon=True).start()
-  yield srv.server_address[1], decoder, engine
-  decoder.gate.set()
-  srv.shutdown()
-  srv.server_close()
+  with serving() as s:
+    yield s.port, s.decoder, s.engine
 
 
-def _post(port, body, timeout=30):
-  conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-  conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+def request(port, method="POST", path="/v1/completions", body=None, headers=None, source="127.0.0.1", timeout=30):
+  """(status, headers, JSON body) of one request from address `source`."""
+  conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout, source_address=(source, 0))
+  conn.request(method, path, body=None if body is None else json.dumps(body),
+               headers={"Content-Type": "application/json", **(headers or {})})
   resp = conn.getresponse()
   out = resp.status, dict(resp.getheaders()), json.loads(resp.read() or b"{}")
   conn.close()
   return out
+
+
+def _post(port, body, timeout=30):
+  return request(port, body=body, timeout=timeout)
 
 
 def _read_all(sock) -> str:
@@ -142,3 +195,104 @@ def test_connections_over_the_limit_get_503(server):
     time.sleep(0.1)
   else:
     raise AssertionError("no slot came free after the idle connections closed")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_request_whose_client_left_is_cancelled_at_the_next_step(stream):
+  """A 16-token request, held a step at a time, whose client closes the socket during
+  the first step: its sequence leaves the batch within a step or two, not after its 16
+  (a whole answer ran to its end, and was logged 200)."""
+  with serving(GatedSlots(endless=True)) as s:
+    client = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+    body = json.dumps({"prompt": "a", "max_tokens": 16, "stream": stream}).encode()
+    client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert s.decoder.busy.wait(10)  # the first step is under way
+    client.close()
+    for _ in range(15):
+      s.decoder.allow()
+      time.sleep(0.05)  # the step's token reaches the handler, which finds the client gone
+      if s.engine.running() == 0:
+        break
+    assert s.engine.running() == 0
+    assert s.decoder.steps < 16
+
+
+def test_a_pipelined_request_is_not_taken_for_a_close():
+  with serving() as s:
+    s.decoder.gate.set()
+    with socket.create_connection(("127.0.0.1", s.port), timeout=10) as client:
+      body = json.dumps({"prompt": "a"}).encode()
+      client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                     + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+      reply = _read_all(client)
+    assert reply.startswith("HTTP/1.0 200") and '"text": "ok"' in reply, reply
+
+
+def test_idle_connections_over_a_clients_share_get_429_and_do_not_block_another_client():
+  with serving(max_connections=4, max_connections_per_client=2) as s:
+    s.decoder.gate.set()
+    idle = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(2)]  # one client's share
+    time.sleep(0.2)
+    extra = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(3)]
+    for sock in extra:
+      reply = _read_all(sock)
+      assert reply.startswith("HTTP/1.0 429") and "Retry-After: 1" in reply and "per client" in reply, reply
+    # Another address (all of 127/8 is this machine) is served, while the first client's idle connections stay open.
+    status, _, body = request(s.port, body={"prompt": "b"}, source="127.0.0.2", timeout=10)
+    assert (status, body["choices"][0]["text"]) == (200, "ok")
+    for sock in idle + extra:
+      sock.close()
+
+
+def test_the_request_line_and_headers_must_arrive_within_the_header_timeout():
+  with serving(read_timeout_s=30.0, header_timeout_s=0.5) as s:
+    s.decoder.gate.set()
+    # Half a request line, then nothing: 408 after the header timeout, long before the body's.
+    half = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+    half.sendall(b"POST /v1/compl")
+    reply = _read_all(half)
+    assert reply.startswith("HTTP/1.0 408") and "did not arrive within 0.5 s" in reply, reply
+    # Nothing at all: closed (no request, nothing to answer).
+    idle = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+    assert _read_all(idle) == ""
+    # Headers trickled a byte at a time: the deadline is for all of them, not for each read.
+    slow = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+    headers = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: %s\r\n" % (b"p" * 200)
+    sent = 0
+    while sent < len(headers) and not select.select([slow], [], [], 0.05)[0]:
+      slow.sendall(headers[sent: sent + 1])
+      sent += 1
+    assert sent < len(headers)
+    assert _read_all(slow).startswith("HTTP/1.0 408")
+    for sock in (half, idle, slow):
+      sock.close()
+    assert request(s.port, "GET", "/health", timeout=10)[0] == 200
+
+
+def test_request_and_log_lines_escape_control_characters(capsys):
+  with serving() as s:
+    with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+      sock.sendall(b"GET /\x1b[31mred\x07 HTTP/1.0\r\n\r\n")
+      assert _read_all(sock).startswith("HTTP/1.0 404")
+  err = capsys.readouterr().err
+  assert "/\\x1b[31mred\\x07" in err and "\x1b" not in err and "\x07" not in err, err
+
+
+def test_an_api_key_is_needed_on_every_route_but_health():
+  key = "sk-test-0123"
+  with serving(api_key=key) as s:
+    s.decoder.gate.set()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}, {"Authorization": f"Basic {key}"},
+                    {"Authorization": f"Bearer {key}x"}, {"Authorization": "Bearer \u00e9"}):
+      status, got, body = request(s.port, body={"prompt": "a"}, headers=headers, timeout=10)
+      assert status == 401 and got.get("WWW-Authenticate") == "Bearer", (headers, status, body)
+      assert body["error"]["type"] == "authentication_error" and "Authorization: Bearer" in body["error"]["message"]
+    assert request(s.port, "GET", "/v1/models", timeout=10)[0] == 401
+    assert request(s.port, "GET", "/health", timeout=10)[0] == 200
+    status, _, body = request(s.port, body={"prompt": "a"}, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert (status, body["choices"][0]["text"]) == (200, "ok")
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key=key, max_retries=0)
+    assert client.completions.create(model="m", prompt="a", max_tokens=4).choices[0].text == "ok"
+    with pytest.raises(openai.AuthenticationError, match="a valid API key is required"):
+      openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="nope", max_retries=0).models.list()

@@ -9,16 +9,26 @@ Requests are decoded by continuous batching: one engine thread steps every
 sequence in flight (up to --max_batch) one token at a time, and a new request
 joins at the next step, a finished one leaves at once, so a short request never
 waits for a long one. The rest wait, up to --max_queue sequences (more get 429
-with Retry-After). A malformed request gets a 4xx with a JSON error saying what
-was wrong, and the server keeps serving. Each connection has a thread, at most
---max_connections (more get 503), and a socket timeout of --read_timeout_s: a
-client that sends half a request gets 408, one that stops reading a stream is
-dropped. SIGTERM (or Ctrl-C) stops accepting, gives the requests in flight
---shutdown_grace_s to finish, cancels the rest with a 503, and prints which
+with Retry-After). A malformed request, or a field out of range (null is the
+field's default), gets a 4xx with a JSON error naming it, and the server keeps
+serving; a sequence that fails fails alone. A request whose client disconnects is
+cancelled at the next step, streamed or not.
+
+With --api_key (or the environment variable TPU_LM_API_KEY, which keeps the key out
+of the process list) every route but GET /health needs `Authorization: Bearer KEY`
+(401 otherwise). Each connection has a thread, at most --max_connections (more get
+503) and --max_connections_per_client from one address (more get 429); its request
+line and headers must arrive within --header_timeout_s, its body within
+--read_timeout_s (408 otherwise), and a client that stops reading a stream for
+--read_timeout_s is dropped. SIGTERM (or Ctrl-C) stops accepting, gives the requests
+in flight --shutdown_grace_s to finish, cancels the rest with a 503, and prints which
 finished and which were cancelled. Bound to 127.0.0.1 unless --host says otherwise.
 """
 
+import ipaddress
+import os
 import signal
+import sys
 import threading
 import time
 
@@ -43,7 +53,17 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Largest max_tokens a req
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body accepted, in bytes.")
 _TIMEOUT = flags.DEFINE_float("request_timeout_s", 120.0, "A request not finished in this many seconds gets a 504.")
 _READ_TIMEOUT = flags.DEFINE_float(
-    "read_timeout_s", 30.0, "A connection that sends (or, streaming, reads) nothing for this long is closed.")
+    "read_timeout_s", 30.0, "A request body must arrive within this (408), and a stream write go out (else the"
+    " connection is closed).")
+_HEADER_TIMEOUT = flags.DEFINE_float(
+    "header_timeout_s", 5.0, "The request line and headers must arrive within this (408); an idle connection is"
+    " closed after it.")
+_API_KEY = flags.DEFINE_string(
+    "api_key", None, "Require 'Authorization: Bearer KEY' on every route but /health (default: the environment"
+    " variable TPU_LM_API_KEY; neither: no key).")
+_MAX_PER_CLIENT = flags.DEFINE_integer(
+    "max_connections_per_client", 8, "Most connections open at once from one address; more get 429 (0: no cap,"
+    " e.g. behind a proxy that is one address).")
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 256, "Most sequences waiting for a batch; more get 429 + Retry-After.")
 _MAX_CONN = flags.DEFINE_integer("max_connections", 64, "Most connections served at once; more get 503.")
 _GRACE = flags.DEFINE_float(
@@ -65,9 +85,16 @@ def main(argv) -> None:
                         ("max_connections", _MAX_CONN.value)):
       if value < 1:
         raise UserError(f"--{name}={value} is invalid: it must be at least 1.")
-    for name, value in (("request_timeout_s", _TIMEOUT.value), ("read_timeout_s", _READ_TIMEOUT.value)):
+    for name, value in (("request_timeout_s", _TIMEOUT.value), ("read_timeout_s", _READ_TIMEOUT.value),
+                        ("header_timeout_s", _HEADER_TIMEOUT.value)):
       if not value > 0:
         raise UserError(f"--{name}={value} is invalid: it must be positive.")
+    if _TENSOR.value < 1:
+      raise UserError(f"--tensor_parallel={_TENSOR.value} is invalid: it must be at least 1.")
+    if _MAX_PER_CLIENT.value < 0:
+      raise UserError(f"--max_connections_per_client={_MAX_PER_CLIENT.value} is invalid: it must be 0 (no cap) or"
+                      " more.")
+    api_key = _api_key()
     if not _GRACE.value >= 0:
       raise UserError(f"--shutdown_grace_s={_GRACE.value} is invalid: it must be 0 or more seconds.")
     if not 0 <= _PORT.value < 65536:
@@ -83,6 +110,7 @@ def main(argv) -> None:
         max_prompt_tokens=min(_MAX_PROMPT.value or context, context - 1),
         max_new_tokens=min(_MAX_NEW.value, context - 1), max_body_bytes=_MAX_BODY.value,
         timeout_s=_TIMEOUT.value, max_batch=_MAX_BATCH.value, read_timeout_s=_READ_TIMEOUT.value,
+        header_timeout_s=_HEADER_TIMEOUT.value,
     )
     slots = SlotDecoder(run.decoder, limits.max_batch)
     if _WARMUP.value:
@@ -91,7 +119,8 @@ def main(argv) -> None:
       print(f"warmup: {shapes} shapes compiled in {time.monotonic() - start:.1f} s", flush=True)
     engine = Engine(run, limits.max_batch, max(_MAX_QUEUE.value, limits.max_batch), slots=slots)
     try:
-      server = BoundedServer((_HOST.value, _PORT.value), make_handler(run, engine, limits), _MAX_CONN.value)
+      server = BoundedServer((_HOST.value, _PORT.value), make_handler(run, engine, limits, api_key), _MAX_CONN.value,
+                             _MAX_PER_CLIENT.value)
     except OSError as e:
       raise UserError(f"cannot listen on {_HOST.value}:{_PORT.value} ({e.strerror}): pick another --port.") from None
   except UserError as e:
@@ -99,9 +128,13 @@ def main(argv) -> None:
       raise
     exit_with(str(e))
   host, port = server.server_address[:2]
+  if not api_key and not ipaddress.ip_address(host).is_loopback:
+    print(f"warning: {host} is reachable from the network and no API key is set: anyone who can reach port {port}"
+          " can use this server; pass --api_key or set TPU_LM_API_KEY.", file=sys.stderr, flush=True)
   signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
   print(f"serving {run.workdir} (step {run.step}) on http://{host}:{port}"
-        f"  [context {context} tokens, max_batch {limits.max_batch}]", flush=True)
+        f"  [context {context} tokens, max_batch {limits.max_batch}, API key {'required' if api_key else 'none'}]",
+        flush=True)
   try:
     server.serve_forever()  # until SIGTERM's shutdown(), or Ctrl-C
   except KeyboardInterrupt:
@@ -112,6 +145,14 @@ def main(argv) -> None:
   print(f"server stopped: {_listed(report.finished, 'in-flight request finished', 'in-flight requests finished')};"
         f" {_listed(report.cancelled, f'cancelled after the {_GRACE.value:g} s grace')};"
         f" {_listed(report.refused, 'waiting request refused', 'waiting requests refused')}", flush=True)
+
+
+def _api_key() -> str | None:
+  key = _API_KEY.value or os.environ.get("TPU_LM_API_KEY") or None
+  if key is not None and not (key.isascii() and key.isprintable() and " " not in key):
+    raise UserError("the API key (--api_key or TPU_LM_API_KEY) must be printable ASCII without spaces: it is sent"
+                    " in a header.")
+  return key
 
 
 def _listed(ids: list[str], one: str, many: str | None = None) -> str:

@@ -6,7 +6,8 @@ tokens sit at their own absolute positions in the KV cache, so a row decodes
 exactly as it would alone. Each row has its own sampling settings and its own
 random stream (derived from its seed and the step), so a request's output does
 not depend on what it was batched with. The loop stops when every row has
-produced end-of-sequence or its own `max_new_tokens`.
+produced end-of-sequence or its own `max_new_tokens`, or been ended by the caller's
+step callback (a stop sequence seen, Ctrl-C).
 
 Shapes are rounded up to powers of two (batch, prompt length, cache length, new
 tokens, a top-k bound) so a server meets only a handful of compilations; the
@@ -54,19 +55,23 @@ def _generate(params, tokens_BxP, lengths_B, max_new_B, temperature_B, top_k_B, 
   usable_V = jnp.arange(logits_BxV.shape[-1]) < vocab_size  # the model's vocab is padded for sharding
 
   def cond(carry):
-    i, _, _, _, done_B = carry
+    i, _, _, _, done_B, _ = carry
     return (i < max_new) & ~jnp.all(done_B)
 
   def body(carry):
-    i, logits_BxV, cache, out_BxN, done_B = carry
+    i, logits_BxV, cache, out_BxN, done_B, count_B = carry
     logits_BxV = jnp.where(usable_V, logits_BxV, -jnp.inf)
     token_B = sample_tokens(logits_BxV, seeds_B, i, temperature_B, top_k_B, top_p_B, kind=sampler[0],
                             max_top_k=sampler[1])
     token_B = jnp.where(done_B, pad_id, token_B)
     out_BxN = out_BxN.at[:, i].set(token_B)
+    count_B = count_B + (~done_B).astype(jnp.int32)
+    ended_B = (token_B == eos_id) | (i + 1 >= max_new_B)
     if emit is not None:
-      io_callback(emit, None, i, token_B, done_B)
-    done_B = done_B | (token_B == eos_id) | (i + 1 >= max_new_B)
+      # The host answers which rows it ends here; the next step's tokens depend on that
+      # answer, so the callbacks run one at a time, in step order.
+      ended_B = ended_B | io_callback(emit, jax.ShapeDtypeStruct((b,), jnp.bool_), i, token_B, done_B)
+    done_B = done_B | ended_B
     # Finished rows keep stepping (the batch moves together); clamp their position.
     positions_Bx1 = jnp.minimum(lengths_B + i, cache_len - 1)[:, None]
     hidden_Bx1xD, cache = model.apply(variables, token_B[:, None], jnp.ones_like(token_B[:, None]), positions_Bx1,
@@ -75,12 +80,12 @@ def _generate(params, tokens_BxP, lengths_B, max_new_B, temperature_B, top_k_B, 
     # at batch 1 turns the library matrix-vector product into a loop 2.5x slower.
     hidden_Bx1xD = jax.lax.optimization_barrier(hidden_Bx1xD)
     logits_BxV = model.apply(variables, hidden_Bx1xD, method="logits")[:, 0]
-    return i + 1, logits_BxV, cache, out_BxN, done_B
+    return i + 1, logits_BxV, cache, out_BxN, done_B, count_B
 
   out_BxN = jnp.full((b, max_new), pad_id, jnp.int32)
-  carry = (jnp.int32(0), logits_BxV, cache, out_BxN, max_new_B <= 0)
-  _, _, _, out_BxN, _ = jax.lax.while_loop(cond, body, carry)
-  return out_BxN
+  carry = (jnp.int32(0), logits_BxV, cache, out_BxN, max_new_B <= 0, jnp.zeros((b,), jnp.int32))
+  _, _, _, out_BxN, _, count_B = jax.lax.while_loop(cond, body, carry)
+  return out_BxN, count_B  # each row's tokens drawn (padding follows them)
 
 
 def bucket(n: int, minimum: int, cap: int | None = None) -> int:
@@ -114,7 +119,7 @@ class Decoder:
     self.context = context or (lambda: nn.logical_axis_rules(()))
     self.batch_multiple = batch_multiple
     self._lock = threading.Lock()  # one generate call at a time (the stream target is per call)
-    self._on_step = None
+    self._on_step, self._rows = None, 0
     self.model = transformer.Transformer(self.cfg)
     self.model = wrap(self.model) if wrap else self.model
     self._fn = jax.jit(
@@ -124,8 +129,11 @@ class Decoder:
     )
 
   def check(self, prompt_len: int, sampling: Sampling) -> None:
-    """Raises UserError when a request cannot fit the model's context."""
+    """Raises UserError when a request's settings are out of range or it cannot fit the model's context."""
     sampling.check()
+    if sampling.top_k > self.vocab_size:
+      raise UserError(f"top_k={sampling.top_k} is invalid: it must be an integer from 0 to the vocabulary size,"
+                      f" {self.vocab_size} (0 keeps every token).")
     if prompt_len < 1:
       raise UserError("the prompt is empty after tokenization: give at least one token.")
     if prompt_len + sampling.max_new_tokens > self.max_len:
@@ -140,7 +148,10 @@ class Decoder:
 
     `on_step(i, tokens[B], finished[B])`, when given, is called from inside the
     compiled loop with the i-th new token of every row (rows finished before
-    this step carry padding): that is how tokens are streamed as produced.
+    this step carry padding): that is how tokens are streamed as produced. It may
+    return which rows end after this token (a bool, or one per row; None: none),
+    e.g. where a stop sequence appeared: their Completion ends there, "stop". Its
+    answer gates the next step (a host round trip per step).
     """
     if isinstance(sampling, Sampling):
       sampling = [sampling] * len(prompts)
@@ -171,44 +182,31 @@ class Decoder:
         fields[name][i] = value
 
     with self._lock, self.context():
-      self._on_step = _InOrder(on_step, n) if on_step else None
-      out = self._fn(
+      self._on_step, self._rows = on_step, n
+      out, counts = self._fn(
           self.params, tokens, lengths, fields["max_new"], fields["temperature"], fields["top_k"],
           fields["top_p"], fields["seed"], cache_len=cache_len, max_new=max_new, sampler=sampler,
           emit=self._emit if on_step else None,
       )
       if not out.is_fully_addressable:  # rows spread over several processes: gather them
         out = multihost_utils.process_allgather(out, tiled=True)
-      out = np.asarray(out)
-      if self._on_step:
-        self._on_step.flush()
+        counts = multihost_utils.process_allgather(counts, tiled=True)
+      out, counts = np.asarray(out), np.asarray(counts)
       self._on_step = None
     results = []
-    for row, s in zip(out[:n], sampling):
-      row = [int(t) for t in row[: s.max_new_tokens]]
+    for row, count, s in zip(out[:n], counts[:n], sampling):
+      row = [int(t) for t in row[:count]]
       if self.eos_id in row:
         results.append(Completion(row[: row.index(self.eos_id)], "stop"))
-      else:
-        results.append(Completion(row, "length"))
+      else:  # fewer than max_new_tokens: on_step ended it
+        results.append(Completion(row, "length" if count >= s.max_new_tokens else "stop"))
     return results
 
   def _emit(self, i, tokens_B, done_B):
+    ended_B = np.zeros(np.shape(tokens_B), bool)
     if self._on_step is not None:
-      self._on_step(int(i), np.asarray(tokens_B), np.asarray(done_B))
-
-
-class _InOrder:
-  """Delivers loop callbacks in step order (an unordered host callback may arrive early)."""
-
-  def __init__(self, fn, rows: int):
-    self._fn, self._rows, self._next, self._pending = fn, rows, 0, {}
-
-  def __call__(self, i, tokens_B, done_B):
-    self._pending[i] = (tokens_B[: self._rows], done_B[: self._rows])
-    while self._next in self._pending:
-      self._fn(self._next, *self._pending.pop(self._next))
-      self._next += 1
-
-  def flush(self):
-    for i in sorted(self._pending):
-      self._fn(i, *self._pending.pop(i))
+      n = self._rows
+      ended = self._on_step(int(i), np.asarray(tokens_B)[:n], np.asarray(done_B)[:n])
+      if ended is not None:
+        ended_B[:n] = ended
+    return ended_B

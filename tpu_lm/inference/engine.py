@@ -10,6 +10,11 @@ row keeps its own sampling settings and limits.
 It knows nothing of HTTP: a request is a list of `Job`s whose events go to a queue
 the transport reads, in order: ("token", index, token id, logprobs or None) as each
 is drawn, then ("done", index, Completion), or ("error", index, (status, message)).
+
+A sequence that cannot start (settings out of range, a prompt that fails its
+prefill) gets its own error and the others decode on: its settings are checked
+and its prompt prefilled alone, before it joins a step. Only a failed step (the
+device program shared by every row) fails the whole batch.
 """
 
 import collections
@@ -20,6 +25,7 @@ import queue
 import threading
 import time
 
+from tpu_lm.errors import UserError
 from tpu_lm.inference.sampling import Completion
 from tpu_lm.inference.slots import Row, SlotDecoder
 
@@ -153,13 +159,21 @@ class Engine:
         del self._live[live.slot]
       elif live.job.halt.is_set():
         self._finish(live, "stop")
-    admitted = [live for live in admitted if live.slot in self._live]
+    # Checked before the cache is sized for them: their lengths and settings are the
+    # request's, and a value out of range would otherwise fail the step of every row.
+    admitted = [live for live in admitted if live.slot in self._live and self._checked(live)]
     if not self._live:
       return
     self.slots.fit(max(self._live) + 1,
                    max(len(v.job.prompt_ids) + v.job.sampling.max_new_tokens for v in self._live.values()))
     for live in admitted:
-      self.slots.prefill(live.slot, live.job.prompt_ids)
+      try:
+        self.slots.prefill(live.slot, live.job.prompt_ids)
+      except Exception as e:  # this prompt's; the slot stays free
+        logging.exception("prefill failed")
+        self._fail(live, 500, f"the prompt could not be prefilled: {type(e).__name__}: {e}")
+    if not self._live:
+      return
     lives = list(self._live.values())
     out = self.slots.step([Row(v.slot, len(v.job.prompt_ids), len(v.tokens), v.job.sampling, v.job.logprobs)
                            for v in lives])
@@ -175,6 +189,22 @@ class Engine:
       live.job.events.put(("token", live.job.index, token, logprobs))
       if len(live.tokens) >= live.job.sampling.max_new_tokens:
         self._finish(live, "length")
+
+  def _checked(self, live: _Live) -> bool:
+    """Whether a joining sequence's prompt and settings are in range; if not, it fails alone."""
+    try:
+      self.slots.check(len(live.job.prompt_ids), live.job.sampling)
+      return True
+    except UserError as e:
+      self._fail(live, 400, str(e))
+    except Exception as e:
+      logging.exception("a sequence's settings could not be checked")
+      self._fail(live, 400, f"the sequence's settings could not be checked: {type(e).__name__}: {e}")
+    return False
+
+  def _fail(self, live: _Live, status: int, message: str) -> None:
+    del self._live[live.slot]
+    live.job.events.put(("error", live.job.index, (status, message)))
 
   def _finish(self, live: _Live, reason: str) -> None:
     del self._live[live.slot]

@@ -2,19 +2,31 @@
 echo, logprobs), /v1/chat/completions (through an instruction-tuned run's chat
 template, chat.py) and /v1/models over the engine.
 
-Requests are parsed and checked here (a malformed one gets a 4xx with a JSON
-error naming what was wrong); the engine (engine.py) decodes.
+Requests are parsed and checked here: a malformed one, or a field out of range,
+gets a 4xx with a JSON error naming what was wrong, never a 5xx or a dropped
+connection (tests/test_serve_fuzz.py fuzzes it); the engine (engine.py) decodes.
+The transport also holds the connection limits: the API key, deadlines for the
+headers and the body, connections per client, and cancelling the sequences of a
+client that has gone.
 """
 
+import collections
 import dataclasses
+import hmac
+import io
 import json
+import math
 import os
 import queue
 import secrets
+import select
+import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tpu_lm.data.tokenizer import TextStream
@@ -41,7 +53,8 @@ class Limits:
   max_body_bytes: int
   timeout_s: float
   max_batch: int
-  read_timeout_s: float = 30.0  # a connection that sends nothing for this long is closed
+  read_timeout_s: float = 30.0  # the request body must arrive, and each stream write go out, within this
+  header_timeout_s: float = 5.0  # the request line and headers must arrive within this (idle connections close)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,18 +70,31 @@ class Request:
 
 
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
+MAX_DEPTH = 16  # nesting of the request's JSON; OpenAI's requests need 4
+LINGER_S = 1.0  # how long a closing connection reads what its client still sends
+POLL_S = 0.1  # how often a request with no token event checks that its client is still there
+# Control characters as escapes in log lines (a request line can carry terminal escape codes).
+_LOGGABLE = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
 _NEUTRAL = (None, False, "", [], {})  # what clients send for an option they do not use
 
 
 def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Request:
   """JSON body of /v1/completions (or, `chat`, /v1/chat/completions) -> Request.
-  Raises RequestError."""
+  Every field is checked here, its type and range; null is the field's default, as
+  in OpenAI's API (clients send unset options as null). Raises RequestError."""
   try:
     req = json.loads(body)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise RequestError(400, f"the request body is not valid JSON ({e}).") from None
+  except RecursionError:
+    raise RequestError(400, f"the request body is nested too deeply (at most {MAX_DEPTH} levels).") from None
+  except ValueError:  # Python refuses integers of over 4300 digits (a denial-of-service guard)
+    raise RequestError(400, "the request body holds a number too long to read (over 4300 digits).") from None
   if not isinstance(req, dict):
     raise RequestError(400, "the request body must be a JSON object.")
+  if _depth(req) > MAX_DEPTH:  # what reads it (error messages, the chat renderer) may recurse
+    raise RequestError(400, f"the request body is nested too deeply (at most {MAX_DEPTH} levels).")
+  req = {name: value for name, value in req.items() if value is not None}
   unsupported = ("suffix", "best_of", "logit_bias") if not chat else (
       "tools", "functions", "tool_choice", "function_call", "response_format", "logit_bias", "audio", "modalities")
   for name in unsupported:
@@ -80,7 +106,7 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
   def field(name, kinds, default, ok, allowed):
     value = req.get(name, default)
     if type(value) not in kinds or not ok(value):  # type(), not isinstance: True is not an int here
-      raise RequestError(400, f"'{name}' must be {allowed}; got {json.dumps(value)}.", name)
+      raise RequestError(400, f"'{name}' must be {allowed}; got {_shown(value)}.", name)
     return value
 
   if chat:
@@ -95,8 +121,9 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
     if problem:
       raise RequestError(400, problem, "messages")
     prompts = [chat_lib.render(template, req["messages"])]
-    if "max_completion_tokens" in req:
-      req.setdefault("max_tokens", req["max_completion_tokens"])
+    if "max_completion_tokens" in req:  # the newer name of max_tokens
+      req.setdefault("max_tokens", field("max_completion_tokens", (int,), 16, lambda v: 1 <= v <= limits.max_new_tokens,
+                                         f"an integer from 1 to {limits.max_new_tokens}"))
   else:
     prompt = req.get("prompt")
     if isinstance(prompt, str):
@@ -105,11 +132,12 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
       prompts = prompt
     else:
       raise RequestError(400, "'prompt' is required: a string or a non-empty list of strings.", "prompt")
-  max_tokens = field("max_tokens", (int,), 16, lambda v: 1 <= v <= limits.max_new_tokens,
+  max_tokens = field("max_tokens", (int,), min(16, limits.max_new_tokens), lambda v: 1 <= v <= limits.max_new_tokens,
                      f"an integer from 1 to {limits.max_new_tokens}")
   temperature = field("temperature", (int, float), 1.0, lambda v: 0 <= v <= 100, "a number from 0 to 100")
   top_p = field("top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
-  top_k = field("top_k", (int,), 0, lambda v: v >= 0, "an integer >= 0")
+  vocab = run.decoder.vocab_size
+  top_k = field("top_k", (int,), 0, lambda v: 0 <= v <= vocab, f"an integer from 0 to {vocab} (the vocabulary)")
   n = field("n", (int,), 1, lambda v: 1 <= v <= limits.max_batch, f"an integer from 1 to {limits.max_batch}")
   seed = field("seed", (int,), secrets.randbits(31), lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
   stream = field("stream", (bool,), False, lambda v: True, "true or false")
@@ -132,11 +160,18 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
   if (not isinstance(stop, list) or len(stop) > MAX_STOP
       or not all(isinstance(x, str) and x for x in stop)):
     raise RequestError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them;"
-                            f" got {json.dumps(req.get('stop'))}.", "stop")
+                            f" got {_shown(req.get('stop'))}.", "stop")
   if len(prompts) * n > limits.max_batch:
     raise RequestError(400, f"{len(prompts)} prompts x n={n} is more than the {limits.max_batch} sequences"
                             " this server decodes at once: send fewer.", "n")
 
+  for i, p in enumerate(prompts):
+    try:
+      p.encode("utf-8")  # what the tokenizer does first
+    except UnicodeEncodeError as e:
+      what, param = ("the conversation", "messages") if chat else (f"prompt {i}", "prompt")
+      raise RequestError(400, f"{what} is not valid Unicode: it holds a lone surrogate ({p[e.start]!a}) at character"
+                              f" {e.start}; send text, or escape pairs that form one character.", param) from None
   ids = [run.encode_prompt(p) for p in prompts]
   for i, p in enumerate(ids):
     if len(p) - 1 > limits.max_prompt_tokens:
@@ -151,6 +186,24 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
   except UserError as e:
     raise RequestError(400, str(e), "max_tokens") from None
   return Request(prompts, ids, samplings, stream, tuple(stop), echo, logprobs, chat)
+
+
+def _depth(value) -> int:
+  """How deeply a parsed JSON value nests (without recursion: it is what is being bounded)."""
+  deepest, todo = 0, [(value, 1)]
+  while todo:
+    value, depth = todo.pop()
+    if isinstance(value, (dict, list)):
+      deepest = max(deepest, depth)
+      if depth <= MAX_DEPTH:  # deeper is refused whatever lies below
+        todo.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+  return deepest
+
+
+def _shown(value) -> str:
+  """A value as an error message quotes it: JSON, cut short."""
+  text = json.dumps(value)
+  return text if len(text) <= 80 else text[:77] + "..."
 
 
 class _ChoiceText:
@@ -201,41 +254,79 @@ class _ChoiceText:
 
 
 class BoundedServer(ThreadingHTTPServer):
-  """A thread per connection, at most `max_connections` at once: one more is answered
-  503 with Retry-After on the spot (no thread, no read) and closed."""
+  """A thread per connection, at most `max_connections` at once and `max_per_client`
+  (0: no cap) from one address: one more is answered on the spot (no thread, no read)
+  503, or 429 from an address over its share, with Retry-After, and closed. So idle
+  connections from one client cannot starve the others."""
 
   daemon_threads = True
 
-  def __init__(self, address, handler, max_connections: int):
+  def __init__(self, address, handler, max_connections: int, max_per_client: int = 8):
     self._slots = threading.BoundedSemaphore(max_connections)
-    self.max_connections = max_connections
-    self.busy = InFlight()  # requests being answered (not idle kept-alive connections)
+    self.max_connections, self.max_per_client = max_connections, max_per_client
+    self._per_client: collections.Counter = collections.Counter()
+    self._lock = threading.Lock()
+    self.busy = InFlight()  # requests being answered (not idle connections)
     super().__init__(address, handler)
 
   def process_request(self, request, client_address):
-    if not self._slots.acquire(blocking=False):
-      body = json.dumps({"error": {"message": f"the server has {self.max_connections} connections open, its"
-                                              " limit: retry in a second.", "type": "server_error", "param": None,
-                                   "code": 503}}).encode()
-      try:
-        request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                        b"Retry-After: 1\r\nConnection: close\r\nContent-Length: " + str(len(body)).encode()
-                        + b"\r\n\r\n" + body)
-      except OSError:
-        pass
-      self.shutdown_request(request)
+    client, refusal = client_address[0], None
+    with self._lock:
+      if self.max_per_client and self._per_client[client] >= self.max_per_client:
+        refusal = (429, "Too Many Requests", f"your address has {self.max_per_client} connections open, the limit"
+                                             " per client: close one, or retry in a second.")
+      elif not self._slots.acquire(blocking=False):
+        refusal = (503, "Service Unavailable", f"the server has {self.max_connections} connections open, its limit:"
+                                               " retry in a second.")
+      else:
+        self._per_client[client] += 1
+    if refusal:
+      self._refuse(request, *refusal)
       return
     try:
       super().process_request(request, client_address)
     except BaseException:
-      self._slots.release()
+      self._release(client)
       raise
 
   def process_request_thread(self, request, client_address):
     try:
       super().process_request_thread(request, client_address)
     finally:
+      self._release(client_address[0])
+
+  def shutdown_request(self, request):
+    """Closes an answered connection so that the client keeps the answer: the write
+    side first, then what the client still sends (a body that was refused unread) is
+    read and dropped for at most LINGER_S. Closing with unread bytes would reset the
+    connection, which can discard the answer before the client reads it."""
+    try:
+      request.shutdown(socket.SHUT_WR)
+      deadline = time.monotonic() + LINGER_S
+      while (left := deadline - time.monotonic()) > 0:
+        request.settimeout(left)
+        if not request.recv(65536):
+          break
+    except OSError:
+      pass
+    self.close_request(request)
+
+  def _release(self, client: str) -> None:
+    with self._lock:
+      self._per_client[client] -= 1
+      if not self._per_client[client]:
+        del self._per_client[client]
       self._slots.release()
+
+  def _refuse(self, request, status: int, reason: str, message: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": "server_error" if status >= 500 else "rate_limit_error",
+                                 "param": None, "code": status}}).encode()
+    try:
+      request.sendall(f"HTTP/1.0 {status} {reason}\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                      f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    except OSError:
+      pass
+    super().shutdown_request(request)  # no lingering here: this is the thread that accepts
 
 
 class InFlight:
@@ -258,19 +349,138 @@ class InFlight:
       return self._cond.wait_for(lambda: self.count == 0, timeout_s)
 
 
-def make_handler(run, engine: Engine, limits: Limits):
+class _DeadlineReader(io.RawIOBase):
+  """A connection's reads, each bounded by what is left until one deadline (`start`),
+  not by a timeout per read: a client that trickles its headers a byte at a time
+  cannot hold its thread past the deadline. Writes keep `write_timeout_s`."""
+
+  def __init__(self, sock: socket.socket, write_timeout_s: float):
+    self._sock, self._write_timeout_s = sock, write_timeout_s
+    self.deadline, self.received = math.inf, 0
+
+  def start(self, seconds: float) -> None:
+    self.deadline, self.received = time.monotonic() + seconds, 0
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    left = self.deadline - time.monotonic()
+    if left <= 0:
+      raise TimeoutError("timed out")
+    self._sock.settimeout(left)
+    try:
+      n = self._sock.recv_into(buffer)
+    finally:
+      self._sock.settimeout(self._write_timeout_s)
+    self.received += n
+    return n
+
+
+def client_gone(sock: socket.socket) -> bool:
+  """Whether the client closed its end of `sock`: readable with nothing to read. (Data,
+  e.g. a pipelined next request, is not a close.) Never blocks."""
+  poller = select.poll()
+  poller.register(sock, select.POLLIN)
+  if not poller.poll(0):
+    return False
+  try:
+    return sock.recv(1, socket.MSG_PEEK) == b""
+  except (BlockingIOError, InterruptedError):
+    return False
+  except OSError:  # reset by the peer
+    return True
+
+
+def make_handler(run, engine: Engine, limits: Limits, api_key: str | None = None):
+  """The request handler class; with `api_key`, every route but GET /health needs the
+  header `Authorization: Bearer <api_key>`."""
   model_name = f"tpu_lm/{os.path.basename(run.workdir)}@{run.step}"
   created = int(time.time())
+  key = api_key.encode() if api_key else None
 
   class Handler(BaseHTTPRequestHandler):
     server_version = "tpu_lm"
-    # The socket timeout of each connection (StreamRequestHandler applies it): a client
-    # that sends half a request, idles on a kept-alive connection or stops reading a
-    # stream holds its thread at most this long.
+    default_request_version = "HTTP/1.0"  # a two-word request line still gets a status line and headers
+    # The socket timeout of each connection (StreamRequestHandler applies it) for writes:
+    # a client that stops reading a stream holds its thread at most this long. Reads
+    # have deadlines (_DeadlineReader): --header_timeout_s for the request line and
+    # headers, --read_timeout_s for the body.
     timeout = limits.read_timeout_s
 
-    def log_message(self, fmt, *args):  # one line per request on stderr
-      sys.stderr.write(f"[serve] {self.address_string()} {fmt % args}\n")
+    def setup(self):
+      super().setup()
+      self.rfile.close()
+      self._reader = _DeadlineReader(self.connection, limits.read_timeout_s)
+      self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self):
+      """BaseHTTPRequestHandler's, with the header deadline, JSON errors for every
+      malformed request (never a dropped connection) and the API key check."""
+      self.command, self.requestline, self.request_version, self._responded = None, "", "HTTP/1.0", False
+      self._reader.start(limits.header_timeout_s)
+      try:
+        self.raw_requestline = self.rfile.readline(65537)
+        if self.raw_requestline in (b"\r\n", b"\n"):  # one empty line before a request is allowed (RFC 9112)
+          self.raw_requestline = self.rfile.readline(65537)
+        if not self.raw_requestline:
+          self.close_connection = True
+          return
+        if len(self.raw_requestline) > 65536:
+          self.send_error(414, "the request line is longer than 65536 bytes.")
+          return
+        if not self.parse_request():
+          return
+        self._reader.start(limits.read_timeout_s)  # the body
+        method = getattr(self, f"do_{self.command}", None)
+        open_route = (self.command, self.path.split("?")[0]) == ("GET", "/health")
+        if method is None:
+          self.close_connection = True
+          self._error(405, f"method {self.command} is not allowed: use GET or POST.")
+        elif key is not None and not open_route and not self._authorized():
+          self.close_connection = True  # the body is not read: it must not be taken for a next request
+          self._error(401, "a valid API key is required: send the header 'Authorization: Bearer <key>' with the key"
+                           " the server was started with (--api_key or TPU_LM_API_KEY).",
+                      headers={"WWW-Authenticate": "Bearer"})
+        else:
+          method()
+        self.wfile.flush()
+      except TimeoutError:
+        self.close_connection = True
+        if self._reader.received and not self._responded:  # a request began but did not arrive whole
+          self._quietly(408, f"the request line and headers did not arrive within {limits.header_timeout_s:g} s.")
+      except OSError:  # the client went (reset, broken pipe)
+        self.close_connection = True
+      except Exception:  # a bug of ours: said so, and logged, never a dropped connection
+        self.close_connection = True
+        self.log_message("internal error: %s", traceback.format_exc())
+        if not self._responded:
+          self._quietly(500, "internal server error: the server's log has the details.")
+
+    def _quietly(self, status: int, message: str) -> None:
+      try:
+        self._error(status, message)
+      except OSError:
+        pass
+
+    def _authorized(self) -> bool:
+      scheme, _, token = str(self.headers.get("Authorization", "")).partition(" ")
+      # Header text is read as latin-1: encoding it so gives back the bytes sent.
+      return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1", "replace"), key)
+
+    def send_error(self, code, message=None, explain=None):
+      """The standard library's refusals (request line, headers) as JSON errors."""
+      self.close_connection, code = True, int(code)
+      if code == 505:  # an HTTP/2 request line sent as HTTP/1 text: a malformed request
+        code, message = 400, f"{message}: send HTTP/1.0 or HTTP/1.1."
+      self._error(code, message or HTTPStatus(code).phrase)
+
+    def send_response(self, code, message=None):
+      self._responded = True
+      super().send_response(code, message)
+
+    def log_message(self, fmt, *args):  # one line per request on stderr, control characters escaped
+      sys.stderr.write(f"[serve] {self.address_string()} {(fmt % args).translate(_LOGGABLE)}\n")
 
     def _json(self, status: int, obj: dict, headers: dict | None = None) -> None:
       body = json.dumps(obj).encode()
@@ -282,10 +492,12 @@ def make_handler(run, engine: Engine, limits: Limits):
       if self.close_connection:
         self.send_header("Connection", "close")
       self.end_headers()
-      self.wfile.write(body)
+      if self.command != "HEAD":
+        self.wfile.write(body)
 
     def _error(self, status: int, message: str, param: str | None = None, headers: dict | None = None) -> None:
-      kind = "invalid_request_error" if status < 500 else "server_error"
+      kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
+          status, "invalid_request_error" if status < 500 else "server_error")
       self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": status}}, headers)
 
     def do_GET(self):
@@ -302,30 +514,38 @@ def make_handler(run, engine: Engine, limits: Limits):
     def do_POST(self):
       path = self.path.split("?")[0]
       if path not in ("/v1/completions", "/v1/chat/completions"):
+        self.close_connection = True  # its body is not read
         self._error(404, f"no route POST {self.path}: use POST /v1/completions or /v1/chat/completions.")
         return
       try:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-          raise RequestError(411, "a Content-Length header is required.")
-        if int(length) > limits.max_body_bytes:
-          self.close_connection = True  # the unread body must not be taken for the next request
-          raise RequestError(413, f"the request body is {length} bytes; the limit is {limits.max_body_bytes}.")
-        try:
-          body = self.rfile.read(int(length))
-        except TimeoutError:
-          self.close_connection = True
-          raise RequestError(408, f"the request body ({length} bytes) did not arrive within"
-                                  f" {limits.read_timeout_s:g} s: send it whole, or raise --read_timeout_s.") from None
-        if len(body) < int(length):
-          self.close_connection = True
-          raise RequestError(400, f"the connection closed after {len(body)} of the {length} bytes announced.")
-        request = parse_request(body, run, limits, chat=path == "/v1/chat/completions")
+        request = parse_request(self._body(), run, limits, chat=path == "/v1/chat/completions")
       except RequestError as e:
         self._error(e.status, str(e), e.param)
         return
       with self.server.busy:
         self._complete(request)
+
+    def _body(self) -> bytes:
+      length = self.headers.get("Content-Length")
+      if length is None:
+        raise RequestError(411, "a Content-Length header is required.")
+      length = str(length).strip()
+      if not (length.isascii() and length.isdigit()):  # int() would take "²", "+1" or "1_0"
+        self.close_connection = True
+        raise RequestError(400, f"the Content-Length header must be a number of bytes; got {_shown(length)}.")
+      if len(length) > 15 or int(length) > limits.max_body_bytes:
+        self.close_connection = True  # the unread body must not be taken for the next request
+        raise RequestError(413, f"the request body is {length} bytes; the limit is {limits.max_body_bytes}.")
+      try:
+        body = self.rfile.read(int(length))
+      except TimeoutError:
+        self.close_connection = True
+        raise RequestError(408, f"the request body ({length} bytes) did not arrive within"
+                                f" {limits.read_timeout_s:g} s: send it whole, or raise --read_timeout_s.") from None
+      if len(body) < int(length):
+        self.close_connection = True
+        raise RequestError(400, f"the connection closed after {len(body)} of the {length} bytes announced.")
+      return body
 
     def do_PUT(self):
       self._error(405, f"method PUT is not allowed on {self.path}: use POST /v1/completions.")
@@ -366,11 +586,24 @@ def make_handler(run, engine: Engine, limits: Limits):
         self._event({**head, "choices": [_choice(request, index, piece, reason,
                                                  texts[index].take_logprobs(request, offset))]})
 
+      drawn = 0
       try:
         while len(results) < len(jobs):
           try:
-            event = events.get(timeout=max(0.0, deadline - time.time()))
+            event = events.get(timeout=min(POLL_S, max(0.0, deadline - time.time())))
           except queue.Empty:
+            event = None
+          # Checked once per burst of events (a step's) and every POLL_S while none come
+          # (queued, prefilling): a client gone, streamed or not, frees its slots at the next step.
+          if events.empty() and client_gone(self.connection):
+            cancelled.set()
+            self.close_connection = True
+            self.log_message('"%s" cancelled: the client closed the connection (%d tokens drawn)', self.requestline,
+                             drawn)
+            return
+          if event is None:
+            if time.time() < deadline:
+              continue
             cancelled.set()
             self._fail(started, 504, f"the request did not finish within {limits.timeout_s:g} s: ask for fewer"
                                      " tokens or retry.", "timeout")
@@ -379,9 +612,10 @@ def make_handler(run, engine: Engine, limits: Limits):
           if kind == "error":
             cancelled.set()
             status, message = payload
-            self._fail(started, status, message, "server_error")
+            self._fail(started, status, message, "invalid_request_error" if status < 500 else "server_error")
             return
           if kind == "token":
+            drawn += 1
             piece = texts[index].push(payload, event[3])
             if texts[index].stopped:
               by_index[index].halt.set()  # decoding this choice further is wasted: its slot frees
@@ -407,7 +641,7 @@ def make_handler(run, engine: Engine, limits: Limits):
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         })
-      except (BrokenPipeError, ConnectionResetError, TimeoutError):
+      except (OSError, TimeoutError):
         # The client left or stopped reading for read_timeout_s: its rows are dropped.
         cancelled.set()
         self.close_connection = True

@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tpu_lm.errors import UserError
 
@@ -19,21 +20,35 @@ class Sampling:
   seed: int = 0
 
   def check(self) -> None:
+    """Raises UserError naming the first setting out of range (or of the wrong type: a
+    row's settings go into int32/float32/uint32 arrays, where a bad one would fail the batch)."""
     for name, ok, allowed in (
-        ("max_new_tokens", self.max_new_tokens >= 1, "an integer >= 1"),
-        ("temperature", self.temperature >= 0, "a number >= 0 (0 is greedy)"),
-        ("top_k", self.top_k >= 0, "an integer >= 0 (0 keeps every token)"),
-        ("top_p", 0 < self.top_p <= 1, "a number in (0, 1] (1 keeps every token)"),
-        ("seed", 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
+        ("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "an integer >= 1"),
+        ("temperature", _is_number(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
+         f"a number from 0 to {MAX_TEMPERATURE} (0 is greedy)"),
+        ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 keeps every token)"),
+        ("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1] (1 keeps every token)"),
+        ("seed", _is_int(self.seed) and 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
     ):
       if not ok:
         raise UserError(f"{name}={getattr(self, name)!r} is invalid: it must be {allowed}.")
 
 
+MAX_TEMPERATURE = 100  # hotter is uniform sampling already; an infinite one would divide -inf by inf (NaN)
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class Completion:
   tokens: list[int]  # the new tokens, without the end-of-sequence token
-  finish_reason: str  # "stop" (end-of-sequence) or "length" (max_new_tokens)
+  finish_reason: str  # "stop" (end-of-sequence, or ended by on_step) or "length" (max_new_tokens)
 
 
 def plan(samplings) -> tuple[str, int]:

@@ -1,6 +1,7 @@
 """Stop sequences: where a completion's text ends, for a whole text or one streamed
-piece by piece (the server and `generate` alike). Decoding itself runs to its token
-limit or end-of-sequence; the text is cut here, at the first stop sequence."""
+piece by piece (the server and `generate` alike). The text is cut here, at the
+first stop sequence; decoding stops at the step it appears (the server halts the
+sequence, `generate` ends the row)."""
 
 
 class StopScanner:
