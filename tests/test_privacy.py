@@ -15,7 +15,11 @@ import pytest
 from tests.conftest import tiny_config
 from tpu_lm.errors import UserError
 from tpu_lm.parallel import mesh as mesh_lib
-from tpu_lm.training import private, step
+from tpu_lm.privacy import accounting
+from tpu_lm.privacy import gradients
+from tpu_lm.privacy import run as private_run
+from tpu_lm.privacy import sampling
+from tpu_lm.training import step
 from tpu_lm.training.setup import Setup
 
 B, T = 8, 32
@@ -25,7 +29,7 @@ def _batch(seed=0):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(3, 250, (B, T + 1)).astype(np.int32)
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((B, T), np.int32),
-          "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)), private.PADDING: np.zeros(B, bool)}
+          "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)), gradients.PADDING: np.zeros(B, bool)}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,7 @@ def _grad_fn(setup, dp):
 def _grads(setup, params, batch, dp=None):
   with setup.context():
     loss, grads = _grad_fn(setup, dp)(
-        params, setup.device_batch({k: v for k, v in batch.items() if dp or k != private.PADDING}))
+        params, setup.device_batch({k: v for k, v in batch.items() if dp or k != gradients.PADDING}))
   return float(loss), jax.device_get(grads)
 
 
@@ -58,7 +62,7 @@ def _norm(tree):
 
 
 def _dp(clip, noise=0.0, expected=B):
-  return private.DpOptions(clip, noise, expected, batch_axes=("data",))
+  return gradients.DpOptions(clip, noise, expected, batch_axes=("data",))
 
 
 def test_without_noise_and_clipping_the_private_step_is_ordinary_training(setup_and_params):
@@ -74,7 +78,7 @@ def test_without_noise_and_clipping_the_private_step_is_ordinary_training(setup_
 def test_gradient_accumulation_inside_the_clipping_changes_nothing(setup_and_params):
   setup, params = setup_and_params
   _, whole = _grads(setup, params, _batch(3), _dp(clip=1e-3))
-  _, micro = _grads(setup, params, _batch(3), private.DpOptions(1e-3, 0.0, B, microbatch=2, batch_axes=("data",)))
+  _, micro = _grads(setup, params, _batch(3), gradients.DpOptions(1e-3, 0.0, B, microbatch=2, batch_axes=("data",)))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8), whole, micro)
 
 
@@ -86,7 +90,7 @@ def test_clipping_bounds_every_examples_contribution(setup_and_params):
   assert _norm(full) <= clip + 1e-9  # B examples of norm <= clip, divided by B
   for i in (0, 5):
     without = dict(batch)
-    without[private.PADDING] = np.arange(B) == i
+    without[gradients.PADDING] = np.arange(B) == i
     _, rest = _grads(setup, params, without, _dp(clip))
     contribution = _norm(jax.tree.map(lambda a, b: a - b, full, rest))
     # Each example moves the update by exactly its clipped gradient / B: norm clip / B.
@@ -105,7 +109,7 @@ def test_noise_has_the_calibrated_scale(setup_and_params):
 
 
 def _segment(noise, start=0, n=5000, expected=24, rows=32, plan=()):
-  return private.Segment(start, noise, n, expected, rows, plan)
+  return accounting.Segment(start, noise, n, expected, rows, plan)
 
 
 def _their_epsilon(parts, delta, grid=1e-4):
@@ -121,72 +125,72 @@ def _their_epsilon(parts, delta, grid=1e-4):
 
 def test_epsilon_matches_dp_accounting_computed_independently():
   n, expected, rows, delta, sigma, steps = 5000, 24, 32, 1e-5, 1.1, 300
-  ours = private.epsilon([_segment(sigma)], steps, delta)
+  ours = accounting.epsilon([_segment(sigma)], steps, delta)
   theirs = _their_epsilon([(_segment(sigma), steps)], delta)
   assert theirs <= ours <= theirs * 1.002  # our coarser grid is pessimistic, never optimistic
   # The default expected batch leaves truncation too rare to cost epsilon: the same as
   # untruncated Poisson sampling (which the RDP accountant bounds more loosely).
-  e = private.expected_batch_size(0, rows, n)
-  assert private.truncation_probability(e, n, rows) <= 1e-6 < private.truncation_probability(e + 1, n, rows)
+  e = sampling.expected_batch_size(0, rows, n)
+  assert sampling.truncation_probability(e, n, rows) <= 1e-6 < sampling.truncation_probability(e + 1, n, rows)
   poisson = dp_accounting.pld.PLDAccountant()
   poisson.compose(dp_accounting.PoissonSampledDpEvent(e / n, dp_accounting.GaussianDpEvent(sigma)), steps)
-  truncated = private.epsilon([_segment(sigma, expected=e)], steps, delta)
+  truncated = accounting.epsilon([_segment(sigma, expected=e)], steps, delta)
   assert poisson.get_epsilon(delta) <= truncated <= 1.01 * poisson.get_epsilon(delta)  # (our grid: +0.7% here)
   rdp = dp_accounting.rdp.RdpAccountant()
   rdp.compose(dp_accounting.PoissonSampledDpEvent(e / n, dp_accounting.GaussianDpEvent(sigma)), steps)
   assert rdp.get_epsilon(delta) > poisson.get_epsilon(delta)
   # Calibration: the noise reaches the target epsilon (from below, within 2%).
-  [calibrated] = private.extend([], _segment(0.0), 0, steps, 2.0, delta)
-  assert 0.98 * 2.0 <= private.epsilon([calibrated], steps, delta) <= 2.0
-  assert private.epsilon([_segment(0.0)], steps, delta) == float("inf")
-  assert private.epsilon([_segment(sigma)], 0, delta) == 0.0
+  [calibrated] = accounting.extend([], _segment(0.0), 0, steps, 2.0, delta)
+  assert 0.98 * 2.0 <= accounting.epsilon([calibrated], steps, delta) <= 2.0
+  assert accounting.epsilon([_segment(0.0)], steps, delta) == float("inf")
+  assert accounting.epsilon([_segment(sigma)], 0, delta) == 0.0
 
 
 def test_a_resumed_run_charges_each_step_at_the_noise_it_was_taken_with():
   """The review's case: 20 steps calibrated to a target epsilon, then resumed to train to 60."""
   n, delta, target = 5000, 1e-5, 1.0
   plan20, plan60 = (target, 0.0, 20), (target, 0.0, 60)
-  first = private.extend([], _segment(0.0, plan=plan20), 0, 20, target, delta)
-  assert 0.98 * target <= private.epsilon(first, 20, delta) <= target
+  first = accounting.extend([], _segment(0.0, plan=plan20), 0, 20, target, delta)
+  assert 0.98 * target <= accounting.epsilon(first, 20, delta) <= target
   # Resumed with the same plan: the same segment goes on, with the same noise.
-  assert private.extend(first, _segment(0.0, start=10, plan=plan20), 10, 20, target, delta) == first
+  assert accounting.extend(first, _segment(0.0, start=10, plan=plan20), 10, 20, target, delta) == first
   # All 20 steps spent: training on to 60 would exceed the target; said before training.
   with pytest.raises(UserError, match=r"spent epsilon \d\.\d+ of privacy.target_epsilon=1: training on to 60"):
-    private.extend(first, _segment(0.0, start=20, plan=plan60), 20, 60, target, delta)
+    accounting.extend(first, _segment(0.0, start=20, plan=plan60), 20, 60, target, delta)
   # Resumed from step 10 to train to 60: the last 50 steps get more noise, and the whole run
   # (10 steps at the first noise, 50 at the new one) stays within the target.
-  resumed = private.extend(first, _segment(0.0, start=10, plan=plan60), 10, 60, target, delta)
+  resumed = accounting.extend(first, _segment(0.0, start=10, plan=plan60), 10, 60, target, delta)
   assert [s.start for s in resumed] == [0, 10] and resumed[1].noise_multiplier > first[0].noise_multiplier
-  whole = private.epsilon(resumed, 60, delta)
+  whole = accounting.epsilon(resumed, 60, delta)
   assert whole == pytest.approx(_their_epsilon([(first[0], 10), (resumed[1], 50)], delta, grid=1e-3), rel=1e-9)
   assert 0.98 * target <= whole <= target
   # Epsilon never falls: at the resumed step it is what the first run had logged there.
-  eps = [private.epsilon(resumed, s, delta) for s in (10, 11, 35, 60)]
-  assert eps[0] == private.epsilon(first, 10, delta) and eps == sorted(eps)
+  eps = [accounting.epsilon(resumed, s, delta) for s in (10, 11, 35, 60)]
+  assert eps[0] == accounting.epsilon(first, 10, delta) and eps == sorted(eps)
   # A larger batch on resume is a new segment, accounted at its own rate.
-  bigger = private.extend(first, _segment(0.7, start=10, expected=28, plan=(0.0, 0.7, 20)), 10, 20, 0.0, delta)
-  assert private.epsilon(bigger, 20, delta) == pytest.approx(
+  bigger = accounting.extend(first, _segment(0.7, start=10, expected=28, plan=(0.0, 0.7, 20)), 10, 20, 0.0, delta)
+  assert accounting.epsilon(bigger, 20, delta) == pytest.approx(
       _their_epsilon([(first[0], 10), (bigger[1], 10)], delta, grid=1e-3), rel=1e-9)
 
 
 def test_resuming_on_another_dataset_is_refused():
-  saved = {"poisson_steps_drawn": 10, private.LEDGER: [dataclasses.asdict(_segment(0.8, n=5000))]}
-  assert private._ledger(saved, 5000) == [_segment(0.8, n=5000)]
+  saved = {"poisson_steps_drawn": 10, private_run.LEDGER: [dataclasses.asdict(_segment(0.8, n=5000))]}
+  assert private_run._ledger(saved, 5000) == [_segment(0.8, n=5000)]
   with pytest.raises(UserError, match="now has 4000 examples and the checkpoint's privacy accounting is for 5000"):
-    private._ledger(saved, 4000)
+    private_run._ledger(saved, 4000)
   with pytest.raises(UserError, match="without privacy.dp"):
-    private._ledger({"streams": []}, 5000)
+    private_run._ledger({"streams": []}, 5000)
 
 
 def test_the_poisson_loader_samples_at_its_rate_and_resumes_its_draws():
   examples = {"inputs": np.arange(400 * 4).reshape(400, 4)}
-  make = lambda: private.PoissonLoader(examples, sampling_prob=10 / 400, num_steps=200, batch_rows=16, seed=3)  # noqa: E731
+  make = lambda: sampling.PoissonLoader(examples, sampling_prob=10 / 400, num_steps=200, batch_rows=16, seed=3)  # noqa: E731
   loader = make()
   batches = [next(loader) for _ in range(200)]
-  sizes = np.array([(~b[private.PADDING]).sum() for b in batches])
+  sizes = np.array([(~b[gradients.PADDING]).sum() for b in batches])
   assert abs(sizes.mean() - 10) < 0.6 and sizes.max() <= 16
   for b in batches[:5]:  # padding rows are zeros, real rows are examples
-    real = ~b[private.PADDING]
+    real = ~b[gradients.PADDING]
     assert (b["inputs"][~real] == 0).all() and (b["inputs"][real][:, 0] % 4 == 0).all()
   resumed = make()
   resumed.restore_position({"poisson_steps_drawn": 120})
@@ -232,7 +236,7 @@ def test_a_private_run_logs_epsilon_and_resumes_exactly(corpus_dir, data_dir, tm
   shutil.rmtree(os.path.join(longer, "checkpoints", "6"))
   loop.train_and_evaluate(c, longer)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(longer, "checkpoints"), 3)
-  segments = [private.Segment(**{**s, "plan": tuple(s["plan"])}) for s in ckpt.saved_item(9, "data")[private.LEDGER]]
+  segments = [accounting.Segment(**{**s, "plan": tuple(s["plan"])}) for s in ckpt.saved_item(9, "data")[private_run.LEDGER]]
   ckpt.close()
   assert [s.start for s in segments] == [0, 3] and segments[1].noise_multiplier > segments[0].noise_multiplier
   logged = {r["step"]: r["epsilon"] for r in map(json.loads, open(os.path.join(longer, "metrics.jsonl")))

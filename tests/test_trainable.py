@@ -10,7 +10,8 @@ import pytest
 
 from tests.conftest import tiny_config
 from tpu_lm.parallel import mesh as mesh_lib
-from tpu_lm.training import private, step, trainable
+from tpu_lm.privacy import gradients
+from tpu_lm.training import step, trainable
 from tpu_lm.training.setup import Setup
 
 B, T = 4, 16
@@ -22,7 +23,7 @@ def _batch(seed=0, padding=()):
   tokens = rng.integers(3, 250, (B, T + 1)).astype(np.int32)
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((B, T), np.int32),
           "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
-          private.PADDING: np.isin(np.arange(B), padding)}
+          gradients.PADDING: np.isin(np.arange(B), padding)}
 
 
 def _setup(**changes):
@@ -54,7 +55,7 @@ def _dot_generals(fn, *args) -> int:
 
 def test_no_gradient_is_computed_for_a_frozen_block(plain):
   setup, params = plain
-  batch = {k: v for k, v in _batch().items() if k != private.PADDING}
+  batch = {k: v for k, v in _batch().items() if k != gradients.PADDING}
   frozen = _setup(**{"optim.freeze": ("layers_0/.*",)})
   kernels = [n for n in trainable.frozen_names(params, frozen.trainable) if n.endswith("kernel")]
   assert len(kernels) >= 4
@@ -67,7 +68,7 @@ def test_no_gradient_is_computed_for_a_frozen_block(plain):
 
 def test_grad_norm_covers_the_trained_parameters_only(plain):
   setup, params = plain
-  batch = {k: v for k, v in _batch(1).items() if k != private.PADDING}
+  batch = {k: v for k, v in _batch(1).items() if k != gradients.PADDING}
   frozen = _setup(**{"optim.freeze": ("layers_0/.*", "embed/.*")})
   with setup.context():
     full = jax.jit(_grads_fn(setup))(params, batch)
@@ -86,7 +87,7 @@ def test_grad_norm_covers_the_trained_parameters_only(plain):
 def test_dp_with_lora_clips_the_adapters_gradient_alone():
   setup = _setup(**{"lora.rank": 2})
   clip = 1e-4  # far below any example's gradient norm: every example is clipped to exactly this
-  dp = private.DpOptions(clip, 0.0, 1.0)
+  dp = gradients.DpOptions(clip, 0.0, 1.0)
   with setup.context():
     params = setup.init(jax.random.key(0)).params
     # One real example and an expected batch of 1: the update is that example's clipped gradient.

@@ -106,7 +106,7 @@ def step_cost(base: str, data: str, repeats: int = 10) -> dict:
 
   from configs import finetune
   from tpu_lm.parallel import mesh as mesh_lib
-  from tpu_lm.training import private
+  from tpu_lm.privacy import gradients
   from tpu_lm.training.setup import Setup
 
   c = finetune.get_config(base)
@@ -120,7 +120,7 @@ def step_cost(base: str, data: str, repeats: int = 10) -> dict:
     batch = {"inputs": rng, "targets": rng, "segment_ids": rng * 0 + 1,
              "positions": jax.numpy.tile(jax.numpy.arange(c.data.seq_len), (ROWS, 1))}
     if kind == "private":
-      batch[private.PADDING] = jax.numpy.zeros(ROWS, bool)
+      batch[gradients.PADDING] = jax.numpy.zeros(ROWS, bool)
     with setup.context():
       state = setup.init(jax.random.key(0))
       batch = setup.device_batch(jax.device_get(batch))

@@ -199,7 +199,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.alpha = 0.5
   c.distill.temperature = 2.0
 
-  # Differentially private training (DP-SGD through jax-privacy; training/private.py):
+  # Differentially private training (DP-SGD through jax-privacy; tpu_lm/privacy):
   # each example (one packed row of data.seq_len tokens) joins a step with probability
   # expected_batch_size / N (Poisson), its gradient is clipped to clip_norm, Gaussian
   # noise of noise_multiplier x clip_norm is added to the sum. data.global_batch_size

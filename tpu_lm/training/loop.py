@@ -77,8 +77,8 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
   if jax.process_index() == 0:
     tokenizer_lib.save_for_run(corpus.tokenizer, workdir)
   private = None
-  if config.privacy.dp:  # Poisson-sampled examples and the private step (training/private.py)
-    from tpu_lm.training import private as private_lib
+  if config.privacy.dp:  # Poisson-sampled examples and the private step (tpu_lm/privacy)
+    from tpu_lm.privacy import run as private_lib
 
     latest = ckpt.latest_step()
     resumed = (latest, ckpt.saved_item(latest, "data")) if latest is not None else None

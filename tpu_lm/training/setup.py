@@ -91,11 +91,11 @@ class Setup:
     self.train_step = _Step(step, self.frozen)
 
   def use_private_step(self, clip_norm: float, noise_multiplier: float, expected_batch: float) -> None:
-    """DP-SGD from here on (training/private.py): known once the data is, so set after."""
-    from tpu_lm.training import private
+    """DP-SGD from here on (privacy/gradients.py): known once the data is, so set after."""
+    from tpu_lm.privacy import gradients
 
     rows = self.config.data.global_batch_size
-    dp = private.DpOptions(clip_norm, noise_multiplier, expected_batch,
+    dp = gradients.DpOptions(clip_norm, noise_multiplier, expected_batch,
                            microbatch=rows // self.step_options.accum_steps if self.step_options.accum_steps > 1 else None,
                            batch_axes=_axes(self.batch_sharding.spec[0]))
     self.step_options = dataclasses.replace(self.step_options, dp=dp)

@@ -24,7 +24,7 @@ class StepOptions:
   accum_steps: int = 1
   dynamic_scale: bool = False
   scale_period: int = 2000
-  dp: object = None  # private.DpOptions: per-example clipped, noised gradients (DP-SGD)
+  dp: object = None  # privacy.gradients.DpOptions: per-example clipped, noised gradients (DP-SGD)
 
 
 def loss_and_grads(params, batch, rng, *, model, task, opts: StepOptions, loss_scale, trainable=None):
@@ -40,9 +40,9 @@ def loss_and_grads(params, batch, rng, *, model, task, opts: StepOptions, loss_s
   """
   split = trainable_lib.Split.of(params, trainable)
   if opts.dp is not None:  # DP-SGD: its own per-example gradient (accumulation inside)
-    from tpu_lm.training import private
+    from tpu_lm.privacy import gradients
 
-    loss, grads, metrics = private.loss_and_grads(split, batch, rng, model=model, task=task, dp=opts.dp)
+    loss, grads, metrics = gradients.loss_and_grads(split, batch, rng, model=model, task=task, dp=opts.dp)
     return loss, _with_l1(split.full_grads(grads), params, opts, trainable, loss_scale), metrics
   if opts.accum_steps == 1:
     def sum_fn(trained):
