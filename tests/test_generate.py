@@ -68,8 +68,7 @@ def test_several_samples_and_interactive_mode(trained_run):
 # decode calls listed in $INTERRUPT_CALLS (1: the first), while the compiled loop runs.
 _CTRL_C = """
 import os, signal, sys
-from absl import app
-from tpu_lm import cli, generate as command
+from tpu_lm import cli
 from tpu_lm.inference import decode
 
 calls, real = [], decode.Decoder.generate
@@ -85,7 +84,7 @@ def generate(self, prompts, sampling, on_step=None):
   return real(self, prompts, sampling, on_step=step if on_step else None)
 
 decode.Decoder.generate = generate
-app.run(command.main, flags_parser=cli.parse_flags)
+cli.start("generate")
 """
 
 

@@ -228,7 +228,7 @@ def chat_server(trained_run, tmp_path_factory):
   """The trained run as if instruction-tuned with a template (its saved config says so),
   served in this process."""
   from tpu_lm.inference.engine import Engine
-  from tpu_lm.inference.http import BoundedServer, Limits, make_handler
+  from tpu_lm.serving.transport import BoundedServer, Limits, make_handler
 
   workdir = str(tmp_path_factory.mktemp("chat") / "run")
   shutil.copytree(trained_run, workdir)

@@ -22,7 +22,7 @@ import pytest
 
 from tpu_lm.data.tokenizer import ByteTokenizer
 from tpu_lm.inference.engine import Engine
-from tpu_lm.inference.http import BoundedServer, Limits, make_handler
+from tpu_lm.serving.transport import BoundedServer, Limits, make_handler
 from tpu_lm.inference.slots import TOP_LOGPROBS, StepOut
 
 TOKENIZER = ByteTokenizer()

@@ -1,54 +1,6 @@
-"""Hugging Face interop: python -m tpu_lm.convert --from_hf=DIR_OR_HUB_NAME --workdir=RUN
-                           python -m tpu_lm.convert --to_hf=DIR --workdir=RUN
-
---from_hf reads a Hugging Face model directory (config.json, model.safetensors or a
-sharded index, tokenizer.json) or, where a network exists, a hub name (gpt2,
-meta-llama/Llama-3.2-1B), and writes a run directory that generate, serve and
-fine-tuning (--config.init_from=RUN) accept. --to_hf writes the run's newest (or
---step's) parameters and its tokenizer as a directory transformers loads with
-AutoModelForCausalLM.from_pretrained / AutoTokenizer.from_pretrained.
-GPT2LMHeadModel and LlamaForCausalLM (GQA, any rope_theta, tied or untied, Llama 3
-RoPE scaling) are supported.
-"""
-
-from tpu_lm.parallel import libtpu_env
+"""python -m tpu_lm.convert (or tpu-lm convert): Hugging Face import and export; the command is tpu_lm/cli/convert.py."""
 
 if __name__ == "__main__":
-  libtpu_env.quiet_where_no_tpu()
+  from tpu_lm import cli
 
-from absl import app, flags, logging  # noqa: E402
-
-from tpu_lm import cli  # noqa: E402
-from tpu_lm.errors import UserError  # noqa: E402
-
-_FROM = flags.DEFINE_string("from_hf", None, "Hugging Face model directory or hub name to import.")
-_TO = flags.DEFINE_string("to_hf", None, "Directory to export the run to, in Hugging Face's format.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run directory: written by --from_hf, read by --to_hf.")
-_STEP = flags.DEFINE_integer("step", None, "With --to_hf: the checkpoint step to export (default: the newest).")
-_DTYPE = flags.DEFINE_string(
-    "dtype", "auto", "With --to_hf: float32, bfloat16 or float16; auto: what the model was imported in, else"
-    " float32. With --from_hf: the run's compute dtype (float32, bfloat16).")
-_DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of a user error.")
-flags.mark_flags_as_required(["workdir"])
-
-
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}: every option is a --flag.")
-  logging.set_verbosity(logging.ERROR)
-  with cli.user_errors(_DEBUG.value):
-    if bool(_FROM.value) == bool(_TO.value):
-      raise UserError("pass exactly one of --from_hf=DIR (import) and --to_hf=DIR (export), with --workdir=RUN.")
-    from tpu_lm.interop import hf
-
-    if _FROM.value:
-      dtype = "float32" if _DTYPE.value == "auto" else _DTYPE.value
-      if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype={dtype}: a run's compute dtype is float32, bfloat16 or float16.")
-      print(hf.import_model(_FROM.value, _WORKDIR.value, dtype), flush=True)
-    else:
-      print(hf.export_model(_WORKDIR.value, _TO.value, _STEP.value, _DTYPE.value), flush=True)
-
-
-if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.start("convert")

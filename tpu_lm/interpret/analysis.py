@@ -1,4 +1,4 @@
-"""Everything `python -m tpu_lm.inspect` shows about one text, as one call (notebooks
+"""Everything `python -m tpu_lm.interpret` shows about one text, as one call (notebooks
 call it too): attention maps, the logit lens, attributions of a prediction, and
 activation patching against a corrupted text; pictures and a page in `out`."""
 

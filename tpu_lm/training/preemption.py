@@ -1,8 +1,8 @@
 """When to stop early and save: SIGTERM (preemption) or Ctrl-C.
 
 Cloud TPU and most schedulers send SIGTERM some time before reclaiming a machine.
-`main` creates a `Watch` first thing, so no signal ever finds the process
-unprepared:
+The training command's entry point creates a `Watch` first thing (`early_watch`,
+before any slow import), so no signal ever finds the process unprepared:
 
 - Before training starts there is nothing to save: the command exits 0 at once
   (`exit_early=True`, what `main` uses; the process skips interpreter teardown,
@@ -74,3 +74,15 @@ class Watch:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     self._previous = {}
+
+
+_EARLY: Watch | None = None
+
+
+def early_watch() -> Watch:
+  """The process's Watch that exits at once before training begins, made by the first
+  call: the training command's entry point calls this before anything else."""
+  global _EARLY
+  if _EARLY is None:
+    _EARLY = Watch(exit_early=True)
+  return _EARLY

@@ -1,13 +1,80 @@
-"""Flag parsing shared by the commands (main, generate, serve)."""
+"""The commands: one module per verb (train, generate, serve, convert, compress,
+inspect, audit, sweep), started the same way. `tpu-lm VERB --flags` (the console
+script, app.py) and `python -m tpu_lm.<command>` (the modules beside this package)
+both come here.
+
+What every command shares, written once: the environment set before JAX or
+TensorFlow loads (libtpu quiet where there is no TPU, TensorFlow's log level), absl's
+flag parsing with its failures as one line, `--debug`, the check for stray
+arguments, and a user error as one line on stderr with exit code 2 (a traceback
+only with --debug).
+"""
 
 import contextlib
+import importlib
 import os
+import re
 import sys
 import traceback
 
 from absl import flags
 
 from tpu_lm.errors import UserError, exit_with
+
+# verb -> its module in this package (`inspect` is inspection.py: no module here may
+# carry a standard-library name, or running a file of the folder by path shadows it).
+VERBS = {"train": "train", "generate": "generate", "serve": "serve", "convert": "convert", "compress": "compress",
+         "inspect": "inspection", "audit": "audit", "sweep": "sweep"}
+
+DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of a user error.")
+
+
+def start(verb: str) -> None:
+  """Runs command `verb` with the process's arguments: the environment first (before
+  any module that loads JAX or TensorFlow), then its flags, then its body."""
+  from absl import app
+
+  from tpu_lm.parallel import libtpu_env
+
+  libtpu_env.quiet_where_no_tpu()
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  module = importlib.import_module(f"tpu_lm.cli.{VERBS[verb]}")
+  app.run(command(module.body, getattr(module, "USAGE", "every option is a --flag.")), flags_parser=parse_flags)
+
+
+_CHECKED: set[str] = set()  # flags whose values check_flag registered a rule for
+
+
+def check_flag(holder, ok, requirement: str) -> None:
+  """`ok(value)` must hold for the flag `holder` (from DEFINE_*; None, unset, passes),
+  else '--name=value is invalid: <requirement>.': the rule sits beside the flag's
+  definition, its one home."""
+  _CHECKED.add(holder.name)
+  flags.register_validator(holder.name, lambda v: v is None or ok(v), message=requirement)
+
+
+def at_least(holder, low) -> None:
+  check_flag(holder, lambda v: v >= low, f"it must be at least {low}")
+
+
+def positive(holder) -> None:
+  check_flag(holder, lambda v: v > 0, "it must be positive")
+
+
+def command(body, usage: str = "every option is a --flag."):
+  """absl's main for a command whose work is `body()`: no stray arguments, absl's
+  INFO/WARNING lines off (libtpu probing, Orbax's read-only notes, TFDS builder
+  configs), a UserError as one line and exit code 2."""
+  from absl import app, logging
+
+  def main(argv) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}: {usage}")
+    logging.set_verbosity(logging.ERROR)
+    with user_errors(DEBUG.value):
+      body()
+
+  return main
 
 
 def parse_flags(argv):
@@ -57,6 +124,10 @@ def _one_line(e: Exception, argv) -> str:
     field = _config_field(e.flagname)
     if field:  # --num_train_steps=5 for --config.num_train_steps=5 (absl would suggest another flag)
       return f"unknown flag --{e.flagname}: config fields are set as --config.{field}=VALUE."
+  if isinstance(e, flags.IllegalFlagValueError):
+    checked = re.fullmatch(r"flag --([\w.]+)=(.*?): (.*)", str(e).splitlines()[0])
+    if checked and checked[1] in _CHECKED:
+      return f"--{checked[1]}={checked[2]} is invalid: {checked[3]}."
   if isinstance(e, flags.Error):
     lines = [l for l in str(e).splitlines() if l.strip()]  # first line names the flag, last the error
     return lines[0] + (f" {lines[-1].strip()}" if len(lines) > 1 else "") + "."

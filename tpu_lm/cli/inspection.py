@@ -1,6 +1,6 @@
-"""Look inside a trained model: python -m tpu_lm.inspect --workdir=RUN --text="..."
+"""Look inside a trained model: python -m tpu_lm.interpret --workdir=RUN --text="..."
 
-  python -m tpu_lm.inspect --workdir=workdirs/base --text='def main():' \\
+  python -m tpu_lm.interpret --workdir=workdirs/base --text='def main():' \\
       [--target=' return'] [--position=-1] [--corrupt='def test():'] [--out=DIR]
 
 Prints the logit lens (the top next-token prediction read off every layer's residual
@@ -14,16 +14,9 @@ RUN/inspect). From Python: tpu_lm.interpret.run.load + analysis.inspect_text.
 
 import os
 
-from tpu_lm.parallel import libtpu_env
+from absl import flags
 
-if __name__ == "__main__":
-  libtpu_env.quiet_where_no_tpu()
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-from absl import app, flags, logging  # noqa: E402
-
-from tpu_lm import cli  # noqa: E402
-from tpu_lm.errors import UserError  # noqa: E402
+from tpu_lm.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of a language model.")
 _TEXT = flags.DEFINE_string("text", None, "The text to look inside.")
@@ -34,23 +27,18 @@ _OUT = flags.DEFINE_string("out", "", "Where the pictures and the page go (defau
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Predictions kept per layer and position in the logit lens.")
 _IG_STEPS = flags.DEFINE_integer("ig_steps", 64, "Integration steps of integrated gradients.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to read (default: the newest).")
-_DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of a user error.")
 flags.mark_flags_as_required(["workdir", "text"])
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}: every option is a --flag.")
-  logging.set_verbosity(logging.ERROR)
-  with cli.user_errors(_DEBUG.value):
-    if _IG_STEPS.value < 1 or _TOP_K.value < 1:
-      raise UserError("--ig_steps and --top_k must be at least 1.")
-    from tpu_lm.interpret import analysis, run
+def body() -> None:
+  if _IG_STEPS.value < 1 or _TOP_K.value < 1:
+    raise UserError("--ig_steps and --top_k must be at least 1.")
+  from tpu_lm.interpret import analysis, run
 
-    m = run.load(_WORKDIR.value, _STEP.value)
-    out = _OUT.value or os.path.join(m.workdir, "inspect")
-    r = analysis.inspect_text(m, _TEXT.value, out=out, target=_TARGET.value, position=_POSITION.value,
-                              corrupt=_CORRUPT.value, top_k=_TOP_K.value, ig_steps=_IG_STEPS.value)
+  m = run.load(_WORKDIR.value, _STEP.value)
+  out = _OUT.value or os.path.join(m.workdir, "inspect")
+  r = analysis.inspect_text(m, _TEXT.value, out=out, target=_TARGET.value, position=_POSITION.value,
+                            corrupt=_CORRUPT.value, top_k=_TOP_K.value, ig_steps=_IG_STEPS.value)
   a = r["attributions"]
   print(f"{m.workdir} at step {m.step}: {len(r['tokens'])} tokens\n")
   print("logit lens (top prediction and its probability, per probe point):")
@@ -69,7 +57,3 @@ def main(argv) -> None:
       best = int(abs(row).argmax()) if row.size else 0
       print(f"  {name:<12} most at position {best} {r['tokens'][best]!r}: {row[best]:+.2f}")
   print("\nwrote " + ", ".join(r["files"]))
-
-
-if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,237 @@
+"""Sample from a trained run: tpu-lm generate (python -m tpu_lm.generate) --workdir=RUN --prompt "...".
+
+Loads the newest checkpoint, its config and the run's tokenizer from RUN. One
+completion streams to the terminal token by token; several (more prompts, or
+--num_samples) are decoded together in one batch and printed in turn.
+--interactive keeps the model loaded and reads one prompt per line.
+
+A completion stops decoding at the step its text shows a --stop sequence. Ctrl-C
+stops decoding at the next step: what was generated is printed, then
+"[interrupted]", and the command exits 130 (in --interactive mode it returns to the
+prompt instead; Ctrl-D quits).
+"""
+
+import os
+import signal
+import sys
+
+from absl import flags
+
+from tpu_lm import cli
+from tpu_lm.errors import UserError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by python -m tpu_lm.main.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for several.")
+_PROMPT_FILE = flags.DEFINE_multi_string("prompt_file", [], "A text file whose whole content is one prompt; repeatable.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Completions per prompt (seeds seed, seed+1, ...).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Stop after this many new tokens.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 40, "Sample among the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set with this much probability (1: all).")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same text.")
+_STOP = flags.DEFINE_multi_string("stop", [], "End a completion before the first occurrence of this text; repeatable.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
+_TENSOR = flags.DEFINE_integer("tensor_parallel", 1, "Devices to split the model over (heads, MLP, vocabulary).")
+_INTERACTIVE = flags.DEFINE_bool("interactive", False, "Read prompts from stdin, one per line, model kept loaded.")
+flags.mark_flags_as_required(["workdir"])
+cli.at_least(_NUM_SAMPLES, 1)
+cli.at_least(_TENSOR, 1)
+cli.check_flag(_STEP, lambda v: v >= 0, "give a checkpoint step (0 or more), or leave it out")
+
+MAX_SEQUENCES = 1024  # decoded together in one batch (prompts x --num_samples)
+USAGE = "pass prompts with --prompt."
+
+
+def _prompts() -> list[str]:
+  prompts = list(_PROMPT.value)
+  for path in _PROMPT_FILE.value:
+    try:
+      with open(path, encoding="utf-8") as f:
+        prompts.append(f.read())
+    except (OSError, UnicodeDecodeError) as e:
+      raise UserError(f"cannot read --prompt_file={path} ({getattr(e, 'strerror', None) or e}): pass a UTF-8 text file.") from None
+  if any(not stop for stop in _STOP.value):
+    raise UserError("--stop is empty: give the text a completion should end before.")
+  if not prompts and not _INTERACTIVE.value:
+    raise UserError("no prompt given: pass --prompt=TEXT, --prompt_file=PATH or --interactive.")
+  return prompts
+
+
+def _check_counts(prompts: list[str]) -> None:
+  if len(prompts) * _NUM_SAMPLES.value > MAX_SEQUENCES:
+    raise UserError(f"{len(prompts)} prompts x --num_samples={_NUM_SAMPLES.value} is more than the {MAX_SEQUENCES}"
+                    " sequences decoded in one batch: ask for fewer.")
+
+
+def _sampling(seed: int):
+  from tpu_lm.inference.sampling import Sampling
+
+  s = Sampling(_MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value, seed)
+  s.check()
+  return s
+
+
+class CtrlC:
+  """While entered, SIGINT (Ctrl-C) sets a flag that the decode loop's step callback
+  reads (`self()`), so decoding ends cleanly at the next step. KeyboardInterrupt would
+  surface only once the compiled loop, a C call, returned, with a traceback from
+  wherever the main thread was. The signal reaches the callback's thread through a
+  wakeup fd, written the moment it arrives; the Python-level handler itself runs only
+  when the main thread is back in Python."""
+
+  def __enter__(self):
+    self._read, self._write = os.pipe()
+    for fd in (self._read, self._write):
+      os.set_blocking(fd, False)
+    self.pressed = False
+    self._handler = signal.signal(signal.SIGINT, self._on_sigint)
+    self._wakeup = signal.set_wakeup_fd(self._write)
+    return self
+
+  def _on_sigint(self, *_):
+    self.pressed = True
+
+  def __call__(self) -> bool:
+    if not self.pressed:
+      try:
+        self.pressed = signal.SIGINT in os.read(self._read, 64)
+      except BlockingIOError:
+        pass
+    return self.pressed
+
+  def __exit__(self, *_):
+    signal.set_wakeup_fd(self._wakeup)
+    signal.signal(signal.SIGINT, self._handler)
+    os.close(self._read)
+    os.close(self._write)
+
+
+class _Text:
+  """One completion's text as its tokens arrive: detokenized, cut at the first stop sequence."""
+
+  def __init__(self, tokenizer, stop: tuple[str, ...]):
+    from tpu_lm.data.tokenizer import TextStream
+    from tpu_lm.inference.stops import StopScanner
+
+    self._stream, self.stops, self.text, self.interrupted = TextStream(tokenizer), StopScanner(stop), "", False
+
+  def push(self, token: int) -> str:
+    return self._add(self.stops.push(self._stream.push(token)))
+
+  def finish(self) -> str:
+    return self._add(self.stops.push(self._stream.finish()) + self.stops.finish())
+
+  def _add(self, piece: str) -> str:
+    self.text += piece
+    return piece
+
+  def reason(self, completion, sampling) -> str:
+    if self.stops.stopped:
+      return "stop sequence"
+    if self.interrupted and len(completion.tokens) < sampling.max_new_tokens:
+      return "interrupted"
+    return completion.finish_reason
+
+
+def _decode(run, jobs, stop: tuple[str, ...], interrupted, show=None):
+  """Decodes (prompt, Sampling) pairs in one batch; each row ends at the step its text
+  shows a stop sequence, every row at the step after Ctrl-C. `show(piece)` streams
+  row 0's text. Returns the Completions and their _Texts."""
+  texts = [_Text(run.tokenizer, stop) for _ in jobs]
+  eos = run.decoder.eos_id
+
+  def on_step(_, tokens_B, done_B):
+    now = interrupted()
+    for text, token, done in zip(texts, tokens_B, done_B):
+      if not done and token != eos:
+        piece = text.push(int(token))
+        text.interrupted = now and not text.stops.stopped
+        if show:
+          show(piece)
+    return [now or text.stops.stopped for text in texts]
+
+  completions = run.decoder.generate([run.encode_prompt(p) for p, _ in jobs], [s for _, s in jobs], on_step=on_step)
+  for text in texts:
+    piece = text.finish()
+    if show:
+      show(piece)
+  return completions, texts
+
+
+def _show(piece: str) -> None:
+  sys.stdout.write(piece)
+  sys.stdout.flush()
+
+
+def complete_one(run, prompt: str, sampling, stop: tuple[str, ...]) -> bool:
+  """Prints the prompt, then each new piece of text the moment its token exists.
+  Returns whether Ctrl-C ended it."""
+  _show(prompt)
+  with CtrlC() as interrupted:
+    [completion], [text] = _decode(run, [(prompt, sampling)], stop, interrupted, show=_show)
+  _show("\n[interrupted]\n" if interrupted.pressed else
+        f"\n[{len(completion.tokens)} tokens, {text.reason(completion, sampling)}]\n")
+  return interrupted.pressed
+
+
+def complete_batch(run, jobs, stop: tuple[str, ...]) -> bool:
+  """Decodes (prompt, Sampling) pairs together and prints each completion in turn.
+  Returns whether Ctrl-C ended them."""
+  with CtrlC() as interrupted:
+    completions, texts = _decode(run, jobs, stop, interrupted)
+  for i, ((prompt, s), c, text) in enumerate(zip(jobs, completions, texts)):
+    print(f"--- sample {i + 1}/{len(jobs)} (seed {s.seed}; {len(c.tokens)} tokens, {text.reason(c, s)}) ---")
+    print(prompt + text.text, flush=True)
+  if interrupted.pressed:
+    print("[interrupted]", flush=True)
+  return interrupted.pressed
+
+
+def interactive(run, seed: int, stop: tuple[str, ...]) -> None:
+  """One prompt per line, each streamed; Ctrl-C ends a completion (or clears the line),
+  Ctrl-D quits."""
+  print("[interactive: one prompt per line (\\n for a newline); Ctrl-C stops a completion; Ctrl-D quits]",
+        file=sys.stderr, flush=True)
+  while True:
+    try:
+      line = input("> ")
+    except EOFError:
+      print(file=sys.stderr)
+      return
+    except KeyboardInterrupt:  # at the prompt: a fresh one, as a shell does
+      print(file=sys.stderr)
+      continue
+    if not line.strip():
+      continue
+    try:
+      complete_one(run, line.replace("\\n", "\n"), _sampling(seed), stop)
+    except UserError as e:  # e.g. a prompt too long: say so and keep the model loaded
+      print(f"error: {e}", file=sys.stderr, flush=True)
+    seed = (seed + 1) % 2**32
+
+
+def body() -> None:
+  stop = tuple(_STOP.value)
+  try:
+    prompts = _prompts()
+    _check_counts(prompts)
+    _sampling(_SEED.value)  # bad sampling flags fail before the model loads
+    from tpu_lm.inference import run_dir
+
+    run = run_dir.load(_WORKDIR.value, step=_STEP.value, tensor_parallel=_TENSOR.value)
+    print(f"[loaded {run.workdir} at step {run.step}]", file=sys.stderr, flush=True)
+    run.decoder.check(1, _sampling(_SEED.value))  # what needs the model: top_k vs its vocabulary, its context
+    interrupted = False
+    if prompts:
+      if len(prompts) * _NUM_SAMPLES.value == 1:
+        interrupted = complete_one(run, prompts[0], _sampling(_SEED.value), stop)
+      else:
+        jobs = [(p, _sampling((_SEED.value + j) % 2**32)) for p in prompts for j in range(_NUM_SAMPLES.value)]
+        interrupted = complete_batch(run, jobs, stop)
+    if _INTERACTIVE.value:
+      interactive(run, _SEED.value, stop)
+    elif interrupted:
+      sys.exit(130)  # as a shell reports a command ended by Ctrl-C
+  except KeyboardInterrupt:  # Ctrl-C while loading or compiling, outside a decode
+    print("\n[interrupted]", file=sys.stderr, flush=True)
+    sys.exit(130)
