@@ -102,3 +102,12 @@ def train_steps(config, batches, devices):
       losses.append(float(m["step_loss"]))
       grad_norms.append(float(m["grad_norm"]))
   return np.array(losses), np.array(grad_norms), jax.device_get(state), setup
+
+
+def corpus_for(config, tokenizer=None):
+  """The corpus a run of `config` trains on: its splits, read by its objective."""
+  from tpu_lm import tasks
+  from tpu_lm.data import sources
+
+  splits = sources.open_splits(config.data)
+  return sources.prepare(config.data, splits, tasks.from_config(config, splits.class_names), tokenizer)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_config
-from tpu_lm.data import local_files, pipeline, sources
+from tests.conftest import corpus_for, tiny_config
+from tpu_lm.data import local_files, pipeline
 from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.errors import UserError
 
@@ -103,11 +103,12 @@ def test_a_bounded_eval_of_documents_longer_than_its_budget_still_scores_them():
 def test_an_eval_that_scores_nothing_is_an_error_not_a_perfect_score():
   import types
 
-  from tpu_lm.training import evaluate, tasks
+  from tpu_lm.tasks import causal_lm
+  from tpu_lm.training import evaluate
 
   config = types.SimpleNamespace(data=types.SimpleNamespace(seq_len=8, global_batch_size=2, eval_split="validation",
                                                             dataset="text_files"), eval_max_batches=0)
-  setup = types.SimpleNamespace(config=config, task=tasks.LanguageModel(), device_batch=lambda b: b)
+  setup = types.SimpleNamespace(config=config, task=causal_lm.LanguageModel(), device_batch=lambda b: b)
   corpus = types.SimpleNamespace(validation=_split([[5, 6], [7]]))
   nothing = lambda params, batch: {"nats": 0.0, "tokens": 0.0, "bytes": 0.0, "documents": 0}  # noqa: E731
   with pytest.raises(UserError, match="scored nothing"):
@@ -170,7 +171,7 @@ def test_iterator_state_resumes_exactly_on_another_process_count():
 
 def test_text_files_are_read_in_place(corpus_dir, data_dir):
   config = tiny_config(corpus_dir, data_dir)
-  corpus = sources.prepare(config.data)
+  corpus = corpus_for(config)
   assert len(corpus.train) + len(corpus.validation) == 24
   assert 0 < corpus.zlib_bits_per_byte < 8
   batches = []
@@ -188,20 +189,20 @@ def test_the_tokenizer_is_trained_on_a_seeded_sample_the_same_everywhere(corpus_
   for d in ("host0", "host1"):
     config = tiny_config(corpus_dir, str(tmp_path / d))
     config.data.update(tokenizer="sentencepiece", vocab_size=300, tokenizer_sample_mb=0.01)
-    names.append(sources.prepare(config.data).tokenizer.name)
+    names.append(corpus_for(config).tokenizer.name)
   assert names[0] == names[1]
   config.data.tokenizer_sample_mb = 1.0  # another sample, another vocabulary (and cache file)
-  assert sources.prepare(config.data).tokenizer.name != names[0]
+  assert corpus_for(config).tokenizer.name != names[0]
 
 
 def test_unknown_dataset_and_empty_directory_are_user_errors(tmp_path, data_dir):
   config = tiny_config(str(tmp_path / "empty"), data_dir)
   (tmp_path / "empty").mkdir()
   with pytest.raises(UserError, match="matches no files"):
-    sources.prepare(config.data)
+    corpus_for(config)
   config.data.dataset = "no_such_dataset_anywhere"
   with pytest.raises(UserError, match="neither"):
-    sources.prepare(config.data)
+    corpus_for(config)
 
 
 def test_tokenizers_own_their_special_ids_and_a_run_records_them(tmp_path):

@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_config
+from tests.conftest import corpus_for, tiny_config
 from tpu_lm.data import pipeline, sources
 from tpu_lm.errors import UserError
 from tpu_lm.inference import run_dir
 from tpu_lm.parallel import mesh as mesh_lib
-from tpu_lm.training import checkpoint, init_from, losses, loop, tasks, trainable
+from tpu_lm.tasks import classification, losses
+from tpu_lm.training import checkpoint, init_from, loop, trainable
 from tpu_lm.training.setup import Setup
 
 ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
@@ -149,7 +150,7 @@ def _instruction_file(directory, n=40):
 def test_instruction_tuning_masks_the_prompt_through_packing_and_the_gradient(tmp_path):
   config = tiny_config(data_dir=str(tmp_path / "tfds"))
   config.data.update(dataset="instructions", path=_instruction_file(str(tmp_path)), chat_template="Q: {prompt}\nA: ")
-  corpus = sources.prepare(config.data)
+  corpus = corpus_for(config)
   tok = corpus.tokenizer
   # The mask travels with the tokens: a row's weighted targets are exactly the completions (+ EOS).
   batch, _ = next(iter(pipeline.eval_batches(corpus.train, seq_len=64, global_batch=1)))
@@ -180,7 +181,7 @@ def test_classification_metrics_match_scikit_learn():
   pred[pred == 3] = 2  # class 3 never predicted: precision 0, as zero_division=0
   confusion = np.zeros((4, 4))
   np.add.at(confusion, (true, pred), 1)
-  m = tasks.classification_metrics(confusion, class_names=("a", "b", "c", "d"))
+  m = classification.classification_metrics(confusion, class_names=("a", "b", "c", "d"))
   p, r, f, s = sk.precision_recall_fscore_support(true, pred, labels=range(4), zero_division=0)
   assert m["eval_accuracy"] == pytest.approx(sk.accuracy_score(true, pred))
   assert m["eval_macro_f1"] == pytest.approx(sk.f1_score(true, pred, average="macro", zero_division=0))
@@ -202,7 +203,7 @@ def test_a_classifier_trains_on_stdlib_functions_from_a_pretrained_run(trained_r
   assert 0 <= result["eval_accuracy"] <= 1 and len(result["eval_confusion"]) == 10
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert "accuracy" in records[0] and records[-1]["eval_per_class"].keys() == set(
-      sources.prepare(config.data, init_from.source_tokenizer(trained_run), "classification").class_names)
+      sources.open_splits(config.data).class_names)
 
 
 def test_mistakes_in_fine_tuning_configs_are_one_line(trained_run, corpus_dir, data_dir, tmp_path):

@@ -10,7 +10,7 @@ from tests.conftest import tiny_config
 from tpu_lm.config import derived
 from tpu_lm.model import params as params_lib
 from tpu_lm.model import transformer
-from tpu_lm.training import losses
+from tpu_lm.tasks import losses
 
 LLAMA = dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, num_kv_heads=2, tie_embeddings=False)
 
@@ -175,3 +175,84 @@ def test_xla_attention_equals_softmax_attention_values_and_gradients(t):
   grads = [jax.grad(lambda *a: (f(*a) * weights).sum(), argnums=(0, 1, 2))(q, k, v) for f in (ours, reference)]
   for a, b in zip(*grads):
     np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def _prefix_of(seg_BxT, lengths=(5, 9, 3)):
+  """The first few tokens of each document (segment > 0) as its prefix."""
+  seg = np.asarray(seg_BxT)
+  prefix = np.zeros(seg.shape, bool)
+  for b in range(seg.shape[0]):
+    for i, doc in enumerate(sorted(set(seg[b]) - {0})):
+      where = np.flatnonzero(seg[b] == doc)
+      prefix[b, where[:lengths[i % len(lengths)]]] = True
+  return jnp.asarray(prefix)
+
+
+@pytest.mark.parametrize("mask", ["prefix", "bidirectional"])
+def test_every_attention_path_honours_the_mask_kind(mask):
+  """The blocked XLA kernel and the reference path (inspect's) against
+  jax.nn.dot_product_attention with the explicit mask, values and gradients; packed
+  documents, padding, GQA 4/2."""
+  from tpu_lm.model import kernels
+
+  rng = np.random.default_rng(1)
+  t = 128
+  q = jnp.asarray(rng.normal(size=(2, t, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, t, 2, 8)), jnp.float32) for _ in range(2))
+  seg = jnp.asarray(np.sort(rng.integers(0, 4, (2, t)), axis=1), jnp.int32)
+  prefix = _prefix_of(seg)
+  explicit = kernels.attention_mask(seg, mask, prefix)
+  # The kinds differ where they should: a prefix token sees later prefix tokens, a causal one does not.
+  assert bool((explicit & ~kernels.attention_mask(seg)).any())
+
+  def reference(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, mask=explicit, implementation="xla")
+
+  def ours(q, k, v):
+    return kernels.dot_product_attention(q, k, v, seg, "xla", mask, prefix)
+
+  def inspected(q, k, v):
+    return kernels.attention_with_probs(q, k, v, seg, mask, prefix)[0]
+
+  weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  want = reference(q, k, v)
+  want_grads = jax.grad(lambda *a: (reference(*a) * weights).sum(), argnums=(0, 1, 2))(q, k, v)
+  for f in (ours, inspected):
+    np.testing.assert_allclose(f(q, k, v), want, atol=2e-6)
+    for a, b in zip(jax.grad(lambda *a: (f(*a) * weights).sum(), argnums=(0, 1, 2))(q, k, v), want_grads):
+      np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_the_splash_kernel_runs_a_bidirectional_mask():
+  """The TPU kernel (by the Pallas interpreter on CPU) with a full mask: as XLA's."""
+  from tpu_lm.model import kernels
+
+  rng = np.random.default_rng(2)
+  q = jnp.asarray(rng.normal(size=(1, 128, 2, 32)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(1, 128, 1, 32)), jnp.float32) for _ in range(2))
+  seg = jnp.asarray(np.r_[np.ones(70), 2 * np.ones(58)][None], jnp.int32)
+  out = kernels.dot_product_attention(q, k, v, seg, "splash_interpret", "bidirectional")
+  np.testing.assert_allclose(out, kernels.dot_product_attention(q, k, v, seg, "xla", "bidirectional"), atol=2e-5)
+
+
+def test_a_prefix_lm_decodes_what_its_full_forward_pass_computes():
+  """Prefill reads the prompt both ways (it is the prefix), each generated token is
+  causal: the cached logits equal the full pass with the prompt as the prefix."""
+  from tpu_lm.inference import decode
+
+  cfg = dataclasses.replace(derived.model_config(tiny_config()), attention_mask="prefix")
+  model = transformer.Transformer(cfg)
+  tokens = jnp.asarray(np.random.default_rng(3).integers(3, 250, (1, 16)), jnp.int32)
+  positions = jnp.arange(16)[None]
+  params = model.init(jax.random.key(0), tokens, jnp.ones_like(tokens), positions, prefix_BxT=positions < 6)["params"]
+  params = jax.tree.map(lambda x: x * 4 if x.ndim > 1 else x, params)
+  full = model.apply({"params": params}, tokens, jnp.ones_like(tokens), positions, prefix_BxT=positions < 6)
+  causal = transformer.Transformer(dataclasses.replace(cfg, attention_mask="causal")).apply(
+      {"params": params}, tokens, jnp.ones_like(tokens), positions)
+  assert not np.allclose(full[0, 3], causal[0, 3], atol=1e-3)  # inside the prefix the kinds differ
+  cache, last = decode.prefill(model, params, tokens[:, :6], jnp.array([6]), 32)
+  np.testing.assert_allclose(last[0], full[0, 5], rtol=1e-4, atol=1e-4)
+  step = jax.jit(lambda tok, pos, cache: model.apply({"params": params}, tok, jnp.ones_like(tok), pos, cache=cache))
+  for i in range(6, 16):
+    logits, cache = step(tokens[:, i:i + 1], jnp.array([[i]]), cache)
+    np.testing.assert_allclose(logits[0, 0], full[0, i], rtol=1e-4, atol=1e-4)

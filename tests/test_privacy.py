@@ -124,7 +124,7 @@ def _their_epsilon(parts, delta, grid=1e-4):
 
 
 def test_epsilon_matches_dp_accounting_computed_independently():
-  n, expected, rows, delta, sigma, steps = 5000, 24, 32, 1e-5, 1.1, 300
+  n, rows, delta, sigma, steps = 5000, 32, 1e-5, 1.1, 300
   ours = accounting.epsilon([_segment(sigma)], steps, delta)
   theirs = _their_epsilon([(_segment(sigma), steps)], delta)
   assert theirs <= ours <= theirs * 1.002  # our coarser grid is pessimistic, never optimistic
@@ -148,7 +148,7 @@ def test_epsilon_matches_dp_accounting_computed_independently():
 
 def test_a_resumed_run_charges_each_step_at_the_noise_it_was_taken_with():
   """The review's case: 20 steps calibrated to a target epsilon, then resumed to train to 60."""
-  n, delta, target = 5000, 1e-5, 1.0
+  delta, target = 1e-5, 1.0
   plan20, plan60 = (target, 0.0, 20), (target, 0.0, 60)
   first = accounting.extend([], _segment(0.0, plan=plan20), 0, 20, target, delta)
   assert 0.98 * target <= accounting.epsilon(first, 20, delta) <= target

@@ -13,6 +13,7 @@ import sys
 import threading
 
 import jax
+import numpy as np
 import pytest
 
 from tpu_lm.inference import decode, run_dir
@@ -186,6 +187,43 @@ def test_the_official_openai_client_works_against_the_server(server, local):
     client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "hi"}])
   with pytest.raises(openai.AuthenticationError, match="a valid API key is required"):
     openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_prompt_scoring_is_the_models_own_token_nll_and_transformers(server, local, trained_run, tmp_path):
+  """echo + logprobs with max_tokens 0 (what evaluation harnesses send): the prompt's
+  tokens with their log-probabilities, the first null, through the official client;
+  equal to the model's token NLL (the training loss's cross-entropy) and to
+  transformers' log-probabilities on the exported run."""
+  openai = pytest.importorskip("openai")
+  import optax
+  import torch
+  import transformers
+
+  from tpu_lm.interop import hf
+
+  client = openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key=KEY, max_retries=0)
+  text = "the model reads a token"
+  out = client.completions.create(model="m", prompt=text, echo=True, logprobs=2, max_tokens=0)
+  [choice] = out.choices
+  lp = choice.logprobs
+  ids = local.encode_prompt(text)
+  assert choice.text == text and out.usage.completion_tokens == 0
+  assert "".join(lp.tokens) == text and len(lp.tokens) == len(ids) and lp.text_offset[0] == 0
+  assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+  served = np.array(lp.token_logprobs[1:])
+  logits = local.decoder.model.apply({"params": local.decoder.params}, np.array([ids]), np.ones((1, len(ids)), np.int32),
+                                     np.arange(len(ids))[None])
+  nll = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], np.array(ids[1:])))
+  np.testing.assert_allclose(served, -nll, atol=1e-4)
+  hf.export_model(trained_run, str(tmp_path / "hf"))
+  with torch.no_grad():
+    theirs = torch.log_softmax(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(
+        torch.tensor([ids])).logits[0, :-1], -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+  np.testing.assert_allclose(served, theirs, atol=1e-4)
+  # With generation after it: the prompt's entries, then the new tokens'.
+  both = client.completions.create(model="m", prompt=text, echo=True, logprobs=1, max_tokens=3, temperature=0)
+  assert both.choices[0].logprobs.token_logprobs[:len(ids)] == lp.token_logprobs
+  assert len(both.choices[0].logprobs.tokens) == len(ids) + both.usage.completion_tokens
 
 
 def test_wrong_route_method_and_missing_length(server):

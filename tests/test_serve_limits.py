@@ -22,6 +22,7 @@ import pytest
 
 from tpu_lm.data.tokenizer import ByteTokenizer
 from tpu_lm.inference.engine import Engine
+from tpu_lm.tasks import instructions
 from tpu_lm.serving.transport import BoundedServer, Limits, make_handler
 from tpu_lm.inference.slots import TOP_LOGPROBS, StepOut
 
@@ -89,6 +90,7 @@ def serving(decoder: GatedSlots | None = None, *, api_key: str | None = None, ma
   decoder = decoder or GatedSlots()
   config = types.SimpleNamespace(data=types.SimpleNamespace(dataset="instructions", chat_template="Q: {prompt}"))
   run = types.SimpleNamespace(workdir="/runs/fake", step=1, tokenizer=TOKENIZER, decoder=decoder, config=config,
+                              objective=instructions.Instructions(chat_template=config.data.chat_template),
                               encode_prompt=lambda text: [TOKENIZER.bos_id, *TOKENIZER.encode_batch([text])[0]])
   limits = Limits(**{**dict(max_prompt_tokens=32, max_new_tokens=16, max_body_bytes=2000, timeout_s=30, max_batch=2,
                             read_timeout_s=1.0), **limits})

@@ -4,11 +4,11 @@
 one sentence naming the field and what is allowed.
 """
 
+from tpu_lm import tasks
 from tpu_lm.errors import UserError
 from tpu_lm.model import kernels
 
 CHOICES = {
-    "task.kind": ("lm", "classification"),
     "task.pooling": ("last", "mean"),
     "data.tokenizer": ("sentencepiece", "bytes", "hf"),
     "model.rope_scaling.type": ("none", "llama3"),
@@ -90,7 +90,7 @@ def _check_compression(config) -> None:
     fail("distill.alpha", d.alpha, "it must be in [0, 1]")
   if not d.temperature > 0:
     fail("distill.temperature", d.temperature, "it must be > 0")
-  if d.teacher and config.task.kind != "lm":
+  if d.teacher and tasks.name_of(config) != tasks.distill.NAME:
     fail("distill.teacher", d.teacher, "distillation trains a language model: task.kind must be 'lm'")
 
 
@@ -107,6 +107,8 @@ def fail(field, value, allowed):
 
 def validate(config) -> None:
   """Raises UserError on the first bad value; returns None when the config is usable."""
+  if config.task.kind not in tasks.names():
+    fail("task.kind", config.task.kind, "use one of " + ", ".join(repr(a) for a in tasks.names()))
   for field, allowed in CHOICES.items():
     value = _get(config, field)
     if value not in allowed:
@@ -148,10 +150,8 @@ def validate(config) -> None:
     fail("data.tokenizer_sample_mb", config.data.tokenizer_sample_mb, "it must be a number of MB > 0")
   if config.data.tokenizer == "hf" and not config.data.tokenizer_path and not config.init_from:
     fail("data.tokenizer_path", "", "data.tokenizer='hf' needs the directory of a Hugging Face tokenizer.json")
-  if config.task.kind == "classification" and config.data.dataset in ("python_stdlib", "text_files", "instructions"):
-    fail("data.dataset", config.data.dataset, "task.kind='classification' needs a dataset with labels, e.g."
-         " 'stdlib_functions', 'glue/sst2' or 'imdb_reviews'")
-  if config.data.dataset == "instructions" and config.task.kind != "lm":
+  tasks.from_config(config).check(config)  # the objective's own rules
+  if config.data.dataset == tasks.instructions.DATASET and tasks.name_of(config) != tasks.instructions.NAME:
     fail("task.kind", config.task.kind, "data.dataset='instructions' trains the language model: use 'lm'")
   if m.rope_scaling.type != "none":
     s = m.rope_scaling

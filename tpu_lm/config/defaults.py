@@ -26,9 +26,12 @@ def get_config() -> ml_collections.ConfigDict:
   # row stop the run with an error, keeping the last good checkpoint.
   c.max_consecutive_nonfinite = 20
 
-  # What the run optimizes (training/tasks.py): "lm" (next-token prediction), or
+  # What the run optimizes, by name (tpu_lm/tasks/, one module each): "lm" (next-token
+  # prediction), "instructions" (next-token prediction on prompt/completion records, the
+  # loss on completions; also what "lm" with data.dataset="instructions" means),
   # "classification" (a head on the pooled final hidden state; the labels and class
-  # count come from the dataset's data.label_key feature).
+  # count come from the dataset's data.label_key feature), or "distill" (a student
+  # learning a teacher run's distributions; also "lm" with distill.teacher set).
   c.task = ml_collections.ConfigDict()
   c.task.kind = "lm"
   c.task.pooling = "last"  # classification: "last" (the final token's state) or "mean"

@@ -22,10 +22,14 @@ def rope_scaling(m) -> tuple:
 def model_config(config, platform: str = "cpu") -> ModelConfig:
   """The `model` section as the frozen ModelConfig layers receive, with derived sizes
   and the attention kernel resolved for `platform` (the mesh's devices)."""
+  from tpu_lm import tasks
+
   m = config.model
   vocab = tokenizer_vocab_size(config)
+  mask = tasks.from_config(config).attention  # the objective's mask kind
   derived = {
-      "attention": kernels.resolve(m.attention, platform, m.dtype, config.data.seq_len),
+      "attention": kernels.resolve(m.attention, platform, m.dtype, config.data.seq_len, mask),
+      "attention_mask": mask,
       "vocab_size": -(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
       "vocab_used": vocab,
       "rope_scaling": rope_scaling(m),

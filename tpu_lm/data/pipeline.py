@@ -2,7 +2,8 @@
 train iterator, its eval batches and sample prompts (the streaming is stream.py).
 
 A `Split` is a document source (documents.py), how its records become tokens
-(encode.py) and the tokenizer's BOS/EOS. Nothing is tokenized ahead: each
+(encode.py: the objective says), the tokenizer's BOS/EOS and the objective's row
+layout (layout.py). Nothing is tokenized ahead: each
 process reads and tokenizes the documents of its own rows as training reaches
 them, so neither memory nor start-up time grows with the corpus.
 """
@@ -13,6 +14,7 @@ import numpy as np
 
 from tpu_lm.data import documents, stream
 from tpu_lm.data.encode import Encoder
+from tpu_lm.data.layout import PACKED, RowLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,13 +23,10 @@ class Split:
   encoder: Encoder
   bos_id: int
   eos_id: int
+  layout: RowLayout = PACKED  # the objective's: packed documents or one example per row, a loss mask or not
 
   def __len__(self):
     return len(self.source)
-
-  @property
-  def kind(self) -> str:
-    return self.encoder.kind
 
   @classmethod
   def of_tokens(cls, docs, bos_id: int = 1, eos_id: int = 2, num_bytes=None) -> "Split":
@@ -36,8 +35,8 @@ class Split:
 
 
 def _options(split: Split) -> dict:
-  return {"bos_id": split.bos_id, "eos_id": split.eos_id, "one_per_row": split.kind == "classification",
-          "loss_mask": split.kind == "instructions"}
+  return {"bos_id": split.bos_id, "eos_id": split.eos_id, "one_per_row": split.layout.one_per_row,
+          "loss_mask": split.layout.loss_mask}
 
 
 def train_iter(split: Split, *, seq_len: int, global_batch: int, seed: int, process_index: int = 0,

@@ -25,7 +25,7 @@ from grain.experimental import index_shuffle
 
 from tpu_lm.data import documents, local_files
 from tpu_lm.data import tokenizer as tokenizer_lib
-from tpu_lm.data.encode import Encoder, as_text
+from tpu_lm.data.encode import Encoder
 from tpu_lm.data.pipeline import Split
 from tpu_lm.errors import UserError
 
@@ -41,13 +41,6 @@ class Corpus:
   zlib_bits_per_byte: float  # `zlib -9` on (the first 16 MB of) the validation text, as a reference; 0: not text
   cache_dir: str
   class_names: tuple = ()  # classification: the label feature's names
-
-
-def kind(data, task_kind: str = "lm") -> str:
-  """How a split is tokenized: "text", "instructions" or "classification"."""
-  if task_kind == "classification":
-    return "classification"
-  return "instructions" if data.dataset == "instructions" else "text"
 
 
 def _builder(data):
@@ -99,12 +92,23 @@ def _tfds_source(builder, split: str):
   return documents.TFRecordSource(builder, split)
 
 
-def _open(data):
-  """(train source, validation source, cache directory, class names)."""
+@dataclasses.dataclass(frozen=True)
+class Sources:
+  """A dataset's splits as document sources, before any tokenizer."""
+
+  train: object
+  validation: object
+  cache_dir: str
+  class_names: tuple = ()  # the data.label_key feature's names, where it is a class label
+
+
+def open_splits(data) -> Sources:
+  """The train and validation splits of `data.dataset` (built or downloaded first if
+  need be), cut to data.max_documents; nothing read yet."""
   train, validation, cache, names = _open_all(data)
   if data.max_documents > 0:
     train, validation = documents.First(train, data.max_documents), documents.First(validation, data.max_documents)
-  return train, validation, cache, names
+  return Sources(train, validation, cache, names)
 
 
 def _open_all(data):
@@ -121,19 +125,16 @@ def _open_all(data):
           names)
 
 
-def _check_features(source, data, split_kind: str) -> None:
+def _check_features(source, data, objective) -> None:
   if len(source) == 0:
     raise UserError(f"split {data.train_split!r} of {data.dataset!r} is empty: choose another split.")
   keys = set(source.get([0])[0])
-  wanted = {"instructions": [("prompt", "prompt"), ("completion", "completion")],
-            "classification": [("data.text_key", data.text_key), ("data.label_key", data.label_key)],
-            "text": [("data.text_key", data.text_key)]}[split_kind]
-  for field, key in wanted:
+  for field, key in objective.features():
     if key not in keys:
       raise UserError(f"dataset {data.dataset!r} has no feature {key!r}: set {field} to one of {sorted(keys)}.")
 
 
-def sample_texts(source, encoder_kind: str, text_key: str, max_bytes: int, seed: int = 0):
+def sample_texts(source, objective, max_bytes: int, seed: int = 0):
   """Documents in a fixed shuffled order until `max_bytes` of text: the tokenizer's
   training sample (the same on every process and machine)."""
   n, total = len(source), 0
@@ -141,37 +142,34 @@ def sample_texts(source, encoder_kind: str, text_key: str, max_bytes: int, seed:
     order = [index_shuffle(i, max_index=n - 1, seed=seed, rounds=4) if n > 1 else 0
              for i in range(start, min(start + 256, n))]
     for record in source.get(order):
-      if encoder_kind == "instructions":
-        text = as_text(record["prompt"]) + as_text(record["completion"])
-      else:
-        text = as_text(record[text_key])
+      text = objective.sample_text(record)
       yield text
       total += len(text.encode("utf-8"))
       if total >= max_bytes:
         return
 
 
-def _tokenizer(data, train, split_kind: str, cache_dir: str):
+def _tokenizer(data, train, objective, cache_dir: str):
   if data.tokenizer == "bytes":
     return tokenizer_lib.ByteTokenizer()
   if data.tokenizer == "hf":
     return tokenizer_lib.load_hf(data.tokenizer_path)
   if data.tokenizer_path:  # a SentencePiece model made elsewhere (another run's, say)
     return tokenizer_lib.load_sentencepiece(os.path.abspath(os.path.expanduser(data.tokenizer_path)), data.vocab_size)
-  recipe = f"{data.dataset}|{data.train_split}|{data.text_key}|{split_kind}|{data.tokenizer_sample_mb}|{data.vocab_size}"
+  recipe = f"{data.dataset}|{data.train_split}|{data.text_key}|{objective.records}|{data.tokenizer_sample_mb}|{data.vocab_size}"
   name = f"spm{data.vocab_size}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}.model"
-  texts = sample_texts(train, split_kind, data.text_key, int(data.tokenizer_sample_mb * 2**20))
+  texts = sample_texts(train, objective, int(data.tokenizer_sample_mb * 2**20))
   return tokenizer_lib.load_or_train(os.path.join(cache_dir, name), data.vocab_size, texts)
 
 
-def _zlib_reference(validation, split_kind: str, text_key: str) -> float:
+def _zlib_reference(validation, objective) -> float:
   """`zlib -9` bits per byte on the validation text (its first 16 MB), as a yardstick."""
-  if split_kind != "text":
+  if not objective.text_reference:
     return 0.0
   raw, size = [], 0
   for start in range(0, len(validation), 256):
     for record in validation.get(range(start, min(start + 256, len(validation)))):
-      raw.append(as_text(record[text_key]).encode("utf-8"))
+      raw.append(objective.sample_text(record).encode("utf-8"))
       size += len(raw[-1])
     if size >= _ZLIB_SAMPLE_BYTES:
       break
@@ -179,15 +177,14 @@ def _zlib_reference(validation, split_kind: str, text_key: str) -> float:
   return 8 * len(zlib.compress(blob, 9)) / max(len(blob), 1)
 
 
-def prepare(data, tokenizer: tokenizer_lib.Tokenizer | None = None, task_kind: str = "lm") -> Corpus:
-  """Opens both splits and gets the tokenizer (given, e.g. a fine-tuned run's; read;
-  or trained once and cached)."""
-  split_kind = kind(data, task_kind)
-  train, validation, cache_dir, class_names = _open(data)
-  _check_features(train, data, split_kind)
-  if split_kind == "classification" and not class_names:
+def prepare(data, splits: Sources, objective, tokenizer: tokenizer_lib.Tokenizer | None = None) -> Corpus:
+  """The corpus an objective trains on: the splits, checked for the features it reads,
+  and the tokenizer (given, e.g. a fine-tuned run's; read; or trained once and cached)."""
+  _check_features(splits.train, data, objective)
+  if objective.labels and not splits.class_names:
     raise UserError(f"feature {data.label_key!r} of {data.dataset!r} is not a class label: set data.label_key.")
-  tok = tokenizer or _tokenizer(data, train, split_kind, cache_dir)
-  encoder = Encoder(tok, split_kind, data.text_key, data.label_key, data.chat_template)
-  return Corpus(tok, Split(train, encoder, tok.bos_id, tok.eos_id), Split(validation, encoder, tok.bos_id, tok.eos_id),
-                _zlib_reference(validation, split_kind, data.text_key), cache_dir, class_names)
+  tok = tokenizer or _tokenizer(data, splits.train, objective, splits.cache_dir)
+  encoder = Encoder(tok, objective)
+  split = lambda source: Split(source, encoder, tok.bos_id, tok.eos_id, objective.layout)  # noqa: E731
+  return Corpus(tok, split(splits.train), split(splits.validation), _zlib_reference(splits.validation, objective),
+                splits.cache_dir, splits.class_names)

@@ -91,8 +91,10 @@ class ShardStream:
 
   def supply(self, key, encoded: Encoded) -> None:
     tokens = np.concatenate([[self.bos_id], encoded.ids, [self.eos_id]]).astype(np.int32)
-    mask = np.ones(len(tokens), np.int32)  # per token, as a target: 1 if it counts
-    mask[: 1 + encoded.prompt_len] = 0
+    mask = np.ones(len(tokens), np.int32)  # per token, as a target: 1 if it counts (BOS never is, EOS always)
+    mask[0] = 0
+    if encoded.weights is not None:
+      mask[1:-1] = encoded.weights
     self._cache[key] = (tokens, mask, encoded.num_bytes, encoded.label)
 
   # -- rows --------------------------------------------------------------------------------------------------------

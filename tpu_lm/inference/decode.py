@@ -39,9 +39,11 @@ def prefill(model, params, tokens_BxP, lengths_B, cache_len: int):
   b, p = tokens_BxP.shape
   cache = transformer.init_cache(model.cfg, b, cache_len)
   positions_BxP = jnp.broadcast_to(jnp.arange(p), (b, p))
+  # A prefix LM reads its whole prompt both ways; what it generates is causal.
+  prefix_BxP = positions_BxP < lengths_B[:, None] if model.cfg.attention_mask == "prefix" else None
   variables = {"params": params}
   hidden_BxPxD, cache = model.apply(variables, tokens_BxP, jnp.ones_like(tokens_BxP), positions_BxP, cache=cache,
-                                    return_cache=True, method="hidden")
+                                    return_cache=True, method="hidden", prefix_BxT=prefix_BxP)
   last_Bx1xD = jnp.take_along_axis(hidden_BxPxD, (lengths_B - 1)[:, None, None], axis=1)
   return cache, model.apply(variables, last_Bx1xD, method="logits")[:, 0]
 

@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from tpu_lm import storage
+from tpu_lm import storage, tasks
 from tpu_lm.config import checks, defaults, derived
 from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.errors import UserError
@@ -45,6 +45,7 @@ class Run:
   config: ml_collections.ConfigDict
   tokenizer: tokenizer_lib.Tokenizer
   decoder: decode.Decoder
+  objective: object  # what the run was trained for (tasks/): its prompt format, whether it generates
 
   def encode_prompt(self, text: str) -> list[int]:
     """`text` as the model saw texts begin: [BOS] + tokens for a run trained here, the
@@ -156,8 +157,9 @@ def load(workdir: str, *, step: int | None = None, tensor_parallel: int = 1, dev
   step = resolve_step(workdir, step)
   tokenizer = tokenizer_lib.load_for_run(workdir)
   config = read_config(workdir, step)
-  if config.task.kind != "lm":
-    raise UserError(f"{workdir} is a {config.task.kind} run: generate and serve need a language model.")
+  objective = tasks.from_config(config)
+  if not objective.generates:
+    raise UserError(f"{workdir} is a {objective.name} run: generate and serve need a language model.")
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": tensor_parallel}, devices)
   params, model_cfg, rules = read_model(workdir, step, config, mesh)
   decoder = decode.Decoder(
@@ -165,7 +167,7 @@ def load(workdir: str, *, step: int | None = None, tensor_parallel: int = 1, dev
       context=lambda: mesh_lib.context(mesh, rules), batch_multiple=mesh.shape["data"], wrap=inference_wrap(config),
   )
   jax.block_until_ready(decoder.params)
-  return Run(workdir, step, config, tokenizer, decoder)
+  return Run(workdir, step, config, tokenizer, decoder, objective)
 
 
 def read_model(workdir: str, step: int, config, mesh, dtype: str | None = None):

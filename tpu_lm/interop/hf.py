@@ -19,6 +19,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from tpu_lm import tasks
 from tpu_lm.config import defaults, derived
 from tpu_lm.errors import UserError
 from tpu_lm.interop import gpt2, llama, safetensors_io
@@ -154,8 +155,9 @@ def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "
   workdir = os.path.abspath(os.path.expanduser(workdir))
   step = run_dir.resolve_step(workdir, step)
   config = run_dir.read_config(workdir, step)
-  if config.task.kind != "lm":
-    raise UserError(f"{workdir} is a {config.task.kind} run: only language models export to Hugging Face.")
+  objective = tasks.from_config(config)
+  if not objective.generates:
+    raise UserError(f"{workdir} is a {objective.name} run: only language models export to Hugging Face.")
   m = config.model
   arch = gpt2 if m.position == "learned" else llama
   arch.check_exportable(m)

@@ -1,6 +1,7 @@
 """Everything `python -m tpu_lm.interpret` shows about one text, as one call (notebooks
-call it too): attention maps, the logit lens, attributions of a prediction, and
-activation patching against a corrupted text; pictures and a page in `out`."""
+call it too): each token's log-probability, attention maps, the logit lens, attributions
+of a prediction, and activation patching against a corrupted text; pictures and a page
+in `out`."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import os
 import numpy as np
 
 from tpu_lm.errors import UserError
+from tpu_lm.inference import score
 from tpu_lm.interpret import probe, render
 
 
@@ -27,11 +29,14 @@ def inspect_text(m, text: str, *, out: str | None = None, target: str = "", posi
   position = probe.check_position(tokens, position)
   target_id = _target_id(m, target) if target else int(np.argmax(tr.logits_TxV[position]))
   attr = probe.attributions(m.model, m.params, tokens, position, target_id, ig_steps, m.tokenizer.pad_id)
+  # Each token's log-probability given the text before it, by the one scoring function.
+  [scored] = score.token_logprobs(m.model, m.params, [tokens], vocab_size=m.tokenizer.vocab_size,
+                                  max_len=m.model.cfg.max_len, pad_id=m.tokenizer.pad_id)
   decode = lambda i: m.tokenizer.decode([i])  # noqa: E731
   result = {
       "tokens": pieces, "position": position, "target": decode(target_id), "target_id": target_id,
       "attention": tr.attention_LxNxTxT, "logit_lens_ids": lens_ids, "logit_lens_probs": lens_probs,
-      "lens_points": points, "attributions": attr,
+      "lens_points": points, "attributions": attr, "token_logprobs": [None, *scored.logprobs.tolist()],
       "lens_table": render.lens_text(lens_ids, lens_probs, pieces, points, decode),
   }
   if corrupt:
@@ -74,7 +79,8 @@ def _write(m, out, r, text, decode) -> list[str]:
            f" (log p {a['logprob']:.3f}; integrated-gradients completeness gap {a['completeness_gap']:+.4f})",
       attention_LxNxTxT=r["attention"], pieces=pieces, lens_rows=lens_rows, attr_rows=attr_rows,
       target=repr(r["target"])))
-  summary = {k: v for k, v in r.items() if k in ("tokens", "position", "target", "target_id", "lens_points")}
+  summary = {k: v for k, v in r.items()
+             if k in ("tokens", "position", "target", "target_id", "lens_points", "token_logprobs")}
   summary["attributions"] = {k: np.asarray(v).tolist() for k, v in a.items()}
   summary["logit_lens_top"] = [[decode(int(i)) for i in row] for row in r["logit_lens_ids"][:, :, 0]]
   if "patching" in r:

@@ -5,7 +5,7 @@ import dataclasses
 
 import jax
 
-from tpu_lm import storage
+from tpu_lm import storage, tasks
 from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.errors import UserError
 from tpu_lm.inference import run_dir
@@ -35,8 +35,9 @@ def load(workdir: str, step: int | None = None) -> Model:
   workdir = storage.absolute(workdir)
   step = run_dir.resolve_step(workdir, step)
   config = run_dir.read_config(workdir, step)
-  if config.task.kind != "lm":
-    raise UserError(f"{workdir} is a {config.task.kind} run: inspect reads language models (the logit lens needs"
+  objective = tasks.from_config(config)
+  if not objective.generates:
+    raise UserError(f"{workdir} is a {objective.name} run: inspect reads language models (the logit lens needs"
                     " the unembedding).")
   if run_dir.quantized(config):
     raise UserError(f"{workdir} holds quantized weights: inspect the float run it was compressed from.")

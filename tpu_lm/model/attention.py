@@ -24,14 +24,17 @@ class Attention(nn.Module):
   out_init_std: float
   dtype: str
   implementation: str = "xla"
+  mask: str = "causal"  # the mask kind (kernels.MASK_KINDS)
 
   @nn.compact
-  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, cache=None):
-    """Returns (out, cache). Without a cache: causal attention within segments.
+  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, cache=None, prefix_BxT=None):
+    """Returns (out, cache). Without a cache: attention of the mask kind within segments
+    (`prefix_BxT`: the prefix kind's both-ways tokens).
 
     With a cache ({"k", "v"}: [B, K, S, H]) the new keys and values are first
     written at their absolute positions, then each query attends to every cached
-    position up to its own; used for decoding, one document per row.
+    position up to its own (and, in a prefix, to the whole prefix); used for
+    decoding, one document per row.
     """
     d = x_BxTxD.shape[-1]
 
@@ -56,11 +59,12 @@ class Attention(nn.Module):
     if cache is None and self.is_mutable_collection("intermediates"):
       # Looking inside (tpu_lm.interpret): the reference path, whose probabilities
       # are recorded; ordinary training and decoding never take it.
-      out_BxTxNxH, probs_BxNxTxS = kernels.attention_with_probs(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+      out_BxTxNxH, probs_BxNxTxS = kernels.attention_with_probs(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
+                                                                self.mask, prefix_BxT)
       self.sow("intermediates", "attn_probs", probs_BxNxTxS)
     elif cache is None:
       out_BxTxNxH = kernels.dot_product_attention(
-          q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, self.implementation
+          q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, self.implementation, self.mask, prefix_BxT
       )
     else:
       # The cache is [B, K, S, H] (slots after heads): attention then reads it as
@@ -73,7 +77,8 @@ class Attention(nn.Module):
           )
           for name, new in (("k", k_BxTxKxH), ("v", v_BxTxKxH))
       }
-      out_BxTxNxH = kernels.cached_attention(q_BxTxNxH, cache["k"], cache["v"], positions_BxT)
+      out_BxTxNxH = kernels.cached_attention(q_BxTxNxH, cache["k"], cache["v"], positions_BxT,
+                                             prefix_BxT if self.mask == "prefix" else None)
     out_BxTxNxH = checkpoint_name(nn.with_logical_constraint(out_BxTxNxH, _ACT), "attn_out")
     out_BxTxD = projection(
         d, ("heads", "embed"), std=self.out_init_std, use_bias=self.use_bias, dtype=self.dtype, name="out",

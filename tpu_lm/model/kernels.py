@@ -1,4 +1,12 @@
-"""Attention kernels behind one function; all respect causality and packed segments."""
+"""Attention kernels behind one function; all honour the mask kind and packed segments.
+
+Mask kinds (an objective chooses one; the model runs it everywhere: training, the
+reference path, prefill and decode):
+- causal: a token attends to itself and the tokens before it in its document;
+- prefix: causal, except that the tokens of a document's prefix (the first n,
+  marked by `prefix_BxT`) attend to each other both ways (a prefix LM);
+- bidirectional: a token attends to every token of its document (an encoder).
+"""
 
 import math
 
@@ -8,29 +16,44 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 
-def segment_causal_mask(segment_ids_BxT: jax.Array) -> jax.Array:
-  """[B, 1, T, T] True where query t may attend to key s: s <= t, same document.
+MASK_KINDS = ("causal", "prefix", "bidirectional")
+
+
+def attention_mask(segment_ids_BxT: jax.Array, kind: str = "causal", prefix_BxT: jax.Array | None = None) -> jax.Array:
+  """[B, 1, T, T] True where query t may attend to key s: the same document, and s <= t
+  (causal), or s <= t or both in the prefix (prefix), or any s (bidirectional).
 
   Padding (segment 0) attends only to padding, so its rows are never empty.
   """
   t = segment_ids_BxT.shape[1]
-  causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
   same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-  return (causal_TxT[None] & same_BxTxT)[:, None]
+  if kind == "bidirectional":
+    return same_BxTxT[:, None]
+  visible_BxTxT = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+  if kind == "prefix":
+    visible_BxTxT = visible_BxTxT | (prefix_BxT[:, :, None] & prefix_BxT[:, None, :])
+  return (visible_BxTxT & same_BxTxT)[:, None]
+
+
+def segment_causal_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+  """The causal kind's mask (attention_mask)."""
+  return attention_mask(segment_ids_BxT)
 
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
-def resolve(implementation: str, platform: str, dtype: str = "bfloat16", seq_len: int = 128) -> str:
+def resolve(implementation: str, platform: str, dtype: str = "bfloat16", seq_len: int = 128,
+            mask: str = "causal") -> str:
   """`auto` -> the fastest kernel for `platform`: cuDNN flash attention on GPU (it
   takes only 16-bit inputs: float32 compute stays on XLA), the Pallas splash kernel
-  on TPU (for lengths it tiles), plain XLA elsewhere. Other names pass through."""
+  on TPU (for lengths it tiles, and masks fixed in advance: not a prefix that varies
+  by row), plain XLA elsewhere. Other names pass through."""
   if implementation != "auto":
     return implementation
   if platform in ("gpu", "cuda"):
     return "cudnn" if dtype in ("bfloat16", "float16") else "xla"
-  if platform == "tpu" and splash_fits(seq_len):
+  if platform == "tpu" and splash_fits(seq_len) and mask != "prefix":
     return "splash"
   return "xla"
 
@@ -45,28 +68,32 @@ def dot_product_attention(
     v_BxTxKxH: jax.Array,
     segment_ids_BxT: jax.Array,
     implementation: str = "xla",
+    mask: str = "causal",
+    prefix_BxT: jax.Array | None = None,
 ) -> jax.Array:
-  """Causal, segment-masked attention; K kv heads serve N query heads (GQA)."""
+  """Segment-masked attention of mask kind `mask`; K kv heads serve N query heads (GQA)."""
   if implementation == "xla":
     dtype = q_BxTxNxH.dtype
     if dtype == jnp.float16:
       # Scores accumulate in float32, a float16 x float16 -> float32 product some
       # backends (CPU) lack; float16 runs use cuDNN on GPU anyway.
       q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = (x.astype(jnp.float32) for x in (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH))
-    return _xla_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT).astype(dtype)
+    return _xla_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, mask, prefix_BxT).astype(dtype)
   if implementation == "cudnn":
-    # is_causal lets cuDNN skip the blocks above the diagonal; the document mask
-    # on top is applied inside the same fused kernel.
-    same_doc = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
-    return jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=same_doc, is_causal=True, implementation="cudnn"
-    )
+    if mask == "causal":
+      # is_causal lets cuDNN skip the blocks above the diagonal; the document mask
+      # on top is applied inside the same fused kernel.
+      same_doc = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
+      return jax.nn.dot_product_attention(
+          q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=same_doc, is_causal=True, implementation="cudnn")
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH,
+                                        mask=attention_mask(segment_ids_BxT, mask, prefix_BxT), implementation="cudnn")
   if implementation in ("splash", "splash_interpret"):
-    return _splash(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, interpret=implementation == "splash_interpret")
+    return _splash(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, mask, interpret=implementation == "splash_interpret")
   raise ValueError(f"unknown attention implementation {implementation!r}")
 
 
-def attention_with_probs(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
+def attention_with_probs(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, mask: str = "causal", prefix_BxT=None):
   """The reference path: plain softmax attention that also returns its probabilities
   [B, N, T, S] (float32), for looking inside a model (the fused kernels never form
   them). Same function as the kernels up to rounding."""
@@ -74,20 +101,20 @@ def attention_with_probs(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
   kv = k_BxTxKxH.shape[2]
   q_BxTxKxGxH = (q_BxTxNxH.astype(jnp.float32) * h**-0.5).reshape(b, t, kv, n // kv, h)
   scores_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxTxKxH.astype(jnp.float32))
-  mask_Bx1x1xTxS = segment_causal_mask(segment_ids_BxT)[:, :, None]
+  mask_Bx1x1xTxS = attention_mask(segment_ids_BxT, mask, prefix_BxT)[:, :, None]
   scores_BxKxGxTxS = jnp.where(mask_Bx1x1xTxS, scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
   probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1)
   out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxTxKxH.astype(jnp.float32))
   return out_BxTxKxGxH.reshape(b, t, n, h).astype(q_BxTxNxH.dtype), probs_BxKxGxTxS.reshape(b, n, t, t)
 
 
-def _xla_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
-  """Causal segment attention in plain XLA ops, cheaper than `jax.nn.dot_product_attention`'s
+def _xla_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, mask="causal", prefix_BxT=None):
+  """Segment attention in plain XLA ops, cheaper than `jax.nn.dot_product_attention`'s
   on a CPU (the GPT-2 small train step: 143 -> 122 ms on 2 cores) for two reasons:
 
-  - query blocks: the queries are cut into up to 4 blocks (of >= 64), and block i
-    scores only the keys up to its own end, skipping the tiles above the diagonal
-    that causality masks anyway (4 blocks: 62.5% of the T x T scores);
+  - query blocks (causal masks): the queries are cut into up to 4 blocks (of >= 64),
+    and block i scores only the keys up to its own end, skipping the tiles above the
+    diagonal that causality masks anyway (4 blocks: 62.5% of the T x T scores);
   - normalization after the value product: exp(scores - max) multiplies the values
     and the [T, H] result is divided by the row sums, instead of dividing the
     [T, T] probabilities (and differentiating through that division).
@@ -97,8 +124,9 @@ def _xla_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
   b, t, n, h = q_BxTxNxH.shape
   kv = k_BxTxKxH.shape[2]
   q_BxTxKxGxH = (q_BxTxNxH * h**-0.5).reshape(b, t, kv, n // kv, h)
-  mask_Bx1x1xTxT = segment_causal_mask(segment_ids_BxT)[:, :, None]
-  blocks = next((nb for nb in (4, 2) if t % nb == 0 and t // nb >= 64), 1)
+  mask_Bx1x1xTxT = attention_mask(segment_ids_BxT, mask, prefix_BxT)[:, :, None]
+  # A prefix (or no causality) lets a query see keys past its block's end: one block then.
+  blocks = next((nb for nb in (4, 2) if t % nb == 0 and t // nb >= 64), 1) if mask == "causal" else 1
   size = t // blocks
   outs = []
   for i in range(blocks):
@@ -116,8 +144,10 @@ def _xla_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
   return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
-def _splash(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *, interpret: bool):
-  """The TPU Pallas splash-attention kernel, one call per (row, kv head).
+def _splash(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, mask: str = "causal", *, interpret: bool):
+  """The TPU Pallas splash-attention kernel, one call per (row, kv head), with a causal
+  or a full (bidirectional) mask; its masks are fixed when it is built, so a prefix
+  that varies by row runs on XLA (resolve).
 
   A Pallas kernel is not partitioned by XLA, so under a mesh it runs inside
   shard_map: each device takes its rows (batch axes) and its heads (tensor axis).
@@ -143,9 +173,12 @@ def _splash(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *, interpret: bool
       block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
       block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
   )
+  if mask not in ("causal", "bidirectional"):
+    raise ValueError(f"the splash kernel runs causal and bidirectional masks, not {mask!r}")
   group = heads_per_device // kv_per_device
+  head_mask = masks.CausalMask((t, t)) if mask == "causal" else masks.FullMask((t, t))
   kernel = splash.make_splash_mqa_single_device(
-      masks.MultiHeadMask([masks.CausalMask((t, t))] * group), block_sizes=sizes, interpret=interpret
+      masks.MultiHeadMask([head_mask] * group), block_sizes=sizes, interpret=interpret
   )
 
   def local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, seg_BxT):
@@ -174,9 +207,12 @@ def _axis_size(mesh, axes) -> int:
 
 
 def cached_attention(
-    q_BxTxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, positions_BxT: jax.Array
+    q_BxTxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, positions_BxT: jax.Array,
+    prefix_BxT: jax.Array | None = None,
 ) -> jax.Array:
-  """Queries at absolute `positions` attend to cache slots 0..position (decoding).
+  """Queries at absolute `positions` attend to cache slots 0..position (decoding); a
+  query of the prefix (`prefix_BxT`, a prefix LM's prompt at prefill) also to every
+  slot of the prefix, which begins each row.
 
   Slots past a row's position may hold stale or padding keys; they are masked.
   Two batched matmuls over (row, kv head), the G query heads of a kv head and the
@@ -188,6 +224,9 @@ def cached_attention(
   scores_BxKxGTxS = jnp.einsum("bkqh,bksh->bkqs", q_BxKxGTxH, k_BxKxSxH, preferred_element_type=jnp.float32)
   scores_BxKxGTxS = scores_BxKxGTxS * h**-0.5
   visible_BxTxS = jnp.arange(s)[None, None, :] <= positions_BxT[:, :, None]
+  if prefix_BxT is not None:
+    prefix_len_B = prefix_BxT.sum(1)
+    visible_BxTxS = visible_BxTxS | (prefix_BxT[:, :, None] & (jnp.arange(s)[None, None, :] < prefix_len_B[:, None, None]))
   visible_Bx1xGTxS = jnp.tile(visible_BxTxS, (1, n // kv, 1))[:, None]
   scores_BxKxGTxS = jnp.where(visible_Bx1xGTxS, scores_BxKxGTxS, jnp.finfo(jnp.float32).min)
   probs_BxKxGTxS = jax.nn.softmax(scores_BxKxGTxS, axis=-1).astype(v_BxKxSxH.dtype)

@@ -49,6 +49,7 @@ class ModelConfig:
   scan_layers: bool = False
   init_std: float = 0.02
   attention: str = "xla"  # attention kernel, see kernels.py
+  attention_mask: str = "causal"  # the objective's mask kind (kernels.MASK_KINDS); "prefix" reads a prefix input
   # The tokenizer's vocabulary; `vocab_size` is the embedding table, padded for even
   # sharding. Logits past vocab_used are masked: padding ids are never predicted and
   # take no probability (0: the whole table is used).
@@ -69,15 +70,16 @@ class Block(nn.Module):
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, cache=None):
+  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, cache=None, prefix_BxT=None):
     cfg = self.cfg
     # GPT-2's scaled init for the projections into the residual stream.
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     h_BxTxD = layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, eps=cfg.norm_eps, name="attn_norm")(x_BxTxD)
     h_BxTxD, cache = Attention(
         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.use_bias, cfg.position == "rope",
-        cfg.rope_theta, cfg.rope_scaling, cfg.init_std, out_std, cfg.dtype, cfg.attention, name="attn",
-    )(h_BxTxD, segment_ids_BxT, positions_BxT, cache)
+        cfg.rope_theta, cfg.rope_scaling, cfg.init_std, out_std, cfg.dtype, cfg.attention, cfg.attention_mask,
+        name="attn",
+    )(h_BxTxD, segment_ids_BxT, positions_BxT, cache, prefix_BxT)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(h_BxTxD, deterministic=self.deterministic)
     h_BxTxD = layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, eps=cfg.norm_eps, name="mlp_norm")(x_BxTxD)
     h_BxTxD = layers.Mlp(cfg.mlp_dim, cfg.mlp, cfg.use_bias, cfg.init_std, out_std, cfg.dtype, name="mlp")(h_BxTxD)
@@ -116,7 +118,7 @@ class Transformer(nn.Module):
           block,
           variable_axes={"params": 0},
           split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, nn.broadcast),
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, self.deterministic)
@@ -133,10 +135,12 @@ class Transformer(nn.Module):
           cfg.vocab_size, ("embed", "vocab"), std=cfg.init_std, use_bias=False, dtype=cfg.dtype, name=None
       )
 
-  def __call__(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache=None):
+  def __call__(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache=None, prefix_BxT=None):
     """Next-token logits [B, T, V] (with a cache: and the new cache); for a classifier,
-    class logits [B, T, C] of every position's hidden state."""
-    x_BxTxD, cache = self.hidden(tokens_BxT, segment_ids_BxT, positions_BxT, cache, return_cache=True)
+    class logits [B, T, C] of every position's hidden state. `prefix_BxT`: with the
+    prefix mask kind, the tokens of each document's prefix (they attend both ways)."""
+    x_BxTxD, cache = self.hidden(tokens_BxT, segment_ids_BxT, positions_BxT, cache, return_cache=True,
+                                 prefix_BxT=prefix_BxT)
     if self.cfg.num_classes:
       return self.classify(x_BxTxD)
     logits_BxTxV = self.logits(x_BxTxD)
@@ -146,9 +150,11 @@ class Transformer(nn.Module):
     """Pooled hidden states [..., D] -> float32 class logits [..., C]."""
     return self.cls_head(pooled_xD).astype(jnp.float32)
 
-  def hidden(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache=None, return_cache=False):
+  def hidden(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache=None, return_cache=False, prefix_BxT=None):
     """The final hidden states [B, T, D] (normed, compute dtype), before the unembedding."""
     cfg = self.cfg
+    if cfg.attention_mask == "prefix" and prefix_BxT is None and cache is None:
+      raise ValueError("a prefix-LM model needs prefix_BxT: which tokens of each document are its prefix")
     if cache is not None and cfg.scan_layers:
       raise ValueError("decode with scan_layers=False and unstack_layers(params)")
     x_BxTxD = self.embed(tokens_BxT)
@@ -163,11 +169,12 @@ class Transformer(nn.Module):
     x_BxTxD = self._probe("embeddings", x_BxTxD)
     new_cache = None
     if cfg.scan_layers:
-      x_BxTxD, _ = self.layers(x_BxTxD, segment_ids_BxT, positions_BxT)
+      x_BxTxD, _ = self.layers(x_BxTxD, segment_ids_BxT, positions_BxT, None, prefix_BxT)
     else:
       new_cache = []
       for i, block in enumerate(self.layers):
-        x_BxTxD, layer_cache = block(x_BxTxD, segment_ids_BxT, positions_BxT, None if cache is None else cache[i])
+        x_BxTxD, layer_cache = block(x_BxTxD, segment_ids_BxT, positions_BxT, None if cache is None else cache[i],
+                                     prefix_BxT)
         new_cache.append(layer_cache)
         if cache is None:
           x_BxTxD = self._probe(f"residual_{i}", x_BxTxD)

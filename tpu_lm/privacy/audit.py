@@ -33,8 +33,6 @@ import os
 import pathlib
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tpu_lm.data import local_files
@@ -220,25 +218,18 @@ def read_canaries(path: str) -> list[Canary]:
 
 
 def log_perplexities(m, texts: list[str], batch: int = 256) -> np.ndarray:
-  """Nats the model gives each whole text ([BOS] + tokens, every token predicted)."""
-  seqs = [m.encode(t) for t in texts]
-  width = max(len(s) for s in seqs)
-  from tpu_lm.interpret import probe
+  """Nats the model gives each whole text (as the run encodes a prompt, every token
+  after the first predicted): through the one scoring function (inference/score.py),
+  `batch` texts a call (one compilation for every canary's batches)."""
+  from tpu_lm.inference import score
 
-  apply = probe.compiled_apply(m.model)  # one compile for every canary's batches
+  seqs = [m.encode(t) for t in texts]
   out = []
   for start in range(0, len(seqs), batch):
-    chunk = seqs[start:start + batch]
-    tokens = np.zeros((batch, width), np.int32)
-    real = np.zeros((batch, width), np.int32)
-    for i, s in enumerate(chunk):
-      tokens[i, :len(s)], real[i, :len(s)] = s, 1
-    logits = apply({"params": m.params}, jnp.asarray(tokens[:, :-1]), jnp.asarray(real[:, :-1]),
-                   jnp.tile(jnp.arange(width - 1), (batch, 1)))
-    logp = jax.nn.log_softmax(logits, -1)
-    nll = -jnp.take_along_axis(logp, jnp.asarray(tokens[:, 1:])[..., None], -1)[..., 0]
-    out.append(np.asarray((nll * real[:, 1:]).sum(-1))[:len(chunk)])
-  return np.concatenate(out)
+    scored = score.token_logprobs(m.model, m.params, seqs[start:start + batch], vocab_size=m.tokenizer.vocab_size,
+                                  max_len=m.model.cfg.max_len, pad_id=m.tokenizer.pad_id)
+    out += [-float(s.logprobs.sum()) for s in scored]
+  return np.asarray(out)
 
 
 def exposure(m, canary: Canary, num_candidates: int = 2000, seed: int = 1) -> dict:

@@ -1,6 +1,6 @@
 """The HTTP transport of the server: OpenAI-style /v1/completions (stop sequences,
 echo, logprobs), /v1/chat/completions (through an instruction-tuned run's chat
-template, chat.py) and /v1/models over the engine.
+template: its objective's chat_prompt, tasks/instructions.py) and /v1/models over the engine.
 
 Requests are parsed and checked here: a malformed one, or a field out of range,
 gets a 4xx with a JSON error naming what was wrong, never a 5xx or a dropped
@@ -31,11 +31,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tpu_lm.data.tokenizer import TextStream
 from tpu_lm.errors import UserError
-from tpu_lm.inference import chat as chat_lib
+from tpu_lm.inference import score
 from tpu_lm.inference.engine import Busy, Closed, Engine, Job
 from tpu_lm.inference.sampling import Sampling
 from tpu_lm.inference.slots import TOP_LOGPROBS
 from tpu_lm.inference.stops import StopScanner
+from tpu_lm.tasks import instructions
 
 
 class RequestError(Exception):
@@ -110,17 +111,16 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
     return value
 
   if chat:
-    template = chat_lib.template_for(run.config)
-    if template is None:
+    if not run.objective.chat:
       # Guessing a template would feed the model text it never saw.
       raise RequestError(400, f"this run has no chat template (it was not instruction-tuned: data.dataset="
                               f"{run.config.data.dataset!r}), so chat completions are not served: instruction-tune"
                               " it (configs/finetune.py with --config.data.dataset=instructions) or send the text"
                               " to POST /v1/completions.")
-    problem = chat_lib.check_messages(req.get("messages"))
+    problem = instructions.check_messages(req.get("messages"))
     if problem:
       raise RequestError(400, problem, "messages")
-    prompts = [chat_lib.render(template, req["messages"])]
+    prompts = [run.objective.chat_prompt(req["messages"])]
     if "max_completion_tokens" in req:  # the newer name of max_tokens
       req.setdefault("max_tokens", field("max_completion_tokens", (int,), 16, lambda v: 1 <= v <= limits.max_new_tokens,
                                          f"an integer from 1 to {limits.max_new_tokens}"))
@@ -132,8 +132,11 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
       prompts = prompt
     else:
       raise RequestError(400, "'prompt' is required: a string or a non-empty list of strings.", "prompt")
-  max_tokens = field("max_tokens", (int,), min(16, limits.max_new_tokens), lambda v: 1 <= v <= limits.max_new_tokens,
-                     f"an integer from 1 to {limits.max_new_tokens}")
+  echo = field("echo", (bool,), False, lambda v: True, "true or false") if not chat else False
+  # With echo, 0 new tokens is prompt scoring: the prompt's own log-probabilities, nothing generated.
+  least = 0 if echo else 1
+  max_tokens = field("max_tokens", (int,), min(16, limits.max_new_tokens),
+                     lambda v: least <= v <= limits.max_new_tokens, f"an integer from {least} to {limits.max_new_tokens}")
   temperature = field("temperature", (int, float), 1.0, lambda v: 0 <= v <= 100, "a number from 0 to 100")
   top_p = field("top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
   vocab = run.decoder.vocab_size
@@ -141,7 +144,6 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
   n = field("n", (int,), 1, lambda v: 1 <= v <= limits.max_batch, f"an integer from 1 to {limits.max_batch}")
   seed = field("seed", (int,), secrets.randbits(31), lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
   stream = field("stream", (bool,), False, lambda v: True, "true or false")
-  echo = field("echo", (bool,), False, lambda v: True, "true or false") if not chat else False
   if chat:  # logprobs: true, top_logprobs: alternatives
     wanted = field("logprobs", (bool, type(None)), None, lambda v: True, "true or false")
     top = field("top_logprobs", (int, type(None)), None, lambda v: v is None or 0 <= v <= TOP_LOGPROBS,
@@ -152,9 +154,6 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
   else:
     logprobs = field("logprobs", (int, type(None)), None, lambda v: v is None or 0 <= v <= TOP_LOGPROBS,
                      f"an integer from 0 to {TOP_LOGPROBS}")
-    if logprobs is not None and echo:
-      raise RequestError(400, "'logprobs' with 'echo' (the prompt's own log-probabilities) is not supported: drop"
-                              " one of them.", "logprobs")
   stop = req.get("stop")
   stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
   if (not isinstance(stop, list) or len(stop) > MAX_STOP
@@ -182,7 +181,7 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
                for j in range(n)]
   try:
     for p in ids:
-      run.decoder.check(len(p), samplings[0])
+      run.decoder.check(len(p), samplings[0] if max_tokens else dataclasses.replace(samplings[0], max_new_tokens=1))
   except UserError as e:
     raise RequestError(400, str(e), "max_tokens") from None
   return Request(prompts, ids, samplings, stream, tuple(stop), echo, logprobs, chat)
@@ -210,11 +209,13 @@ class _ChoiceText:
   """One choice's text as its tokens arrive: detokenized, held back where it could
   begin a stop sequence, ended at one; with the tokens' log-probabilities."""
 
-  def __init__(self, tokenizer, stop: tuple[str, ...], prefix: str):
+  def __init__(self, tokenizer, stop: tuple[str, ...], prefix: str, prefix_logprobs=()):
     self._tok, self._text, self._stops = tokenizer, TextStream(tokenizer), StopScanner(stop)
     self.pending = prefix  # the echoed prompt, sent with the first piece
     self.text = ""  # released so far
-    self.logprobs = []  # (token, (logprob, [(id, logprob), ...])) of tokens not yet reported
+    # (token, (logprob, [(id, logprob), ...])) of tokens not yet reported; an echoed
+    # prompt's first (logprob None: it has no context).
+    self.logprobs = list(prefix_logprobs)
 
   @property
   def stopped(self) -> bool:
@@ -249,8 +250,22 @@ class _ChoiceText:
       offsets.append(offset)
       offset += len(word(t))
     return {"tokens": [word(t) for t, _ in entries], "token_logprobs": [lp for _, (lp, _) in entries],
-            "top_logprobs": [{word(a): alp for a, alp in top[:k]} for _, (_, top) in entries],
+            "top_logprobs": [None if top is None else {word(a): alp for a, alp in top[:k]} for _, (_, top) in entries],
             "text_offset": offsets}
+
+
+def prompt_logprobs(run, request: Request) -> list[list]:
+  """Per prompt, its tokens' logprob entries as _ChoiceText holds them, from the one
+  scoring function (inference/score.py): the first token has no context (None)."""
+  longer = [ids for ids in request.ids if len(ids) > 1]  # an empty prompt is its BOS alone: nothing to score
+  scored = iter(score.run_logprobs(run, longer, top=TOP_LOGPROBS))
+  out = []
+  for ids in request.ids:
+    s = next(scored) if len(ids) > 1 else None
+    out.append([(ids[0], (None, None))] + ([] if s is None else [
+        (t, (float(lp), list(zip(map(int, top_i), map(float, top_lp)))))
+        for t, lp, top_i, top_lp in zip(ids[1:], s.logprobs, s.top_ids, s.top_logprobs)]))
+  return out
 
 
 class BoundedServer(ThreadingHTTPServer):
@@ -560,6 +575,10 @@ def make_handler(run, engine: Engine, limits: Limits, api_key: str | None = None
               "object": "chat.completion.chunk" if request.chat and stream else
                         "chat.completion" if request.chat else "text_completion",
               "created": int(time.time()), "model": model_name}
+      prompt_lp = prompt_logprobs(run, request) if request.echo and request.logprobs is not None else None
+      if not samplings[0].max_new_tokens:  # prompt scoring alone: nothing to decode
+        self._echo_only(request, head, prompt_lp)
+        return
       jobs = [Job(i * len(samplings) + j, p, s, events, cancelled, head["id"], request.logprobs is not None)
               for i, p in enumerate(request.ids) for j, s in enumerate(samplings)]
       try:
@@ -573,7 +592,8 @@ def make_handler(run, engine: Engine, limits: Limits, api_key: str | None = None
         return
       deadline = time.time() + limits.timeout_s
       texts = {j.index: _ChoiceText(run.tokenizer, request.stop,
-                                    request.prompts[j.index // len(samplings)] if request.echo else "") for j in jobs}
+                                    request.prompts[j.index // len(samplings)] if request.echo else "",
+                                    prompt_lp[j.index // len(samplings)] if prompt_lp else ()) for j in jobs}
       by_index = {j.index: j for j in jobs}
       results, started = {}, False
 
@@ -645,6 +665,26 @@ def make_handler(run, engine: Engine, limits: Limits, api_key: str | None = None
         # The client left or stopped reading for read_timeout_s: its rows are dropped.
         cancelled.set()
         self.close_connection = True
+
+    def _echo_only(self, request: Request, head: dict, prompt_lp) -> None:
+      """max_tokens 0 with echo: each choice is its prompt (with its log-probabilities,
+      if asked), nothing generated."""
+      n = len(request.samplings)
+      choices = []
+      for index in range(len(request.ids) * n):
+        text = _ChoiceText(run.tokenizer, (), request.prompts[index // n], prompt_lp[index // n] if prompt_lp else ())
+        text.finish()
+        choices.append(_choice(request, index, text.text, "length", text.take_logprobs(request, 0), final=True))
+      prompt_tokens = sum(len(p) - 1 for p in request.ids) * n
+      if request.stream:
+        self._start_stream()
+        for choice in choices:
+          self._event({**head, "choices": [choice]})
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+        return
+      self._json(200, {**head, "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
+                                                              "total_tokens": prompt_tokens}})
 
     def _fail(self, started: bool, status: int, message: str, kind: str) -> None:
       """An error before the stream began is the response; after, the stream's last event."""

@@ -35,14 +35,6 @@ from tpu_lm.sweeps import trial_dirs
 
 HEARTBEAT_S = 20
 GRACE_S = 60
-# The final eval's metrics of each task.kind (training/tasks.py), each with the way it improves.
-METRICS = {
-    "lm": {"eval_loss": "minimize", "eval_ppl": "minimize", "eval_bpb": "minimize"},
-    "classification": {"eval_loss": "minimize", "eval_accuracy": "maximize", "eval_macro_f1": "maximize",
-                       "eval_macro_precision": "maximize", "eval_macro_recall": "maximize"},
-}
-
-
 @dataclasses.dataclass
 class Sweep:
   config: object  # the base ml_collections config
@@ -60,10 +52,12 @@ class Sweep:
   def resolved_direction(self) -> str:
     """--direction, or the metric's own; a metric the config's task does not produce is
     refused here, before any trial."""
-    kind = self.config.task.kind
-    produced = METRICS.get(kind, {})
+    from tpu_lm import tasks
+
+    objective = tasks.from_config(self.config)
+    produced = objective.metrics
     if self.metric not in produced:
-      raise UserError(f"--metric={self.metric}: a {kind} run's final eval has no such metric; use one of"
+      raise UserError(f"--metric={self.metric}: a {objective.name} run's final eval has no such metric; use one of"
                       f" {', '.join(produced)}.")
     if self.direction:
       if self.direction not in ("minimize", "maximize"):

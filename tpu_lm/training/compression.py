@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tpu_lm import storage
+from tpu_lm import storage, tasks
 from tpu_lm.data import sources
 from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.errors import UserError
@@ -50,8 +50,9 @@ def compress(src: str, out: str, *, quant_spec: quant.Spec, prune_spec: prune.Sp
   run_dir.check_new(out, "--out")  # before the evaluations, which take minutes on a real model
   step = run_dir.resolve_step(src, step)
   config = run_dir.read_config(src, step)
-  if config.task.kind != "lm":
-    raise UserError(f"{src} is a {config.task.kind} run: compression is for language models.")
+  objective = tasks.from_config(config)
+  if not objective.generates:
+    raise UserError(f"{src} is a {objective.name} run: compression is for language models.")
   if run_dir.quantized(config):
     raise UserError(f"{src} is quantized already ({config.quant.weight_qtype}): compress the run it came from.")
   if config.model.scan_layers:
@@ -66,7 +67,7 @@ def compress(src: str, out: str, *, quant_spec: quant.Spec, prune_spec: prune.Sp
   plain.lora.rank, plain.quant.qat, plain.distill.teacher = 0, False, ""
   plain.prune.update(sparsity=0.0, n_m="")
   setup = Setup(plain, mesh)
-  corpus = sources.prepare(plain.data, tokenizer, "lm")
+  corpus = sources.prepare(plain.data, sources.open_splits(plain.data), setup.task, tokenizer)
   before = evaluate.evaluate(setup, params, corpus)
   float_bytes = 4 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from tpu_lm import storage
+from tpu_lm import storage, tasks
 from tpu_lm.config import checks, defaults
 from tpu_lm.data import pipeline, sources
 from tpu_lm.data import tokenizer as tokenizer_lib
@@ -25,7 +25,7 @@ from tpu_lm.model import params as params_lib
 from tpu_lm.parallel import mesh as mesh_lib
 from tpu_lm.training import checkpoint as checkpoint_lib
 from tpu_lm.training import metrics as metrics_lib
-from tpu_lm.training import init_from, preemption, prune, tasks
+from tpu_lm.training import init_from, preemption, prune
 from tpu_lm.training.evaluate import evaluate, print_samples
 from tpu_lm.training.setup import Setup, check_batch
 from tpu_lm.training.state import TrainState
@@ -34,21 +34,36 @@ from tpu_lm.training.state import TrainState
 def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = None, on_eval=None) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final eval.
 
-  `watch` (made first thing by `main`) turns SIGTERM/Ctrl-C into save-and-stop.
+  `watch` (made first thing by the command) turns SIGTERM/Ctrl-C into save-and-stop.
   `on_eval(step, result) -> bool`, if given, sees every intermediate eval; True stops
   training there (a sweep's pruner): the step is saved and its eval returned, with
   "stopped_early" set to the step.
   """
   t_start = time.time()
   watch = watch or preemption.Watch()
-  checks.validate(config)
+  checks.validate(config)  # the config, then where it runs
   checkpoint_lib.check_writable(workdir)
   _check_shared_workdir(workdir)
   mesh = mesh_lib.make_mesh(mesh_lib.mesh_sizes(config.mesh))
-  d = config.data
   check_batch(config, mesh, jax.process_count())
-  # Fine-tuning speaks the source run's tokenizer, whatever data.tokenizer says; a
-  # distilled student, its teacher's.
+  objective, corpus = _objective_and_data(config, _source_tokenizer(config))
+  setup = Setup(config, mesh, objective)  # the model, its optimizer and the compiled steps
+  if config.init_from:
+    init_from.check(setup, config.init_from)
+  _check_vocabulary(config, corpus.tokenizer)
+  ckpt = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", config.keep_checkpoints)
+  _check_same_run(config, setup, ckpt, corpus.tokenizer, workdir)  # before anything in workdir is written
+  if jax.process_index() == 0:
+    tokenizer_lib.save_for_run(corpus.tokenizer, workdir)
+  train_iter, private = _train_iter(setup, corpus, ckpt)
+  state = _restore_or_init(setup, ckpt, train_iter)
+  return _train(setup, state, train_iter, private, corpus, ckpt, workdir, watch, on_eval, t_start)
+
+
+def _source_tokenizer(config):
+  """The tokenizer the run must speak, when another run decides it: fine-tuning speaks
+  the source run's (init_from), whatever data.tokenizer says; a distilled student, its
+  teacher's. None: the data's."""
   tokenizer = init_from.source_tokenizer(config.init_from) if config.init_from else None
   if config.distill.teacher:
     teacher_tok = init_from.source_tokenizer(config.distill.teacher, "distill.teacher")
@@ -56,49 +71,36 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
       raise UserError(f"init_from {config.init_from} speaks tokenizer {tokenizer.name} and distill.teacher"
                       f" {config.distill.teacher} speaks {teacher_tok.name}: teacher and student must share one.")
     tokenizer = teacher_tok
-  corpus = None
-  if config.task.kind == "classification":  # the head's size comes from the dataset
-    corpus = _prepare_corpus(d, tokenizer, config.task.kind)
-    setup = Setup(config, mesh, tasks.from_config(config, len(corpus.class_names), corpus.class_names))
-  else:
-    setup = Setup(config, mesh)  # config and mesh mistakes surface before any data is built
-  if config.init_from:
-    init_from.check(setup, config.init_from)
-  corpus = corpus or _prepare_corpus(d, tokenizer, config.task.kind)
-  _check_vocabulary(config, corpus.tokenizer)
-  metrics_lib.console(
-      f"data: {d.dataset}, {len(corpus.train):,} train and {len(corpus.validation):,} validation documents"
-      f" (tokenized as read); tokenizer {corpus.tokenizer.name}"
-      + (f"; zlib -9 on the validation text: {corpus.zlib_bits_per_byte:.3f} bits/byte"
-         if corpus.zlib_bits_per_byte else f"; classes {', '.join(corpus.class_names)}" if corpus.class_names else "")
-  )
-  ckpt = checkpoint_lib.Checkpointer(f"{workdir}/checkpoints", config.keep_checkpoints)
-  _check_same_run(config, setup, ckpt, corpus.tokenizer, workdir)  # before anything in workdir is written
-  if jax.process_index() == 0:
-    tokenizer_lib.save_for_run(corpus.tokenizer, workdir)
-  private = None
-  if config.privacy.dp:  # Poisson-sampled examples and the private step (tpu_lm/privacy)
-    from tpu_lm.privacy import run as private_lib
+  return tokenizer
 
-    latest = ckpt.latest_step()
-    resumed = (latest, ckpt.saved_item(latest, "data")) if latest is not None else None
-    private = private_lib.prepare(setup, corpus, metrics_lib.console, jax.process_index(), jax.process_count(),
-                                  resumed)
-    train_iter = private
-  else:
-    train_iter = pipeline.train_iter(
+
+def _train_iter(setup, corpus, ckpt):
+  """(the training data iterator, the private run or None): Poisson-sampled examples
+  and the private step under DP (tpu_lm/privacy), else the checkpointable stream."""
+  config, d = setup.config, setup.config.data
+  if not config.privacy.dp:
+    return pipeline.train_iter(
         corpus.train, seq_len=d.seq_len, global_batch=d.global_batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(), block_docs=d.shuffle_block_docs,
-    )
+    ), None
+  from tpu_lm.privacy import run as private_lib
 
-  state = _restore_or_init(setup, ckpt, train_iter)
+  latest = ckpt.latest_step()
+  resumed = (latest, ckpt.saved_item(latest, "data")) if latest is not None else None
+  private = private_lib.prepare(setup, corpus, metrics_lib.console, jax.process_index(), jax.process_count(),
+                                resumed)
+  return private, private
 
+
+def _train(setup, state, train_iter, private, corpus, ckpt, workdir, watch, on_eval, t_start) -> dict:
+  """The loop: steps, logs, evals, checkpoints, until num_train_steps or a stop."""
+  config, d = setup.config, setup.config.data
   n_params = params_lib.num_params(setup.abstract_state.params)
   flops_per_step = setup.flops_per_step()
   peak = metrics_lib.peak_flops_per_device(config.peak_flops_per_device) * jax.device_count()
   metrics_lib.console(
       f"model: {n_params:,} parameters, {flops_per_step / (d.global_batch_size * d.seq_len):,.0f}"
-      f" training FLOPs/token; mesh {dict(mesh.shape)} on {jax.device_count()}"
+      f" training FLOPs/token; mesh {dict(setup.mesh.shape)} on {jax.device_count()}"
       f" {jax.devices()[0].platform} device(s); {setup.trainable_summary()}"
   )
 
@@ -180,23 +182,38 @@ def _diverged(ckpt, writer, streak: int, step: int, limit: int) -> None:
   )
 
 
-def _prepare_corpus(data, tokenizer, task_kind: str) -> sources.Corpus:
-  """Process 0 builds the dataset and tokenizer; the others then read its cache (on
-  shared storage) or build the same ones from the same seeded sample (on their own
-  disks). Every process must end with the same tokenizer: checked."""
+def _objective_and_data(config, tokenizer):
+  """(the objective, the corpus): the dataset's splits, the objective (a classifier
+  takes its classes from them), the tokenizer (given, or the data's) and the splits as
+  the objective reads them. Process 0 builds the dataset and tokenizer; the others
+  then read its cache (on shared storage) or build the same ones from the same seeded
+  sample (on their own disks). Every process must end with the same tokenizer: checked."""
+
+  def prepare():
+    splits = sources.open_splits(config.data)
+    objective = tasks.from_config(config, splits.class_names)
+    return objective, sources.prepare(config.data, splits, objective, tokenizer)
+
   if jax.process_index() == 0:
-    corpus = sources.prepare(data, tokenizer, task_kind)
+    objective, corpus = prepare()
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("tpu_lm data prepared")
     if jax.process_index() != 0:
-      corpus = sources.prepare(data, tokenizer, task_kind)
+      objective, corpus = prepare()
     digest = np.frombuffer(hashlib.sha256(corpus.tokenizer.name.encode()).digest(), np.uint8)
     every = np.asarray(multihost_utils.process_allgather(digest))
     if not (every == every[0]).all():
       raise UserError(
           "the processes built different tokenizers from data.dataset (their data differs): give every host the"
           " same data, or one tokenizer file through data.tokenizer_path.")
-  return corpus
+  d = config.data
+  metrics_lib.console(
+      f"data: {d.dataset}, {len(corpus.train):,} train and {len(corpus.validation):,} validation documents"
+      f" (tokenized as read); tokenizer {corpus.tokenizer.name}; objective {objective.name}"
+      + (f"; zlib -9 on the validation text: {corpus.zlib_bits_per_byte:.3f} bits/byte"
+         if corpus.zlib_bits_per_byte else f"; classes {', '.join(corpus.class_names)}" if corpus.class_names else "")
+  )
+  return objective, corpus
 
 
 def _check_shared_workdir(workdir: str) -> None:
@@ -245,6 +262,8 @@ def _check_same_run(config, setup: Setup, ckpt, tokenizer, workdir: str) -> None
     was, now = saved[section][name], config[section][name]
     if field == "data.path":  # the same files, however the path was written
       was, now = (os.path.abspath(os.path.expanduser(p)) if p else p for p in (was, now))
+    if field == "task.kind":  # the objective, however it was named (tasks.name_of)
+      was, now = tasks.name_of(saved), tasks.name_of(config)
     if was != now:
       raise UserError(f"{workdir} holds a run trained with {field}={was!r}, and this config has {now!r}:"
                       f" {new_workdir}.")

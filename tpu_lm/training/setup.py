@@ -9,19 +9,22 @@ import os
 import flax.linen as nn
 import jax
 
+from tpu_lm import tasks
 from tpu_lm.config import derived
 from tpu_lm.errors import UserError
 from tpu_lm.model import params as params_lib
 from tpu_lm.model import transformer
 from tpu_lm.parallel import mesh as mesh_lib
 from tpu_lm.training import metrics as metrics_lib
-from tpu_lm.training import optim, prune, tasks, trainable
+from tpu_lm.training import optim, prune, trainable
 from tpu_lm.training.state import init_boxed
 from tpu_lm.training.step import StepOptions, eval_step, train_step
 
 
 class Setup:
-  def __init__(self, config, mesh, task: tasks.Task | None = None):
+  def __init__(self, config, mesh, task=None):
+    """`task`: the run's objective (tasks/), default the config's (a classifier's needs
+    the dataset's class names: built where they are known)."""
     self.config, self.mesh = config, mesh
     self.rules = mesh_lib.rules_tuple(config.mesh.rules)
     self.task = task or tasks.from_config(config)
@@ -70,7 +73,7 @@ class Setup:
     self.init = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=self.state_shardings)
     # A distillation teacher's parameters: an argument of the step, frozen.
     self.frozen, frozen_shardings = None, None
-    if config.distill.teacher and isinstance(self.task, tasks.LanguageModel):
+    if isinstance(self.task, tasks.distill.Distill):
       self.task, self.frozen = distill_teacher(config, mesh, self.task)
       frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
     self._frozen_shardings = frozen_shardings
@@ -160,8 +163,9 @@ class _Step:
     return getattr(self._fn, name)
 
 
-def distill_teacher(config, mesh, student_task):
-  """(the Distill task, the teacher's parameters on `mesh`) for config.distill.teacher."""
+def distill_teacher(config, mesh, objective):
+  """(the Distill objective with its teacher's model, the teacher's parameters on
+  `mesh`) for config.distill.teacher."""
   from tpu_lm.data import tokenizer as tokenizer_lib
   from tpu_lm.inference import run_dir
 
@@ -169,8 +173,9 @@ def distill_teacher(config, mesh, student_task):
   workdir = os.path.abspath(os.path.expanduser(d.teacher))
   step = run_dir.resolve_step(workdir)
   teacher_config = run_dir.read_config(workdir, step)
-  if teacher_config.task.kind != "lm":
-    raise UserError(f"distill.teacher {workdir} is a {teacher_config.task.kind} run: the teacher must be a"
+  teacher_objective = tasks.from_config(teacher_config)
+  if not teacher_objective.generates:
+    raise UserError(f"distill.teacher {workdir} is a {teacher_objective.name} run: the teacher must be a"
                     " language model.")
   mine = derived.tokenizer_vocab_size(config)
   theirs = tokenizer_lib.load_for_run(workdir)
@@ -180,8 +185,7 @@ def distill_teacher(config, mesh, student_task):
                     " the teacher's tokenizer file).")
   params, teacher_cfg, _ = run_dir.read_model(workdir, step, teacher_config, mesh, dtype="float32")
   teacher = run_dir.inference_model(teacher_config, teacher_cfg)
-  task = tasks.Distill(logits_chunk=0, alpha=d.alpha, temperature=d.temperature, teacher=teacher)
-  return task, params
+  return dataclasses.replace(objective, teacher=teacher), params
 
 
 def check_batch(config, mesh, process_count: int) -> None:

@@ -3,7 +3,6 @@ any task over next-token predictions builds on."""
 
 import jax
 import jax.numpy as jnp
-import optax
 
 
 def token_weights(batch) -> jax.Array:
@@ -16,6 +15,8 @@ def token_weights(batch) -> jax.Array:
 
 def cross_entropy_sum(logits_BxTxV, targets_BxT, weights_BxT):
   """Summed, weighted cross-entropy (nats) and the summed weights."""
+  import optax  # here, not at the top: inference reads objectives and never imports an optimizer library
+
   nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
   return (nll_BxT * weights_BxT).sum(), weights_BxT.sum()
 
@@ -32,7 +33,8 @@ def token_nats(model, params, batch, rngs=None, logits_chunk: int = 0):
   variables = {"params": params}
   weights_BxT = token_weights(batch)
   hidden_BxTxD = model.apply(
-      variables, batch["inputs"], batch["segment_ids"], batch["positions"], rngs=rngs, method="hidden"
+      variables, batch["inputs"], batch["segment_ids"], batch["positions"], rngs=rngs, method="hidden",
+      prefix_BxT=batch.get("prefix"),
   )
   t = hidden_BxTxD.shape[1]
   if not logits_chunk or logits_chunk >= t:
