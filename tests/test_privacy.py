@@ -206,13 +206,13 @@ def test_a_private_run_logs_epsilon_and_resumes_exactly(corpus_dir, data_dir, tm
 
   c = tiny_config(corpus_dir, data_dir)
   with c.unlocked():
-    c.privacy.dp, c.privacy.target_epsilon, c.privacy.delta = True, 4.0, 1e-3
+    c.privacy.dp, c.privacy.target_epsilon, c.privacy.delta = True, 1.0, 1e-3  # a target this low: much noise, a quick accountant
     c.data.global_batch_size, c.sample.num_prompts, c.keep_checkpoints = 16, 0, 3
   run = str(tmp_path / "dp")
   loop.train_and_evaluate(c, run)
   records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
   eps = [r["epsilon"] for r in records if "epsilon" in r]
-  assert len(eps) == 3 and eps == sorted(eps) and 3.0 < eps[-1] <= 4.0  # the target, reached at the last step
+  assert len(eps) == 3 and eps == sorted(eps) and 0.8 < eps[-1] <= 1.0  # the target, reached at the last step
   # Resume from the step-3 checkpoint: the same Poisson draws and noise, the same final parameters.
   resumed = str(tmp_path / "resumed")
   shutil.copytree(run, resumed)
@@ -242,7 +242,7 @@ def test_a_private_run_logs_epsilon_and_resumes_exactly(corpus_dir, data_dir, tm
   logged = {r["step"]: r["epsilon"] for r in map(json.loads, open(os.path.join(longer, "metrics.jsonl")))
             if "epsilon" in r}
   theirs = _their_epsilon([(segments[0], 3), (segments[1], 6)], 1e-3)
-  assert theirs <= logged[9] <= theirs * 1.002 and logged[9] <= 4.0
+  assert theirs <= logged[9] <= theirs * 1.002 and logged[9] <= 1.0
   assert list(logged.values()) == sorted(logged.values())  # a resume never lowers it
   # The same run resumed without privacy.dp: one sentence, nothing changed on disk.
   with c.unlocked():
