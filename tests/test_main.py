@@ -138,3 +138,22 @@ def test_more_bad_input_is_one_sentence_before_any_work(overrides, fragment, tmp
   assert str(e.value).startswith(fragment.replace("{tmp}", str(tmp_path))), str(e.value)
   assert "\n" not in str(e.value)
   assert not os.path.exists(f"{tmp_path}/w/checkpoints")
+
+
+def test_the_console_script_runs_each_verb_with_its_flags(tmp_path):
+  """tpu-lm VERB (pyproject's [project.scripts]): the same commands, the same one-line errors."""
+  import shutil
+
+  script = shutil.which("tpu-lm", path=os.path.dirname(sys.executable))
+  if script is None:
+    pytest.skip("tpu-lm is not installed in this environment (pip install -e . puts it beside python)")
+  env = {**os.environ, "XLA_FLAGS": ""}
+  out = subprocess.run([script, "train", "--config=configs/tiny.py", f"--workdir={tmp_path}/w",
+                        "--config.model.num_heads=3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+      "error: config field model.num_heads is 3: it must divide model.d_model (64), or set model.head_dim."]
+  out = subprocess.run([script, "serve", "--workdir=/nonexistent", "--max_batch=0"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and out.stderr.strip() == "error: --max_batch=0 is invalid: it must be at least 1."
+  out = subprocess.run([script, "fly"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and out.stderr.startswith("error: unknown command 'fly': use one of train, generate,")

@@ -137,12 +137,12 @@ def test_n_and_a_list_of_prompts_give_one_choice_each(server):
     ({"prompt": "x" * 41}, 400, "prompt 0 has 41 tokens; this server accepts at most 40"),
     ({"prompt": "x" * 40, "max_tokens": 30}, 400, "exceeds the model's context of 64 tokens"),
     ({"prompt": "a", "logprobs": 6}, 400, "'logprobs' must be an integer from 0 to 5"),
-    ({"prompt": "a", "logprobs": 1, "echo": True}, 400, "'logprobs' with 'echo'"),
+    ({"prompt": "a", "max_tokens": 0}, 400, "'max_tokens' must be an integer from 1 to 48"),  # 0: with echo only
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "'stop' must be a non-empty string or a list of at most 4"),
     ({"prompt": "a", "n": 9}, 400, "'n' must be an integer from 1 to 8"),
     ({"prompt": "x" * 5000}, 413, "the limit is 4000"),
 ], ids=["json", "not_object", "no_prompt", "bool_int", "too_many_tokens", "temperature", "top_p",
-        "prompt_too_long", "context", "logprobs", "logprobs_echo", "stop", "n", "body_too_big"])
+        "prompt_too_long", "context", "logprobs", "zero_tokens_without_echo", "stop", "n", "body_too_big"])
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, status, message):
   got, data = _post(server, body)
   assert got == status, data

@@ -22,9 +22,9 @@ import pytest
 
 from tpu_lm.data.tokenizer import ByteTokenizer
 from tpu_lm.inference.engine import Engine
-from tpu_lm.tasks import instructions
-from tpu_lm.serving.transport import BoundedServer, Limits, make_handler
 from tpu_lm.inference.slots import TOP_LOGPROBS, StepOut
+from tpu_lm.serving.transport import BoundedServer, Limits, make_handler
+from tpu_lm.tasks import instructions
 
 TOKENIZER = ByteTokenizer()
 
@@ -81,6 +81,15 @@ class Served:
   engine: Engine
 
 
+def _uniform_scores(sequences, top=0):
+  """What the fake model says of a prompt's tokens: every one of the 259 equally likely."""
+  from tpu_lm.inference.score import Scored
+
+  lp = -float(np.log(259))
+  return [Scored(np.full(len(s) - 1, lp), np.zeros((len(s) - 1, top), np.int32), np.full((len(s) - 1, top), lp))
+          for s in sequences]
+
+
 @contextlib.contextmanager
 def serving(decoder: GatedSlots | None = None, *, api_key: str | None = None, max_connections: int = 4,
             max_connections_per_client: int = 8, max_queue: int = 2, **limits):
@@ -91,7 +100,8 @@ def serving(decoder: GatedSlots | None = None, *, api_key: str | None = None, ma
   config = types.SimpleNamespace(data=types.SimpleNamespace(dataset="instructions", chat_template="Q: {prompt}"))
   run = types.SimpleNamespace(workdir="/runs/fake", step=1, tokenizer=TOKENIZER, decoder=decoder, config=config,
                               objective=instructions.Instructions(chat_template=config.data.chat_template),
-                              encode_prompt=lambda text: [TOKENIZER.bos_id, *TOKENIZER.encode_batch([text])[0]])
+                              encode_prompt=lambda text: [TOKENIZER.bos_id, *TOKENIZER.encode_batch([text])[0]],
+                              score=_uniform_scores)
   limits = Limits(**{**dict(max_prompt_tokens=32, max_new_tokens=16, max_body_bytes=2000, timeout_s=30, max_batch=2,
                             read_timeout_s=1.0), **limits})
   engine = Engine(run, max_batch=limits.max_batch, max_queue=max_queue, slots=decoder)

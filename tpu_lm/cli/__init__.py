@@ -42,14 +42,14 @@ def start(verb: str) -> None:
   app.run(command(module.body, getattr(module, "USAGE", "every option is a --flag.")), flags_parser=parse_flags)
 
 
-_CHECKED: set[str] = set()  # flags whose values check_flag registered a rule for
+_CHECKED: dict[str, str] = {}  # flag name -> the requirement check_flag registered for it
 
 
 def check_flag(holder, ok, requirement: str) -> None:
   """`ok(value)` must hold for the flag `holder` (from DEFINE_*; None, unset, passes),
   else '--name=value is invalid: <requirement>.': the rule sits beside the flag's
   definition, its one home."""
-  _CHECKED.add(holder.name)
+  _CHECKED[holder.name] = requirement
   flags.register_validator(holder.name, lambda v: v is None or ok(v), message=requirement)
 
 
@@ -126,7 +126,7 @@ def _one_line(e: Exception, argv) -> str:
       return f"unknown flag --{e.flagname}: config fields are set as --config.{field}=VALUE."
   if isinstance(e, flags.IllegalFlagValueError):
     checked = re.fullmatch(r"flag --([\w.]+)=(.*?): (.*)", str(e).splitlines()[0])
-    if checked and checked[1] in _CHECKED:
+    if checked and _CHECKED.get(checked[1]) == checked[3]:  # the rule failed (not the value's parsing)
       return f"--{checked[1]}={checked[2]} is invalid: {checked[3]}."
   if isinstance(e, flags.Error):
     lines = [l for l in str(e).splitlines() if l.strip()]  # first line names the flag, last the error

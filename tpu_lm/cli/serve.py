@@ -1,6 +1,7 @@
-"""HTTP API for a trained run: python -m tpu_lm.serve --workdir=RUN [--port=8000].
+"""HTTP API for a trained run: tpu-lm serve (python -m tpu_lm.serve) --workdir=RUN [--port=8000].
 
-  POST /v1/completions       OpenAI-style completions; "stream": true sends server-sent events
+  POST /v1/completions       OpenAI-style completions; "stream": true sends server-sent events;
+                             "echo" + "logprobs" (and "max_tokens": 0) scores the prompt
   POST /v1/chat/completions  chat, for a run instruction-tuned here (its chat template)
   GET  /v1/models            the one model served
   GET  /health               {"status": "ok", "step": ..., "queued": ..., "running": ...}

@@ -5,37 +5,9 @@ one sentence naming the field and what is allowed.
 """
 
 from tpu_lm import tasks
+from tpu_lm.config import defaults
 from tpu_lm.errors import UserError
 from tpu_lm.model import kernels
-
-CHOICES = {
-    "task.pooling": ("last", "mean"),
-    "data.tokenizer": ("sentencepiece", "bytes", "hf"),
-    "model.rope_scaling.type": ("none", "llama3"),
-    "model.norm": ("layernorm", "rmsnorm"),
-    "model.position": ("learned", "rope"),
-    "model.mlp": ("gelu", "swiglu"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch", "qkv_attn"),
-    "model.attention": ("auto", "xla", "cudnn", "splash"),
-    "mesh.preset": ("", "data_parallel", "fsdp", "fsdp_tensor"),
-    "optim.loss_scale": ("auto", "dynamic", "none"),
-    "optim.optimizer": ("adamw", "sgd", "adafactor"),
-    "optim.schedule": ("cosine", "linear", "rsqrt", "constant"),
-}
-POSITIVE_INTS = (
-    "num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-    "keep_checkpoints", "max_consecutive_nonfinite", "data.seq_len", "data.global_batch_size",
-    "data.shuffle_block_docs", "model.num_layers", "model.d_model", "model.num_heads", "model.mlp_dim",
-    "model.max_len", "optim.grad_accum_steps", "optim.loss_scale_period",
-)
-NON_NEGATIVE = (
-    "data.max_documents", "eval_max_batches", "model.num_kv_heads", "model.head_dim", "model.dropout_rate",
-    "optim.learning_rate", "optim.warmup_steps", "optim.min_lr_ratio", "optim.weight_decay",
-    "optim.grad_clip_norm", "optim.l1_penalty", "sample.num_prompts", "model.norm_eps", "lora.rank", "lora.alpha",
-    "sample.new_tokens", "sample.temperature", "sample.top_k", "peak_flops_per_device",
-)
-
 
 def _check_freeze(config) -> None:
   import re
@@ -109,15 +81,16 @@ def validate(config) -> None:
   """Raises UserError on the first bad value; returns None when the config is usable."""
   if config.task.kind not in tasks.names():
     fail("task.kind", config.task.kind, "use one of " + ", ".join(repr(a) for a in tasks.names()))
-  for field, allowed in CHOICES.items():
+  defaults.get_config()  # the fields' rules are declared as the fields are made
+  for field, allowed in defaults.CHOICES.items():
     value = _get(config, field)
     if value not in allowed:
       fail(field, value, "use one of " + ", ".join(repr(a) for a in allowed))
-  for field in POSITIVE_INTS:
+  for field in sorted(defaults.POSITIVE_INTS):
     value = _get(config, field)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
       fail(field, value, "it must be a positive integer")
-  for field in NON_NEGATIVE:
+  for field in sorted(defaults.NON_NEGATIVE):
     value = _get(config, field)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
       fail(field, value, "it must be a number >= 0")

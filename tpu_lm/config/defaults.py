@@ -1,4 +1,5 @@
-"""Every config field, with its default and what it does: the schema of a run.
+"""Every config field, with its default, what it does and what values it may take: the
+schema of a run, each field's one home.
 
 `configs/base.py` (the default experiment) is these defaults; every other config
 file derives from it and changes a few fields. A run directory's saved config is
@@ -7,6 +8,26 @@ default in older runs.
 """
 
 import ml_collections
+
+from tpu_lm.model import kernels, layers, transformer
+
+# What each field may be, declared beside it below (checks.validate enforces these;
+# cross-field rules live there): a choice of values, a positive integer, a number >= 0.
+CHOICES: dict[str, tuple] = {}
+POSITIVE_INTS: set[str] = set()
+NON_NEGATIVE: set[str] = set()
+
+
+def _choice(field: str, values) -> None:
+  CHOICES[field] = tuple(values)
+
+
+def _positive_int(field: str) -> None:
+  POSITIVE_INTS.add(field)
+
+
+def _non_negative(field: str) -> None:
+  NON_NEGATIVE.add(field)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -17,14 +38,21 @@ def get_config() -> ml_collections.ConfigDict:
   # architecture must be this config's; see configs/finetune.py.
   c.init_from = ""
   c.num_train_steps = 2400
+  _positive_int('num_train_steps')
   c.log_every_steps = 200
+  _positive_int('log_every_steps')
   c.eval_every_steps = 1200
+  _positive_int('eval_every_steps')
   c.eval_max_batches = 0  # > 0: each eval reads this many batches of documents in a fixed seeded order; 0: the whole split
+  _non_negative('eval_max_batches')
   c.checkpoint_every_steps = 800
+  _positive_int('checkpoint_every_steps')
   c.keep_checkpoints = 3
+  _positive_int('keep_checkpoints')
   # A step with a NaN/Inf loss or gradient is skipped (no update); this many in a
   # row stop the run with an error, keeping the last good checkpoint.
   c.max_consecutive_nonfinite = 20
+  _positive_int('max_consecutive_nonfinite')
 
   # What the run optimizes, by name (tpu_lm/tasks/, one module each): "lm" (next-token
   # prediction), "instructions" (next-token prediction on prompt/completion records, the
@@ -35,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.task = ml_collections.ConfigDict()
   c.task.kind = "lm"
   c.task.pooling = "last"  # classification: "last" (the final token's state) or "mean"
+  _choice('task.pooling', ('last', 'mean'))
 
   c.data = ml_collections.ConfigDict()
   # "python_stdlib" (offline, the default), "text_files" (+ data.path), "instructions"
@@ -53,11 +82,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.text_key = "text"
   c.data.label_key = "label"  # classification: the integer class feature
   c.data.max_documents = 0  # use only the first this many documents of each split (0: all)
+  _non_negative('data.max_documents')
   # "sentencepiece" (trained on the training split once and cached, or the .model file
   # at data.tokenizer_path), "bytes", or "hf" (the Hugging Face tokenizer.json in the
   # directory data.tokenizer_path). With init_from, the source run's own tokenizer is
   # used, whatever this says.
   c.data.tokenizer = "sentencepiece"
+  _choice('data.tokenizer', ('sentencepiece', 'bytes', 'hf'))
   c.data.tokenizer_path = ""
   # SentencePiece is trained on this many MB of the training split (memory and time of
   # training grow with it: 32 MB needs ~1.2 GB and ~10 s on 2 cores), in a fixed shuffled
@@ -67,49 +98,77 @@ def get_config() -> ml_collections.ConfigDict:
   # tokenizer's); bytes has 259.
   c.data.vocab_size = 2048
   c.data.seq_len = 256
+  _positive_int('data.seq_len')
   c.data.global_batch_size = 8
+  _positive_int('data.global_batch_size')
   # Training rows are packed from blocks of this many documents (of each row's stream)
   # and emitted in a seeded random order per block: consecutive batches do not walk one
   # long file row by row. Larger: better mixing, a few more documents held per row.
   c.data.shuffle_block_docs = 128
+  _positive_int('data.shuffle_block_docs')
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 2
+  _positive_int('model.num_layers')
   c.model.d_model = 160
+  _positive_int('model.d_model')
   c.model.head_dim = 0  # 0: d_model // num_heads
+  _non_negative('model.head_dim')
   c.model.max_len = 256  # positions the model handles (learned: the table size; rope: the context)
+  _positive_int('model.max_len')
   c.model.rope_theta = 10_000.0
   # Llama 3's long-context RoPE rescaling (type "llama3"; imported Llama 3 models set it).
   c.model.rope_scaling = ml_collections.ConfigDict(
       {"type": "none", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_len": 8192})
+  _choice("model.rope_scaling.type", ("none", "llama3"))
   c.model.norm_eps = 0.0  # 0: the family's own (LayerNorm 1e-5, RMSNorm 1e-6)
+  _non_negative('model.norm_eps')
   llama_block(c.model)  # gpt2_block(c.model) for the GPT-2 family (configs/gpt2_small.py)
+  # The family fields (llama_block, gpt2_block):
+  _choice("model.norm", tuple(layers.DEFAULT_EPS))
+  _choice("model.position", ("learned", "rope"))
+  _choice("model.mlp", ("gelu", "swiglu"))
+  for name in ("model.num_heads", "model.mlp_dim"):
+    _positive_int(name)
+  _non_negative("model.num_kv_heads")
   c.model.dropout_rate = 0.0
+  _non_negative('model.dropout_rate')
   c.model.dtype = "float32"  # compute dtype: "float32", "bfloat16", "float16"; params are always float32
+  _choice('model.dtype', ('float32', 'bfloat16', 'float16'))
   # Rematerialisation: "none", "full" (recompute each block), "dots", "dots_no_batch"
   # (save matmul outputs), "qkv_attn" (save the attention projections and output).
   c.model.remat = "none"
+  _choice('model.remat', ("none", *transformer.REMAT_POLICIES))
   c.model.scan_layers = False  # one compiled block applied num_layers times
   # > 0: make the [batch, seq, vocab] logits this many positions at a time in the
   # loss (recomputed in the backward pass): for large vocabularies. 0: all at once.
   c.model.logits_chunk = 0
   # "auto": cuDNN flash attention on GPU, Pallas splash on TPU, XLA elsewhere.
   c.model.attention = "auto"
+  _choice('model.attention', kernels.IMPLEMENTATIONS)
   c.model.init_std = 0.02
 
   c.optim = ml_collections.ConfigDict()
   c.optim.optimizer = "adamw"  # "adamw", "sgd", "adafactor"
+  _choice('optim.optimizer', ('adamw', 'sgd', 'adafactor'))
   c.optim.learning_rate = 6e-3
+  _non_negative('optim.learning_rate')
   c.optim.schedule = "cosine"  # "cosine", "linear", "rsqrt", "constant"
+  _choice('optim.schedule', ('cosine', 'linear', 'rsqrt', 'constant'))
   c.optim.warmup_steps = 120
+  _non_negative('optim.warmup_steps')
   c.optim.min_lr_ratio = 0.1  # the cosine/linear schedules end at this fraction of the peak
+  _non_negative('optim.min_lr_ratio')
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   c.optim.eps = 1e-8
   c.optim.momentum = 0.9  # sgd only
   c.optim.weight_decay = 0.1  # decoupled; never applied to norms and biases
+  _non_negative('optim.weight_decay')
   c.optim.grad_clip_norm = 1.0  # 0: no clipping
+  _non_negative('optim.grad_clip_norm')
   c.optim.l1_penalty = 0.0
+  _non_negative('optim.l1_penalty')
   # Regular expressions over parameter paths ("embed/embedding", "layers_0/attn/query/kernel",
   # ...): a parameter whose path one of them matches in full is frozen (no update, no
   # optimizer state); the run's log counts both kinds. ("embed/.*", "layers_0/.*")
@@ -118,11 +177,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Split each global batch into this many microbatches, summing their gradients
   # (lax.scan): the same update with 1/k of the activation memory.
   c.optim.grad_accum_steps = 1
+  _positive_int('optim.grad_accum_steps')
   # float16 compute needs loss scaling; "auto" turns it on exactly then. The scale
   # doubles after loss_scale_period finite steps, halves on overflow (step skipped).
   c.optim.loss_scale = "auto"  # "auto", "dynamic", "none"
+  _choice('optim.loss_scale', ('auto', 'dynamic', 'none'))
   c.optim.loss_scale_init = 2.0**15
   c.optim.loss_scale_period = 2000
+  _positive_int('optim.loss_scale_period')
 
   # Device mesh: -1 takes the devices the other axes leave. The default is pure
   # data parallelism; fsdp / tensor shard the parameters instead of replicating.
@@ -130,6 +192,7 @@ def get_config() -> ml_collections.ConfigDict:
   # A named layout instead of the three sizes: "data_parallel", "fsdp", or
   # "fsdp_tensor" (tensor-parallel over mesh.tensor devices, FSDP over the rest).
   c.mesh.preset = ""
+  _choice('mesh.preset', ('', 'data_parallel', 'fsdp', 'fsdp_tensor'))
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
@@ -166,7 +229,9 @@ def get_config() -> ml_collections.ConfigDict:
   # export read the adapters merged into W.
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0
+  _non_negative('lora.rank')
   c.lora.alpha = 16.0
+  _non_negative('lora.alpha')
   c.lora.targets = ".*"  # e.g. ".*attn/(query|value)"
 
   # Compression (README "Compression"; python -m tpu_lm.compress for post-training).
@@ -218,12 +283,17 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num_prompts = 3
+  _non_negative('sample.num_prompts')
   c.sample.prompt_tokens = 32
   c.sample.new_tokens = 48
+  _non_negative('sample.new_tokens')
   c.sample.temperature = 0.7
+  _non_negative('sample.temperature')
   c.sample.top_k = 40
+  _non_negative('sample.top_k')
 
   c.peak_flops_per_device = 0.0  # 0: look up the accelerator; used for MFU only
+  _non_negative('peak_flops_per_device')
   return c
 
 

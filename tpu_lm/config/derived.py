@@ -33,7 +33,7 @@ def model_config(config, platform: str = "cpu") -> ModelConfig:
       "vocab_size": -(-vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
       "vocab_used": vocab,
       "rope_scaling": rope_scaling(m),
-      "num_classes": 0,  # a task's (training/tasks.py), set where the task is known
+      "num_classes": 0,  # an objective's (tpu_lm/tasks/), set where it is known
       "num_kv_heads": m.num_kv_heads or m.num_heads,
       "head_dim": m.head_dim or m.d_model // m.num_heads,
   }

@@ -47,6 +47,12 @@ class Run:
   decoder: decode.Decoder
   objective: object  # what the run was trained for (tasks/): its prompt format, whether it generates
 
+  def score(self, sequences: list[list[int]], top: int = 0) -> list:
+    """Each sequence's tokens' log-probabilities under the run's model (inference/score.py)."""
+    from tpu_lm.inference import score
+
+    return score.run_logprobs(self, sequences, top)
+
   def encode_prompt(self, text: str) -> list[int]:
     """`text` as the model saw texts begin: [BOS] + tokens for a run trained here, the
     tokenizer's own special tokens (as transformers adds them) for one imported from

@@ -31,7 +31,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tpu_lm.data.tokenizer import TextStream
 from tpu_lm.errors import UserError
-from tpu_lm.inference import score
 from tpu_lm.inference.engine import Busy, Closed, Engine, Job
 from tpu_lm.inference.sampling import Sampling
 from tpu_lm.inference.slots import TOP_LOGPROBS
@@ -258,7 +257,7 @@ def prompt_logprobs(run, request: Request) -> list[list]:
   """Per prompt, its tokens' logprob entries as _ChoiceText holds them, from the one
   scoring function (inference/score.py): the first token has no context (None)."""
   longer = [ids for ids in request.ids if len(ids) > 1]  # an empty prompt is its BOS alone: nothing to score
-  scored = iter(score.run_logprobs(run, longer, top=TOP_LOGPROBS))
+  scored = iter(run.score(longer, top=TOP_LOGPROBS))
   out = []
   for ids in request.ids:
     s = next(scored) if len(ids) > 1 else None

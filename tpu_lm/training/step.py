@@ -1,5 +1,5 @@
 """The jitted train and eval steps: pure functions of (state, batch), generic over
-the task (tasks.py). Gradient accumulation, float16 loss scaling and the
+the objective (tpu_lm/tasks/). Gradient accumulation, float16 loss scaling and the
 non-finite guard live here, for every task alike."""
 
 import dataclasses
