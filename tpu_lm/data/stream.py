@@ -12,8 +12,8 @@ of them), packs the block's pairs end to end into rows and emits those rows in a
 seeded random order: consecutive batches then do not walk through one long
 document row after row (a whole file of the standard library fills ~25 rows), and
 every target is still predicted once per epoch. Only the block's last row is padded.
-Eval and classification (`ShardStream`) read documents in order, or one example per
-row.
+Eval, and the one-example-per-row layout an objective may ask for (layout.py), read
+documents with `ShardStream`: in order (a bounded eval: a seeded order), or one per row.
 
 A stream's whole state is three integers (training: epoch, block, rows of the
 block emitted; eval: epoch, position, pairs of the current document emitted), and
