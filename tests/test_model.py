@@ -196,7 +196,7 @@ def test_every_attention_path_honours_the_mask_kind(mask):
   from tpu_lm.model import kernels
 
   rng = np.random.default_rng(1)
-  t = 128
+  t = 64
   q = jnp.asarray(rng.normal(size=(2, t, 4, 8)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(2, t, 2, 8)), jnp.float32) for _ in range(2))
   seg = jnp.asarray(np.sort(rng.integers(0, 4, (2, t)), axis=1), jnp.int32)

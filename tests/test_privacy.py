@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_config
+from tests.conftest import corpus_for, tiny_config
 from tpu_lm.errors import UserError
 from tpu_lm.parallel import mesh as mesh_lib
 from tpu_lm.privacy import accounting
@@ -148,14 +148,14 @@ def test_epsilon_matches_dp_accounting_computed_independently():
 
 def test_a_resumed_run_charges_each_step_at_the_noise_it_was_taken_with():
   """The review's case: 20 steps calibrated to a target epsilon, then resumed to train to 60."""
-  delta, target = 1e-5, 1.0
+  delta, target = 1e-5, 0.5  # a low target: much noise, a quicker accountant
   plan20, plan60 = (target, 0.0, 20), (target, 0.0, 60)
   first = accounting.extend([], _segment(0.0, plan=plan20), 0, 20, target, delta)
   assert 0.98 * target <= accounting.epsilon(first, 20, delta) <= target
   # Resumed with the same plan: the same segment goes on, with the same noise.
   assert accounting.extend(first, _segment(0.0, start=10, plan=plan20), 10, 20, target, delta) == first
   # All 20 steps spent: training on to 60 would exceed the target; said before training.
-  with pytest.raises(UserError, match=r"spent epsilon \d\.\d+ of privacy.target_epsilon=1: training on to 60"):
+  with pytest.raises(UserError, match=r"spent epsilon \d\.\d+ of privacy.target_epsilon=0.5: training on to 60"):
     accounting.extend(first, _segment(0.0, start=20, plan=plan60), 20, 60, target, delta)
   # Resumed from step 10 to train to 60: the last 50 steps get more noise, and the whole run
   # (10 steps at the first noise, 50 at the new one) stays within the target.
@@ -230,20 +230,18 @@ def test_a_private_run_logs_epsilon_and_resumes_exactly(corpus_dir, data_dir, tm
   with pytest.raises(UserError, match="training on to 9 steps would exceed it"):
     loop.train_and_evaluate(c, resumed)
   # From the step-3 checkpoint to 9 steps: the 6 steps left take more noise, and the
-  # logged epsilon is the composition of 3 steps at the first noise and 6 at the new one.
-  longer = str(tmp_path / "longer")
-  shutil.copytree(run, longer)
-  shutil.rmtree(os.path.join(longer, "checkpoints", "6"))
-  loop.train_and_evaluate(c, longer)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(longer, "checkpoints"), 3)
-  segments = [accounting.Segment(**{**s, "plan": tuple(s["plan"])}) for s in ckpt.saved_item(9, "data")[private_run.LEDGER]]
+  # epsilon the loop logs is the composition of 3 steps at the first noise and 6 at the new one.
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(run, "checkpoints"), 3)
+  saved = ckpt.saved_item(3, "data")
   ckpt.close()
-  assert [s.start for s in segments] == [0, 3] and segments[1].noise_multiplier > segments[0].noise_multiplier
-  logged = {r["step"]: r["epsilon"] for r in map(json.loads, open(os.path.join(longer, "metrics.jsonl")))
-            if "epsilon" in r}
-  theirs = _their_epsilon([(segments[0], 3), (segments[1], 6)], 1e-3)
-  assert theirs <= logged[9] <= theirs * 1.002 and logged[9] <= 1.0
-  assert list(logged.values()) == sorted(logged.values())  # a resume never lowers it
+  setup = Setup(c, mesh_lib.make_mesh(mesh_lib.mesh_sizes(c.mesh)))
+  private = private_run.prepare(setup, corpus_for(c), lambda _: None, resumed=(3, saved))
+  first, rest = private.segments
+  assert (first.start, rest.start) == (0, 3) and rest.noise_multiplier > first.noise_multiplier
+  assert setup.step_options.dp.noise_multiplier == rest.noise_multiplier  # the step runs with it
+  theirs = _their_epsilon([(first, 3), (rest, 6)], 1e-3)
+  assert theirs <= private.metrics(9)["epsilon"] <= theirs * 1.002 and private.metrics(9)["epsilon"] <= 1.0
+  assert private.metrics(2)["epsilon"] == eps[0]  # the steps before the resume are charged as they were
   # The same run resumed without privacy.dp: one sentence, nothing changed on disk.
   with c.unlocked():
     c.privacy.dp = False

@@ -38,6 +38,8 @@ def test_an_objective_defined_outside_the_package_trains_end_to_end(reversed_obj
 
   config = tiny_config(corpus_dir, data_dir)
   config.task.kind = "reversed"
+  config.update(num_train_steps=4, eval_every_steps=4, checkpoint_every_steps=4)
+  config.sample.num_prompts = 0
   corpus = corpus_for(config)
   doc = corpus.train.source.get([0])[0]["text"]
   batch, _ = next(iter(pipeline.eval_batches(corpus.train, seq_len=32, global_batch=1)))
