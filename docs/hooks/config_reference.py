@@ -1,0 +1,105 @@
+"""mkdocs hook: the configuration reference page, generated from
+tpu_lm/config/defaults.py, where every field is declared with its default, the comment
+that documents it and the values it may take (one home per field)."""
+
+import ast
+import inspect
+import os
+import sys
+
+from mkdocs.structure.files import File
+
+PAGE = "config-reference.md"
+
+
+def _comments(source: str, owner: str, prefix: str) -> dict[str, str]:  # in source order
+  """Field path -> its comment: the comment lines just above `owner.x.y = ...` and the
+  comment at the end of that line."""
+  lines = source.splitlines()
+  docs = {}
+  nodes = sorted((n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Assign)), key=lambda n: n.lineno)
+  for node in nodes:
+    if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+      continue
+    parts, target = [], node.targets[0]
+    while isinstance(target, ast.Attribute):
+      parts.insert(0, target.attr)
+      target = target.value
+    if not (isinstance(target, ast.Name) and target.id == owner and parts):
+      continue
+    above, i = [], node.lineno - 2
+    while i >= 0 and lines[i].strip().startswith("#"):
+      above.insert(0, lines[i].strip().lstrip("#").strip())
+      i -= 1
+    line = lines[node.end_lineno - 1]
+    trailing = line.split("  # ", 1)[1].strip() if "  # " in line else ""
+    docs[prefix + ".".join(parts)] = " ".join(t for t in (" ".join(above), trailing) if t)
+  return docs
+
+
+def _value(config, field: str):
+  for part in field.split("."):
+    config = config[part]
+  return config
+
+
+def _cell(text) -> str:
+  return str(text).replace("|", "\\|").replace("*", "\\*").replace("<", "&lt;").replace("\n", " ")
+
+
+def render(root: str) -> str:
+  sys.path.insert(0, root)
+  try:
+    from tpu_lm.config import defaults
+  finally:
+    sys.path.remove(root)
+  docs = _comments(inspect.getsource(defaults.get_config), "c", "")
+  docs.update(_comments(inspect.getsource(defaults.llama_block), "m", "model."))
+  config = defaults.get_config()
+  gpt2 = defaults.get_config()
+  defaults.gpt2_block(gpt2.model)
+
+  def allowed(field: str) -> str:
+    if field in defaults.CHOICES:
+      return ", ".join(f"`{v!r}`" for v in defaults.CHOICES[field])
+    if field in defaults.POSITIVE_INTS:
+      return "an integer > 0"
+    if field in defaults.NON_NEGATIVE:
+      return ">= 0"
+    return ""
+
+  out = [
+      "# Configuration reference",
+      "",
+      "Every field of a run's config, generated from `tpu_lm/config/defaults.py` when the",
+      "site is built: the default (`configs/base.py`), the values the checks accept, and the",
+      "comment that documents it there. Override any of them on the command line with",
+      "`--config.FIELD=VALUE`; rules across fields are in `tpu_lm/config/checks.py`.",
+      "",
+  ]
+  sections = [f for f in docs if "." not in f and hasattr(_value(config, f), "keys")]
+  top = [f for f in docs if "." not in f and f not in sections]
+  row = "| field | default | allowed | what it does |\n|---|---|---|---|"
+  out += ["## Top level", "", row]
+  out += [_row(f, _value(config, f), docs, allowed, None) for f in top]
+  for section in sections:
+    out += ["", f"## `{section}`", ""]
+    if docs.get(section):
+      out += [_cell(docs[section]), ""]
+    out.append(row)
+    fields = [f for f in docs if f.startswith(section + ".") and f.count(".") == 1]
+    out += [_row(f, _value(config, f), docs, allowed, gpt2) for f in fields]
+  return "\n".join(out) + "\n"
+
+
+def _row(field, value, docs, allowed, gpt2) -> str:
+  default = f"`{value.to_dict() if hasattr(value, 'to_dict') else value!r}`"
+  if gpt2 is not None and field.startswith("model.") and _value(gpt2, field) != value:
+    default += f" (GPT-2 block: `{_value(gpt2, field)!r}`)"
+  return f"| `{field}` | {_cell(default)} | {_cell(allowed(field))} | {_cell(docs.get(field, ''))} |"
+
+
+def on_files(files, config):
+  root = os.path.dirname(os.path.abspath(config["docs_dir"]))
+  files.append(File.generated(config, PAGE, content=render(root)))
+  return files
