@@ -61,6 +61,13 @@ def test_the_readme_is_short_and_starts_with_the_quickstart():
   assert "## Quickstart" in first_screen and "python -m tpu_lm.main --config=configs/tiny.py" in first_screen
 
 
+def test_every_docs_page_is_one_click_from_the_readme():
+  with open(README, encoding="utf-8") as f:
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)", f.read()))
+  pages = {p for p in os.listdir(os.path.join(ROOT, "docs")) if p.endswith(".md")} - {"changelog.md"}
+  assert pages <= linked | {"index.md"}, f"pages the README does not link: {sorted(pages - linked)}"
+
+
 def test_nothing_points_outside_the_repository():
   outside = "../" + "shared"
   found = []

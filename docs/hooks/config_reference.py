@@ -1,5 +1,5 @@
-"""mkdocs hook: the configuration reference page, generated from
-tpu_lm/config/defaults.py, where every field is declared with its default, the comment
+"""mkdocs hook: the configuration reference's tables (the page's marker replaced),
+generated from tpu_lm/config/defaults.py, where every field is declared with its default, the comment
 that documents it and the values it may take (one home per field)."""
 
 import ast
@@ -7,9 +7,7 @@ import inspect
 import os
 import sys
 
-from mkdocs.structure.files import File
-
-PAGE = "config-reference.md"
+MARKER = "<!-- config-reference -->"
 
 
 def _comments(source: str, owner: str, prefix: str) -> dict[str, str]:  # in source order
@@ -68,15 +66,7 @@ def render(root: str) -> str:
       return ">= 0"
     return ""
 
-  out = [
-      "# Configuration reference",
-      "",
-      "Every field of a run's config, generated from `tpu_lm/config/defaults.py` when the",
-      "site is built: the default (`configs/base.py`), the values the checks accept, and the",
-      "comment that documents it there. Override any of them on the command line with",
-      "`--config.FIELD=VALUE`; rules across fields are in `tpu_lm/config/checks.py`.",
-      "",
-  ]
+  out = []
   sections = [f for f in docs if "." not in f and hasattr(_value(config, f), "keys")]
   top = [f for f in docs if "." not in f and f not in sections]
   row = "| field | default | allowed | what it does |\n|---|---|---|---|"
@@ -99,7 +89,8 @@ def _row(field, value, docs, allowed, gpt2) -> str:
   return f"| `{field}` | {_cell(default)} | {_cell(allowed(field))} | {_cell(docs.get(field, ''))} |"
 
 
-def on_files(files, config):
+def on_page_markdown(markdown, page, config, files):
+  if MARKER not in markdown:
+    return markdown
   root = os.path.dirname(os.path.abspath(config["docs_dir"]))
-  files.append(File.generated(config, PAGE, content=render(root)))
-  return files
+  return markdown.replace(MARKER, render(root))
