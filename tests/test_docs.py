@@ -61,6 +61,15 @@ def test_the_readme_is_short_and_starts_with_the_quickstart():
   assert "## Quickstart" in first_screen and "python -m tpu_lm.main --config=configs/tiny.py" in first_screen
 
 
+def test_the_benchmarks_page_includes_every_experiments_results():
+  with open(os.path.join(ROOT, "docs", "benchmarks.md"), encoding="utf-8") as f:
+    page = f.read()
+  results = sorted(p for p in _repository_files() if re.fullmatch(r"experiments/[^/]+/results\.md", p))
+  assert results
+  missing = [p for p in results if f'--8<-- "{p}"' not in page]
+  assert not missing, f"docs/benchmarks.md does not include {missing}"
+
+
 def test_every_docs_page_is_one_click_from_the_readme():
   with open(README, encoding="utf-8") as f:
     linked = set(re.findall(r"\]\(docs/([\w-]+\.md)", f.read()))
