@@ -41,8 +41,14 @@ def _value(config, field: str):
   return config
 
 
-def _cell(text) -> str:
-  return str(text).replace("|", "\\|").replace("*", "\\*").replace("<", "&lt;").replace("\n", " ")
+def _code(value) -> str:
+  """A value as a code span (a pipe inside one does not split a table cell)."""
+  return "`" + str(value).replace("`", "'").replace("\n", " ") + "`"
+
+
+def _prose(text) -> str:
+  """A comment as table-cell text: pipes, emphasis marks and tags shown as written."""
+  return str(text).replace("|", "&#124;").replace("*", "\\*").replace("<", "&lt;").replace("\n", " ")
 
 
 def render(root: str) -> str:
@@ -75,7 +81,7 @@ def render(root: str) -> str:
   for section in sections:
     out += ["", f"## `{section}`", ""]
     if docs.get(section):
-      out += [_cell(docs[section]), ""]
+      out += [_prose(docs[section]), ""]
     out.append(row)
     fields = [f for f in docs if f.startswith(section + ".") and f.count(".") == 1]
     out += [_row(f, _value(config, f), docs, allowed, gpt2) for f in fields]
@@ -83,10 +89,10 @@ def render(root: str) -> str:
 
 
 def _row(field, value, docs, allowed, gpt2) -> str:
-  default = f"`{value.to_dict() if hasattr(value, 'to_dict') else value!r}`"
+  default = _code(value.to_dict() if hasattr(value, "to_dict") else repr(value))
   if gpt2 is not None and field.startswith("model.") and _value(gpt2, field) != value:
-    default += f" (GPT-2 block: `{_value(gpt2, field)!r}`)"
-  return f"| `{field}` | {_cell(default)} | {_cell(allowed(field))} | {_cell(docs.get(field, ''))} |"
+    default += f" (GPT-2 block: {_code(repr(_value(gpt2, field)))})"
+  return f"| `{field}` | {default} | {allowed(field)} | {_prose(docs.get(field, ''))} |"
 
 
 def on_page_markdown(markdown, page, config, files):
