@@ -27,8 +27,13 @@ def _pyplot():
 
 def latest_table(path: str) -> list[dict]:
   """The first markdown table of the newest entry (the first one in the file)."""
+  return _table(open(path).read())
+
+
+def _table(text: str) -> list[dict]:
+  """The first markdown table in `text`, as one dict a row."""
   rows, header = [], None
-  for line in open(path):
+  for line in text.splitlines():
     line = line.strip()
     if not line.startswith("|"):
       if header is not None:
@@ -124,15 +129,13 @@ def data_scale():
 
 def decode():
   text = open(os.path.join(HERE, "decode", "results.md")).read()
-  # The newest entry that measured the peer (the file is oldest first).
-  entries = [e for e in text.split("\n## ") if "transformers tok/s" in e]
-  if not entries:
+  rows = []
+  for entry in text.split("\n### "):  # the newest entry that measured the peer (the file is newest first)
+    rows = _table(entry)
+    if rows and "transformers tok/s" in rows[0] and any(r["transformers tok/s"] != "-" for r in rows):
+      break
+  else:
     return None
-  path = os.path.join(HERE, "decode", ".latest.md")
-  with open(path, "w") as f:
-    f.write(entries[-1])
-  rows = latest_table(path)
-  os.remove(path)
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.8), constrained_layout=True)
   labels = [f"{r['model']}\nbatch {r['batch']}" for r in rows]
