@@ -25,7 +25,7 @@ import re
 import subprocess
 import sys
 
-from experiments import record
+from experiments import plots, record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -76,3 +76,4 @@ def main():
 
 if __name__ == "__main__":
   main()
+  plots.base_tuning()  # the picture next to the table, from the entry just written

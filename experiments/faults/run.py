@@ -34,7 +34,7 @@ import time
 import jax
 import numpy as np
 
-from experiments import record
+from experiments import plots, record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -129,6 +129,7 @@ def main():
   record.publish(os.path.join(HERE, "results.md"), "Fault injection: the base config under repeated random kills",
                  [table], record.speed_factor(), about=f"{args.config}, {args.steps} steps, seed {args.seed},"
                  f" {jax.devices()[0].platform}: {'PASS' if ok else 'FAIL'}")
+  plots.faults()  # the picture next to the table, from the entry just written
   sys.exit(0 if ok else 1)
 
 

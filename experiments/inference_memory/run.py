@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 
-from experiments import record
+from experiments import plots, record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -140,3 +140,4 @@ if __name__ == "__main__":
     write_run(sys.argv[2])
   else:
     main()
+    plots.inference_memory()  # the picture next to the table, from the entry just written

@@ -41,7 +41,7 @@ def sweep(config: str, trials: int, seed: int, space: str, sweep_dir: str) -> fl
   t0 = time.time()
   out = subprocess.run(cmd, cwd=ROOT, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
   if out.returncode:
-    raise SystemExit(f"the sweep failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+    raise SystemExit(f"the sweep failed (exit {out.returncode}): {out.stderr.strip()[-2000:]}")
   return time.time() - t0
 
 

@@ -46,7 +46,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import gpt2_124m, llama_1b  # noqa: E402
-from experiments import record  # noqa: E402
+from experiments import plots, record  # noqa: E402
 from tpu_lm.parallel import libtpu_env  # noqa: E402
 
 libtpu_env.quiet_where_no_tpu()  # before JAX starts its backends
@@ -170,3 +170,4 @@ def main() -> None:
 
 if __name__ == "__main__":
   main()
+  plots.throughput()  # the picture next to the table, from the entry just written

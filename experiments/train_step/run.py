@@ -37,7 +37,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import gpt2_124m, gpt2_small  # noqa: E402
-from experiments import record  # noqa: E402
+from experiments import plots, record  # noqa: E402
 from tpu_lm.parallel import mesh as mesh_lib  # noqa: E402
 from tpu_lm.training.setup import Setup  # noqa: E402
 
@@ -103,3 +103,4 @@ def main() -> None:
 
 if __name__ == "__main__":
   main()
+  plots.train_step()  # the picture next to the table, from the entry just written

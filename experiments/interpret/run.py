@@ -5,7 +5,7 @@ Runs the inspect command (tpu_lm/cli/inspection.py) on the base run, from the re
   python -m tpu_lm.interpret --workdir=BASE --text='def add(self, other):
       return self.value + other.' --target=value \\
       --corrupt='def add(self, other):
-      return self.count + other.' --out=experiments/inspect
+      return self.count + other.' --out=experiments/interpret
 
 which writes the attention maps (attention_layer<i>.png, inspect.html), the attributions
 (attributions.png), activation patching (patching.png) and inspect.json beside this file,
@@ -13,7 +13,7 @@ and puts a summary on top of results.md (newest first): the target's log-probabi
 the largest integrated-gradients attributions and how close they add up, and the
 activation that restores most of the prediction at each probe point.
 
-  python experiments/inspect/run.py [--base=workdirs/base] [--target=value]
+  python experiments/interpret/run.py [--base=workdirs/base] [--target=value]
 
 Needs the base run (python -m tpu_lm.main --config=configs/base.py, about 7 minutes on
 2 cores; run.py trains it into --base if it has no checkpoints). The command itself
@@ -21,11 +21,11 @@ takes about a minute. Any run works at a small size, e.g. configs/tiny.py's byte
 model with --target=v (a target must be one token).
 """
 
-if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.inspect.run`
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.interpret.run`
   import os
   import sys
 
-  os.execv(sys.executable, [sys.executable, "-m", "experiments.inspect.run", *sys.argv[1:]])
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.interpret.run", *sys.argv[1:]])
 
 import argparse
 import json
