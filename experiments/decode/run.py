@@ -140,7 +140,7 @@ def main():
   prompt_len = args.prompt_len or (32 if on_cpu else 128)
   bw, bw_source = bandwidth()
   device = jax.devices()[0]
-  factor = record.speed_factor()
+  factor = record.speed_factor() + ("" if on_cpu else " (of the host CPU)")
   about = (f"jax {jax.__version__}; bandwidth {bw / 1e9:,.1f} GB/s ({bw_source}); prompt {prompt_len} tokens, timed"
            f" {n_short} vs {n_long} new tokens")
   on = record.machine() if on_cpu else f"{jax.device_count()} x {device.device_kind}"

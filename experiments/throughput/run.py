@@ -140,7 +140,7 @@ def main() -> None:
   cases = args.cases or DEFAULT_CASES["cpu" if platform == "cpu" else "gpu"]
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   versions = f"jax {jax.__version__}"
-  factor = record.speed_factor()
+  factor = record.speed_factor() + ("" if platform == "cpu" else " (of the host CPU)")
   on = record.machine() if platform == "cpu" else device
   about = f"{versions}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '').strip() or 'none'}"
   header = "| model | batch x T | remat | accum | logits chunk | attention | step ms | tokens/s | MFU | peak mem GiB |"
