@@ -88,7 +88,7 @@ def main() -> None:
   with open(os.path.join(HERE, "inspect.json")) as f:
     saved = json.load(f)
   record.publish(os.path.join(HERE, "results.md"), HEADER, summary(saved, patched[1] if patched else "-"), factor,
-                 about=f"{os.path.relpath(base, ROOT)}, target {args.target!r}")
+                 about=f"{args.base}, target {args.target!r}")
 
 
 if __name__ == "__main__":
