@@ -6,7 +6,8 @@ machine, CPU speed factor from `tpu-lm speed`, the command last) and draws its p
   python -m experiments.<name>.run [--flags]
   python experiments/<name>/run.py [--flags]   (it re-executes itself as the module)
 
-No folder here carries a standard-library name (interpret/, not inspect/): a script run
-by its path, such as plots.py, puts this folder first on sys.path, where it would shadow
+The scripts beside this file (plots.py, hf_peer.py) re-execute themselves as modules
+the same way. No folder here carries a standard-library name (interpret/, not inspect/):
+a file run by its path puts its folder first on sys.path, where such a name would shadow
 the library's module.
 """

@@ -12,6 +12,12 @@ decode tok/s = B * (N_long - N_short) / (t(N_long) - t(N_short)), so prefill can
 Prints one JSON line. The benchmarks (experiments/decode/run.py, ...) call it with --peer_python.
 """
 
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.hf_peer`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.hf_peer", *sys.argv[1:]])
+
 import argparse
 import json
 import os

@@ -9,6 +9,12 @@ picture is always the newest entry's; this script redraws them from the files al
 commands draw.)
 """
 
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.plots`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.plots", *sys.argv[1:]])
+
 import json
 import os
 import re

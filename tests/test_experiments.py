@@ -26,10 +26,18 @@ def test_every_folder_is_an_experiment_with_results():
   assert RESULTS == NAMES
 
 
+def test_no_script_edits_sys_path():
+  for folder, _, files in os.walk(HERE):
+    for f in files:
+      if f.endswith(".py"):
+        text = open(os.path.join(folder, f)).read()
+        edits = re.search(r"sys\.path\.(insert|append|extend)|sys\.path\s*(\[|=|\+=)|\"PYTHONPATH\": ROOT", text)
+        assert not edits, os.path.join(folder, f)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_run_py_imports_without_running_and_reruns_as_its_module(name):
   text = open(os.path.join(HERE, name, "run.py")).read()
-  assert "sys.path" not in text
   assert f'os.execv(sys.executable, [sys.executable, "-m", "experiments.{name}.run", *sys.argv[1:]])' in text
   module = importlib.import_module(f"experiments.{name}.run")  # pytest's argv: main() would fail on it
   assert callable(module.main)

@@ -52,6 +52,7 @@ from tpu_lm.inference import decode  # noqa: E402
 from tpu_lm.model import transformer as model_lib  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 HEADER = "Decode speed against the memory-bandwidth bound (experiments/decode)"
 
 MODELS = {
@@ -118,9 +119,8 @@ def run(name: str, batch: int, dtype: str, prompt_len: int, n_short: int, n_long
 
 def peer(python: str, batch: int, prompt_len: int, n_short: int, n_long: int) -> float:
   """transformers' generate on GPT-2 124M, in its own interpreter: decode tokens/s."""
-  script = os.path.join(os.path.dirname(HERE), "hf_peer.py")
-  out = subprocess.run([python, script, "decode", str(batch), "--prompt", str(prompt_len), "--tokens",
-                        str(n_short), str(n_long)], capture_output=True, text=True, check=True)
+  out = subprocess.run([python, "-m", "experiments.hf_peer", "decode", str(batch), "--prompt", str(prompt_len),
+                        "--tokens", str(n_short), str(n_long)], cwd=ROOT, capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])["decode_tok_s"]
 
 

@@ -75,7 +75,7 @@ def ours(shape: str) -> float:
 
 
 def peer(python: str, shape: str) -> dict:
-  out = subprocess.run([python, os.path.join(ROOT, "experiments", "hf_peer.py"), "train", "--shape", shape],
+  out = subprocess.run([python, "-m", "experiments.hf_peer", "train", "--shape", shape], cwd=ROOT,
                        capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
