@@ -3,7 +3,7 @@
 Command:
   python -m tpu_lm.main --config=configs/base.py
 
-Measured 2026-12-01 on a 2-core CPU with speed factor 0.65 (../shared/tools/cpu_speed.py),
+Measured 2026-12-01 on a 2-core CPU with speed factor 0.65 (`tpu-lm speed`),
 cold start (trains the SentencePiece tokenizer on a 32 MB seeded sample first, ~8 s;
 documents are read and tokenized as training reaches them):
   wall time 393 s for the whole command (392 s to the end of training, = 255 s on the

@@ -4,7 +4,7 @@ block (learned positions, LayerNorm, GELU MLP, biases, tied embeddings).
 Command:
   python -m tpu_lm.main --config=configs/gpt2_small.py
 
-Measured 2026-12-01 on a 2-core CPU with speed factor 0.67 (../shared/tools/cpu_speed.py),
+Measured 2026-12-01 on a 2-core CPU with speed factor 0.67 (`tpu-lm speed`),
 cold start (tokenizer first; documents streamed):
   wall time 294 s (= 197 s on the 2-core reference CPU), 16.9-17.4k tokens/s
   final eval on the whole validation split (1,803,563 bytes):

@@ -7,7 +7,7 @@ Commands (the teacher of experiments/compression: 1600 steps, then resumed to 32
 
 4 layers of width 288 (8 query heads sharing 4 KV heads, SwiGLU 768): 4.8M parameters
 against the base's 1.2M, batch 8 x 256 tokens. Measured 2026-12-01 on a 2-core CPU
-(speed factor 0.65): 1600 steps in 1088 s reach 1.6858 bits/byte, worse than the base's
+(speed factor 0.65, `tpu-lm speed`): 1600 steps in 1088 s reach 1.6858 bits/byte, worse than the base's
 1.5938 after 2400 steps: at this batch the 4x model learns about as much per step as
 the base (training loss 3.18 against 3.21 at step 1600), so a teacher needs more steps,
 not only more parameters. Resumed to 3200 steps (the cosine schedule restarts over the

@@ -4,9 +4,16 @@
   python experiments/plots.py compression  # one
 
 Each experiment's run.py calls its function here after writing its results, so the
-picture is always the latest entry's; this script redraws them from the files alone.
-(scaling/ and privacy/ draw their own.)
+picture is always the newest entry's; this script redraws them from the files alone.
+(scaling/ and privacy/ draw their own; inspect/ and sweep/ keep the pictures their
+commands draw.)
 """
+
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.plots`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.plots", *sys.argv[1:]])
 
 import json
 import os
@@ -27,8 +34,13 @@ def _pyplot():
 
 def latest_table(path: str) -> list[dict]:
   """The first markdown table of the newest entry (the first one in the file)."""
+  return _table(open(path).read())
+
+
+def _table(text: str) -> list[dict]:
+  """The first markdown table in `text`, as one dict a row."""
   rows, header = [], None
-  for line in open(path):
+  for line in text.splitlines():
     line = line.strip()
     if not line.startswith("|"):
       if header is not None:
@@ -36,7 +48,7 @@ def latest_table(path: str) -> list[dict]:
       continue
     cells = [c.strip() for c in line.strip("|").split("|")]
     if header is None:
-      header = cells
+      header = [c or f"column {i}" for i, c in enumerate(cells)]
     elif not set("".join(cells)) <= set("-: "):
       rows.append(dict(zip(header, cells)))
   return rows
@@ -124,15 +136,13 @@ def data_scale():
 
 def decode():
   text = open(os.path.join(HERE, "decode", "results.md")).read()
-  # The newest entry that measured the peer (the file is oldest first).
-  entries = [e for e in text.split("\n## ") if "transformers tok/s" in e]
-  if not entries:
+  rows = []
+  for entry in text.split("\n### "):  # the newest entry that measured the peer (the file is newest first)
+    rows = _table(entry)
+    if rows and "transformers tok/s" in rows[0] and any(r["transformers tok/s"] != "-" for r in rows):
+      break
+  else:
     return None
-  path = os.path.join(HERE, "decode", ".latest.md")
-  with open(path, "w") as f:
-    f.write(entries[-1])
-  rows = latest_table(path)
-  os.remove(path)
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.8), constrained_layout=True)
   labels = [f"{r['model']}\nbatch {r['batch']}" for r in rows]
@@ -148,6 +158,66 @@ def decode():
   return _save(fig, "decode", "decode.png")
 
 
+def _barh(experiment: str, name: str, labels: list[str], values: list[float], xlabel: str, title: str) -> str:
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 0.9 + 0.45 * len(labels)), constrained_layout=True)
+  ax.barh(labels, values, color="C0")
+  for i, v in enumerate(values):
+    ax.text(v, i, f" {v:,.4g}", va="center", fontsize=8)
+  ax.invert_yaxis()
+  ax.set_xlabel(xlabel)
+  ax.set_title(title, fontsize=10)
+  ax.grid(axis="x", alpha=0.3)
+  return _save(fig, experiment, name)
+
+
+def base_tuning():
+  rows = latest_table(os.path.join(HERE, "base_tuning", "results.md"))
+  first, bpb = list(rows[0])[0], next(k for k in rows[0] if k.startswith("eval bits/byte"))
+  labels = [re.sub(r"[*`]", "", r[first])[:48] for r in rows]
+  return _barh("base_tuning", "base_tuning.png", labels, [_num(r[bpb].replace("*", "")) for r in rows],
+               "validation bits/byte (lower is better)", "Base config candidates at the same token budget")
+
+
+def inference_memory():
+  rows = [r for r in latest_table(os.path.join(HERE, "inference_memory", "results.md")) if "peak RSS" in r["column 0"]]
+  labels = [re.sub(r"[`]|, peak RSS", "", r["column 0"]) for r in rows]
+  return _barh("inference_memory", "inference_memory.png", labels, [_num(r["column 1"]) for r in rows],
+               "peak resident memory (MiB)", "Memory of generate against the JAX runtime and a full restore")
+
+
+def throughput():
+  rows = [r for r in latest_table(os.path.join(HERE, "throughput", "results.md")) if r["tokens/s"]]
+  labels = [f"{r['model']} {r['batch x T']} remat {r['remat']}" for r in rows]
+  return _barh("throughput", "throughput.png", labels, [_num(r["tokens/s"]) for r in rows], "training tokens/s",
+               "Training throughput of the real train step (newest entry)")
+
+
+def train_step():
+  rows = latest_table(os.path.join(HERE, "train_step", "results.md"))
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
+  labels = [r["work"].replace("train step, ", "").split(", vocab")[0].split(", batch")[0] for r in rows]
+  xs = range(len(rows))
+  ax.bar([x - 0.2 for x in xs], [_num(r["tpu_lm ms/step"]) for r in rows], 0.4, label="tpu_lm")
+  ax.bar([x + 0.2 for x in xs], [_num(r["transformers ms/step"]) for r in rows], 0.4, label="transformers (PyTorch)")
+  ax.set_xticks(list(xs), labels, fontsize=8)
+  ax.set_yscale("log")
+  ax.set_ylabel("ms per training step (lower is better)")
+  ax.set_title("One training step on this CPU, float32")
+  ax.legend(fontsize=8)
+  ax.grid(axis="y", alpha=0.3)
+  return _save(fig, "train_step", "train_step.png")
+
+
+def faults():
+  rows = {r["check"]: r["result"] for r in latest_table(os.path.join(HERE, "faults", "results.md"))}
+  ref, interrupted = (_num(x) for x in rows["wall time: reference / interrupted"].split("/"))
+  passed = all(v.startswith("True") for k, v in rows.items() if k not in ("interruptions",) and "wall" not in k)
+  return _barh("faults", "faults.png", ["uninterrupted", f"interrupted: {rows['interruptions']}"], [ref, interrupted],
+               "wall time (s)", f"The same run, interrupted: bitwise equal? {'PASS' if passed else 'FAIL'}")
+
+
 def _save(fig, experiment: str, name: str) -> str:
   path = os.path.join(HERE, experiment, name)
   fig.savefig(path, dpi=100)
@@ -156,7 +226,8 @@ def _save(fig, experiment: str, name: str) -> str:
 
 
 ALL = {"compression": compression, "transfer": transfer, "serve_load": serve_load, "data_scale": data_scale,
-       "decode": decode}
+       "decode": decode, "base_tuning": base_tuning, "inference_memory": inference_memory, "throughput": throughput,
+       "train_step": train_step, "faults": faults}
 
 if __name__ == "__main__":
   for name in sys.argv[1:] or ALL:

@@ -1,40 +1,67 @@
-"""Results files of the experiments: each run's entry goes on top (newest first), under
-the file's header, so a reader sees the latest measurement first."""
+"""Results files of the experiments, one shape for all: a "# " header, then one "### "
+entry per run, newest first, each titled with its date, machine and CPU speed factor
+and ending in the command that produced it.
 
+  record.publish(os.path.join(HERE, "results.md"), "Header of the file", lines, about="what ran")
+"""
+
+import datetime
 import json
 import os
+import shlex
 import subprocess
 import sys
 
-CPU_SPEED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "tools",
-                         "cpu_speed.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def speed_factor() -> str:
-  """This machine's speed against the 2-core reference (../shared/tools/cpu_speed.py), as
-  "speed factor F" (or "speed factor unmeasured" where the tool is absent)."""
-  out = subprocess.run([sys.executable, CPU_SPEED], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-  lines = out.stdout.strip().splitlines()
+  """This machine's CPU speed factor against the 2-core reference (`tpu-lm speed`), as
+  "speed factor F" ("speed factor unmeasured" if the command fails). Measured in a
+  fresh process on the CPU, so the experiment's own JAX state does not weigh on it."""
+  out = subprocess.run([sys.executable, "-m", "tpu_lm.speed", "--json"], cwd=ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   try:
-    return f"speed factor {json.loads(lines[-1])['speed_factor']}"
+    return f"speed factor {json.loads(out.stdout.strip().splitlines()[-1])['speed_factor']}"
   except (IndexError, ValueError, KeyError):
     return "speed factor unmeasured"
 
 
+def machine() -> str:
+  """The machine as the titles name it: "2-core CPU"; an experiment on an accelerator
+  passes its own (e.g. "1 x NVIDIA H100 80GB HBM3")."""
+  return f"{os.cpu_count()}-core CPU"
+
+
+def command() -> str:
+  """The command line this process runs, as a user would type it from the repository root."""
+  name = os.path.basename(os.path.dirname(os.path.abspath(sys.argv[0])))
+  return shlex.join(["python", "-m", f"experiments.{name}.run", *sys.argv[1:]])
+
+
+def title(factor: str, about: str = "", on: str = "", date: str = "") -> str:
+  """'### DATE, MACHINE, speed factor F[: ABOUT]'."""
+  return f"### {date or datetime.date.today()}, {on or machine()}, {factor}" + (f": {about}" if about else "")
+
+
 def prepend(path: str, entry: str, header: str, replace_latest: bool = False) -> None:
   """Writes `entry` (starting with "### ") above the earlier entries of `path`; with
-  `replace_latest`, in place of the newest one (a refit of the same runs)."""
+  `replace_latest`, in place of the newest one (a refit of the same runs, or the same
+  run's entry growing row by row)."""
   previous = open(path).read() if os.path.exists(path) else f"# {header}\n\n"
   at = previous.find("### ") if "### " in previous else len(previous)
   if replace_latest and at < len(previous):
-    following = previous.find("### ", at + 4)
-    previous = previous[:at] + (previous[following:] if following > 0 else "")
+    following = previous.find("\n### ", at + 4)
+    previous = previous[:at] + (previous[following + 1:] if following > 0 else "")
   with open(path, "w") as f:
     f.write(previous[:at] + entry.rstrip() + "\n\n" + previous[at:])
 
 
-def publish(path: str, title: str, lines: list[str], header: str, replace_latest: bool = False) -> None:
-  """Prints a results entry (a "### " title over its lines) and puts it on top of `path`."""
-  entry = "\n".join([title, "", *lines])
-  print(entry)
+def publish(path: str, header: str, lines: list[str], factor: str, about: str = "", on: str = "",
+            replace_latest: bool = False, quiet: bool = False) -> None:
+  """Puts an entry on top of `path`: its title (date, machine, `factor`, `about`), `lines`,
+  and the command that ran; prints it unless `quiet`."""
+  entry = "\n".join([title(factor, about, on), "", *lines, "", f"Command: `{command()}`."])
+  if not quiet:
+    print(entry, flush=True)
   prepend(path, entry, header, replace_latest)

@@ -2,7 +2,7 @@
 
 Runs `configs/base.py` with each variant's overrides (same token budget unless the
 variant says otherwise), reads each run's final eval and wall time, prints a
-table and writes it to results.md beside this file.
+table and puts it on top of results.md beside this file (newest first).
 
 usage (from the repository root):
   python experiments/base_tuning/run.py                 # every variant, one after another
@@ -12,13 +12,20 @@ Each run takes 5-10 minutes on a 2-core CPU; run nothing else meanwhile, or the 
 times mean nothing (the bits/byte do not depend on speed).
 """
 
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.base_tuning.run`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.base_tuning.run", *sys.argv[1:]])
+
 import argparse
-import datetime
 import json
 import os
 import re
 import subprocess
 import sys
+
+from experiments import plots, record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -37,14 +44,6 @@ VARIANTS = {
                    "--config.model.use_bias=True", "--config.model.num_heads=2", "--config.model.num_kv_heads=0",
                    "--config.model.mlp_dim=640", "--config.model.tie_embeddings=True"],
 }
-
-
-def speed_factor() -> str:
-  tool = os.path.join(ROOT, "..", "shared", "tools", "cpu_speed.py")
-  if not os.path.exists(tool):
-    return "unknown"
-  out = subprocess.run([sys.executable, tool], capture_output=True, text=True).stdout
-  return str(json.loads(out.strip().splitlines()[-1])["speed_factor"])
 
 
 def run(name: str, overrides: list[str]) -> dict:
@@ -66,16 +65,15 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--only", nargs="*", default=list(VARIANTS))
   args = parser.parse_args()
-  factor = speed_factor()
+  factor = record.speed_factor()
   rows = [run(name, VARIANTS[name]) for name in args.only]
   header = "| variant | overrides | steps | eval bits/byte | eval loss | wall time (s) |\n|---|---|---|---|---|---|"
   lines = [f"| {r['variant']} | `{r['overrides']}` | {r['steps']} | {r['eval_bpb']:.4f} | {r['eval_loss']:.4f}"
            f" | {r['wall_s']:.0f} |" for r in rows]
-  table = "\n".join([header, *lines])
-  print(table)
-  with open(os.path.join(HERE, "results.md"), "a") as f:
-    f.write(f"\n## {datetime.date.today()}, 2-core CPU, speed factor {factor}\n\n{table}\n")
+  record.publish(os.path.join(HERE, "results.md"), "Base config tuning (2-core CPU)", [header, *lines], factor,
+                 about="the variants of configs/base.py")
 
 
 if __name__ == "__main__":
   main()
+  plots.base_tuning()  # the picture next to the table, from the entry just written

@@ -20,8 +20,13 @@ Decode: batch 1, a 32-token prompt, greedy; tokens/s from 192 - 32 new tokens (t
 prefill cancels), the fastest of three runs each. Prints the table and puts it on top of results.md.
 """
 
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.compression.run`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.compression.run", *sys.argv[1:]])
+
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -32,7 +37,6 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, ROOT)
 from experiments import plots, record  # noqa: E402
 from tpu_lm.parallel import libtpu_env  # noqa: E402
 
@@ -137,12 +141,10 @@ def main() -> None:
 
   factor = record.speed_factor()
   record.publish(
-      os.path.join(HERE, "results.md"), f"### {datetime.date.today()}, {os.cpu_count()} CPU cores, {factor}",
+      os.path.join(HERE, "results.md"), "Compression of the base config (experiments/compression)",
       ["| method | bits per parameter | weights on disk (MiB) | validation bits/byte | change | decode tokens/s"
        " (batch 1) | |", "|---|---|---|---|---|---|---|", *rows, "",
-       f"Command: `python experiments/compression/run.py --base={args.base} --teacher={args.teacher}`. Float rows:"
-       " float32 parameters (4 bytes each); quantized rows: the written checkpoint's size."],
-      "Compression of the base config (experiments/compression)")
+       "Float rows: float32 parameters (4 bytes each); quantized rows: the written checkpoint's size."], factor)
 
 if __name__ == "__main__":
   main()

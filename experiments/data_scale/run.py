@@ -17,8 +17,13 @@
 Prints the tables and adds them to results.md next to this file (newest first).
 """
 
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.data_scale.run`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.data_scale.run", *sys.argv[1:]])
+
 import argparse
-import datetime
 import json
 import os
 import pathlib
@@ -31,7 +36,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, ROOT)
 from experiments import plots, record  # noqa: E402
 MIB = 2**20
 
@@ -102,8 +106,7 @@ def pipeline_rate(work: pathlib.Path, steps: int) -> dict:
   loop_rate = sum(r["tokens_per_s"] for r in records[1:]) / len(records[1:])  # the first window compiles
 
   probe = f"""
-import sys, time, jax, numpy as np
-sys.path.insert(0, {ROOT!r})
+import time, jax, numpy as np
 from configs import base
 from tpu_lm.parallel import mesh as mesh_lib
 from tpu_lm.training.setup import Setup
@@ -141,14 +144,14 @@ def main() -> None:
   args = p.parse_args()
   work = pathlib.Path(args.work)
   work.mkdir(parents=True, exist_ok=True)
+  factor = record.speed_factor()
   print("corpus growth:", flush=True)
   ours = growth(args.sizes, work, ROOT, args.steps)
   theirs = growth(args.sizes, work, os.path.abspath(args.baseline), args.steps) if args.baseline else []
   print("input pipeline:", flush=True)
   rate = pipeline_rate(work, args.rate_steps)
 
-  lines = [f"### {datetime.date.today()}, {os.cpu_count()}-core CPU, base config on text_files, {args.steps} steps",
-           "", "| code | corpus | peak RSS | first training step | wall time |", "|---|---|---|---|---|"]
+  lines = ["| code | corpus | peak RSS | first training step | wall time |", "|---|---|---|---|---|"]
   for name, rows in (("streaming", ours), (f"before ({args.baseline})", theirs)):
     for r in rows:
       lines.append(f"| {name} | {r['copies']}x stdlib, {r['corpus_mb']:.0f} MB | {r['rss_mib']:,.0f} MiB |"
@@ -160,9 +163,8 @@ def main() -> None:
             f"| the training loop, data read and tokenized on the fly (steady windows) | {rate['loop_tokens_per_s']:,.0f} |",
             f"| the same compiled step on one fixed batch | {rate['step_only_tokens_per_s']:,.0f} |",
             f"| ratio | {rate['loop_tokens_per_s'] / rate['step_only_tokens_per_s']:.3f} |"]
-  text = "\n".join(lines)
-  print(text)
-  record.prepend(os.path.join(HERE, "results.md"), text, "Data at any scale: results")
+  record.publish(os.path.join(HERE, "results.md"), "Data at any scale: results", lines, factor,
+                 about=f"base config on text_files, {args.steps} steps")
 
 
 if __name__ == "__main__":

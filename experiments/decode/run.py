@@ -19,15 +19,20 @@ depend on their values) and cast to the compute dtype once, as serving does.
 
 With --peer_python=PY (an interpreter with torch and transformers, e.g. the test extra's
 venv) each gpt2_124m row is also measured with Hugging Face `generate` (greedy, random
-weights, same batch, prompt and lengths; experiments/peers/hf.py), in the same run.
+weights, same batch, prompt and lengths; experiments/hf_peer.py), in the same run.
 
 usage: python experiments/decode/run.py [--models gpt2_124m llama_1b] [--batches 1 32] [--peer_python PY]
-Writes a table to stdout and appends it to results.md beside this script.
+Prints a table and puts it on top of results.md beside this script (newest first), row by row.
 """
+
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.decode.run`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.decode.run", *sys.argv[1:]])
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import subprocess
@@ -38,8 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from experiments import plots  # noqa: E402
+from experiments import plots, record  # noqa: E402
 from tpu_lm.parallel import libtpu_env  # noqa: E402
 
 libtpu_env.quiet_where_no_tpu()  # before JAX starts its backends
@@ -48,6 +52,8 @@ from tpu_lm.inference import decode  # noqa: E402
 from tpu_lm.model import transformer as model_lib  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+HEADER = "Decode speed against the memory-bandwidth bound (experiments/decode)"
 
 MODELS = {
     # GPT-2 small: 124M parameters, vocabulary padded to 50304.
@@ -113,9 +119,8 @@ def run(name: str, batch: int, dtype: str, prompt_len: int, n_short: int, n_long
 
 def peer(python: str, batch: int, prompt_len: int, n_short: int, n_long: int) -> float:
   """transformers' generate on GPT-2 124M, in its own interpreter: decode tokens/s."""
-  script = os.path.join(os.path.dirname(HERE), "peers", "hf.py")
-  out = subprocess.run([python, script, "decode", str(batch), "--prompt", str(prompt_len), "--tokens",
-                        str(n_short), str(n_long)], capture_output=True, text=True, check=True)
+  out = subprocess.run([python, "-m", "experiments.hf_peer", "decode", str(batch), "--prompt", str(prompt_len),
+                        "--tokens", str(n_short), str(n_long)], cwd=ROOT, capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])["decode_tok_s"]
 
 
@@ -135,13 +140,15 @@ def main():
   prompt_len = args.prompt_len or (32 if on_cpu else 128)
   bw, bw_source = bandwidth()
   device = jax.devices()[0]
-  title = (f"## {datetime.date.today()}, {device.device_kind} ({device.platform}), jax {jax.__version__};"
-           f" bandwidth {bw / 1e9:,.1f} GB/s ({bw_source}); prompt {prompt_len} tokens, timed {n_short} vs {n_long} new tokens")
-  header = ("| model | params | batch | dtype | decode tok/s | ms/step | bandwidth bound tok/s | % of bound"
-            " | transformers tok/s | tpu_lm / transformers |\n|---|---|---|---|---|---|---|---|---|---|")
-  print(title + "\n\n" + header, flush=True)
-  with open(os.path.join(HERE, "results.md"), "a") as f:
-    f.write(f"\n{title}\n\n{header}\n")
+  factor = record.speed_factor() + ("" if on_cpu else " (of the host CPU)")
+  about = (f"jax {jax.__version__}; bandwidth {bw / 1e9:,.1f} GB/s ({bw_source}); prompt {prompt_len} tokens, timed"
+           f" {n_short} vs {n_long} new tokens")
+  on = record.machine() if on_cpu else f"{jax.device_count()} x {device.device_kind}"
+  lines = ["| model | params | batch | dtype | decode tok/s | ms/step | bandwidth bound tok/s | % of bound"
+           " | transformers tok/s | tpu_lm / transformers |", "|---|---|---|---|---|---|---|---|---|---|"]
+  path = os.path.join(HERE, "results.md")
+  print(record.title(factor, about, on) + "\n\n" + "\n".join(lines), flush=True)
+  record.publish(path, HEADER, lines, factor, about, on, quiet=True)
   for name in args.models:
     for batch in args.batches:
       r = run(name, batch, dtype, prompt_len, n_short, n_long, bw)
@@ -150,8 +157,8 @@ def main():
       line = (f"| {r['model']} | {r['params'] / 1e6:,.0f}M | {r['batch']} | {r['dtype']} | {r['tok_s']:,.1f}"
               f" | {r['step_ms']:.1f} | {r['bound']:,.1f} | {100 * r['frac']:.0f}% |" + versus)
       print(line, flush=True)
-      with open(os.path.join(HERE, "results.md"), "a") as f:  # row by row: a slow run keeps what it measured
-        f.write(line + "\n")
+      lines.append(line)  # the entry rewritten row by row: a slow run keeps what it measured
+      record.publish(path, HEADER, lines, factor, about, on, replace_latest=True, quiet=True)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,17 @@ usage (from the repository root):
   python experiments/faults/run.py [--interruptions 24] [--steps 600] [--config configs/base.py]
 
 --steps shortens the run (both runs use the same value, so the schedule is the same);
-checkpoints are written every 50 steps so that a SIGKILL costs little. Writes
-README.md beside this script.
+checkpoints are written every 50 steps so that a SIGKILL costs little. Puts the checks on
+top of results.md beside this script (newest first).
 """
 
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.faults.run`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.faults.run", *sys.argv[1:]])
+
 import argparse
-import datetime
 import json
 import os
 import random
@@ -29,9 +34,10 @@ import time
 import jax
 import numpy as np
 
+from experiments import plots, record
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, ROOT)
 
 
 def command(config: str, workdir: str, steps: int) -> list[str]:
@@ -120,11 +126,10 @@ def main():
       f"| final parameters (step {faulty_step}), bitwise | {params_equal} |",
       f"| wall time: reference / interrupted | {ref_s:.0f} s / {faulty_s:.0f} s |",
   ])
-  title = (f"## {datetime.date.today()}: {args.config}, {args.steps} steps, seed {args.seed},"
-           f" {jax.devices()[0].platform}: {'PASS' if ok else 'FAIL'}")
-  print(title + "\n\n" + table)
-  with open(os.path.join(HERE, "README.md"), "a") as f:
-    f.write(f"\n{title}\n\n{table}\n")
+  record.publish(os.path.join(HERE, "results.md"), "Fault injection: the base config under repeated random kills",
+                 [table], record.speed_factor(), about=f"{args.config}, {args.steps} steps, seed {args.seed},"
+                 f" {jax.devices()[0].platform}: {'PASS' if ok else 'FAIL'}")
+  plots.faults()  # the picture next to the table, from the entry just written
   sys.exit(0 if ok else 1)
 
 

@@ -12,21 +12,27 @@ CPU process, measures the peak resident memory (wait4's ru_maxrss) of:
 
   python experiments/inference_memory/run.py     # ~2 minutes on a 2-core CPU
 
-Prints a table and writes results.md next to this file. The measuring process
+Prints a table and puts it on top of results.md next to this file (newest first). The measuring process
 imports nothing heavy and writes the run directory in a child of its own: Linux
 carries a parent's resident-memory high-water mark into its children's
 `ru_maxrss`, even across exec.
 """
 
-import datetime
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.inference_memory.run`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.inference_memory.run", *sys.argv[1:]])
+
 import json
 import os
 import subprocess
 import sys
 import tempfile
 
+from experiments import plots, record
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
 os.environ["JAX_PLATFORMS"] = "cpu"
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIB = 2**20
@@ -93,7 +99,7 @@ def write_run(workdir: str) -> None:
 
 
 def peak_rss(cmd: list[str]) -> int:
-  env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": ""}
+  env = {**os.environ, "XLA_FLAGS": ""}
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   _, status, usage = os.wait4(proc.pid, 0)
   if status:
@@ -107,8 +113,8 @@ def du(path: str) -> int:
 
 def main() -> None:
   with tempfile.TemporaryDirectory() as workdir:
-    written = subprocess.run([sys.executable, __file__, "--write", workdir], check=True, capture_output=True,
-                             text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    written = subprocess.run([sys.executable, "-m", "experiments.inference_memory.run", "--write", workdir], cwd=ROOT,
+                             check=True, capture_output=True, text=True)
     info = json.loads(written.stdout.strip().splitlines()[-1])
     n, param_bytes = info["params"], 4 * info["params"]
     state_dir = os.path.join(workdir, "checkpoints", "0", "state")
@@ -124,12 +130,9 @@ def main() -> None:
       ("`python -m tpu_lm.generate` (8 tokens), peak RSS", f"{generate / MIB:,.0f} MiB = runtime + {(generate - runtime) / MIB:,.0f} MiB"),
       ("restoring the whole train state instead, peak RSS", f"{full / MIB:,.0f} MiB = runtime + {(full - runtime) / MIB:,.0f} MiB"),
   ]
-  lines = [f"### {datetime.date.today()}, {os.cpu_count()}-core CPU, jax {info['jax']}, GPT-2 124M shape, byte tokenizer",
-           "", "| | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
-  text = "\n".join(lines)
-  print(text)
-  with open(os.path.join(HERE, "results.md"), "a") as f:
-    f.write(text + "\n\n")
+  record.publish(os.path.join(HERE, "results.md"), "Peak memory of generate against the parameters it holds",
+                 ["| | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows], record.speed_factor(),
+                 about=f"jax {info['jax']}, GPT-2 124M shape, byte tokenizer")
 
 
 if __name__ == "__main__":
@@ -137,3 +140,4 @@ if __name__ == "__main__":
     write_run(sys.argv[2])
   else:
     main()
+    plots.inference_memory()  # the picture next to the table, from the entry just written

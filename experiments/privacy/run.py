@@ -21,8 +21,13 @@ and private, its time and its XLA temporary memory.
 Writes results.md (newest first), results.json and privacy.png beside this file.
 """
 
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.privacy.run`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.privacy.run", *sys.argv[1:]])
+
 import argparse
-import datetime
 import glob
 import json
 import os
@@ -33,7 +38,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, ROOT)
 from experiments import record  # noqa: E402
 
 EPSILONS = [float("inf"), 8.0, 3.0, 1.0]
@@ -214,8 +218,8 @@ def report(saved: dict, replace_latest: bool = False) -> None:
             f"{saved['steps']} steps each from {os.path.relpath(saved['base'], ROOT)}; expected batch {EXPECTED} rows"
             f" (private: Poisson into {ROWS}); clip norm 1; lr 6e-4 cosine; delta {DELTA:g}. Plot: privacy.png."]
   path = os.path.join(HERE, "results.md")
-  record.publish(path, f"### {datetime.date.today()}, 2-core CPU, {factor}", lines,
-                 "Privacy: DP fine-tuning against canary exposure and utility (run.py)", replace_latest)
+  record.publish(path, "Privacy: DP fine-tuning against canary exposure and utility (run.py)", lines, factor,
+                 replace_latest=replace_latest)
 
 
 def big_batch(base: str, steps: int) -> None:

@@ -16,8 +16,13 @@ model's count) and compute is C = 6 N D. Writes results.md (table and fit, newes
 first), results.json and scaling.png beside this file; the runs go to runs/ (ignored).
 """
 
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.scaling.run`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.scaling.run", *sys.argv[1:]])
+
 import argparse
-import datetime
 import json
 import os
 import shutil
@@ -28,7 +33,6 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, ROOT)
 from experiments import record  # noqa: E402
 
 TOKENS_PER_PARAM = 20
@@ -158,10 +162,9 @@ def report(rows, factor: str, replace_latest: bool = False) -> None:
   lines += [
             "Published: " + "; ".join(f"{k}: {v}" for k, v in PUBLISHED.items()) + ". Plot: scaling.png."]
   path = os.path.join(HERE, "results.md")
-  record.publish(path,
-                 f"### {datetime.date.today()}, 2-core CPU, {factor}, {TOKENS_PER_PARAM} tokens/parameter", lines,
-                 "Scaling: validation bits/byte against parameters and compute (run.py)",
-                 replace_latest)  # a refit replaces the entry of the runs it refits
+  record.publish(path, "Scaling: validation bits/byte against parameters and compute (run.py)", lines, factor,
+                 about=f"{TOKENS_PER_PARAM} tokens/parameter",
+                 replace_latest=replace_latest)  # a refit replaces the entry of the runs it refits
 
 
 def main():

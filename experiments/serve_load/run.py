@@ -24,8 +24,13 @@ usage: python experiments/serve_load/run.py [--clients 12] [--requests 3] [--bas
 Prints the table and puts it on top of results.md beside this script.
 """
 
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.serve_load.run`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.serve_load.run", *sys.argv[1:]])
+
 import argparse
-import datetime
 import json
 import os
 import random
@@ -41,7 +46,6 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, ROOT)
 from experiments import plots, record  # noqa: E402
 from tpu_lm.parallel import libtpu_env  # noqa: E402
 
@@ -53,9 +57,7 @@ def write_run(workdir: str) -> None:
   import jax
   import flax.linen as nn
 
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import gpt2_124m
-
+  from configs import gpt2_124m
   from tpu_lm.config import derived
   from tpu_lm.data.tokenizer import ByteTokenizer
   from tpu_lm.inference import run_dir
@@ -231,14 +233,10 @@ def main() -> None:
       rows.append(f"| {name} | {ph} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.0f} |"
                   f" {r['ttft'][0]:.0f} / {r['ttft'][1]:.0f} | {r['itl'][0]:.0f} / {r['itl'][1]:.0f} |"
                   f" {r['rss'][0]:.0f} / {r['rss'][1]:.0f} / {r['rss'][2]:.0f} |")
-  title = (f"### {datetime.date.today()}, {os.cpu_count()} CPU cores, {factor}:"
-           f" GPT-2 124M (random weights, byte tokenizer), {args.clients} streaming clients x {args.requests}"
+  about = (f"GPT-2 124M (random weights, byte tokenizer), {args.clients} streaming clients x {args.requests}"
            f" requests, --max_batch={args.max_batch}, {args.rounds} rounds")
-  record.publish(os.path.join(HERE, "results.md"), title, [
-      *rows, "", f"Command: `python experiments/serve_load/run.py --clients {args.clients} --requests"
-      f" {args.requests}{' --baseline ' + args.baseline if args.baseline else ''}`."
-      " mixed: + 3 slow readers, 3 half-open clients, 3 clients leaving mid-stream."],
-      "The server under load (experiments/serve_load/run.py)")
+  record.publish(os.path.join(HERE, "results.md"), "The server under load (experiments/serve_load/run.py)", [
+      *rows, "", "mixed: + 3 slow readers, 3 half-open clients, 3 clients leaving mid-stream."], factor, about)
 
 if __name__ == "__main__":
   main()

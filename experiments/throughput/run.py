@@ -19,9 +19,15 @@ set) are the ones the table was measured with.
 
 usage: python experiments/throughput/run.py [--cases gpt2_124m:32:none llama_1b:8:none ...]
        [--steps 20] [--warmup 3] [--attention auto]
-A case is model:batch:remat[:accum]. Prints a table and appends it to results.md; every
-row also goes to results.jsonl beside this script.
+A case is model:batch:remat[:accum]. Prints a table and puts it on top of results.md (newest
+first, row by row); every row also goes to results.jsonl beside this script.
 """
+
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.throughput.run`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.throughput.run", *sys.argv[1:]])
 
 import argparse
 import datetime
@@ -39,9 +45,8 @@ if "XLA_FLAGS" not in os.environ and os.environ.get("JAX_PLATFORMS", "") != "cpu
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
 from configs import gpt2_124m, llama_1b  # noqa: E402
+from experiments import plots, record  # noqa: E402
 from tpu_lm.parallel import libtpu_env  # noqa: E402
 
 libtpu_env.quiet_where_no_tpu()  # before JAX starts its backends
@@ -135,12 +140,14 @@ def main() -> None:
   cases = args.cases or DEFAULT_CASES["cpu" if platform == "cpu" else "gpu"]
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   versions = f"jax {jax.__version__}"
+  factor = record.speed_factor() + ("" if platform == "cpu" else " (of the host CPU)")
+  on = record.machine() if platform == "cpu" else device
+  about = f"{versions}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '').strip() or 'none'}"
   header = "| model | batch x T | remat | accum | logits chunk | attention | step ms | tokens/s | MFU | peak mem GiB |"
-  lines = [
-      f"\n### {datetime.date.today()} on {device} ({versions}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '').strip() or 'none'})\n",
-      header, "|" + "---|" * (header.count("|") - 1),
-  ]
-  print("\n".join(lines), flush=True)
+  lines = [header, "|" + "---|" * (header.count("|") - 1)]
+  path = os.path.join(HERE, "results.md")
+  print(record.title(factor, about, on) + "\n\n" + "\n".join(lines), flush=True)
+  record.publish(path, "Training throughput", lines, factor, about, on, quiet=True)
   for case in cases:
     model, batch, remat, *accum = case.split(":")
     row = measure(model, int(batch), remat, int(accum[0]) if accum else 1,
@@ -156,11 +163,11 @@ def main() -> None:
               f" {row['step_ms']} | {row['tokens_per_s']:,} | {mfu} | {row['peak_memory_gib']} |")
     print(line, flush=True)
     lines.append(line)
-    with open(os.path.join(HERE, "results.jsonl"), "a") as f:
+    record.publish(path, "Training throughput", lines, factor, about, on, replace_latest=True, quiet=True)
+    with open(os.path.join(HERE, "results.jsonl"), "a") as f:  # every row, for tools (oldest first)
       f.write(json.dumps(row) + "\n")
-  with open(os.path.join(HERE, "results.md"), "a") as f:
-    f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
   main()
+  plots.throughput()  # the picture next to the table, from the entry just written

@@ -5,7 +5,7 @@ the peer's 4 heads (GPT-2 block, 2 layers x 160, vocab 2048, batch 8 x 256; 5 wa
 steps, mean of 40) and GPT-2 124M at batch 1 x 1024 (configs/gpt2_124m.py's model in
 float32; 2 warm-up steps, mean of 3). tpu_lm's number is the whole compiled train step
 (Setup.train_step: forward, backward, AdamW, the non-finite guard and metrics); the peer's is
-PyTorch eager forward + backward + clip + AdamW (experiments/peers/hf.py train), run in
+PyTorch eager forward + backward + clip + AdamW (experiments/hf_peer.py train), run in
 the interpreter given by --peer_python (any with torch and transformers; PyTorch is
 not a dependency of tpu_lm).
 
@@ -14,8 +14,13 @@ not a dependency of tpu_lm).
 Prints a table and adds it to results.md beside this script (newest first).
 """
 
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.train_step.run`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.train_step.run", *sys.argv[1:]])
+
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -24,7 +29,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, ROOT)
 
 from tpu_lm.parallel import libtpu_env  # noqa: E402
 
@@ -33,7 +37,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import gpt2_124m, gpt2_small  # noqa: E402
-from experiments import record  # noqa: E402
+from experiments import plots, record  # noqa: E402
 from tpu_lm.parallel import mesh as mesh_lib  # noqa: E402
 from tpu_lm.training.setup import Setup  # noqa: E402
 
@@ -71,7 +75,7 @@ def ours(shape: str) -> float:
 
 
 def peer(python: str, shape: str) -> dict:
-  out = subprocess.run([python, os.path.join(ROOT, "experiments", "peers", "hf.py"), "train", "--shape", shape],
+  out = subprocess.run([python, "-m", "experiments.hf_peer", "train", "--shape", shape], cwd=ROOT,
                        capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -84,20 +88,19 @@ def main() -> None:
   p.add_argument("--peer_python", required=True, help="a Python with torch + transformers")
   p.add_argument("--shapes", nargs="+", choices=sorted(ROWS), default=["small", "124m"])
   args = p.parse_args()
+  factor = record.speed_factor()
   rows = []
   for shape in args.shapes:
     mine, theirs = ours(shape), peer(args.peer_python, shape)
     rows.append(f"| train step, {ROWS[shape]}, float32 | {mine:,.1f} | {theirs['ms_per_step']:,.1f} |"
                 f" {theirs['ms_per_step'] / mine:.2f} |")
     print(rows[-1], flush=True)
-  lines = [f"### {datetime.date.today()}, {jax.devices()[0].device_kind} x {os.cpu_count()} cores, jax {jax.__version__},"
-           f" {theirs['peer']}", "",
-           "| work | tpu_lm ms/step | transformers ms/step | transformers / tpu_lm (>= 1: tpu_lm faster) |",
+  lines = ["| work | tpu_lm ms/step | transformers ms/step | transformers / tpu_lm (>= 1: tpu_lm faster) |",
            "|---|---|---|---|", *rows]
-  text = "\n".join(lines)
-  print(text)
-  record.prepend(os.path.join(HERE, "results.md"), text, "Training step against the peers")
+  record.publish(os.path.join(HERE, "results.md"), "Training step against the peers", lines, factor,
+                 about=f"jax {jax.__version__}, {theirs['peer']}")
 
 
 if __name__ == "__main__":
   main()
+  plots.train_step()  # the picture next to the table, from the entry just written

@@ -9,13 +9,18 @@ longer than --max_chars, are left out.
       --config.data.dataset=instructions --config.data.path=workdirs/docstring_pairs.jsonl
 """
 
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.transfer.docstring_pairs`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.transfer.docstring_pairs", *sys.argv[1:]])
+
 import argparse
 import ast
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from tpu_lm.data import local_files  # noqa: E402
 
 

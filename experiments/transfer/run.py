@@ -18,11 +18,16 @@ from scratch: accuracy and macro F1.
   python experiments/transfer/run.py [--base=workdirs/base] [--steps=300]
 
 Every row is the real command (python -m tpu_lm.main --config=configs/finetune.py:BASE
-...) in a subprocess. Prints the tables and writes results.md next to this file.
+...) in a subprocess. Prints the tables and puts them on top of results.md next to this file (newest first).
 """
 
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.transfer.run`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.transfer.run", *sys.argv[1:]])
+
 import argparse
-import datetime
 import json
 import os
 import re
@@ -34,8 +39,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, ROOT)
-from experiments import plots  # noqa: E402
+from experiments import plots, record  # noqa: E402
 
 PACKAGES = ("flax", "optax", "numpy")
 
@@ -62,7 +66,7 @@ def run(name: str, workdir: str, config: str, overrides: dict) -> dict:
   cmd = [sys.executable, "-m", "tpu_lm.main", f"--config={config}", f"--workdir={workdir}"]
   cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
   t0 = time.time()
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   wall = time.time() - t0
   if out.returncode:
     raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -82,6 +86,7 @@ def main() -> None:
   p.add_argument("--work", default=os.path.join(ROOT, "workdirs", "transfer"))
   args = p.parse_args()
   base = os.path.abspath(args.base)
+  factor = record.speed_factor()
   if not os.path.isdir(os.path.join(base, "checkpoints")):
     print(f"pretraining the base config into {base} (about 7 minutes on a 2-core CPU)", flush=True)
     subprocess.run([sys.executable, "-m", "tpu_lm.main", "--config=configs/base.py", f"--workdir={base}"], cwd=ROOT,
@@ -104,8 +109,7 @@ def main() -> None:
   cls = [run(n, os.path.join(args.work, f"cls{i}"), finetune, {**cls_common, **o}) for i, (n, o) in enumerate(cls_rows)]
 
   base_bpb = _base_bpb(base, corpus)
-  lines = [f"### {datetime.date.today()}, {os.cpu_count()}-core CPU, base {base}, {args.steps} steps x 8 x 256 tokens per row",
-           "", f"Held-out bits per byte on {', '.join(PACKAGES)} source (validation files). The base model before"
+  lines = [f"Held-out bits per byte on {', '.join(PACKAGES)} source (validation files). The base model before"
            f" any adaptation: {base_bpb:.4f}.", "",
            "| start | bits/byte | trainable parameters | optimizer state | wall time |", "|---|---|---|---|---|"]
   lines += [f"| {r['name']} | {r['eval']['eval_bpb']:.4f} | {r['trainable']} ({r['share']}%) | {r['opt_mib']} MiB |"
@@ -114,10 +118,8 @@ def main() -> None:
             "", "| start | accuracy | macro F1 | wall time |", "|---|---|---|---|"]
   lines += [f"| {r['name']} | {r['eval']['eval_accuracy']:.4f} | {r['eval']['eval_macro_f1']:.4f} | {r['wall_s']:.0f} s |"
             for r in cls]
-  text = "\n".join(lines)
-  print(text)
-  with open(os.path.join(HERE, "results.md"), "a") as f:
-    f.write(text + "\n\n")
+  record.publish(os.path.join(HERE, "results.md"), "Transfer: pretraining on the standard library, adapting elsewhere",
+                 lines, factor, about=f"base {os.path.relpath(base, ROOT)}, {args.steps} steps x 8 x 256 tokens per row")
   with open(os.path.join(HERE, "results.json"), "w") as f:
     json.dump({"lm": lm, "classification": cls, "base_bpb": base_bpb}, f, indent=1)
 

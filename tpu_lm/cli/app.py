@@ -3,6 +3,7 @@
   tpu-lm train --config=configs/tiny.py        # python -m tpu_lm.main
   tpu-lm generate --workdir=RUN --prompt=...   # python -m tpu_lm.generate
   tpu-lm serve | convert | compress | inspect | audit | sweep ...
+  tpu-lm speed                                 # python -m tpu_lm.speed: this CPU's speed factor
 """
 
 import sys

@@ -1,15 +1,22 @@
 """The Hugging Face transformers peer of the speed tables: PyTorch eager on CPU (a thread per core,
-float32) or CUDA, measured the way ../shared/tools/peer_hf.py measures it.
+float32) or CUDA, random weights and tokens: the mean time of the steps after a warm-up (train), or
+the difference of a long and a short greedy generation (decode), the clock read after a device sync.
 
 Runs in its own environment (PyTorch is not a dependency of tpu_lm; the test extra's
 venv has it):
-  python experiments/peers/hf.py train [--shape small|124m]
+  python experiments/hf_peer.py train [--shape small|124m]
       small: GPT-2 block 2 x 160, 4 heads, vocab 2048, batch 8 x 256; 124m: GPT-2 124M, batch 1 x 1024;
       AdamW + clipping
-  python experiments/peers/hf.py decode B       GPT-2 124M random weights, prompt 32, greedy
+  python experiments/hf_peer.py decode B       GPT-2 124M random weights, prompt 32, greedy
 decode tok/s = B * (N_long - N_short) / (t(N_long) - t(N_short)), so prefill cancels.
 Prints one JSON line. The benchmarks (experiments/decode/run.py, ...) call it with --peer_python.
 """
+
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as `python -m experiments.hf_peer`
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.hf_peer", *sys.argv[1:]])
 
 import argparse
 import json
