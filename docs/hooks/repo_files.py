@@ -1,11 +1,7 @@
 """mkdocs hook: pages link to the repository's own files (plots, notebooks) as
 `../path`, which is right on GitHub; the site gets a copy of each such file at `path`
 and the link is rewritten to it. A `../path` that does not exist stays as written,
-so the strict build fails on it.
-
-An include may name alternatives, `--8<-- "a.md|b.md"`: the first that exists is
-included (a results file that moves keeps its page building on either side of the
-move); if none exists the first stays, and the strict build fails on it."""
+so the strict build fails on it."""
 
 import os
 import re
@@ -13,7 +9,6 @@ import re
 from mkdocs.structure.files import File
 
 _LINK = re.compile(r"\]\(\.\./([^)#\s]+)")
-_INCLUDE = re.compile(r'^(--8<-- ")([^"]+\|[^"]+)(")$', re.M)
 
 
 def _repo_root(config) -> str:
@@ -45,9 +40,4 @@ def on_page_markdown(markdown, page, config, files):
       return m.group(0)
     return "](" + target
 
-  def first(m):
-    names = m.group(2).split("|")
-    found = [n for n in names if os.path.isfile(os.path.join(root, n))]
-    return m.group(1) + (found or names)[0] + m.group(3)
-
-  return _INCLUDE.sub(first, _LINK.sub(local, markdown))
+  return _LINK.sub(local, markdown)
