@@ -5,6 +5,17 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One JAX compilation cache per test session, shared by the xdist workers and the
+# subprocesses they start (they inherit the environment): a run and its resume, or the
+# reliability tests' reruns, compile the same train step once. A new directory each
+# session (made by the first process to load this file), so the suite never reuses
+# programs compiled by older code.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  import tempfile
+
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tpu_lm_tests_jax_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import random  # noqa: E402
 
@@ -111,3 +122,10 @@ def corpus_for(config, tokenizer=None):
 
   splits = sources.open_splits(config.data)
   return sources.prepare(config.data, splits, tasks.from_config(config, splits.class_names), tokenizer)
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, "workerinput"):  # the process that made it, after the workers
+    import shutil
+
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -125,6 +125,7 @@ def _sparsity(params, targets=prune.Spec().targets):
   return prune.report(jax.device_get(params), prune.Spec(targets=targets))
 
 
+@pytest.mark.slow  # a sharded training run, a checkpoint and its restore
 def test_masks_live_in_the_optimizer_state_and_survive_updates_and_checkpoints(tmp_path):
   config = tiny_config()
   config.prune.update(sparsity=0.5, begin_step=0, end_step=4, every=2)  # gradual: masks at updates 0, 2 and 4
@@ -157,6 +158,7 @@ def test_masks_live_in_the_optimizer_state_and_survive_updates_and_checkpoints(t
   assert all(jax.tree.leaves(still))
 
 
+@pytest.mark.slow  # a compiled training run
 def test_two_four_pruning_in_training_gives_valid_masks():
   config = tiny_config()
   config.prune.n_m = "2:4"

@@ -204,6 +204,7 @@ def test_requests_that_do_not_fit_are_refused(gpt2):
     decoder.generate([[1, 5]], decode.Sampling(top_p=0.0))
 
 
+@pytest.mark.slow  # a training run of its own
 def test_a_scanned_bfloat16_run_decodes_like_its_own_parameters(corpus_dir, data_dir, tmp_path):
   """A run trained with scan_layers=True in bfloat16: run_dir reads its scanned
   float32 parameters straight into bfloat16, per layer, and decodes what a decoder

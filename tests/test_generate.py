@@ -94,6 +94,7 @@ def _generate_with_ctrl_c(calls: str, *flags, stdin=None):
                         timeout=300, input=stdin)
 
 
+@pytest.mark.slow  # a real process and a real SIGINT
 def test_ctrl_c_stops_decoding_at_the_next_step_prints_what_came_and_exits_130(trained_run):
   local = run_dir.load(trained_run, devices=jax.devices()[:1])
   [c] = local.decoder.generate([local.encode_prompt("the model")], decode.Sampling(40, 0.0))
@@ -108,6 +109,7 @@ def test_ctrl_c_stops_decoding_at_the_next_step_prints_what_came_and_exits_130(t
   assert full.startswith(text) and len(text.encode()) < 10  # stopped a step or so after the third
 
 
+@pytest.mark.slow  # a real process and a real SIGINT
 def test_ctrl_c_in_interactive_mode_stops_the_completion_and_returns_to_the_prompt(trained_run):
   # Ctrl-C during the batch of --prompt samples, then during the first typed prompt; the second runs whole.
   out = _generate_with_ctrl_c("1,2", f"--workdir={trained_run}", "--prompt=a", "--num_samples=2", "--temperature=0",

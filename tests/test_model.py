@@ -54,7 +54,7 @@ def _loss_and_grads(cfg, params, batch):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("family", [{}, LLAMA], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("family", [pytest.param({}, marks=pytest.mark.slow), LLAMA], ids=["gpt2", "llama"])
 def test_remat_and_scan_give_the_same_loss_and_gradients(family):
   base = _cfg(num_layers=3, **family)
   batch = _batch(1)
