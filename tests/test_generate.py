@@ -18,6 +18,7 @@ def _generate(*flags, stdin=None):
                         capture_output=True, text=True, timeout=300, input=stdin)
 
 
+@pytest.mark.slow  # the command end to end, twice
 def test_one_prompt_streams_its_completion(trained_run):
   out = _generate(f"--workdir={trained_run}", "--prompt=the model", "--temperature=0", "--max_new_tokens=9")
   assert out.returncode == 0, out.stderr[-3000:]
@@ -55,6 +56,7 @@ def test_stop_scanner_holds_back_what_could_start_a_stop_and_cuts_at_the_first()
   assert first_stop("a.b.c", (".c", ".")) == 1 and first_stop("abc", ("z",)) is None
 
 
+@pytest.mark.slow  # the command end to end
 def test_several_samples_and_interactive_mode(trained_run):
   out = _generate(f"--workdir={trained_run}", "--prompt=a", "--prompt=b", "--num_samples=2", "--max_new_tokens=5",
                   "--interactive", stdin="one\n\ntwo\n")

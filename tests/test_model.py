@@ -54,7 +54,8 @@ def _loss_and_grads(cfg, params, batch):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("family", [pytest.param({}, marks=pytest.mark.slow), LLAMA], ids=["gpt2", "llama"])
+@pytest.mark.slow  # six compiled gradients a family
+@pytest.mark.parametrize("family", [{}, LLAMA], ids=["gpt2", "llama"])
 def test_remat_and_scan_give_the_same_loss_and_gradients(family):
   base = _cfg(num_layers=3, **family)
   batch = _batch(1)
@@ -153,7 +154,7 @@ def test_head_dim_independent_of_the_width():
   assert logits.shape == (2, 24, cfg.vocab_size) and np.all(np.isfinite(logits))
 
 
-@pytest.mark.parametrize("t", [256, 100])
+@pytest.mark.parametrize("t", [pytest.param(256, marks=pytest.mark.slow), 100])  # 256: several query blocks
 def test_xla_attention_equals_softmax_attention_values_and_gradients(t):
   """Query blocks (T=256: 4 of 64) and late normalization change only rounding:
   against jax.nn.dot_product_attention with the same mask, GQA 4/2, packed rows."""

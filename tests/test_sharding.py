@@ -36,10 +36,10 @@ def one_device():
     [
         ({"preset": "data_parallel"}, (8, 1, 1)),
         ({"preset": "fsdp"}, (1, 8, 1)),
-        ({"preset": "fsdp_tensor", "tensor": 2}, (1, 4, 2)),
+        pytest.param({"preset": "fsdp_tensor", "tensor": 2}, (1, 4, 2), marks=pytest.mark.slow),
         ({"data": 2, "fsdp": 2, "tensor": 2}, (2, 2, 2)),
         # Gradient accumulation: 4 microbatches of one row per device == the batch of 8 at once.
-        ({"data": 2, "fsdp": 1, "tensor": 1, "accum": 4}, (2, 1, 1)),
+        pytest.param({"data": 2, "fsdp": 1, "tensor": 1, "accum": 4}, (2, 1, 1), marks=pytest.mark.slow),
     ],
     ids=["data_parallel", "fsdp", "fsdp_tensor", "data_fsdp_tensor", "accumulate_4"],
 )

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 import numpy as np
 
 from tpu_lm import speed_factor
@@ -37,6 +38,7 @@ def _speed(*flags):
   return subprocess.run([sys.executable, "-m", "tpu_lm.speed", *flags], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a real process timing real steps
 def test_command_prints_the_json_line():
   out = _speed("--repeats=1", "--json")
   assert out.returncode == 0, out.stderr

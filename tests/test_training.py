@@ -51,6 +51,7 @@ def test_schedules_warm_up_then_decay_to_their_floor():
     assert float(lr(100)) == pytest.approx(end, rel=1e-5), name
 
 
+@pytest.mark.slow  # two compiled training steps
 def test_l1_penalty_adds_its_subgradient_to_weight_matrices_only():
   batch = _batch()
   grads = {}
