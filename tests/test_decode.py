@@ -174,6 +174,7 @@ def test_each_sampler_kind_draws_what_the_full_sort_draws():
   assert sampling.plan([decode.Sampling(top_p=0.9), decode.Sampling(top_k=5)]) == ("sort", 0)
 
 
+@pytest.mark.slow  # a second compiled decoder, sharded
 def test_tensor_parallel_decode_gives_the_tokens_of_one_device():
   config = tiny_config()
   config.model.update(num_heads=4, num_kv_heads=4)

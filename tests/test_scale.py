@@ -62,6 +62,7 @@ def test_float16_with_loss_scaling_trains_like_float32():
   np.testing.assert_allclose(losses["float16"], losses["float32"], rtol=0.02)
 
 
+@pytest.mark.slow  # a float16 training run
 def test_loss_scale_halves_and_skips_on_overflow_then_grows():
   config = tiny_config()
   config.log_every_steps = 1
@@ -93,6 +94,7 @@ def _qkv(b=2, t=128, n=4, k=2, h=32, seed=0):
   return q, kk, v, jnp.asarray(seg)
 
 
+@pytest.mark.slow  # the Pallas kernel in its interpreter, forward and backward
 def test_splash_kernel_matches_xla_forward_and_backward():
   """The TPU Pallas kernel, run by the Pallas interpreter on CPU."""
   q, k, v, seg = _qkv()

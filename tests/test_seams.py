@@ -60,6 +60,7 @@ def test_qwix_int8_weight_quantization_stays_close_to_the_float_model(llama):
   assert 0 < err < 0.02 * float(jnp.max(jnp.abs(ref))), err
 
 
+@pytest.mark.slow  # every projection through qwix, forward and gradient
 def test_qwix_lora_adds_adapters_to_every_projection_and_starts_as_the_model(llama):
   import qwix
 

@@ -35,7 +35,7 @@ def one_device():
     "mesh, shape",
     [
         ({"preset": "data_parallel"}, (8, 1, 1)),
-        ({"preset": "fsdp"}, (1, 8, 1)),
+        pytest.param({"preset": "fsdp"}, (1, 8, 1), marks=pytest.mark.slow),
         pytest.param({"preset": "fsdp_tensor", "tensor": 2}, (1, 4, 2), marks=pytest.mark.slow),
         ({"data": 2, "fsdp": 2, "tensor": 2}, (2, 2, 2)),
         # Gradient accumulation: 4 microbatches of one row per device == the batch of 8 at once.
