@@ -17,7 +17,7 @@ def _comments(source: str, owner: str, prefix: str) -> dict[str, str]:  # in sou
   docs = {}
   nodes = sorted((n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Assign)), key=lambda n: n.lineno)
   for node in nodes:
-    if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+    if len(node.targets) != 1:
       continue
     parts, target = [], node.targets[0]
     while isinstance(target, ast.Attribute):
