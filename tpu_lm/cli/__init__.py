@@ -1,5 +1,5 @@
 """The commands: one module per verb (train, generate, serve, convert, compress,
-inspect, audit, sweep, speed), started the same way. `tpu-lm VERB --flags` (the console
+inspect, audit, sweep, eval, codebench, speed), started the same way. `tpu-lm VERB --flags` (the console
 script, app.py) and `python -m tpu_lm.<command>` (the modules beside this package)
 both come here.
 
@@ -24,8 +24,8 @@ from tpu_lm.errors import UserError, exit_with
 # verb -> its module in this package (`inspect` is inspection.py: no module here may
 # carry a standard-library name, or running a file of the folder by path shadows it).
 VERBS = {"train": "train", "generate": "generate", "serve": "serve", "convert": "convert", "compress": "compress",
-         "inspect": "inspection", "audit": "audit", "sweep": "sweep",
-         "speed": "speed"}
+         "inspect": "inspection", "audit": "audit", "sweep": "sweep", "eval": "evaluate",
+         "codebench": "codebench", "speed": "speed"}
 
 DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of a user error.")
 

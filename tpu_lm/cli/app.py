@@ -2,6 +2,8 @@
 
   tpu-lm train --config=configs/tiny.py        # python -m tpu_lm.main
   tpu-lm generate --workdir=RUN --prompt=...   # python -m tpu_lm.generate
+  tpu-lm eval --workdir=RUN --tasks=NAMES     # python -m tpu_lm.evaluate: lm-evaluation-harness tasks
+  tpu-lm codebench --workdir=RUN              # python -m tpu_lm.codebench: the offline code benchmark
   tpu-lm serve | convert | compress | inspect | audit | sweep ...
   tpu-lm speed                                 # python -m tpu_lm.speed: this CPU's speed factor
 """
