@@ -134,6 +134,7 @@ def validate(config) -> None:
   _check_freeze(config)
   _check_compression(config)
   _check_privacy(config)
+  _check_eval_harness(config)
   if not 0 <= config.optim.min_lr_ratio <= 1:
     fail("optim.min_lr_ratio", config.optim.min_lr_ratio, "it must be in [0, 1]")
   if config.optim.warmup_steps > config.num_train_steps:
@@ -169,6 +170,22 @@ def validate(config) -> None:
         f"sample.prompt_tokens ({config.sample.prompt_tokens}) plus new tokens must fit model.max_len"
         f" ({m.max_len}); lower them or raise model.max_len",
     )
+
+
+def _check_eval_harness(config) -> None:
+  h = config.eval_harness
+  if not isinstance(h.tasks, str):
+    fail("eval_harness.tasks", h.tasks, "write the lm-eval task names (or YAML files) as one comma-separated string")
+  if not h.tasks:
+    return
+  if not tasks.from_config(config).generates:
+    fail("eval_harness.tasks", h.tasks, "lm-evaluation-harness tasks score a language model: this run's"
+         f" task.kind is {config.task.kind!r}")
+  if h.every_steps % config.eval_every_steps:
+    fail("eval_harness.every_steps", h.every_steps, f"harness tasks run at evals: use a multiple of eval_every_steps"
+         f" ({config.eval_every_steps}), or 0 for the final eval only")
+  if isinstance(h.num_fewshot, bool) or not isinstance(h.num_fewshot, int) or h.num_fewshot < -1:
+    fail("eval_harness.num_fewshot", h.num_fewshot, "use a number of examples >= 0, or -1 for each task's own")
 
 
 def _check_privacy(config) -> None:

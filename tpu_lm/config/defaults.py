@@ -281,6 +281,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.privacy.delta = 1e-5  # must be below 1 / N
   c.privacy.expected_batch_size = 0  # 0: the largest that overflows data.global_batch_size at most 1e-6 a step
 
+  # lm-evaluation-harness tasks at eval time (pip install 'tpu_lm[eval]'): each task's
+  # metrics go to metrics.jsonl and TensorBoard as harness/<task>/<metric>, beside
+  # eval_bpb, and a sweep can optimise them (--metric=harness/<task>/acc).
+  c.eval_harness = ml_collections.ConfigDict()
+  c.eval_harness.tasks = ""  # comma-separated lm-eval task names or YAML files; empty: none
+  c.eval_harness.include_path = ""  # a folder of task YAML files (local tasks, no download)
+  c.eval_harness.every_steps = 0  # a multiple of eval_every_steps: the evals that run them; 0: the final eval only
+  _non_negative('eval_harness.every_steps')
+  c.eval_harness.limit = 0  # > 0: at most this many documents per task (a cheap, fixed sample)
+  _non_negative('eval_harness.limit')
+  c.eval_harness.num_fewshot = -1  # -1: each task's own
+  c.eval_harness.batch_size = 16  # sequences scored per compiled call
+  _positive_int('eval_harness.batch_size')
+  c.eval_harness.max_gen_toks = 64  # cap on tokens generated per generate_until request
+  _positive_int('eval_harness.max_gen_toks')
+
   c.sample = ml_collections.ConfigDict()
   c.sample.num_prompts = 3
   _non_negative('sample.num_prompts')

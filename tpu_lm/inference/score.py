@@ -6,6 +6,8 @@ scoring (echo + logprobs), the memorization audit's log-perplexities and the
 per-token log-probabilities `inspect` shows; they agree because they are this.
 A sequence is ids as the model reads them (a prompt's BOS included, as
 Run.encode_prompt makes it); token 0 has no context, so it has no log-probability.
+The model reads every token but the last, so a sequence may be one token longer than
+the model's context (max_len + 1 tokens: max_len predictions, as lm-eval windows text).
 """
 
 import contextlib
@@ -29,13 +31,15 @@ class Scored:
   top_logprobs: np.ndarray  # [T - 1, k]
 
 
-def _score(params, tokens_BxT, real_BxT, *, model, vocab_size: int, top: int):
+def _score(params, tokens_BxT, real_BxT, targets_BxT, *, model, vocab_size: int, top: int):
+  """Log-probabilities of targets_BxT[:, i] given tokens_BxT[:, :i + 1] (the model reads
+  the inputs only: a sequence of max_len + 1 tokens is scored in full, max_len predictions)."""
   t = tokens_BxT.shape[1]
   positions_BxT = jnp.broadcast_to(jnp.arange(t), tokens_BxT.shape)
   logits_BxTxV = model.apply({"params": params}, tokens_BxT, real_BxT, positions_BxT)
   usable_V = jnp.arange(logits_BxTxV.shape[-1]) < vocab_size  # the model's vocab is padded for sharding
-  logp_BxTxV = jax.nn.log_softmax(jnp.where(usable_V, logits_BxTxV, -jnp.inf), axis=-1)[:, :-1]
-  chosen_BxT = jnp.take_along_axis(logp_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+  logp_BxTxV = jax.nn.log_softmax(jnp.where(usable_V, logits_BxTxV, -jnp.inf), axis=-1)
+  chosen_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
   if not top:
     return chosen_BxT, None, None
   top_logprobs, top_ids = jax.lax.top_k(logp_BxTxV, top)
@@ -57,20 +61,22 @@ def token_logprobs(model, params, sequences: list[list[int]], *, vocab_size: int
   if not sequences:
     return []
   for i, s in enumerate(sequences):
-    if not 2 <= len(s) <= max_len:
-      raise UserError(f"sequence {i} has {len(s)} tokens: scoring needs 2 to {max_len} (the model's context).")
+    if not 2 <= len(s) <= max_len + 1:
+      raise UserError(f"sequence {i} has {len(s)} tokens: scoring needs 2 to {max_len + 1} (the model's context,"
+                      " and the token after it).")
   b = bucket(len(sequences), 1)
   b += -b % batch_multiple
-  t = bucket(max(len(s) for s in sequences), 16, max_len)
+  t = bucket(max(len(s) for s in sequences) - 1, 16, max_len)  # the inputs: every token but the last
   tokens = np.full((b, t), pad_id, np.int32)
+  targets = np.full((b, t), pad_id, np.int32)
   real = np.zeros((b, t), np.int32)
   for i, s in enumerate(sequences):
-    tokens[i, :len(s)], real[i, :len(s)] = s, 1
+    tokens[i, :len(s) - 1], targets[i, :len(s) - 1], real[i, :len(s) - 1] = s[:-1], s[1:], 1
   with context() if context else contextlib.nullcontext():
-    chosen, ids, alts = _compiled(model, vocab_size)(params, tokens, real, top=top)
+    chosen, ids, alts = _compiled(model, vocab_size)(params, tokens, real, targets, top=top)
   chosen = np.asarray(chosen)
-  ids = np.asarray(ids) if top else np.zeros((b, t - 1, 0), np.int32)
-  alts = np.asarray(alts) if top else np.zeros((b, t - 1, 0), np.float32)
+  ids = np.asarray(ids) if top else np.zeros((b, t, 0), np.int32)
+  alts = np.asarray(alts) if top else np.zeros((b, t, 0), np.float32)
   return [Scored(chosen[i, :len(s) - 1], ids[i, :len(s) - 1], alts[i, :len(s) - 1]) for i, s in enumerate(sequences)]
 
 
