@@ -56,6 +56,13 @@ class Sweep:
 
     objective = tasks.from_config(self.config)
     produced = objective.metrics
+    if self.metric.startswith("harness/"):  # an lm-evaluation-harness task's metric (config.eval_harness)
+      from tpu_lm.harness import tasks as harness_tasks
+
+      if not self.config.eval_harness.tasks:
+        raise UserError(f"--metric={self.metric} is a harness task's metric, but the config runs no harness tasks:"
+                        " set --config.eval_harness.tasks.")
+      produced = {self.metric: harness_tasks.direction(self.metric)}
     if self.metric not in produced:
       raise UserError(f"--metric={self.metric}: a {objective.name} run's final eval has no such metric; use one of"
                       f" {', '.join(produced)}.")

@@ -25,7 +25,7 @@ from tpu_lm.model import params as params_lib
 from tpu_lm.parallel import mesh as mesh_lib
 from tpu_lm.training import checkpoint as checkpoint_lib
 from tpu_lm.training import metrics as metrics_lib
-from tpu_lm.training import init_from, preemption, prune
+from tpu_lm.training import harness_eval, init_from, preemption, prune
 from tpu_lm.training.evaluate import evaluate, print_samples
 from tpu_lm.training.setup import Setup, check_batch
 from tpu_lm.training.state import TrainState
@@ -42,6 +42,7 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
   t_start = time.time()
   watch = watch or preemption.Watch()
   checks.validate(config)  # the config, then where it runs
+  harness = harness_eval.Harness.prepare(config)  # its tasks found before any work
   checkpoint_lib.check_writable(workdir)
   _check_shared_workdir(workdir)
   mesh = mesh_lib.make_mesh(mesh_lib.mesh_sizes(config.mesh))
@@ -57,7 +58,7 @@ def train_and_evaluate(config, workdir: str, watch: preemption.Watch | None = No
     tokenizer_lib.save_for_run(corpus.tokenizer, workdir)
   train_iter, private = _train_iter(setup, corpus, ckpt)
   state = _restore_or_init(setup, ckpt, train_iter)
-  return _train(setup, state, train_iter, private, corpus, ckpt, workdir, watch, on_eval, t_start)
+  return _train(setup, state, train_iter, private, corpus, ckpt, workdir, watch, on_eval, t_start, harness)
 
 
 def _source_tokenizer(config):
@@ -92,7 +93,7 @@ def _train_iter(setup, corpus, ckpt):
   return private, private
 
 
-def _train(setup, state, train_iter, private, corpus, ckpt, workdir, watch, on_eval, t_start) -> dict:
+def _train(setup, state, train_iter, private, corpus, ckpt, workdir, watch, on_eval, t_start, harness) -> dict:
   """The loop: steps, logs, evals, checkpoints, until num_train_steps or a stop."""
   config, d = setup.config, setup.config.data
   n_params = params_lib.num_params(setup.abstract_state.params)
@@ -146,7 +147,7 @@ def _train(setup, state, train_iter, private, corpus, ckpt, workdir, watch, on_e
         ckpt.save(step, state, train_iter, config.to_dict())
         saved_step = step
       if step % config.eval_every_steps == 0 and step < config.num_train_steps:
-        result = _log_eval(setup, state, corpus, writer, step)
+        result = _log_eval(setup, state, corpus, writer, step, harness, workdir)
         timer.restart()  # eval time is not training throughput (nor are the steps timed before it)
         if on_eval is not None and on_eval(step, result):
           if saved_step != step:
@@ -159,7 +160,7 @@ def _train(setup, state, train_iter, private, corpus, ckpt, workdir, watch, on_e
       _diverged(ckpt, writer, int(last_streak), step, config.max_consecutive_nonfinite)
     if saved_step != step:
       ckpt.save(step, state, train_iter, config.to_dict())
-    result = _log_eval(setup, state, corpus, writer, step)
+    result = _log_eval(setup, state, corpus, writer, step, harness, workdir, final=True)
     if watch.reason is None and setup.task.generates:  # after a signal the checkpoint is all that matters
       print_samples(setup, state.params, corpus)
     ckpt.close()
@@ -350,7 +351,7 @@ def _scored(result: dict) -> str:
   return f"{result.get('eval_examples', 0):,} examples"
 
 
-def _log_eval(setup, state, corpus, writer, step) -> dict:
+def _log_eval(setup, state, corpus, writer, step, harness=None, workdir="", final=False) -> dict:
   t0 = time.time()
   with setup.context():
     result = evaluate(setup, state.params, corpus)
@@ -363,6 +364,8 @@ def _log_eval(setup, state, corpus, writer, step) -> dict:
          else " (whole split)")
       + f" in {time.time() - t0:.1f} s"
       + metrics_lib.classification_table(result))
+  if harness and harness.due(step, final):  # its scoring and decoding enter the mesh themselves
+    result = {**result, **harness.run(setup, state.params, corpus.tokenizer, workdir, step)}
   writer.write(step, result)
   if setup.prune.active:  # what the masks achieved, per layer and overall
     report = prune.report(jax.device_get(state.params), setup.prune)
