@@ -16,6 +16,10 @@ if _OWN_CACHE:
 
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tpu_lm_tests_jax_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Nothing in the tests downloads: the Hugging Face libraries (datasets under lm-eval,
+# transformers) read local files without first asking the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import random  # noqa: E402
 
@@ -80,6 +84,48 @@ def tiny_flags(corpus_dir: str, data_dir: str, workdir: str) -> list[str]:
   return [f"--workdir={workdir}", "--config=configs/tiny.py"] + [
       f"--config.{k}={v}" for k, v in overrides.items()
   ]
+
+
+def write_harness_tasks(directory, documents: int = 8, seed: int = 0) -> str:
+  """Local lm-evaluation-harness tasks over the test corpus's words, no download: a
+  multiple-choice next word (next_word: loglikelihood; lm-eval puts its target_delimiter,
+  a space, between context and choice), a continuation to generate
+  (continue_text: generate_until, stopped at a newline) and texts to score whole
+  (text_ppl: loglikelihood_rolling). Returns the folder (--include_path)."""
+  import json
+
+  rng = random.Random(seed)
+  os.makedirs(directory, exist_ok=True)
+  words = sorted(set(WORDS))
+  lines = [[rng.choice(WORDS) for _ in range(rng.randint(6, 10))] for _ in range(3 * documents)]
+  rows = {"next_word": [], "continue_text": [], "text_ppl": []}
+  for line in lines[:documents]:
+    k = rng.randint(3, len(line) - 1)
+    choices = [line[k]] + rng.sample([w for w in words if w != line[k]], 3)
+    rng.shuffle(choices)
+    rows["next_word"].append({"context": " ".join(line[:k]), "choices": choices,
+                              "gold": choices.index(line[k])})
+  for line in lines[documents:2 * documents]:
+    rows["continue_text"].append({"context": " ".join(line[:4]), "target": " " + " ".join(line[4:6])})
+  for line in lines[2 * documents:]:
+    rows["text_ppl"].append({"text": " ".join(line)})
+  kinds = {
+      "next_word": 'output_type: multiple_choice\ndoc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\n'
+                   'doc_to_target: "{{gold}}"\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n',
+      "continue_text": 'output_type: generate_until\ndoc_to_text: "{{context}}"\ndoc_to_target: "{{target}}"\n'
+                       'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 8\n  do_sample: false\n'
+                       "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n",
+      "text_ppl": 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+                  "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n",
+  }
+  for name, kind in kinds.items():
+    data = os.path.join(directory, f"{name}.jsonl")
+    with open(data, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows[name])
+    with open(os.path.join(directory, f"{name}.yaml"), "w") as f:
+      f.write(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+              f"test_split: test\n{kind}")
+  return str(directory)
 
 
 @pytest.fixture(scope="session")

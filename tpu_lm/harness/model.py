@@ -20,6 +20,7 @@ SPMD over the mesh), so the harness sees one rank; only process 0 writes results
 """
 
 import jax
+import lm_eval.models  # noqa: F401  (lm-eval's own backends: its registry loads them only while it is empty)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

@@ -54,7 +54,10 @@ def resolve(spec: str, include_path: str = ""):
       paths.append(os.path.dirname(os.path.abspath(item)))
     else:
       names.append(item)
-  manager = TaskManager(include_path=sorted(set(paths)) or None)
+  # Local tasks alone first: indexing lm-eval's catalog (thousands of YAML files) takes seconds.
+  manager = TaskManager(include_path=sorted(set(paths)), include_defaults=False) if paths else None
+  if manager is None or not all(manager.match_tasks([n]) for n in names):
+    manager = TaskManager(include_path=sorted(set(paths)) or None)
   unknown = [n for n in names if not manager.match_tasks([n])]
   if unknown:
     raise UserError(f"unknown lm-eval task {', '.join(map(repr, unknown))}: use a task name `lm_eval --tasks list`"
