@@ -31,8 +31,10 @@ _BOOTSTRAP = flags.DEFINE_integer("bootstrap_iters", 100000, "Bootstrap resample
                                   " cannot compute in closed form; 0: none.")
 _SEED = flags.DEFINE_integer("seed", 0, "Few-shot sampling and generation seed.")
 _OUT = flags.DEFINE_string("output_dir", "", "Where results go (default: RUN/harness).")
-for _flag in (_BATCH, _MAX_BATCH, _MAX_GEN, _TP):
-  cli.positive(_flag)
+cli.positive(_BATCH)
+cli.positive(_MAX_BATCH)
+cli.positive(_MAX_GEN)
+cli.positive(_TP)
 cli.at_least(_FEWSHOT, -1)
 cli.check_flag(_LIMIT, lambda v: v >= 0, "it must be 0 (all), a number of documents, or a fraction below 1")
 cli.at_least(_BOOTSTRAP, 0)
