@@ -191,9 +191,10 @@ def test_the_official_openai_client_works_against_the_server(server, local):
 
 def test_prompt_scoring_is_the_models_own_token_nll_and_transformers(server, local, trained_run, tmp_path):
   """echo + logprobs with max_tokens 0 (what evaluation harnesses send): the prompt's
-  tokens with their log-probabilities, the first null, through the official client;
-  equal to the model's token NLL (the training loss's cross-entropy) and to
-  transformers' log-probabilities on the exported run."""
+  tokens with their log-probabilities given the run's BOS before them, through the
+  official client; equal to the model's token NLL (the training loss's cross-entropy)
+  and to transformers' log-probabilities on the exported run. The same ids sent as
+  token ids (BOS included: taken as sent) echo the BOS too, its log-probability null."""
   openai = pytest.importorskip("openai")
   import optax
   import torch
@@ -208,9 +209,13 @@ def test_prompt_scoring_is_the_models_own_token_nll_and_transformers(server, loc
   lp = choice.logprobs
   ids = local.encode_prompt(text)
   assert choice.text == text and out.usage.completion_tokens == 0
-  assert "".join(lp.tokens) == text and len(lp.tokens) == len(ids) and lp.text_offset[0] == 0
-  assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-  served = np.array(lp.token_logprobs[1:])
+  assert "".join(lp.tokens) == text and len(lp.tokens) == len(ids) - 1 and lp.text_offset[0] == 0
+  assert out.usage.prompt_tokens == len(ids) - 1
+  served = np.array(lp.token_logprobs)
+  as_ids = client.completions.create(model="m", prompt=ids, echo=True, logprobs=2, max_tokens=0).choices[0]
+  assert as_ids.text == text and as_ids.logprobs.tokens == ["", *lp.tokens]
+  assert as_ids.logprobs.token_logprobs == [None, *lp.token_logprobs]
+  assert as_ids.logprobs.top_logprobs == [None, *lp.top_logprobs]
   logits = local.decoder.model.apply({"params": local.decoder.params}, np.array([ids]), np.ones((1, len(ids)), np.int32),
                                      np.arange(len(ids))[None])
   nll = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], np.array(ids[1:])))
@@ -222,8 +227,8 @@ def test_prompt_scoring_is_the_models_own_token_nll_and_transformers(server, loc
   np.testing.assert_allclose(served, theirs, atol=1e-4)
   # With generation after it: the prompt's entries, then the new tokens'.
   both = client.completions.create(model="m", prompt=text, echo=True, logprobs=1, max_tokens=3, temperature=0)
-  assert both.choices[0].logprobs.token_logprobs[:len(ids)] == lp.token_logprobs
-  assert len(both.choices[0].logprobs.tokens) == len(ids) + both.usage.completion_tokens
+  assert both.choices[0].logprobs.token_logprobs[:len(ids) - 1] == lp.token_logprobs
+  assert len(both.choices[0].logprobs.tokens) == len(ids) - 1 + both.usage.completion_tokens
 
 
 def test_wrong_route_method_and_missing_length(server):
