@@ -318,3 +318,101 @@ def test_chat_completions_render_the_conversation_through_the_runs_template(chat
                        ([{"role": "robot", "content": "x"}], "messages[0] must be an object with a role")):
     with pytest.raises(openai.BadRequestError, match=re.escape(message)):
       client.chat.completions.create(model="m", messages=bad)
+
+
+# lm-evaluation-harness against the server: a multiple-choice (log-likelihood) task and a
+# generation task over documents of the test corpus's words, as YAML tasks of local JSONL.
+_LM_EVAL_TASKS = {
+    "words_choice": """
+output_type: multiple_choice
+doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{label}}"
+metric_list: [{metric: acc}]
+""",
+    "words_continue": """
+output_type: generate_until
+doc_to_text: "{{context}}"
+doc_to_target: "{{target}}"
+generation_kwargs: {until: ["\\n"], max_gen_toks: 6, do_sample: false, temperature: 0}
+metric_list: [{metric: exact_match}]
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def lm_eval_tasks(tmp_path_factory):
+  """lm-eval's task manager with the two tasks; the documents as {task: [doc, ...]}."""
+  from tests.conftest import WORDS
+
+  directory = tmp_path_factory.mktemp("lm_eval_tasks")
+  docs = {"words_choice": [{"context": " ".join(WORDS[i:i + 3]), "label": i % 3,
+                            "choices": [WORDS[(i + 3 + 5 * ((c - i) % 3)) % len(WORDS)] for c in range(3)]}
+                           for i in range(4)],
+          "words_continue": [{"context": " ".join(WORDS[i:i + 3]), "target": " " + WORDS[i + 3]} for i in range(3)]}
+  for name, body in _LM_EVAL_TASKS.items():
+    data = directory / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs[name]))
+    (directory / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {data}}}}}\ntest_split: test\n{body}")
+  os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")  # a local dataset: nothing to fetch
+  pytest.importorskip("lm_eval")
+  from lm_eval.tasks import TaskManager
+
+  return TaskManager(include_path=str(directory)), docs
+
+
+def _lm_eval(model, model_args, task, manager, **kwargs):
+  import lm_eval
+
+  out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[task], task_manager=manager,
+                                log_samples=True, **kwargs)
+  return out["results"][task], sorted(out["samples"][task], key=lambda s: s["doc_id"])
+
+
+def test_lm_eval_log_likelihoods_are_the_runs_scores_with_token_ids_or_text(server, local, lm_eval_tasks,
+                                                                             monkeypatch):
+  """local-completions with token-id requests (the server's remote tokenizer: no BOS,
+  as lm-eval sends them) and with text (the server puts the run's BOS before it): each
+  choice's log-likelihood is run.score's over the ids the server read, the accuracy
+  what they imply."""
+  from tpu_lm.data import tokenizer as tokenizer_lib
+
+  manager, docs = lm_eval_tasks
+  monkeypatch.setenv("OPENAI_API_KEY", KEY)  # lm-eval's completions send it; its remote tokenizer, auth_token
+  for tokenized, before in ((True, []), (False, [local.tokenizer.bos_id])):
+    args = {"base_url": f"http://127.0.0.1:{server}/v1/completions", "model": "m", "auth_token": KEY,
+            "tokenized_requests": tokenized, "batch_size": 4, "max_length": 64}
+    results, samples = _lm_eval("local-completions", args, "words_choice", manager)
+    correct = []
+    for sample, doc in zip(samples, docs["words_choice"]):
+      want = []
+      for context, continuation in sample["arguments"]:  # lm-eval's (context, " " + choice)
+        context = before + tokenizer_lib.encode_text(local.tokenizer, context)
+        scored = local.score([context + tokenizer_lib.encode_text(local.tokenizer, continuation)])[0]
+        want.append(float(np.sum(scored.logprobs[len(context) - 1:])))
+      got = [ll for ll, _ in sample["filtered_resps"]]
+      np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"tokenized_requests={tokenized}")
+      correct.append(int(np.argmax(want)) == doc["label"])
+    assert results["acc,none"] == pytest.approx(np.mean(correct))
+
+
+def test_lm_eval_generations_are_the_runs_through_completions_and_chat(server, chat_server, local, lm_eval_tasks,
+                                                                       monkeypatch):
+  """generate_until through local-completions (token-id requests) and
+  local-chat-completions (the conversation through the run's chat template): each
+  answer is the run's greedy continuation, cut at the task's stop."""
+  manager, docs = lm_eval_tasks
+  monkeypatch.setenv("OPENAI_API_KEY", KEY)
+  port, chat_run = chat_server
+  for model, url, run, template in (
+      ("local-completions", f"http://127.0.0.1:{server}/v1/completions", local, "{prompt}"),
+      ("local-chat-completions", f"http://127.0.0.1:{port}/v1/chat/completions", chat_run, "Q: {prompt}\nA:")):
+    args = {"base_url": url, "model": "m", "auth_token": KEY, "max_length": 64}
+    _, samples = _lm_eval(model, args, "words_continue", manager, apply_chat_template=model.endswith("chat-completions"))
+    prompts = [template.replace("{prompt}", doc["context"]) for doc in docs["words_continue"]]
+    # Token ids as sent (no BOS) to completions; chat's text gets the run's BOS.
+    ids = [run.encode_prompt(p) if "chat" in model else list(map(int, run.tokenizer.encode_batch([p])[0]))
+           for p in prompts]
+    want = run.decoder.generate(ids, decode.Sampling(max_new_tokens=6, temperature=0))  # batched: as alone
+    assert [s["resps"] for s in samples] == [[[run.tokenizer.decode(c.tokens).split("\n")[0]]] for c in want], model
