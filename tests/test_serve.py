@@ -141,8 +141,15 @@ def test_n_and_a_list_of_prompts_give_one_choice_each(server):
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "'stop' must be a non-empty string or a list of at most 4"),
     ({"prompt": "a", "n": 9}, 400, "'n' must be an integer from 1 to 8"),
     ({"prompt": "x" * 5000}, 413, "the limit is 4000"),
+    ({"prompt": [5, 259]}, 400, "prompt 0 holds 259 at position 1: a token id is an integer in [0, 259)"),
+    ({"prompt": [[5], []]}, 400, "prompt 1 must be a non-empty list of token ids; got []."),
+    ({"prompt": []}, 400, "'prompt' is an empty list: send at least one prompt."),
+    ({"prompt": ["a", [5]]}, 400, "'prompt' mixes strings and token ids: send one kind in a request."),
+    ({"prompt": [[5], [5] * 41]}, 400, "prompt 1 has 41 tokens; this server accepts at most 40"),
+    ({"prompt": [[5], [5] * 40], "max_tokens": 30}, 400, "prompt 1: the prompt (40 tokens) plus max_new_tokens (30)"),
 ], ids=["json", "not_object", "no_prompt", "bool_int", "too_many_tokens", "temperature", "top_p",
-        "prompt_too_long", "context", "logprobs", "zero_tokens_without_echo", "stop", "n", "body_too_big"])
+        "prompt_too_long", "context", "logprobs", "zero_tokens_without_echo", "stop", "n", "body_too_big",
+        "id_out_of_vocab", "ids_empty", "prompt_empty", "mixed", "ids_too_long", "ids_context"])
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, status, message):
   got, data = _post(server, body)
   assert got == status, data
@@ -416,3 +423,25 @@ def test_lm_eval_generations_are_the_runs_through_completions_and_chat(server, c
            for p in prompts]
     want = run.decoder.generate(ids, decode.Sampling(max_new_tokens=6, temperature=0))  # batched: as alone
     assert [s["resps"] for s in samples] == [[[run.tokenizer.decode(c.tokens).split("\n")[0]]] for c in want], model
+
+
+def test_the_tokenizer_routes_tokenize_as_the_server_does(chat_server):
+  """vLLM's /tokenizer_info, /tokenize and /detokenize: the end-of-sequence string
+  tokenizes to its id (how lm-eval finds it), special tokens added are what a text
+  prompt becomes, and the Jinja chat template renders what chat completions feed the model."""
+  from lm_eval.utils import env
+
+  port, run = chat_server
+  status, data = _post(port, None, "/tokenizer_info", "GET")
+  info = json.loads(data)
+  assert status == 200 and (info["eos_token_id"], info["bos_token_id"]) == (run.tokenizer.eos_id, run.tokenizer.bos_id)
+  assert info["max_model_len"] == run.decoder.max_len
+  tokenize = lambda body: json.loads(_post(port, body, "/tokenize")[1])  # noqa: E731
+  assert tokenize({"prompt": info["eos_token"], "add_special_tokens": False})["tokens"] == [run.tokenizer.eos_id]
+  out = tokenize({"prompt": "a token"})
+  assert out == {"tokens": run.encode_prompt("a token"), "count": 8, "max_model_len": run.decoder.max_len}
+  assert json.loads(_post(port, {"tokens": out["tokens"]}, "/detokenize")[1]) == {"prompt": "a token"}
+  messages = [{"role": "system", "content": "b"}, {"role": "user", "content": "add 2"}]
+  assert env.from_string(info["chat_template"]).render(messages=messages) == run.objective.chat_prompt(messages)
+  status, data = _post(port, {"tokens": [1, run.tokenizer.vocab_size]}, "/detokenize")
+  assert status == 400 and "'tokens' holds 259 at position 1" in json.loads(data)["error"]["message"]
