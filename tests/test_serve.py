@@ -366,7 +366,7 @@ def lm_eval_tasks(tmp_path_factory):
   pytest.importorskip("lm_eval")
   from lm_eval.tasks import TaskManager
 
-  return TaskManager(include_path=str(directory)), docs
+  return TaskManager(include_path=str(directory), include_defaults=False), docs  # not lm-eval's thousands
 
 
 def _lm_eval(model, model_args, task, manager, **kwargs):
