@@ -141,8 +141,15 @@ def test_n_and_a_list_of_prompts_give_one_choice_each(server):
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "'stop' must be a non-empty string or a list of at most 4"),
     ({"prompt": "a", "n": 9}, 400, "'n' must be an integer from 1 to 8"),
     ({"prompt": "x" * 5000}, 413, "the limit is 4000"),
+    ({"prompt": [5, 259]}, 400, "prompt 0 holds 259 at position 1: a token id is an integer in [0, 259)"),
+    ({"prompt": [[5], []]}, 400, "prompt 1 must be a non-empty list of token ids; got []."),
+    ({"prompt": []}, 400, "'prompt' is an empty list: send at least one prompt."),
+    ({"prompt": ["a", [5]]}, 400, "'prompt' mixes strings and token ids: send one kind in a request."),
+    ({"prompt": [[5], [5] * 41]}, 400, "prompt 1 has 41 tokens; this server accepts at most 40"),
+    ({"prompt": [[5], [5] * 40], "max_tokens": 30}, 400, "prompt 1: the prompt (40 tokens) plus max_new_tokens (30)"),
 ], ids=["json", "not_object", "no_prompt", "bool_int", "too_many_tokens", "temperature", "top_p",
-        "prompt_too_long", "context", "logprobs", "zero_tokens_without_echo", "stop", "n", "body_too_big"])
+        "prompt_too_long", "context", "logprobs", "zero_tokens_without_echo", "stop", "n", "body_too_big",
+        "id_out_of_vocab", "ids_empty", "prompt_empty", "mixed", "ids_too_long", "ids_context"])
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, status, message):
   got, data = _post(server, body)
   assert got == status, data
@@ -191,9 +198,10 @@ def test_the_official_openai_client_works_against_the_server(server, local):
 
 def test_prompt_scoring_is_the_models_own_token_nll_and_transformers(server, local, trained_run, tmp_path):
   """echo + logprobs with max_tokens 0 (what evaluation harnesses send): the prompt's
-  tokens with their log-probabilities, the first null, through the official client;
-  equal to the model's token NLL (the training loss's cross-entropy) and to
-  transformers' log-probabilities on the exported run."""
+  tokens with their log-probabilities given the run's BOS before them, through the
+  official client; equal to the model's token NLL (the training loss's cross-entropy)
+  and to transformers' log-probabilities on the exported run. The same ids sent as
+  token ids (BOS included: taken as sent) echo the BOS too, its log-probability null."""
   openai = pytest.importorskip("openai")
   import optax
   import torch
@@ -208,9 +216,13 @@ def test_prompt_scoring_is_the_models_own_token_nll_and_transformers(server, loc
   lp = choice.logprobs
   ids = local.encode_prompt(text)
   assert choice.text == text and out.usage.completion_tokens == 0
-  assert "".join(lp.tokens) == text and len(lp.tokens) == len(ids) and lp.text_offset[0] == 0
-  assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-  served = np.array(lp.token_logprobs[1:])
+  assert "".join(lp.tokens) == text and len(lp.tokens) == len(ids) - 1 and lp.text_offset[0] == 0
+  assert out.usage.prompt_tokens == len(ids) - 1
+  served = np.array(lp.token_logprobs)
+  as_ids = client.completions.create(model="m", prompt=ids, echo=True, logprobs=2, max_tokens=0).choices[0]
+  assert as_ids.text == text and as_ids.logprobs.tokens == ["", *lp.tokens]
+  assert as_ids.logprobs.token_logprobs == [None, *lp.token_logprobs]
+  assert as_ids.logprobs.top_logprobs == [None, *lp.top_logprobs]
   logits = local.decoder.model.apply({"params": local.decoder.params}, np.array([ids]), np.ones((1, len(ids)), np.int32),
                                      np.arange(len(ids))[None])
   nll = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], np.array(ids[1:])))
@@ -222,8 +234,8 @@ def test_prompt_scoring_is_the_models_own_token_nll_and_transformers(server, loc
   np.testing.assert_allclose(served, theirs, atol=1e-4)
   # With generation after it: the prompt's entries, then the new tokens'.
   both = client.completions.create(model="m", prompt=text, echo=True, logprobs=1, max_tokens=3, temperature=0)
-  assert both.choices[0].logprobs.token_logprobs[:len(ids)] == lp.token_logprobs
-  assert len(both.choices[0].logprobs.tokens) == len(ids) + both.usage.completion_tokens
+  assert both.choices[0].logprobs.token_logprobs[:len(ids) - 1] == lp.token_logprobs
+  assert len(both.choices[0].logprobs.tokens) == len(ids) - 1 + both.usage.completion_tokens
 
 
 def test_wrong_route_method_and_missing_length(server):
@@ -313,3 +325,123 @@ def test_chat_completions_render_the_conversation_through_the_runs_template(chat
                        ([{"role": "robot", "content": "x"}], "messages[0] must be an object with a role")):
     with pytest.raises(openai.BadRequestError, match=re.escape(message)):
       client.chat.completions.create(model="m", messages=bad)
+
+
+# lm-evaluation-harness against the server: a multiple-choice (log-likelihood) task and a
+# generation task over documents of the test corpus's words, as YAML tasks of local JSONL.
+_LM_EVAL_TASKS = {
+    "words_choice": """
+output_type: multiple_choice
+doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{label}}"
+metric_list: [{metric: acc}]
+""",
+    "words_continue": """
+output_type: generate_until
+doc_to_text: "{{context}}"
+doc_to_target: "{{target}}"
+generation_kwargs: {until: ["\\n"], max_gen_toks: 6, do_sample: false, temperature: 0}
+metric_list: [{metric: exact_match}]
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def lm_eval_tasks(tmp_path_factory):
+  """lm-eval's task manager with the two tasks; the documents as {task: [doc, ...]}."""
+  from tests.conftest import WORDS
+
+  directory = tmp_path_factory.mktemp("lm_eval_tasks")
+  docs = {"words_choice": [{"context": " ".join(WORDS[i:i + 3]), "label": i % 3,
+                            "choices": [WORDS[(i + 3 + 5 * ((c - i) % 3)) % len(WORDS)] for c in range(3)]}
+                           for i in range(4)],
+          "words_continue": [{"context": " ".join(WORDS[i:i + 3]), "target": " " + WORDS[i + 3]} for i in range(3)]}
+  for name, body in _LM_EVAL_TASKS.items():
+    data = directory / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs[name]))
+    (directory / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {data}}}}}\ntest_split: test\n{body}")
+  os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")  # a local dataset: nothing to fetch
+  pytest.importorskip("lm_eval")
+  from lm_eval.tasks import TaskManager
+
+  return TaskManager(include_path=str(directory), include_defaults=False), docs  # not lm-eval's thousands
+
+
+def _lm_eval(model, model_args, task, manager, **kwargs):
+  import lm_eval
+
+  out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[task], task_manager=manager,
+                                log_samples=True, **kwargs)
+  return out["results"][task], sorted(out["samples"][task], key=lambda s: s["doc_id"])
+
+
+def test_lm_eval_log_likelihoods_are_the_runs_scores_with_token_ids_or_text(server, local, lm_eval_tasks,
+                                                                             monkeypatch):
+  """local-completions with token-id requests (the server's remote tokenizer: no BOS,
+  as lm-eval sends them) and with text (the server puts the run's BOS before it): each
+  choice's log-likelihood is run.score's over the ids the server read, the accuracy
+  what they imply."""
+  from tpu_lm.data import tokenizer as tokenizer_lib
+
+  manager, docs = lm_eval_tasks
+  monkeypatch.setenv("OPENAI_API_KEY", KEY)  # lm-eval's completions send it; its remote tokenizer, auth_token
+  for tokenized, before in ((True, []), (False, [local.tokenizer.bos_id])):
+    args = {"base_url": f"http://127.0.0.1:{server}/v1/completions", "model": "m", "auth_token": KEY,
+            "tokenized_requests": tokenized, "batch_size": 4, "max_length": 64}
+    results, samples = _lm_eval("local-completions", args, "words_choice", manager)
+    correct = []
+    for sample, doc in zip(samples, docs["words_choice"]):
+      want = []
+      for context, continuation in sample["arguments"]:  # lm-eval's (context, " " + choice)
+        context = before + tokenizer_lib.encode_text(local.tokenizer, context)
+        scored = local.score([context + tokenizer_lib.encode_text(local.tokenizer, continuation)])[0]
+        want.append(float(np.sum(scored.logprobs[len(context) - 1:])))
+      got = [ll for ll, _ in sample["filtered_resps"]]
+      np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"tokenized_requests={tokenized}")
+      correct.append(int(np.argmax(want)) == doc["label"])
+    assert results["acc,none"] == pytest.approx(np.mean(correct))
+
+
+def test_lm_eval_generations_are_the_runs_through_completions_and_chat(server, chat_server, local, lm_eval_tasks,
+                                                                       monkeypatch):
+  """generate_until through local-completions (token-id requests) and
+  local-chat-completions (the conversation through the run's chat template): each
+  answer is the run's greedy continuation, cut at the task's stop."""
+  manager, docs = lm_eval_tasks
+  monkeypatch.setenv("OPENAI_API_KEY", KEY)
+  port, chat_run = chat_server
+  for model, url, run, template in (
+      ("local-completions", f"http://127.0.0.1:{server}/v1/completions", local, "{prompt}"),
+      ("local-chat-completions", f"http://127.0.0.1:{port}/v1/chat/completions", chat_run, "Q: {prompt}\nA:")):
+    args = {"base_url": url, "model": "m", "auth_token": KEY, "max_length": 64}
+    _, samples = _lm_eval(model, args, "words_continue", manager, apply_chat_template=model.endswith("chat-completions"))
+    prompts = [template.replace("{prompt}", doc["context"]) for doc in docs["words_continue"]]
+    # Token ids as sent (no BOS) to completions; chat's text gets the run's BOS.
+    ids = [run.encode_prompt(p) if "chat" in model else list(map(int, run.tokenizer.encode_batch([p])[0]))
+           for p in prompts]
+    want = run.decoder.generate(ids, decode.Sampling(max_new_tokens=6, temperature=0))  # batched: as alone
+    assert [s["resps"] for s in samples] == [[[run.tokenizer.decode(c.tokens).split("\n")[0]]] for c in want], model
+
+
+def test_the_tokenizer_routes_tokenize_as_the_server_does(chat_server):
+  """vLLM's /tokenizer_info, /tokenize and /detokenize: the end-of-sequence string
+  tokenizes to its id (how lm-eval finds it), special tokens added are what a text
+  prompt becomes, and the Jinja chat template renders what chat completions feed the model."""
+  from lm_eval.utils import env
+
+  port, run = chat_server
+  status, data = _post(port, None, "/tokenizer_info", "GET")
+  info = json.loads(data)
+  assert status == 200 and (info["eos_token_id"], info["bos_token_id"]) == (run.tokenizer.eos_id, run.tokenizer.bos_id)
+  assert info["max_model_len"] == run.decoder.max_len
+  tokenize = lambda body: json.loads(_post(port, body, "/tokenize")[1])  # noqa: E731
+  assert tokenize({"prompt": info["eos_token"], "add_special_tokens": False})["tokens"] == [run.tokenizer.eos_id]
+  out = tokenize({"prompt": "a token"})
+  assert out == {"tokens": run.encode_prompt("a token"), "count": 8, "max_model_len": run.decoder.max_len}
+  assert json.loads(_post(port, {"tokens": out["tokens"]}, "/detokenize")[1]) == {"prompt": "a token"}
+  messages = [{"role": "system", "content": "b"}, {"role": "user", "content": "add 2"}]
+  assert env.from_string(info["chat_template"]).render(messages=messages) == run.objective.chat_prompt(messages)
+  status, data = _post(port, {"tokens": [1, run.tokenizer.vocab_size]}, "/detokenize")
+  assert status == 400 and "'tokens' holds 259 at position 1" in json.loads(data)["error"]["message"]

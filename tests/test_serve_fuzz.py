@@ -1,8 +1,8 @@
 """Hostile and malformed requests, over HTTP to the in-process server of
-test_serve_limits (a fake model): each gets a 4xx with a JSON error, or a 2xx; never
-a 5xx or a dropped connection, and the server goes on serving, the request in flight
-included. Fuzzed with hypothesis over bodies (any JSON, near-valid requests) and
-headers (Content-Length, Content-Type, method, path)."""
+test_serve_limits (a fake model), to every route (the tokenizer's too): each gets a
+4xx with a JSON error, or a 2xx; never a 5xx or a dropped connection, and the server
+goes on serving, the request in flight included. Fuzzed with hypothesis over bodies
+(any JSON, near-valid requests) and headers (Content-Length, Content-Type, method, path)."""
 
 import json
 import math
@@ -17,6 +17,12 @@ from tests.test_serve_limits import TOKENIZER, request, serving
 
 VOCAB = TOKENIZER.vocab_size
 CHAT = {"messages": [{"role": "user", "content": "a"}]}
+# The tokenizer's routes (vLLM's shapes), each field's hostile values.
+TOKENIZER_HOSTILE = {
+    "/tokenize": {"prompt": [None, 5, ["a"], {}, True, "\ud800"], "add_special_tokens": [1, "true", [], 0.0]},
+    "/detokenize": {"tokens": [None, 5, "1", [VOCAB], [-1], [True], [1.5], [[1]], [1, None], {}]},
+}
+TOKENIZER_VALID = {"/tokenize": {"prompt": "a"}, "/detokenize": {"tokens": [100]}}
 
 # Values out of range or of the wrong type for each field (max_tokens <= 16, n <= 2, prompts <= 32 tokens).
 HOSTILE = {
@@ -30,7 +36,10 @@ HOSTILE = {
     "stop": [5, 10**30, -1, 1.5, "", [""], ["a"] * 5, [1], [None], True, {}],
     "echo": [1, 10**30, -1, 0.0, "true", []],
     "stream": [1, 10**30, -1, 0, 0.5, "true", []],
-    "prompt": [5, -1, 1.5, True, [], [1, 2], {}, [["a"]], "x" * 40, "\ud800", ["a", "b\udfff"]],
+    "prompt": [5, -1, 1.5, True, [], {}, [["a"]], "x" * 40, "\ud800", ["a", "b\udfff"],
+               # token ids: out of the vocabulary, not integers, empty, mixed, too long, too many prompts
+               [1, VOCAB], [-1], [True], [1.5], [[]], [[1], []], ["a", 1], ["a", [1]], [[1], 2], [1, [2]],
+               [1] * 33, [[1], [1] * 33], [[1], [2], [3]], [1, 2**63]],
     "suffix": ["x"],
     "best_of": [2],
     "logit_bias": [{"1": 5}],
@@ -92,6 +101,8 @@ def test_hostile_values_for_every_field_get_a_4xx_while_a_stream_is_served(serve
            for name, values in HOSTILE.items() for value in values]
   cases += [("/v1/chat/completions", {**CHAT, "logprobs": True, name: value} if name == "top_logprobs" else
              {**CHAT, name: value}) for name, values in CHAT_HOSTILE.items() for value in values]
+  cases += [(path, {**TOKENIZER_VALID[path], name: value}) for path, fields in TOKENIZER_HOSTILE.items()
+            for name, values in fields.items() for value in values]
   for path, fields in cases:
     reply = _exchange(s.port, _post(path, json.dumps(fields).encode()))
     status = _status(reply)
@@ -141,18 +152,24 @@ _TEXT = st.text(st.one_of(st.characters(), _SURROGATES), max_size=12)
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.integers(-2**80, 2**80) | st.floats() | _TEXT,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4), max_leaves=12)
-_FIELDS = sorted({*HOSTILE, *CHAT_HOSTILE, "model", "user"})
-_VALID = st.fixed_dictionaries({"prompt": st.text(max_size=8)}, optional={
+_FIELDS = sorted({*HOSTILE, *CHAT_HOSTILE, *(n for f in TOKENIZER_HOSTILE.values() for n in f), "model", "user"})
+_IDS = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8)
+_VALID = st.fixed_dictionaries({"prompt": st.text(max_size=8) | _IDS | st.lists(_IDS, min_size=1, max_size=2)}, optional={
     "max_tokens": st.integers(1, 16), "temperature": st.floats(0, 2), "top_k": st.integers(0, VOCAB),
     "top_p": st.floats(0.01, 1), "n": st.integers(1, 2), "seed": st.integers(0, 2**32 - 1), "stream": st.booleans(),
     "stop": st.sampled_from(["k", ["o", "x"]]), "echo": st.booleans(), "logprobs": st.integers(0, 5)})
 _CHAT_VALID = st.fixed_dictionaries({"messages": st.just(CHAT["messages"])}, optional={
     "max_completion_tokens": st.integers(1, 16), "stream": st.booleans(), "logprobs": st.booleans(),
     "top_logprobs": st.integers(0, 5)})
-_NEAR_VALID = st.tuples(_VALID | _CHAT_VALID, st.sampled_from(_FIELDS), _JSON).map(lambda t: {**t[0], t[1]: t[2]})
+_TOKENIZE_VALID = st.fixed_dictionaries({"prompt": _TEXT}, optional={"add_special_tokens": st.booleans()})
+_DETOKENIZE_VALID = st.fixed_dictionaries({"tokens": st.lists(st.integers(0, VOCAB - 1), max_size=8)})
+_NEAR_VALID = st.tuples(_VALID | _CHAT_VALID | _TOKENIZE_VALID | _DETOKENIZE_VALID, st.sampled_from(_FIELDS),
+                        _JSON).map(lambda t: {**t[0], t[1]: t[2]})
 _REQUESTS = st.one_of(  # a route and a body for it, valid or one field off
     st.tuples(st.just("/v1/completions"), _VALID | _NEAR_VALID),
     st.tuples(st.just("/v1/chat/completions"), _CHAT_VALID | _NEAR_VALID),
+    st.tuples(st.just("/tokenize"), _TOKENIZE_VALID | _NEAR_VALID),
+    st.tuples(st.just("/detokenize"), _DETOKENIZE_VALID | _NEAR_VALID),
 ).map(lambda t: (t[0], json.dumps(t[1]).encode()))
 _BODIES = st.one_of(
     _JSON.map(json.dumps), _VALID.map(json.dumps), _CHAT_VALID.map(json.dumps), _NEAR_VALID.map(json.dumps),
@@ -164,7 +181,7 @@ _LENGTHS = st.one_of(st.just("exact"), st.just("omit"), st.integers(-3, 2_000_00
 _METHODS = st.sampled_from(["POST", "POST", "POST", "GET", "PUT", "DELETE", "HEAD", "OPTIONS", "post", "BREW"])
 _PATHS = st.one_of(
     st.sampled_from(["/v1/completions", "/v1/chat/completions", "/health", "/v1/models", "//v1/completions",
-                     "/v1/completions?x=1", "*", "/"]),
+                     "/v1/completions?x=1", "*", "/", "/tokenize", "/detokenize", "/tokenizer_info"]),
     st.text(st.characters(exclude_characters="\r\n", exclude_categories=["Cs"]), max_size=16).map(lambda p: "/" + p))
 
 

@@ -65,6 +65,10 @@ class HFTokenizer:
   def decode(self, ids):
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+  def token_text(self, token: int) -> str:
+    """The string of one token as the vocabulary writes it (a special token's name)."""
+    return self._tok.id_to_token(int(token))
+
   def files(self) -> dict[str, bytes]:
     """The tokenizer's files by name, to copy into a run or an export."""
     out = {}

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
@@ -205,12 +206,44 @@ def special_ids(tok: Tokenizer) -> dict[str, int]:
   return {"pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
 
 
+# The strings that stand for the special tokens of the tokenizers tpu_lm makes (bytes,
+# SentencePiece), as their Hugging Face export names them; a Hugging Face tokenizer
+# brings its own.
+SPECIAL_NAMES = {"pad_id": "<|tpu_lm_pad|>", "bos_id": "<|tpu_lm_bos|>", "eos_id": "<|tpu_lm_eos|>"}
+
+
+def special_tokens(tok: Tokenizer) -> dict[str, str]:
+  """{"pad_id": string, "bos_id": ..., "eos_id": ...}: the string of each special token
+  (the end-of-sequence one's where padding is end-of-sequence)."""
+  if hasattr(tok, "token_text"):  # a Hugging Face tokenizer
+    return {key: tok.token_text(i) for key, i in special_ids(tok).items()}
+  by_id = {getattr(tok, key): name for key, name in SPECIAL_NAMES.items()}  # pad may be eos: eos's name wins
+  return {key: by_id[i] for key, i in special_ids(tok).items()}
+
+
+def encode_text(tok: Tokenizer, text: str) -> list[int]:
+  """`text`'s ids with no special token added, but a special token's string written in
+  it (`special_tokens`) as its id, as Hugging Face tokenizers encode text. What a
+  client that tokenizes for the server (`POST /tokenize`) gets; training encodes
+  documents with `encode_batch`, where such strings stay text."""
+  if hasattr(tok, "token_text"):  # Hugging Face tokenizers split out their special tokens themselves
+    return [int(t) for t in tok.encode_batch([text])[0]]
+  ids = {name: getattr(tok, key) for key, name in SPECIAL_NAMES.items()}
+  parts = re.split("(" + "|".join(map(re.escape, ids)) + ")", text)  # text, special, text, ...
+  pieces = iter(tok.encode_batch(parts[::2]))
+  out = []
+  for i, part in enumerate(parts):
+    out.extend([ids[part]] if i % 2 else (int(t) for t in next(pieces)))
+  return out
+
+
 def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
-  """`text` as the run's model saw texts begin: [BOS] + tokens (tok.prompt ==
-  PROMPT_BOS), or as the Hugging Face tokenizer itself encodes it (PROMPT_OWN)."""
+  """`text` as the run's model saw texts begin: [BOS] + its ids (tok.prompt ==
+  PROMPT_BOS), or as the Hugging Face tokenizer itself encodes it (PROMPT_OWN). A
+  special token's string in it is that token (`encode_text`)."""
   if tok.prompt == PROMPT_OWN:
     return tok.encode_with_special_tokens(text)
-  return [tok.bos_id, *(int(t) for t in tok.encode_batch([text])[0])]
+  return [tok.bos_id, *encode_text(tok, text)]
 
 
 def save_for_run(tok: Tokenizer, workdir: str, prompt: str = PROMPT_BOS) -> None:

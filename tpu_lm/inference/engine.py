@@ -9,7 +9,9 @@ row keeps its own sampling settings and limits.
 
 It knows nothing of HTTP: a request is a list of `Job`s whose events go to a queue
 the transport reads, in order: ("token", index, token id, logprobs or None) as each
-is drawn, then ("done", index, Completion), or ("error", index, (status, message)).
+is drawn (end-of-sequence too when logprobs are asked: the client sees every drawn
+token's log-probability), then ("done", index, Completion), or ("error", index,
+(status, message)). A Completion's tokens never include end-of-sequence.
 
 A sequence that cannot start (settings out of range, a prompt that fails its
 prefill) gets its own error and the others decode on: its settings are checked
@@ -179,12 +181,14 @@ class Engine:
                            for v in lives])
     for i, live in enumerate(lives):
       token = int(out.tokens[i])
-      if token == self.eos_id:
-        self._finish(live, "stop")
-        continue
       logprobs = None
       if live.job.logprobs:
         logprobs = (float(out.logprob[i]), [(int(t), float(lp)) for t, lp in zip(out.top_ids[i], out.top_logprobs[i])])
+      if token == self.eos_id:
+        if logprobs:  # drawn like any token: its log-probability is reported (scoring reads the last one)
+          live.job.events.put(("token", live.job.index, token, logprobs))
+        self._finish(live, "stop")
+        continue
       live.tokens.append(token)
       live.job.events.put(("token", live.job.index, token, logprobs))
       if len(live.tokens) >= live.job.sampling.max_new_tokens:

@@ -37,7 +37,7 @@ import os
 
 from tpu_lm.data import tokenizer as tokenizer_lib
 
-_SPECIAL = {"pad_id": "<|tpu_lm_pad|>", "bos_id": "<|tpu_lm_bos|>", "eos_id": "<|tpu_lm_eos|>"}
+_SPECIAL = tokenizer_lib.SPECIAL_NAMES  # the names the server reads in text (tokenizer.encode_text)
 
 
 def write(tok, directory: str, max_len: int | None = None) -> None:

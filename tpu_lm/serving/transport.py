@@ -1,6 +1,8 @@
-"""The HTTP transport of the server: OpenAI-style /v1/completions (stop sequences,
-echo, logprobs), /v1/chat/completions (through an instruction-tuned run's chat
-template: its objective's chat_prompt, tasks/instructions.py) and /v1/models over the engine.
+"""The HTTP transport of the server: OpenAI-style /v1/completions (text or token-id
+prompts, stop sequences, echo, logprobs), /v1/chat/completions (through an
+instruction-tuned run's chat template: its objective's chat_prompt,
+tasks/instructions.py) and /v1/models over the engine; the run's tokenizer in vLLM's
+shapes (tokenizer_api.py).
 
 Requests are parsed and checked here: a malformed one, or a field out of range,
 gets a 4xx with a JSON error naming what was wrong, never a 5xx or a dropped
@@ -29,21 +31,17 @@ import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.data.tokenizer import TextStream
 from tpu_lm.errors import UserError
 from tpu_lm.inference.engine import Busy, Closed, Engine, Job
 from tpu_lm.inference.sampling import Sampling
 from tpu_lm.inference.slots import TOP_LOGPROBS
 from tpu_lm.inference.stops import StopScanner
+from tpu_lm.serving import tokenizer_api
+from tpu_lm.serving.body import RequestError, check_text, read_json, token_ids
+from tpu_lm.serving.body import shown as _shown
 from tpu_lm.tasks import instructions
-
-
-class RequestError(Exception):
-  """A bad request: answered with `status` and a JSON error, never a crash."""
-
-  def __init__(self, status: int, message: str, param: str | None = None):
-    super().__init__(message)
-    self.status, self.param = status, param
 
 
 @dataclasses.dataclass
@@ -59,8 +57,9 @@ class Limits:
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-  prompts: list[str]
-  ids: list[list[int]]  # each prompt's token ids, BOS first
+  prompts: list[str]  # each prompt's text, as echo repeats it (a token-id prompt's decoded)
+  ids: list[list[int]]  # what the model reads: a text prompt's ids after the run's BOS, token ids as sent
+  lead: list[int]  # per prompt, how many leading ids the server added (a text prompt's BOS): not echoed or counted
   samplings: list[Sampling]  # one per choice of each prompt (n)
   stream: bool
   stop: tuple[str, ...] = ()  # a choice ends before the first of these in its text
@@ -70,7 +69,6 @@ class Request:
 
 
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
-MAX_DEPTH = 16  # nesting of the request's JSON; OpenAI's requests need 4
 LINGER_S = 1.0  # how long a closing connection reads what its client still sends
 POLL_S = 0.1  # how often a request with no token event checks that its client is still there
 # Control characters as escapes in log lines (a request line can carry terminal escape codes).
@@ -82,19 +80,7 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
   """JSON body of /v1/completions (or, `chat`, /v1/chat/completions) -> Request.
   Every field is checked here, its type and range; null is the field's default, as
   in OpenAI's API (clients send unset options as null). Raises RequestError."""
-  try:
-    req = json.loads(body)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise RequestError(400, f"the request body is not valid JSON ({e}).") from None
-  except RecursionError:
-    raise RequestError(400, f"the request body is nested too deeply (at most {MAX_DEPTH} levels).") from None
-  except ValueError:  # Python refuses integers of over 4300 digits (a denial-of-service guard)
-    raise RequestError(400, "the request body holds a number too long to read (over 4300 digits).") from None
-  if not isinstance(req, dict):
-    raise RequestError(400, "the request body must be a JSON object.")
-  if _depth(req) > MAX_DEPTH:  # what reads it (error messages, the chat renderer) may recurse
-    raise RequestError(400, f"the request body is nested too deeply (at most {MAX_DEPTH} levels).")
-  req = {name: value for name, value in req.items() if value is not None}
+  req = read_json(body)
   unsupported = ("suffix", "best_of", "logit_bias") if not chat else (
       "tools", "functions", "tool_choice", "function_call", "response_format", "logit_bias", "audio", "modalities")
   for name in unsupported:
@@ -119,18 +105,12 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
     problem = instructions.check_messages(req.get("messages"))
     if problem:
       raise RequestError(400, problem, "messages")
-    prompts = [run.objective.chat_prompt(req["messages"])]
+    prompts, given = [run.objective.chat_prompt(req["messages"])], None
     if "max_completion_tokens" in req:  # the newer name of max_tokens
       req.setdefault("max_tokens", field("max_completion_tokens", (int,), 16, lambda v: 1 <= v <= limits.max_new_tokens,
                                          f"an integer from 1 to {limits.max_new_tokens}"))
   else:
-    prompt = req.get("prompt")
-    if isinstance(prompt, str):
-      prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-      prompts = prompt
-    else:
-      raise RequestError(400, "'prompt' is required: a string or a non-empty list of strings.", "prompt")
+    prompts, given = _prompts(req.get("prompt"), run.tokenizer.vocab_size)
   echo = field("echo", (bool,), False, lambda v: True, "true or false") if not chat else False
   # With echo, 0 new tokens is prompt scoring: the prompt's own log-probabilities, nothing generated.
   least = 0 if echo else 1
@@ -159,49 +139,59 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
       or not all(isinstance(x, str) and x for x in stop)):
     raise RequestError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them;"
                             f" got {_shown(req.get('stop'))}.", "stop")
-  if len(prompts) * n > limits.max_batch:
-    raise RequestError(400, f"{len(prompts)} prompts x n={n} is more than the {limits.max_batch} sequences"
+  if len(given or prompts) * n > limits.max_batch:
+    raise RequestError(400, f"{len(given or prompts)} prompts x n={n} is more than the {limits.max_batch} sequences"
                             " this server decodes at once: send fewer.", "n")
 
-  for i, p in enumerate(prompts):
-    try:
-      p.encode("utf-8")  # what the tokenizer does first
-    except UnicodeEncodeError as e:
-      what, param = ("the conversation", "messages") if chat else (f"prompt {i}", "prompt")
-      raise RequestError(400, f"{what} is not valid Unicode: it holds a lone surrogate ({p[e.start]!a}) at character"
-                              f" {e.start}; send text, or escape pairs that form one character.", param) from None
-  ids = [run.encode_prompt(p) for p in prompts]
-  for i, p in enumerate(ids):
-    if len(p) - 1 > limits.max_prompt_tokens:
-      what = "the conversation" if chat else f"prompt {i}"
-      raise RequestError(400, f"{what} has {len(p) - 1} tokens; this server accepts at most"
+  what = (lambda i: "the conversation") if chat else (lambda i: f"prompt {i}")  # noqa: E731
+  if given is None:
+    for i, p in enumerate(prompts):
+      check_text(p, what(i), "messages" if chat else "prompt")
+    ids, lead = zip(*(_encode(run, p) for p in prompts))
+  else:  # taken as sent, as OpenAI and vLLM take them: no BOS added
+    ids, lead = given, [0] * len(given)
+    prompts = [run.tokenizer.decode(p) for p in given]
+  for i, (p, k) in enumerate(zip(ids, lead)):
+    if len(p) - k > limits.max_prompt_tokens:
+      raise RequestError(400, f"{what(i)} has {len(p) - k} tokens; this server accepts at most"
                               f" {limits.max_prompt_tokens}: shorten it.", "messages" if chat else "prompt")
   samplings = [Sampling(max_tokens, float(temperature), top_k, float(top_p), (seed + j) % 2**32)
                for j in range(n)]
-  try:
-    for p in ids:
+  for i, p in enumerate(ids):
+    try:
       run.decoder.check(len(p), samplings[0] if max_tokens else dataclasses.replace(samplings[0], max_new_tokens=1))
-  except UserError as e:
-    raise RequestError(400, str(e), "max_tokens") from None
-  return Request(prompts, ids, samplings, stream, tuple(stop), echo, logprobs, chat)
+    except UserError as e:
+      raise RequestError(400, str(e) if chat or len(ids) == 1 else f"{what(i)}: {e}", "max_tokens") from None
+  return Request(prompts, list(ids), list(lead), samplings, stream, tuple(stop), echo, logprobs, chat)
 
 
-def _depth(value) -> int:
-  """How deeply a parsed JSON value nests (without recursion: it is what is being bounded)."""
-  deepest, todo = 0, [(value, 1)]
-  while todo:
-    value, depth = todo.pop()
-    if isinstance(value, (dict, list)):
-      deepest = max(deepest, depth)
-      if depth <= MAX_DEPTH:  # deeper is refused whatever lies below
-        todo.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
-  return deepest
+def _prompts(prompt, vocab: int) -> tuple[list[str] | None, list[list[int]] | None]:
+  """The completions 'prompt' as OpenAI's API takes it: text (a string, or a list of
+  them) -> (texts, None), or token ids (a list of ints, or a list of such lists) ->
+  (None, ids). Raises RequestError."""
+  if isinstance(prompt, str):
+    return [prompt], None
+  if not isinstance(prompt, list):
+    raise RequestError(400, "'prompt' is required: a string, a list of strings, a list of token ids or a list of"
+                            " lists of token ids.", "prompt")
+  if not prompt:
+    raise RequestError(400, "'prompt' is an empty list: send at least one prompt.", "prompt")
+  texts = [isinstance(p, str) for p in prompt]
+  if all(texts):
+    return prompt, None
+  if any(texts):
+    raise RequestError(400, "'prompt' mixes strings and token ids: send one kind in a request.", "prompt")
+  if all(isinstance(p, list) for p in prompt):
+    return None, [token_ids(p, vocab, f"prompt {i}", "prompt") for i, p in enumerate(prompt)]
+  return None, [token_ids(prompt, vocab, "prompt 0", "prompt")]
 
 
-def _shown(value) -> str:
-  """A value as an error message quotes it: JSON, cut short."""
-  text = json.dumps(value)
-  return text if len(text) <= 80 else text[:77] + "..."
+def _encode(run, text: str) -> tuple[list[int], int]:
+  """A text prompt's ids as the model reads it (run.encode_prompt) and how many of them
+  lead it that the text does not hold (the run's BOS): those are context, not prompt."""
+  ids, own = run.encode_prompt(text), tokenizer_lib.encode_text(run.tokenizer, text)
+  added = len(ids) - len(own)
+  return ids, added if added >= 0 and ids[added:] == own else 0
 
 
 class _ChoiceText:
@@ -253,17 +243,25 @@ class _ChoiceText:
             "text_offset": offsets}
 
 
-def prompt_logprobs(run, request: Request) -> list[list]:
-  """Per prompt, its tokens' logprob entries as _ChoiceText holds them, from the one
-  scoring function (inference/score.py): the first token has no context (None)."""
-  longer = [ids for ids in request.ids if len(ids) > 1]  # an empty prompt is its BOS alone: nothing to score
-  scored = iter(run.score(longer, top=TOP_LOGPROBS))
+def prompt_logprobs(run, request: Request, greedy_next: bool = False) -> list[tuple[list, tuple | None]]:
+  """Per prompt, its echoed tokens' logprob entries as _ChoiceText holds them (the ids
+  the server added before a text prompt are context, not echoed; a token-id prompt's
+  first id has no context: None), and with `greedy_next` the entry of the likeliest
+  next token: one pass of the one scoring function (inference/score.py) over the
+  prompt and one more position."""
+  rows = [[*ids, run.tokenizer.eos_id] if greedy_next else ids for ids in request.ids]  # any id: its position's
+  scored = iter(run.score([r for r in rows if len(r) > 1], top=TOP_LOGPROBS))  # alternatives are the next token's
   out = []
-  for ids in request.ids:
-    s = next(scored) if len(ids) > 1 else None
-    out.append([(ids[0], (None, None))] + ([] if s is None else [
+  for row, lead in zip(rows, request.lead):
+    s = next(scored) if len(row) > 1 else None  # a text prompt "" is its BOS alone: nothing to score
+    entries = [(row[0], (None, None))] + ([] if s is None else [
         (t, (float(lp), list(zip(map(int, top_i), map(float, top_lp)))))
-        for t, lp, top_i, top_lp in zip(ids[1:], s.logprobs, s.top_ids, s.top_logprobs)]))
+        for t, lp, top_i, top_lp in zip(row[1:], s.logprobs, s.top_ids, s.top_logprobs)])
+    following = None
+    if greedy_next:
+      top = entries.pop()[1][1]
+      following = (top[0][0], (top[0][1], top))
+    out.append((entries[lead:], following))
   return out
 
 
@@ -522,14 +520,25 @@ def make_handler(run, engine: Engine, limits: Limits, api_key: str | None = None
       elif path == "/v1/models":
         self._json(200, {"object": "list", "data": [
             {"id": model_name, "object": "model", "created": created, "owned_by": "tpu_lm"}]})
+      elif path == "/tokenizer_info":
+        self._json(200, tokenizer_api.info(run))
       else:
-        self._error(404, f"no route GET {self.path}: use POST /v1/completions, GET /v1/models or GET /health.")
+        self._error(404, f"no route GET {self.path}: use POST /v1/completions, GET /v1/models, GET /tokenizer_info"
+                         " or GET /health.")
 
     def do_POST(self):
       path = self.path.split("?")[0]
+      tokenizer_route = {"/tokenize": tokenizer_api.tokenize, "/detokenize": tokenizer_api.detokenize}.get(path)
+      if tokenizer_route:
+        try:
+          self._json(200, tokenizer_route(self._body(), run))
+        except RequestError as e:
+          self._error(e.status, str(e), e.param)
+        return
       if path not in ("/v1/completions", "/v1/chat/completions"):
         self.close_connection = True  # its body is not read
-        self._error(404, f"no route POST {self.path}: use POST /v1/completions or /v1/chat/completions.")
+        self._error(404, f"no route POST {self.path}: use POST /v1/completions, /v1/chat/completions, /tokenize or"
+                         " /detokenize.")
         return
       try:
         request = parse_request(self._body(), run, limits, chat=path == "/v1/chat/completions")
@@ -574,9 +583,13 @@ def make_handler(run, engine: Engine, limits: Limits, api_key: str | None = None
               "object": "chat.completion.chunk" if request.chat and stream else
                         "chat.completion" if request.chat else "text_completion",
               "created": int(time.time()), "model": model_name}
-      prompt_lp = prompt_logprobs(run, request) if request.echo and request.logprobs is not None else None
-      if not samplings[0].max_new_tokens:  # prompt scoring alone: nothing to decode
-        self._echo_only(request, head, prompt_lp)
+      scoring = request.echo and request.logprobs is not None
+      # What evaluation harnesses send to score text (echo, logprobs, max_tokens 0, or 1
+      # greedy) is answered from one scoring pass, without the engine.
+      greedy_next = scoring and samplings[0].max_new_tokens == 1 and samplings[0].temperature == 0
+      prompt_lp = prompt_logprobs(run, request, greedy_next) if scoring else None
+      if not samplings[0].max_new_tokens or greedy_next:
+        self._scored(request, head, prompt_lp)
         return
       jobs = [Job(i * len(samplings) + j, p, s, events, cancelled, head["id"], request.logprobs is not None)
               for i, p in enumerate(request.ids) for j, s in enumerate(samplings)]
@@ -592,7 +605,7 @@ def make_handler(run, engine: Engine, limits: Limits, api_key: str | None = None
       deadline = time.time() + limits.timeout_s
       texts = {j.index: _ChoiceText(run.tokenizer, request.stop,
                                     request.prompts[j.index // len(samplings)] if request.echo else "",
-                                    prompt_lp[j.index // len(samplings)] if prompt_lp else ()) for j in jobs}
+                                    prompt_lp[j.index // len(samplings)][0] if prompt_lp else ()) for j in jobs}
       by_index = {j.index: j for j in jobs}
       results, started = {}, False
 
@@ -650,8 +663,10 @@ def make_handler(run, engine: Engine, limits: Limits, api_key: str | None = None
           self.wfile.write(b"data: [DONE]\n\n")
           self.wfile.flush()
           return
-        prompt_tokens = sum(len(p) - 1 for p in request.ids) * len(samplings)
-        completion_tokens = sum(len(c.tokens) for c in results.values())
+        prompt_tokens = sum(len(p) - k for p, k in zip(request.ids, request.lead)) * len(samplings)
+        # End-of-sequence counts as drawn (as OpenAI and vLLM count it): a "stop" without a stop sequence.
+        completion_tokens = sum(len(c.tokens) + (c.finish_reason == "stop" and not texts[i].stopped)
+                                for i, c in results.items())
         self._json(200, {
             **head,
             "choices": [_choice(request, i, texts[i].text, "stop" if texts[i].stopped else results[i].finish_reason,
@@ -665,16 +680,24 @@ def make_handler(run, engine: Engine, limits: Limits, api_key: str | None = None
         cancelled.set()
         self.close_connection = True
 
-    def _echo_only(self, request: Request, head: dict, prompt_lp) -> None:
-      """max_tokens 0 with echo: each choice is its prompt (with its log-probabilities,
-      if asked), nothing generated."""
+    def _scored(self, request: Request, head: dict, prompt_lp) -> None:
+      """Echo with max_tokens 0: each choice is its prompt (with its log-probabilities,
+      if asked), nothing generated; or with max_tokens 1, greedy and logprobs, the
+      prompt then its likeliest next token (prompt_logprobs' greedy_next)."""
       n = len(request.samplings)
-      choices = []
+      choices, completion_tokens = [], 0
       for index in range(len(request.ids) * n):
-        text = _ChoiceText(run.tokenizer, (), request.prompts[index // n], prompt_lp[index // n] if prompt_lp else ())
+        entries, following = prompt_lp[index // n] if prompt_lp else ((), None)
+        text = _ChoiceText(run.tokenizer, request.stop, request.prompts[index // n], entries)
+        reason = "length"
+        if following is not None:
+          completion_tokens += 1
+          token, logprobs = following
+          text.push(token, logprobs)
+          reason = "stop" if text.stopped or token == run.tokenizer.eos_id else "length"
         text.finish()
-        choices.append(_choice(request, index, text.text, "length", text.take_logprobs(request, 0), final=True))
-      prompt_tokens = sum(len(p) - 1 for p in request.ids) * n
+        choices.append(_choice(request, index, text.text, reason, text.take_logprobs(request, 0), final=True))
+      prompt_tokens = sum(len(p) - k for p, k in zip(request.ids, request.lead)) * n
       if request.stream:
         self._start_stream()
         for choice in choices:
@@ -682,8 +705,9 @@ def make_handler(run, engine: Engine, limits: Limits, api_key: str | None = None
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
         return
-      self._json(200, {**head, "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
-                                                              "total_tokens": prompt_tokens}})
+      self._json(200, {**head, "choices": choices, "usage": {
+          "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+          "total_tokens": prompt_tokens + completion_tokens}})
 
     def _fail(self, started: bool, status: int, message: str, kind: str) -> None:
       """An error before the stream began is the response; after, the stream's last event."""

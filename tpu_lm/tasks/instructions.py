@@ -4,6 +4,7 @@ it), the loss on the completion's tokens only. A conversation sent to the server
 chat completions is rendered into the same form (`chat_prompt`)."""
 
 import dataclasses
+import json
 
 import numpy as np
 
@@ -54,6 +55,20 @@ class Instructions(LanguageModel):
     *history, last = messages
     lines = [f"{m['role'].capitalize()}: {m['content']}" for m in history]
     return apply(self.chat_template, "\n".join([*lines, last["content"]]) if lines else last["content"])
+
+
+def jinja_template(template: str) -> str:
+  """`chat_prompt` as a Jinja chat template over `messages` (what Hugging Face chat
+  templates are), for clients that render prompts themselves (the server's
+  /tokenizer_info): the same text for every conversation check_messages accepts."""
+  # The template's text as Jinja string literals (JSON's escapes are Jinja's), "{prompt}" between them.
+  literal = lambda text: "{{ " + json.dumps(text, ensure_ascii=False) + " }}"  # noqa: E731
+  return ("{%- set ns = namespace(body='') -%}"
+          "{%- for m in messages -%}"
+          "{%- if loop.last -%}{%- set ns.body = ns.body ~ m['content'] -%}"
+          "{%- else -%}{%- set ns.body = ns.body ~ (m['role'] | capitalize) ~ ': ' ~ m['content'] ~ '\\n' -%}"
+          "{%- endif -%}{%- endfor -%}"
+          + "{{ ns.body }}".join(literal(part) for part in template.split("{prompt}")))
 
 
 def check_messages(messages) -> str | None:
