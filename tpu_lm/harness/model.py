@@ -71,8 +71,8 @@ class TpuLM(TemplateLM):
     return f"tpu_lm:{self.run.workdir}"
 
   def tok_encode(self, string: str, add_special_tokens: bool | None = None, **_) -> list[int]:
-    if add_special_tokens is False:
-      return [int(t) for t in self.run.tokenizer.encode_batch([string])[0]]
+    if add_special_tokens is False:  # a special token's string is that token, as Hugging Face tokenizers read text
+      return tokenizer_lib.encode_text(self.run.tokenizer, string)
     return self.run.encode_prompt(string)
 
   def tok_decode(self, tokens) -> str:
