@@ -384,9 +384,13 @@ def test_lm_eval_log_likelihoods_are_the_runs_scores_with_token_ids_or_text(serv
   choice's log-likelihood is run.score's over the ids the server read, the accuracy
   what they imply."""
   from tpu_lm.data import tokenizer as tokenizer_lib
+  from tpu_lm.harness.model import TpuLM
 
   manager, docs = lm_eval_tasks
   monkeypatch.setenv("OPENAI_API_KEY", KEY)  # lm-eval's completions send it; its remote tokenizer, auth_token
+  # The parity of the three paths: the native model (tpu_lm/harness) reads text as the
+  # server does; tests/test_harness.py holds it equal to lm-eval's hf backend.
+  native, native_samples = _lm_eval(TpuLM(local, batch_size=4), None, "words_choice", manager)
   for tokenized, before in ((True, []), (False, [local.tokenizer.bos_id])):
     args = {"base_url": f"http://127.0.0.1:{server}/v1/completions", "model": "m", "auth_token": KEY,
             "tokenized_requests": tokenized, "batch_size": 4, "max_length": 64}
@@ -402,6 +406,9 @@ def test_lm_eval_log_likelihoods_are_the_runs_scores_with_token_ids_or_text(serv
       np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"tokenized_requests={tokenized}")
       correct.append(int(np.argmax(want)) == doc["label"])
     assert results["acc,none"] == pytest.approx(np.mean(correct))
+  np.testing.assert_allclose([[ll for ll, _ in s["filtered_resps"]] for s in native_samples],
+                             [[ll for ll, _ in s["filtered_resps"]] for s in samples], atol=1e-4)  # text requests
+  assert native["acc,none"] == results["acc,none"]
 
 
 def test_lm_eval_generations_are_the_runs_through_completions_and_chat(server, chat_server, local, lm_eval_tasks,

@@ -124,7 +124,6 @@ def main() -> None:
   p.add_argument("--docs", type=int, default=100)
   p.add_argument("--batch", type=int, default=16)
   args = p.parse_args()
-  import lm_eval.models  # noqa: F401
   from lm_eval.api.registry import get_model
   from lm_eval.tasks import TaskManager
 

@@ -19,8 +19,9 @@ Every process of a multi-host run scores every request (the compiled programs ar
 SPMD over the mesh), so the harness sees one rank; only process 0 writes results.
 """
 
+import importlib
+
 import jax
-import lm_eval.models  # noqa: F401  (lm-eval's own backends: its registry loads them only while it is empty)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -30,6 +31,10 @@ from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.errors import UserError
 from tpu_lm.inference import complete
 from tpu_lm.inference.sampling import Sampling
+
+# lm-eval's own backends (hf, local-completions, ...): its registry imports them only while
+# it is empty, which registering "tpu_lm" below would otherwise make it never be.
+importlib.import_module("lm_eval.models")
 
 
 @register_model("tpu_lm")
