@@ -92,7 +92,7 @@ def write_harness_tasks(directory, documents: int = 8, seed: int = 0) -> str:
   a space, between context and choice), a continuation to generate
   (continue_text: generate_until, stopped at a newline) and texts to score whole
   (text_ppl: loglikelihood_rolling). Returns the folder (--include_path)."""
-  import json
+  from tpu_lm.harness import tasks
 
   rng = random.Random(seed)
   os.makedirs(directory, exist_ok=True)
@@ -119,12 +119,7 @@ def write_harness_tasks(directory, documents: int = 8, seed: int = 0) -> str:
                   "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n",
   }
   for name, kind in kinds.items():
-    data = os.path.join(directory, f"{name}.jsonl")
-    with open(data, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows[name])
-    with open(os.path.join(directory, f"{name}.yaml"), "w") as f:
-      f.write(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-              f"test_split: test\n{kind}")
+    tasks.write_local_task(str(directory), name, rows[name], kind)
   return str(directory)
 
 

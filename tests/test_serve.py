@@ -357,14 +357,12 @@ def lm_eval_tasks(tmp_path_factory):
                             "choices": [WORDS[(i + 3 + 5 * ((c - i) % 3)) % len(WORDS)] for c in range(3)]}
                            for i in range(4)],
           "words_continue": [{"context": " ".join(WORDS[i:i + 3]), "target": " " + WORDS[i + 3]} for i in range(3)]}
-  for name, body in _LM_EVAL_TASKS.items():
-    data = directory / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs[name]))
-    (directory / f"{name}.yaml").write_text(
-        f"task: {name}\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {data}}}}}\ntest_split: test\n{body}")
-  os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")  # a local dataset: nothing to fetch
-  pytest.importorskip("lm_eval")
   from lm_eval.tasks import TaskManager
+
+  from tpu_lm.harness.tasks import write_local_task
+
+  for name, body in _LM_EVAL_TASKS.items():
+    write_local_task(str(directory), name, docs[name], body)
 
   return TaskManager(include_path=str(directory), include_defaults=False), docs  # not lm-eval's thousands
 

@@ -23,7 +23,6 @@ if __name__ == "__main__" and not __package__:  # run as a file: rerun as `pytho
   os.execv(sys.executable, [sys.executable, "-m", "experiments.harness.run", *sys.argv[1:]])
 
 import argparse
-import json
 import os
 import random
 import subprocess
@@ -66,6 +65,7 @@ def train(steps: int, workdir: str) -> None:
 def write_tasks(run, directory: str, docs: int, seed: int = 0) -> None:
   """The three tasks from the run's validation split (held out from its training)."""
   from tpu_lm.data import sources
+  from tpu_lm.harness.tasks import write_local_task
 
   rng = random.Random(seed)
   splits = sources.open_splits(run.config.data)
@@ -88,12 +88,7 @@ def write_tasks(run, directory: str, docs: int, seed: int = 0) -> None:
   rng.shuffle(short)
   rows["file_ppl"] = [{"text": t} for t in short[:max(docs // 4, 1)]]
   for name, kind in TASKS.items():
-    data = os.path.join(directory, f"{name}.jsonl")
-    with open(data, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows[name])
-    with open(os.path.join(directory, f"{name}.yaml"), "w") as f:
-      f.write(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-              f"test_split: test\n{kind}")
+    write_local_task(directory, name, rows[name], kind)
 
 
 def timed(lm, task: str, manager) -> tuple[float, dict]:

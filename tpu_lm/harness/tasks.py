@@ -85,6 +85,20 @@ def _yaml_task_name(path: str) -> str:
   return name
 
 
+def write_local_task(directory: str, name: str, documents: list[dict], spec: str) -> str:
+  """A task lm-eval reads with no download: `documents` as `name`.jsonl and `name`.yaml
+  naming it (dataset_path: json), `spec` the rest of the task's YAML (output_type,
+  doc_to_text, metric_list, ...). Returns the YAML file's path (a --tasks value)."""
+  data = os.path.join(directory, f"{name}.jsonl")
+  with open(data, "w") as f:
+    f.writelines(json.dumps(d) + "\n" for d in documents)
+  path = os.path.join(directory, f"{name}.yaml")
+  with open(path, "w") as f:
+    f.write(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(data)}\n"
+            f"test_split: test\n{spec}")
+  return path
+
+
 def evaluate(lm, names: list[str], manager, *, num_fewshot: int = -1, limit: float = 0, log_samples: bool = False,
              bootstrap_iters: int = 100000, apply_chat_template: bool = False, seed: int = 0) -> dict:
   """lm_eval.simple_evaluate of `names` with `lm` (model.TpuLM): the harness's results
