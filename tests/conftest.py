@@ -92,7 +92,7 @@ def write_harness_tasks(directory, documents: int = 8, seed: int = 0) -> str:
   a space, between context and choice), a continuation to generate
   (continue_text: generate_until, stopped at a newline) and texts to score whole
   (text_ppl: loglikelihood_rolling). Returns the folder (--include_path)."""
-  from tpu_lm.harness import tasks
+  from tpu_lm.harness import benchmarks
 
   rng = random.Random(seed)
   os.makedirs(directory, exist_ok=True)
@@ -119,7 +119,7 @@ def write_harness_tasks(directory, documents: int = 8, seed: int = 0) -> str:
                   "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n",
   }
   for name, kind in kinds.items():
-    tasks.write_local_task(str(directory), name, rows[name], kind)
+    benchmarks.write_local_task(str(directory), name, rows[name], kind)
   return str(directory)
 
 

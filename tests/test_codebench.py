@@ -41,6 +41,8 @@ def test_pass_at_k_is_the_brute_force_probability():
     ("def add(a, b):\n    open('/tmp/codebench_escape', 'w')\n", "failed", "outside its directory"),
     ("def add(a, b):\n    return len(bytearray(1 << 30))\n", "failed", "MemoryError"),  # over memory_mb=256
     ("import os\nos._exit(0)\n", "error", "without a result"),
+    # Output goes to a file in its directory, capped (16 MiB): never into this process's memory.
+    ("import os\nwhile True:\n    os.write(2, b'x' * 65536)\n", "error", "File too large"),
 ])
 def test_sandbox_outcomes(program, status, reason):
   outcome = sandbox.run(program, ADD_TEST, limits=QUICK)

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import tiny_config, write_harness_tasks
 from tpu_lm.errors import UserError
-from tpu_lm.harness import tasks
+from tpu_lm.harness import benchmarks
 from tpu_lm.inference import run_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,8 +31,8 @@ def native(trained_run, task_dir):
   from tpu_lm.harness.model import TpuLM
 
   run = run_dir.load(trained_run, devices=jax.devices()[:1])
-  names, manager = tasks.resolve("next_word,text_ppl,continue_text", task_dir)
-  results = tasks.evaluate(TpuLM(run, batch_size=4), names, manager, log_samples=True, bootstrap_iters=0)
+  names, manager = benchmarks.resolve("next_word,text_ppl,continue_text", task_dir)
+  results = benchmarks.evaluate(TpuLM(run, batch_size=4), names, manager, log_samples=True, bootstrap_iters=0)
   return run, manager, results
 
 
@@ -90,25 +90,27 @@ def test_native_equals_lm_evals_hf_backend_on_the_exported_run(native, trained_r
 
 
 def test_task_files_are_checked_before_any_work(task_dir, tmp_path):
-  names, _ = tasks.resolve(f"{task_dir}/next_word.yaml, text_ppl", task_dir)
+  names, _ = benchmarks.resolve(f"{task_dir}/next_word.yaml, text_ppl", task_dir)
   assert names == ["next_word", "text_ppl"]
   with pytest.raises(UserError, match=r"task file .*missing.yaml does not exist"):
-    tasks.resolve(str(tmp_path / "missing.yaml"))
+    benchmarks.resolve(str(tmp_path / "missing.yaml"))
   (tmp_path / "nameless.yaml").write_text("dataset_path: json\n")
   with pytest.raises(UserError, match=r"has no `task:` name"):
-    tasks.resolve(str(tmp_path / "nameless.yaml"))
+    benchmarks.resolve(str(tmp_path / "nameless.yaml"))
   with pytest.raises(UserError, match=r"no harness task given"):
-    tasks.resolve(" , ")
+    benchmarks.resolve(" , ")
+  with pytest.raises(UserError, match=r"lm-eval reads task files named \*.yaml only"):
+    benchmarks.resolve(str(tmp_path / "task.yml"))
 
 
 def test_metrics_flatten_and_directions():
   results = {"results": {"arc": {"alias": "arc", "acc,none": 0.5, "acc_stderr,none": 0.1, "exact_match,strict": 1.0}},
              "groups": {"mmlu": {"acc,none": 0.25}}}
-  assert tasks.metrics(results) == {"harness/arc/acc": 0.5, "harness/arc/exact_match_strict": 1.0,
+  assert benchmarks.metrics(results) == {"harness/arc/acc": 0.5, "harness/arc/exact_match_strict": 1.0,
                                     "harness/mmlu/acc": 0.25}
-  assert tasks.direction("harness/arc/acc") == "maximize"
-  assert tasks.direction("harness/wikitext/word_perplexity") == "minimize"
-  assert tasks.direction("harness/x/bits_per_byte") == "minimize"
+  assert benchmarks.direction("harness/arc/acc") == "maximize"
+  assert benchmarks.direction("harness/wikitext/word_perplexity") == "minimize"
+  assert benchmarks.direction("harness/x/bits_per_byte") == "minimize"
 
 
 @pytest.mark.slow
@@ -125,7 +127,7 @@ def test_the_command_prints_the_harness_table_and_keeps_its_json(trained_run, ta
   assert open(os.path.join(os.path.dirname(written), "results.md")).read().startswith("|  Tasks  |")
   # A name that is no task is known only once lm-eval's whole catalog is indexed (~20 s here).
   with pytest.raises(UserError, match=r"unknown lm-eval task 'nxt_word': use a task name"):
-    tasks.resolve("nxt_word", task_dir)
+    benchmarks.resolve("nxt_word", task_dir)
 
 
 def test_harness_tasks_during_training_land_in_metrics_jsonl(corpus_dir, data_dir, task_dir, tmp_path):
@@ -143,6 +145,10 @@ def test_harness_tasks_during_training_land_in_metrics_jsonl(corpus_dir, data_di
   assert all(0 <= r["harness/next_word/acc"] <= 1 for r in evals)
   assert result["harness/next_word/acc"] == evals[-1]["harness/next_word/acc"]  # what a sweep optimises
   assert sorted(os.listdir(tmp_path / "run" / "harness")) == ["step_3", "step_6"]
+  qat = config.copy_and_resolve_references()
+  qat.quant.qat, qat.quant.weight_qtype, qat.model.scan_layers = True, "int8", False
+  with pytest.raises(UserError, match="eval_harness.tasks .* the harness scores the float weights"):
+    loop.train_and_evaluate(qat, str(tmp_path / "other"))
   config.eval_harness.tasks = str(tmp_path / "missing.yaml")
   with pytest.raises(UserError, match="task file .*missing.yaml does not exist"):
     loop.train_and_evaluate(config, str(tmp_path / "other"))

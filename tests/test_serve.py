@@ -359,7 +359,7 @@ def lm_eval_tasks(tmp_path_factory):
           "words_continue": [{"context": " ".join(WORDS[i:i + 3]), "target": " " + WORDS[i + 3]} for i in range(3)]}
   from lm_eval.tasks import TaskManager
 
-  from tpu_lm.harness.tasks import write_local_task
+  from tpu_lm.harness.benchmarks import write_local_task
 
   for name, body in _LM_EVAL_TASKS.items():
     write_local_task(str(directory), name, docs[name], body)

@@ -58,3 +58,18 @@ def write_atomic(path: str, data: bytes) -> None:
     _gfile().rename(tmp, path, overwrite=True)
   else:
     os.replace(tmp, path)
+
+
+def check_writable(directory: str, flag: str) -> None:
+  """UserError unless files can be written in `directory` (made if missing): commands
+  that write results check before their work, not after it."""
+  from tpu_lm.errors import UserError
+
+  try:
+    makedirs(directory)
+    probe = os.path.join(directory, f".write_check_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("")
+    remove(probe)
+  except OSError as e:
+    raise UserError(f"cannot write results to {directory} ({e.strerror or e}): pass a writable {flag}.") from None

@@ -65,7 +65,7 @@ def train(steps: int, workdir: str) -> None:
 def write_tasks(run, directory: str, docs: int, seed: int = 0) -> None:
   """The three tasks from the run's validation split (held out from its training)."""
   from tpu_lm.data import sources
-  from tpu_lm.harness.tasks import write_local_task
+  from tpu_lm.harness.benchmarks import write_local_task
 
   rng = random.Random(seed)
   splits = sources.open_splits(run.config.data)

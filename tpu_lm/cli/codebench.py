@@ -50,6 +50,7 @@ USAGE = "pass --workdir=RUN (or --build_problems=PATH)."
 def body() -> None:
   import os
 
+  from tpu_lm import storage
   from tpu_lm.codebench import problems as problems_lib
 
   if _BUILD.value:
@@ -66,10 +67,12 @@ def body() -> None:
   from tpu_lm.inference import run_dir
 
   run = run_dir.load(_WORKDIR.value, step=_STEP.value)
+  out = _OUT.value or os.path.join(run.workdir, "codebench")
+  storage.check_writable(out, "--out")  # before the generation and the sandbox, not after
   print(f"code benchmark on {run.workdir} at step {run.step}: problem set {problems_lib.version(path)}", flush=True)
   results, samples = bench.evaluate(run, problems, settings, problems_lib.version(path),
                                     on_progress=lambda line: print(line, flush=True))
-  written = bench.write(results, samples, _OUT.value or os.path.join(run.workdir, "codebench"))
+  written = bench.write(results, samples, out)
   print("\n".join(bench.table(results)))
   seen = results["seen_in_training"]
   if seen["evaluated"]:

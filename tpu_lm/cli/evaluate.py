@@ -47,19 +47,23 @@ def body() -> None:
 
   import jax
 
+  from tpu_lm import storage
   from tpu_lm.errors import UserError
-  from tpu_lm.harness import tasks
+  from tpu_lm.harness import benchmarks
 
   if not _WORKDIR.value:
     raise UserError(f"--workdir is required: {USAGE}.")
-  names, manager = tasks.resolve(_TASKS.value, _INCLUDE.value)  # before loading the model: a typo costs nothing
+  names, manager = benchmarks.resolve(_TASKS.value, _INCLUDE.value)  # before loading the model: a typo costs nothing
   from tpu_lm.harness.model import TpuLM
   from tpu_lm.inference import run_dir
 
   run = run_dir.load(_WORKDIR.value, step=_STEP.value, tensor_parallel=_TP.value)
+  out_root = _OUT.value or os.path.join(run.workdir, "harness")
+  if jax.process_index() == 0:
+    storage.check_writable(out_root, "--output_dir")  # before minutes of evaluation, not after
   lm = TpuLM(run, batch_size=_BATCH.value, max_batch=_MAX_BATCH.value, max_gen_toks=_MAX_GEN.value, seed=_SEED.value)
   limit = _LIMIT.value if _LIMIT.value < 1 else int(_LIMIT.value)
-  results = tasks.evaluate(lm, names, manager, num_fewshot=_FEWSHOT.value, limit=limit, log_samples=_SAMPLES.value,
+  results = benchmarks.evaluate(lm, names, manager, num_fewshot=_FEWSHOT.value, limit=limit, log_samples=_SAMPLES.value,
                            bootstrap_iters=_BOOTSTRAP.value, apply_chat_template=_CHAT.value, seed=_SEED.value)
   results["config"]["model"] = "tpu_lm"
   results["config"]["model_args"] = f"workdir={run.workdir},step={run.step}"
@@ -67,6 +71,6 @@ def body() -> None:
     return
   print(f"{run.workdir} (step {run.step}), {', '.join(names)}"
         + (f", {_FEWSHOT.value}-shot" if _FEWSHOT.value >= 0 else "") + (f", limit {limit}" if limit else ""))
-  print(tasks.table(results))
-  out = tasks.write(results, _OUT.value or os.path.join(run.workdir, "harness"))
+  print(benchmarks.table(results))
+  out = benchmarks.write(results, out_root)
   print(f"results: {out}/results.json")

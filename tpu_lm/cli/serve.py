@@ -1,9 +1,12 @@
 """HTTP API for a trained run: tpu-lm serve (python -m tpu_lm.serve) --workdir=RUN [--port=8000].
 
-  POST /v1/completions       OpenAI-style completions; "stream": true sends server-sent events;
+  POST /v1/completions       OpenAI-style completions of text or token-id prompts (a list of
+                             ints, or of such lists); "stream": true sends server-sent events;
                              "echo" + "logprobs" (and "max_tokens": 0) scores the prompt
   POST /v1/chat/completions  chat, for a run instruction-tuned here (its chat template)
   GET  /v1/models            the one model served
+  GET  /tokenizer_info       the special tokens, the context and a chat template (vLLM's shape)
+  POST /tokenize, /detokenize  text <-> the run's token ids (lm-eval's remote tokenizer uses them)
   GET  /health               {"status": "ok", "step": ..., "queued": ..., "running": ...}
 
 Requests are decoded by continuous batching: one engine thread steps every

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 
+from tpu_lm import storage
 from tpu_lm.codebench import contamination, metrics, sandbox
 from tpu_lm.codebench import problems as problems_lib
 
@@ -115,17 +116,17 @@ def table(results: dict) -> list[str]:
 
 def write(results: dict, samples: list[dict], out: str) -> list[str]:
   """results.json, results.md and samples.jsonl in `out`; returns their paths."""
-  os.makedirs(out, exist_ok=True)
+  storage.makedirs(out)
   paths = [os.path.join(out, name) for name in ("results.json", "results.md", "samples.jsonl")]
-  with open(paths[0], "w") as f:
+  with storage.open(paths[0], "w") as f:
     json.dump(results, f, indent=1)
   c = results["config"]
-  with open(paths[1], "w") as f:
+  with storage.open(paths[1], "w") as f:
     f.write("\n".join([f"# Code benchmark: {c['workdir']} at step {c['step']}", "", *table(results), "",
                        f"Problem set {c['problem_set']}, Python {c['python']}; temperature {c['temperature']},"
                        f" top_p {c['top_p']}, top_k {c['top_k']}, {c['max_new_tokens']} new tokens, seed {c['seed']}."
                        f" Skipped problems: {results['problems']['skipped_why']}.", ""]))
-  with open(paths[2], "w") as f:
+  with storage.open(paths[2], "w") as f:
     for s in samples:
       f.write(json.dumps(s) + "\n")
   return paths

@@ -47,18 +47,31 @@ def run(program: str, test: str, name: str = "candidate", limits: Limits = Limit
   """Executes `program`, then `test`'s doctest examples in its namespace."""
   job = {"program": program, "test": test, "name": name,
          "limits": {"memory_mb": limits.memory_mb, "file_mb": limits.file_mb, "cpu_s": int(limits.timeout_s) + 1}}
-  with tempfile.TemporaryDirectory(prefix="codebench_", dir=root, ignore_cleanup_errors=True) as tmp:
+  with tempfile.TemporaryDirectory(prefix="codebench_", dir=root, ignore_cleanup_errors=True) as outer:
+    tmp = os.path.join(outer, "work")  # the program's directory; its output files sit beside it, out of its reach
+    os.mkdir(tmp)
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp}
-    process = subprocess.Popen([sys.executable, "-I", "-S", "-B", _RUNNER], cwd=tmp, env=env, stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    # Its output goes to files, not pipes: a program that prints without end fills a file
+    # up to its size limit (then its writes fail), never this process's memory.
+    out_path, err_path = os.path.join(outer, "stdout"), os.path.join(outer, "stderr")
+    with open(out_path, "wb") as out_file, open(err_path, "wb") as err_file:
+      process = subprocess.Popen([sys.executable, "-I", "-S", "-B", _RUNNER], cwd=tmp, env=env,
+                                 stdin=subprocess.PIPE, stdout=out_file, stderr=err_file, start_new_session=True)
     try:
-      out, err = process.communicate(json.dumps(job).encode(), timeout=limits.timeout_s)
+      process.communicate(json.dumps(job).encode(), timeout=limits.timeout_s)
     except subprocess.TimeoutExpired:
-      _kill(process)
       return Outcome("timeout", f"still running after {limits.timeout_s:g} s")
     finally:
-      _kill(process)  # whatever it left in its group
-  return _read(out.decode(errors="replace"), err.decode(errors="replace"), process.returncode, limits)
+      _kill(process)  # on a timeout, it; always, whatever it left in its group
+    out, err = _tail(out_path), _tail(err_path)
+  return _read(out, err, process.returncode, limits)
+
+
+def _tail(path: str, most: int = 1 << 16) -> str:
+  """The end of an output file (the result line is the last one written)."""
+  with open(path, "rb") as f:
+    f.seek(max(0, os.path.getsize(path) - most))
+    return f.read().decode(errors="replace")
 
 
 def run_many(jobs: list[tuple[str, str, str]], limits: Limits = Limits(), workers: int = 4,

@@ -181,6 +181,10 @@ def _check_eval_harness(config) -> None:
   if not tasks.from_config(config).generates:
     fail("eval_harness.tasks", h.tasks, "lm-evaluation-harness tasks score a language model: this run's"
          f" task.kind is {config.task.kind!r}")
+  if config.quant.qat:
+    fail("eval_harness.tasks", h.tasks, "the harness scores the float weights, not quantization-aware training's"
+         " fake-quantized model: compress the finished run (python -m tpu_lm.compress) and evaluate that with"
+         " python -m tpu_lm.evaluate")
   if h.every_steps % config.eval_every_steps:
     fail("eval_harness.every_steps", h.every_steps, f"harness tasks run at evals: use a multiple of eval_every_steps"
          f" ({config.eval_every_steps}), or 0 for the final eval only")

@@ -53,7 +53,8 @@ class TpuLM(TemplateLM):
 
       run = run_dir.load(workdir, step=None if step is None else int(step), tensor_parallel=int(tensor_parallel))
     self.run = run
-    self.batch_size = 16 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
+    # lm-eval's "auto" / "auto:N" searches for the largest batch that fits; the shapes here are fixed: 16.
+    self.batch_size = 16 if batch_size is None or str(batch_size).startswith("auto") else int(batch_size)
     self.max_batch, self.max_gen_toks, self.seed = int(max_batch), int(max_gen_toks), int(seed)
 
   # What TemplateLM needs to tokenize requests.
@@ -78,7 +79,10 @@ class TpuLM(TemplateLM):
   def tok_encode(self, string: str, add_special_tokens: bool | None = None, **_) -> list[int]:
     if add_special_tokens is False:  # a special token's string is that token, as Hugging Face tokenizers read text
       return tokenizer_lib.encode_text(self.run.tokenizer, string)
-    return self.run.encode_prompt(string)
+    ids = self.run.encode_prompt(string)
+    if len(ids) > 1 and ids[0] == ids[1] == self.prefix_token_id:  # the text began with the BOS string itself
+      ids = ids[1:]
+    return ids
 
   def tok_decode(self, tokens) -> str:
     return self.run.tokenizer.decode(tokens)

@@ -648,6 +648,8 @@ def make_handler(run, engine: Engine, limits: Limits, api_key: str | None = None
             return
           if kind == "token":
             drawn += 1
+            if request.chat and payload == run.tokenizer.eos_id:
+              continue  # a chat message's logprobs are its tokens', as OpenAI's: not the end-of-sequence
             piece = texts[index].push(payload, event[3])
             if texts[index].stopped:
               by_index[index].halt.set()  # decoding this choice further is wasted: its slot frees

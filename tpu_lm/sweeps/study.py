@@ -57,12 +57,12 @@ class Sweep:
     objective = tasks.from_config(self.config)
     produced = objective.metrics
     if self.metric.startswith("harness/"):  # an lm-evaluation-harness task's metric (config.eval_harness)
-      from tpu_lm.harness import tasks as harness_tasks
+      from tpu_lm.harness import benchmarks
 
       if not self.config.eval_harness.tasks:
         raise UserError(f"--metric={self.metric} is a harness task's metric, but the config runs no harness tasks:"
                         " set --config.eval_harness.tasks.")
-      produced = {self.metric: harness_tasks.direction(self.metric)}
+      produced = {self.metric: benchmarks.direction(self.metric)}
     if self.metric not in produced:
       raise UserError(f"--metric={self.metric}: a {objective.name} run's final eval has no such metric; use one of"
                       f" {', '.join(produced)}.")
@@ -287,7 +287,8 @@ def run_worker(sweep: Sweep, train=None) -> dict:
       raise optuna.TrialPruned()
     if sweep.metric not in result:
       raise UserError(f"the final eval has no {sweep.metric} (it has"
-                      f" {', '.join(k for k in result if k.startswith('eval_'))}): pass one of those as --metric.")
+                      f" {', '.join(k for k in result if k.startswith(('eval_', 'harness/')))}): pass one of those as"
+                      " --metric.")
     value = float(result[sweep.metric])
     if not math.isfinite(value):
       raise UserError(f"{sweep.metric} is {value}")

@@ -28,9 +28,9 @@ class Harness:
     h = config.eval_harness
     if not h.tasks:
       return None
-    from tpu_lm.harness import tasks
+    from tpu_lm.harness import benchmarks
 
-    names, manager = tasks.resolve(h.tasks, h.include_path)
+    names, manager = benchmarks.resolve(h.tasks, h.include_path)
     return cls(names, manager, h.every_steps)
 
   def due(self, step: int, final: bool) -> bool:
@@ -38,7 +38,7 @@ class Harness:
 
   def run(self, setup, params, tokenizer, workdir: str, step: int) -> dict:
     """The tasks' metrics for `params` at `step` (a flat dict of floats)."""
-    from tpu_lm.harness import tasks
+    from tpu_lm.harness import benchmarks
     from tpu_lm.harness.model import TpuLM
     from tpu_lm.inference import decode, run_dir
 
@@ -55,11 +55,11 @@ class Harness:
     run = run_dir.Run(workdir, step, config, tokenizer, decoder, setup.task)
     lm = TpuLM(run, batch_size=h.batch_size, max_gen_toks=h.max_gen_toks, seed=config.seed)
     # bootstrap_iters=0: no resampled standard errors inside training (they cost minutes on big tasks).
-    results = tasks.evaluate(lm, self.names, self.manager, num_fewshot=h.num_fewshot, limit=h.limit,
+    results = benchmarks.evaluate(lm, self.names, self.manager, num_fewshot=h.num_fewshot, limit=h.limit,
                              bootstrap_iters=0, seed=config.seed)
-    found = tasks.metrics(results)
+    found = benchmarks.metrics(results)
     if jax.process_index() == 0:
-      tasks.write(results, os.path.join(workdir, "harness", f"step_{step}"))
-    shown = "  ".join(f"{k.removeprefix(tasks.PREFIX)} {v:.4f}" for k, v in found.items())
+      benchmarks.write(results, os.path.join(workdir, "harness", f"step_{step}"))
+    shown = "  ".join(f"{k.removeprefix(benchmarks.PREFIX)} {v:.4f}" for k, v in found.items())
     metrics_lib.console(f"harness at step {step}: {shown} in {time.time() - t0:.1f} s")
     return found

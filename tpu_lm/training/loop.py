@@ -160,7 +160,9 @@ def _train(setup, state, train_iter, private, corpus, ckpt, workdir, watch, on_e
       _diverged(ckpt, writer, int(last_streak), step, config.max_consecutive_nonfinite)
     if saved_step != step:
       ckpt.save(step, state, train_iter, config.to_dict())
-    result = _log_eval(setup, state, corpus, writer, step, harness, workdir, final=True)
+    # After a signal the grace period is for the checkpoint, not for minutes of harness tasks.
+    result = _log_eval(setup, state, corpus, writer, step, harness if watch.reason is None else None, workdir,
+                       final=True)
     if watch.reason is None and setup.task.generates:  # after a signal the checkpoint is all that matters
       print_samples(setup, state.params, corpus)
     ckpt.close()

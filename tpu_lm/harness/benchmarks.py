@@ -33,8 +33,9 @@ def require() -> None:
 
 def resolve(spec: str, include_path: str = ""):
   """(task names, lm_eval TaskManager) for `spec`: comma-separated lm-eval task, group
-  or tag names, or YAML files of tasks (their folder is searched, their `task:` named).
-  An unknown name is one UserError listing them."""
+  or tag names, or YAML files of tasks (their `task:` named; their folder is searched,
+  with its subfolders, as lm-eval searches an include path: keep task files in a folder
+  of their own). An unknown name is one UserError listing them."""
   require()
   from lm_eval.tasks import TaskManager
 
@@ -49,7 +50,9 @@ def resolve(spec: str, include_path: str = ""):
     paths.append(os.path.abspath(include_path))
   names = []
   for item in items:
-    if item.endswith((".yaml", ".yml")):
+    if item.endswith(".yml"):  # lm-eval's index reads *.yaml files only
+      raise UserError(f"task file {item}: lm-eval reads task files named *.yaml only; rename it.")
+    if item.endswith(".yaml"):
       names.append(_yaml_task_name(item))
       paths.append(os.path.dirname(os.path.abspath(item)))
     else:
@@ -112,6 +115,9 @@ def evaluate(lm, names: list[str], manager, *, num_fewshot: int = -1, limit: flo
         limit=limit or None, log_samples=log_samples, bootstrap_iters=bootstrap_iters,
         apply_chat_template=apply_chat_template, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
         fewshot_random_seed=seed)
+  except FileNotFoundError as e:  # a local task's data_files
+    raise UserError(f"a task of {', '.join(names)} names a data file that does not exist ({e}): fix the path in its"
+                    " YAML (dataset_kwargs: data_files).") from None
   except (ConnectionError, OSError) as e:  # requests', urllib3's and datasets' network errors are these
     raise UserError(f"a task of {', '.join(names)} could not read its dataset ({type(e).__name__}:"
                     f" {str(e).splitlines()[0][:200] if str(e) else ''}): catalog tasks download from the Hugging"
