@@ -130,6 +130,7 @@ def test_the_command_prints_the_harness_table_and_keeps_its_json(trained_run, ta
     benchmarks.resolve("nxt_word", task_dir)
 
 
+@pytest.mark.slow
 def test_harness_tasks_during_training_land_in_metrics_jsonl(corpus_dir, data_dir, task_dir, tmp_path):
   from tpu_lm.training import loop
 
