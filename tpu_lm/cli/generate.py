@@ -19,6 +19,7 @@ from absl import flags
 
 from tpu_lm import cli
 from tpu_lm.errors import UserError
+from tpu_lm.inference.stops import StoppedText  # numpy and sentencepiece: no JAX
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by python -m tpu_lm.main.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for several.")
@@ -106,24 +107,10 @@ class CtrlC:
     os.close(self._write)
 
 
-class _Text:
-  """One completion's text as its tokens arrive: detokenized, cut at the first stop sequence."""
+class _Text(StoppedText):
+  """A row's text (StoppedText), which also knows whether Ctrl-C ended it."""
 
-  def __init__(self, tokenizer, stop: tuple[str, ...]):
-    from tpu_lm.data.tokenizer import TextStream
-    from tpu_lm.inference.stops import StopScanner
-
-    self._stream, self.stops, self.text, self.interrupted = TextStream(tokenizer), StopScanner(stop), "", False
-
-  def push(self, token: int) -> str:
-    return self._add(self.stops.push(self._stream.push(token)))
-
-  def finish(self) -> str:
-    return self._add(self.stops.push(self._stream.finish()) + self.stops.finish())
-
-  def _add(self, piece: str) -> str:
-    self.text += piece
-    return piece
+  interrupted = False
 
   def reason(self, completion, sampling) -> str:
     if self.stops.stopped:

@@ -56,6 +56,9 @@ class TpuLM(TemplateLM):
     # lm-eval's "auto" / "auto:N" searches for the largest batch that fits; the shapes here are fixed: 16.
     self.batch_size = 16 if batch_size is None or str(batch_size).startswith("auto") else int(batch_size)
     self.max_batch, self.max_gen_toks, self.seed = int(max_batch), int(max_gen_toks), int(seed)
+    # What an empty context is: the start of a text, as the model saw texts begin (read on every request).
+    first = tokenizer_lib.encode_prompt(run.tokenizer, "")
+    self._prefix_id = first[0] if first else run.tokenizer.eos_id
 
   # What TemplateLM needs to tokenize requests.
   @property
@@ -64,9 +67,7 @@ class TpuLM(TemplateLM):
 
   @property
   def prefix_token_id(self) -> int:
-    """What an empty context is: the start of a text, as the model saw texts begin."""
-    first = tokenizer_lib.encode_prompt(self.run.tokenizer, "")
-    return first[0] if first else self.run.tokenizer.eos_id
+    return self._prefix_id
 
   @property
   def max_length(self) -> int:
@@ -92,7 +93,7 @@ class TpuLM(TemplateLM):
     sequence longer than the model's context keeps its last max_len + 1 tokens."""
     window = self.max_length + 1
     sequences = [(ctx + cont)[-window:] for _, ctx, cont in requests]
-    for (_, ctx, cont), s in zip(requests, sequences):
+    for _, ctx, cont in requests:
       if not cont:
         raise UserError(f"a request has an empty continuation after tokenization (context {ctx[-8:]}...): the task's"
                         " choices must be non-empty text.")

@@ -11,11 +11,10 @@ import dataclasses
 import queue
 import threading
 
-from tpu_lm.data.tokenizer import TextStream
 from tpu_lm.errors import UserError
 from tpu_lm.inference.engine import Engine, Job
 from tpu_lm.inference.sampling import Sampling
-from tpu_lm.inference.stops import StopScanner
+from tpu_lm.inference.stops import StoppedText
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +41,7 @@ def complete(run, wanted: list[Wanted], max_batch: int = 8, on_done=None) -> lis
     return []
   events, cancelled = queue.Queue(), threading.Event()
   jobs = [Job(i, list(w.prompt_ids), w.sampling, events, cancelled) for i, w in enumerate(wanted)]
-  streams = [TextStream(run.tokenizer) for _ in wanted]
-  scanners = [StopScanner(tuple(w.stop)) for w in wanted]
-  texts = [""] * len(wanted)
+  texts = [StoppedText(run.tokenizer, tuple(w.stop)) for w in wanted]
   engine = Engine(run, max_batch)
   try:
     engine.submit(jobs)
@@ -52,19 +49,18 @@ def complete(run, wanted: list[Wanted], max_batch: int = 8, on_done=None) -> lis
     while left:
       kind, index, *rest = events.get()
       if kind == "token":
-        if not scanners[index].stopped:
-          texts[index] += scanners[index].push(streams[index].push(rest[0]))
-          if scanners[index].stopped:
+        if not texts[index].stops.stopped:
+          texts[index].push(rest[0])
+          if texts[index].stops.stopped:
             jobs[index].halt.set()  # leaves the batch at the next step boundary
       elif kind == "done":
-        if not scanners[index].stopped:
-          texts[index] += scanners[index].push(streams[index].finish()) + scanners[index].finish()
+        texts[index].finish()
         left -= 1
         if on_done:
-          on_done(index, texts[index])
+          on_done(index, texts[index].text)
       else:  # ("error", index, (status, message)): the model failed this row
         raise UserError(f"completion {index} failed: {rest[0][1]}")
   finally:
     cancelled.set()
     engine.close(0.0)
-  return texts
+  return [t.text for t in texts]

@@ -3,6 +3,8 @@ piece by piece (the server and `generate` alike). The text is cut here, at the
 first stop sequence; decoding stops at the step it appears (the server halts the
 sequence, `generate` ends the row)."""
 
+from tpu_lm.data.tokenizer import TextStream
+
 
 class StopScanner:
   """Streamed text in, text safe to send out: holds back a tail that could begin a
@@ -32,3 +34,21 @@ class StopScanner:
 def first_stop(text: str, stop) -> int | None:
   hits = [i for i in (text.find(x) for x in stop) if i >= 0]
   return min(hits) if hits else None
+
+
+class StoppedText:
+  """One completion's text as its tokens arrive: detokenized, cut at the first stop
+  sequence (`generate`'s rows, inference/complete.py's completions)."""
+
+  def __init__(self, tokenizer, stop: tuple[str, ...]):
+    self._stream, self.stops, self.text = TextStream(tokenizer), StopScanner(stop), ""
+
+  def push(self, token: int) -> str:
+    return self._add(self.stops.push(self._stream.push(token)))
+
+  def finish(self) -> str:
+    return self._add(self.stops.push(self._stream.finish()) + self.stops.finish())
+
+  def _add(self, piece: str) -> str:
+    self.text += piece
+    return piece
