@@ -147,9 +147,10 @@ def test_n_and_a_list_of_prompts_give_one_choice_each(server):
     ({"prompt": ["a", [5]]}, 400, "'prompt' mixes strings and token ids: send one kind in a request."),
     ({"prompt": [[5], [5] * 41]}, 400, "prompt 1 has 41 tokens; this server accepts at most 40"),
     ({"prompt": [[5], [5] * 40], "max_tokens": 30}, 400, "prompt 1: the prompt (40 tokens) plus max_new_tokens (30)"),
+    ({"prompt": "a", "suffix": "b"}, 400, "this run was not trained to fill in the middle (task.kind='lm')"),
 ], ids=["json", "not_object", "no_prompt", "bool_int", "too_many_tokens", "temperature", "top_p",
         "prompt_too_long", "context", "logprobs", "zero_tokens_without_echo", "stop", "n", "body_too_big",
-        "id_out_of_vocab", "ids_empty", "prompt_empty", "mixed", "ids_too_long", "ids_context"])
+        "id_out_of_vocab", "ids_empty", "prompt_empty", "mixed", "ids_too_long", "ids_context", "suffix_not_fim"])
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, status, message):
   got, data = _post(server, body)
   assert got == status, data

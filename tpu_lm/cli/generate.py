@@ -5,6 +5,10 @@ completion streams to the terminal token by token; several (more prompts, or
 --num_samples) are decoded together in one batch and printed in turn.
 --interactive keeps the model loaded and reads one prompt per line.
 
+--suffix asks a run trained to fill in the middle (task.kind="fim") for the text
+between each prompt and the suffix: the middle is decoded until the model ends it,
+and printed between the two.
+
 A completion stops decoding at the step its text shows a --stop sequence. Ctrl-C
 stops decoding at the next step: what was generated is printed, then
 "[interrupted]", and the command exits 130 (in --interactive mode it returns to the
@@ -30,6 +34,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 i
 _TOP_K = flags.DEFINE_integer("top_k", 40, "Sample among the k most likely tokens (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set with this much probability (1: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same text.")
+_SUFFIX = flags.DEFINE_string("suffix", None, "Fill in the middle: the text after the gap, the prompt the text before"
+                              " it (a run trained with task.kind='fim').")
 _STOP = flags.DEFINE_multi_string("stop", [], "End a completion before the first occurrence of this text; repeatable.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
 _TENSOR = flags.DEFINE_integer("tensor_parallel", 1, "Devices to split the model over (heads, MLP, vocabulary).")
@@ -55,7 +61,26 @@ def _prompts() -> list[str]:
     raise UserError("--stop is empty: give the text a completion should end before.")
   if not prompts and not _INTERACTIVE.value:
     raise UserError("no prompt given: pass --prompt=TEXT, --prompt_file=PATH or --interactive.")
+  if _SUFFIX.value is not None and _INTERACTIVE.value:
+    raise UserError("--suffix goes with --prompt or --prompt_file, not --interactive: pass the text before the gap"
+                    " as the prompt.")
   return prompts
+
+
+def _check_infill(run) -> None:
+  if _SUFFIX.value is not None and not run.objective.infills:
+    raise UserError(f"{run.workdir} was not trained to fill in the middle (task.kind={run.config.task.kind!r}), so it"
+                    " cannot use --suffix: train one with configs/fim.py (task.kind='fim'), or leave --suffix out.")
+
+
+def _prompt_ids(run, prompt: str) -> list[int]:
+  if _SUFFIX.value is None:
+    return run.encode_prompt(prompt)
+  return run.objective.infill_prompt(run.tokenizer, prompt, _SUFFIX.value)
+
+
+def _end_id(run) -> int | None:
+  return run.objective.end_id(run.tokenizer) if _SUFFIX.value is not None else None
 
 
 def _check_counts(prompts: list[str]) -> None:
@@ -113,6 +138,8 @@ class _Text(StoppedText):
   interrupted = False
 
   def reason(self, completion, sampling) -> str:
+    if self.ended:
+      return "end of middle"
     if self.stops.stopped:
       return "stop sequence"
     if self.interrupted and len(completion.tokens) < sampling.max_new_tokens:
@@ -124,7 +151,7 @@ def _decode(run, jobs, stop: tuple[str, ...], interrupted, show=None):
   """Decodes (prompt, Sampling) pairs in one batch; each row ends at the step its text
   shows a stop sequence, every row at the step after Ctrl-C. `show(piece)` streams
   row 0's text. Returns the Completions and their _Texts."""
-  texts = [_Text(run.tokenizer, stop) for _ in jobs]
+  texts = [_Text(run.tokenizer, stop, _end_id(run)) for _ in jobs]
   eos = run.decoder.eos_id
 
   def on_step(_, tokens_B, done_B):
@@ -137,7 +164,7 @@ def _decode(run, jobs, stop: tuple[str, ...], interrupted, show=None):
           show(piece)
     return [now or text.stops.stopped for text in texts]
 
-  completions = run.decoder.generate([run.encode_prompt(p) for p, _ in jobs], [s for _, s in jobs], on_step=on_step)
+  completions = run.decoder.generate([_prompt_ids(run, p) for p, _ in jobs], [s for _, s in jobs], on_step=on_step)
   for text in texts:
     piece = text.finish()
     if show:
@@ -156,6 +183,7 @@ def complete_one(run, prompt: str, sampling, stop: tuple[str, ...]) -> bool:
   _show(prompt)
   with CtrlC() as interrupted:
     [completion], [text] = _decode(run, [(prompt, sampling)], stop, interrupted, show=_show)
+  _show(_SUFFIX.value or "")
   _show("\n[interrupted]\n" if interrupted.pressed else
         f"\n[{len(completion.tokens)} tokens, {text.reason(completion, sampling)}]\n")
   return interrupted.pressed
@@ -168,7 +196,7 @@ def complete_batch(run, jobs, stop: tuple[str, ...]) -> bool:
     completions, texts = _decode(run, jobs, stop, interrupted)
   for i, ((prompt, s), c, text) in enumerate(zip(jobs, completions, texts)):
     print(f"--- sample {i + 1}/{len(jobs)} (seed {s.seed}; {len(c.tokens)} tokens, {text.reason(c, s)}) ---")
-    print(prompt + text.text, flush=True)
+    print(prompt + text.text + (_SUFFIX.value or ""), flush=True)
   if interrupted.pressed:
     print("[interrupted]", flush=True)
   return interrupted.pressed
@@ -207,6 +235,7 @@ def body() -> None:
 
     run = run_dir.load(_WORKDIR.value, step=_STEP.value, tensor_parallel=_TENSOR.value)
     print(f"[loaded {run.workdir} at step {run.step}]", file=sys.stderr, flush=True)
+    _check_infill(run)
     run.decoder.check(1, _sampling(_SEED.value))  # what needs the model: top_k vs its vocabulary, its context
     interrupted = False
     if prompts:

@@ -267,6 +267,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.alpha = 0.5
   c.distill.temperature = 2.0
 
+  # Fill in the middle (task.kind="fim", tasks/fim.py; Bavarian et al. 2022): each training
+  # document, with probability `rate`, is cut at two random characters into prefix,
+  # middle and suffix and written with the tokenizer's sentinels, in suffix-prefix-middle
+  # order with probability `spm_rate`, else prefix-suffix-middle. Eval is left to right.
+  c.fim = ml_collections.ConfigDict()
+  c.fim.rate = 0.5
+  c.fim.spm_rate = 0.5
+
   # Differentially private training (DP-SGD through jax-privacy; tpu_lm/privacy):
   # each example (one packed row of data.seq_len tokens) joins a step with probability
   # expected_batch_size / N (Poisson), its gradient is clipped to clip_norm, Gaussian

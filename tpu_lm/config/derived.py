@@ -9,7 +9,11 @@ VOCAB_MULTIPLE = 128  # the model's vocabulary is padded to this for even shardi
 
 
 def tokenizer_vocab_size(config) -> int:
-  return 259 if config.data.tokenizer == "bytes" else config.data.vocab_size
+  """The ids the run's tokenizer makes: its vocabulary and the objective's sentinels."""
+  from tpu_lm import tasks
+
+  own = 259 if config.data.tokenizer == "bytes" else config.data.vocab_size
+  return own + len(tasks.from_config(config).sentinels)
 
 
 def rope_scaling(m) -> tuple:

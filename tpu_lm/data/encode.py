@@ -23,14 +23,24 @@ def as_text(value) -> str:
 @dataclasses.dataclass(frozen=True)
 class Encoder:
   """`objective.encode(records, tokenizer)`, or the records as they are when they
-  hold ids already (documents.TokenSource: tests, corpora tokenized elsewhere)."""
+  hold ids already (documents.TokenSource: tests, corpora tokenized elsewhere).
+
+  `randomize` (a training split's encoder): an objective that transforms documents at
+  random (`objective.randomized`, fill-in-the-middle) gets one generator per record,
+  seeded by its key (seed, epoch, document index), so a document reads the same
+  however the run was stopped and resumed, on any number of processes. Without keys
+  (eval, sample prompts) records are encoded as they are."""
 
   tokenizer: object
   objective: object = None
+  randomize: bool = False
 
-  def __call__(self, records: list[dict]) -> list[Encoded]:
+  def __call__(self, records: list[dict], keys=()) -> list[Encoded]:
     if not records:
       return []
     if "ids" in records[0]:
       return [Encoded(np.asarray(r["ids"]), num_bytes=int(r["num_bytes"])) for r in records]
+    if self.randomize and keys and getattr(self.objective, "randomized", False):
+      rngs = [np.random.default_rng([int(k) for k in key]) for key in keys]
+      return self.objective.encode(records, self.tokenizer, rngs)
     return self.objective.encode(records, self.tokenizer)

@@ -29,6 +29,7 @@ class HFTokenizer:
   """`tokenizer.json` plus its special ids; `directory` keeps the files it came from."""
 
   prompt = PROMPT_BOS
+  sentinels: dict[str, int] = {}  # its own special tokens are in its vocabulary
 
   def __init__(self, directory: str, special_ids: dict | None = None):
     import tokenizers

@@ -291,8 +291,9 @@ def supply_many(source, encoder, wanted) -> None:
   """Reads and tokenizes the documents of many streams in one batched call."""
   if not wanted:
     return
-  records = source.get([stream.doc_index(*key) for stream, key in wanted])
-  for (stream, key), encoded in zip(wanted, encoder(records)):
+  indices = [stream.doc_index(*key) for stream, key in wanted]
+  keys = [(stream.seed, key[0], index) for (stream, key), index in zip(wanted, indices)]  # seed, epoch, document
+  for (stream, key), encoded in zip(wanted, encoder(source.get(indices), keys)):
     stream.supply(key, encoded)
 
 

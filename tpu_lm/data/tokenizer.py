@@ -11,6 +11,7 @@ A run directory also records how its prompts become ids (`prompt`, see
 `encode_prompt`): the way its model saw every text begin.
 """
 
+import copy
 import hashlib
 import io
 import json
@@ -44,6 +45,7 @@ class Tokenizer(Protocol):
   bos_id: int
   eos_id: int
   prompt: str  # PROMPT_BOS, or what the run it was read from records
+  sentinels: dict[str, int]  # an objective's special tokens past the vocabulary (`add_sentinels`), by name
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
 
@@ -58,12 +60,13 @@ class ByteTokenizer:
   name = "bytes"
   pad_id, bos_id, eos_id = _OWN_IDS["pad_id"], _OWN_IDS["bos_id"], _OWN_IDS["eos_id"]
   prompt = PROMPT_BOS
+  sentinels: dict[str, int] = {}
 
   def encode_batch(self, texts):
     return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.uint16) + self.OFFSET for t in texts]
 
   def decode(self, ids):
-    return bytes(int(i) - self.OFFSET for i in ids if int(i) >= self.OFFSET).decode(
+    return bytes(int(i) - self.OFFSET for i in ids if self.OFFSET <= int(i) < 256 + self.OFFSET).decode(
         "utf-8", errors="replace"
     )
 
@@ -76,6 +79,7 @@ class SentencePieceTokenizer:
   """
 
   prompt = PROMPT_BOS
+  sentinels: dict[str, int] = {}
 
   def __init__(self, model_proto: bytes, path: str = "<memory>"):
     self._sp = spm.SentencePieceProcessor()
@@ -104,7 +108,8 @@ class SentencePieceTokenizer:
     return self._sp.encode(texts, num_threads=os.cpu_count() or 1)
 
   def decode(self, ids):
-    return self._sp.decode([int(i) for i in ids])
+    pieces = self._sp.get_piece_size()  # sentinels past the model's pieces are not text
+    return self._sp.decode([int(i) for i in ids if int(i) < pieces])
 
 
 def _training_chunks(texts: Iterable[str], lines_per_chunk: int = 8) -> Iterator[str]:
@@ -212,6 +217,26 @@ def special_ids(tok: Tokenizer) -> dict[str, int]:
 SPECIAL_NAMES = {"pad_id": "<|tpu_lm_pad|>", "bos_id": "<|tpu_lm_bos|>", "eos_id": "<|tpu_lm_eos|>"}
 
 
+def add_sentinels(tok: Tokenizer, names: tuple[str, ...]) -> Tokenizer:
+  """`tok` with `names` as special tokens of its own, ids past its vocabulary in that
+  order (an objective's: fill-in-the-middle's prefix, suffix, middle, end). Encoding
+  text never produces them, even a text holding their names; decoding drops them;
+  `encode_text` (what a client of the server tokenizes) reads their names as them.
+  The same tokenizer when it has them already."""
+  if not names or tuple(tok.sentinels) == tuple(names):
+    return tok
+  if tok.sentinels or hasattr(tok, "token_text"):
+    kind = "a Hugging Face tokenizer" if hasattr(tok, "token_text") else f"a tokenizer with {list(tok.sentinels)}"
+    raise UserError(f"special tokens {list(names)} cannot be added to {kind}: train with data.tokenizer="
+                    "'sentencepiece' or 'bytes'.")
+  out = copy.copy(tok)
+  out.sentinels = {name: tok.vocab_size + i for i, name in enumerate(names)}
+  out.vocab_size = tok.vocab_size + len(names)
+  # Another vocabulary: a run's name check and tokenized caches tell it from the plain one.
+  out.name = f"{tok.name}+{len(names)}"
+  return out
+
+
 def special_tokens(tok: Tokenizer) -> dict[str, str]:
   """{"pad_id": string, "bos_id": ..., "eos_id": ...}: the string of each special token
   (the end-of-sequence one's where padding is end-of-sequence)."""
@@ -228,7 +253,7 @@ def encode_text(tok: Tokenizer, text: str) -> list[int]:
   documents with `encode_batch`, where such strings stay text."""
   if hasattr(tok, "token_text"):  # Hugging Face tokenizers split out their special tokens themselves
     return [int(t) for t in tok.encode_batch([text])[0]]
-  ids = {name: getattr(tok, key) for key, name in SPECIAL_NAMES.items()}
+  ids = {name: getattr(tok, key) for key, name in SPECIAL_NAMES.items()} | tok.sentinels
   parts = re.split("(" + "|".join(map(re.escape, ids)) + ")", text)  # text, special, text, ...
   pieces = iter(tok.encode_batch(parts[::2]))
   out = []
@@ -262,6 +287,8 @@ def save_for_run(tok: Tokenizer, workdir: str, prompt: str = PROMPT_BOS) -> None
       storage.write_atomic(os.path.join(workdir, HF_DIR, name), data)
   meta["special_ids"] = special_ids(tok)  # for readers of the run directory other than tpu_lm
   meta["prompt"] = prompt
+  if tok.sentinels:
+    meta["sentinels"] = tok.sentinels
   storage.write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(meta, indent=1).encode())
 
 
@@ -285,6 +312,11 @@ def load_for_run(workdir: str) -> Tokenizer:
       raise ValueError(f"special ids {saved} differ from the tokenizer's {special_ids(tok)}")
     # Run directories written before the key were all prompted with [BOS] + tokens.
     tok.prompt = meta.get("prompt", PROMPT_BOS)
+    if meta.get("sentinels"):
+      names = tuple(meta["sentinels"])
+      tok = add_sentinels(tok, names)
+      if tok.sentinels != meta["sentinels"]:
+        raise ValueError(f"sentinels {meta['sentinels']} are not the ids past the vocabulary")
     if tok.prompt not in (PROMPT_BOS, PROMPT_OWN) or (tok.prompt == PROMPT_OWN and meta["type"] != "hf"):
       raise ValueError(f"prompt {tok.prompt!r} for a {meta['type']} tokenizer")
     return tok

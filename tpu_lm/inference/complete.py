@@ -25,6 +25,7 @@ class Wanted:
   prompt_ids: list[int]
   sampling: Sampling
   stop: tuple[str, ...] = ()
+  end_id: int | None = None  # a token that ends it as end-of-sequence does (an infill's end of middle)
 
 
 def complete(run, wanted: list[Wanted], max_batch: int = 8, on_done=None) -> list[str]:
@@ -40,7 +41,7 @@ def complete(run, wanted: list[Wanted], max_batch: int = 8, on_done=None) -> lis
   if not wanted:
     return []
   events, cancelled = queue.Queue(), threading.Event()
-  jobs = [Job(i, list(w.prompt_ids), w.sampling, events, cancelled) for i, w in enumerate(wanted)]
+  jobs = [Job(i, list(w.prompt_ids), w.sampling, events, cancelled, end_id=w.end_id) for i, w in enumerate(wanted)]
   texts = [StoppedText(run.tokenizer, tuple(w.stop)) for w in wanted]
   engine = Engine(run, max_batch)
   try:

@@ -11,7 +11,8 @@ It knows nothing of HTTP: a request is a list of `Job`s whose events go to a que
 the transport reads, in order: ("token", index, token id, logprobs or None) as each
 is drawn (end-of-sequence too when logprobs are asked: the client sees every drawn
 token's log-probability), then ("done", index, Completion), or ("error", index,
-(status, message)). A Completion's tokens never include end-of-sequence.
+(status, message)). A Completion's tokens never include end-of-sequence (nor a
+Job's own `end_id`).
 
 A sequence that cannot start (settings out of range, a prompt that fails its
 prefill) gets its own error and the others decode on: its settings are checked
@@ -44,6 +45,7 @@ class Job:
   request_id: str = ""
   logprobs: bool = False  # report each token's log-probability and the top alternatives
   halt: threading.Event = dataclasses.field(default_factory=threading.Event)  # this sequence hit a stop sequence
+  end_id: int | None = None  # a token that ends this sequence as end-of-sequence does (an infill's end of middle)
 
 
 class Busy(Exception):
@@ -184,7 +186,7 @@ class Engine:
       logprobs = None
       if live.job.logprobs:
         logprobs = (float(out.logprob[i]), [(int(t), float(lp)) for t, lp in zip(out.top_ids[i], out.top_logprobs[i])])
-      if token == self.eos_id:
+      if token == self.eos_id or token == live.job.end_id:
         if logprobs:  # drawn like any token: its log-probability is reported (scoring reads the last one)
           live.job.events.put(("token", live.job.index, token, logprobs))
         self._finish(live, "stop")

@@ -30,6 +30,12 @@ class StopScanner:
     out, self._held = ("" if self.stopped else self._held), ""
     return out
 
+  def end(self) -> str:
+    """The sequence's own end (an end token): what is held back is text, then nothing more."""
+    out = self.finish()
+    self.stopped = True
+    return out
+
 
 def first_stop(text: str, stop) -> int | None:
   hits = [i for i in (text.find(x) for x in stop) if i >= 0]
@@ -38,12 +44,17 @@ def first_stop(text: str, stop) -> int | None:
 
 class StoppedText:
   """One completion's text as its tokens arrive: detokenized, cut at the first stop
-  sequence (`generate`'s rows, inference/complete.py's completions)."""
+  sequence or at `end_id` (an infill's end of middle), whichever comes first
+  (`generate`'s rows, inference/complete.py's completions)."""
 
-  def __init__(self, tokenizer, stop: tuple[str, ...]):
+  def __init__(self, tokenizer, stop: tuple[str, ...], end_id: int | None = None):
     self._stream, self.stops, self.text = TextStream(tokenizer), StopScanner(stop), ""
+    self._end_id, self.ended = end_id, False
 
   def push(self, token: int) -> str:
+    if token == self._end_id and not self.stops.stopped:
+      self.ended = True
+      return self._add(self.stops.push(self._stream.finish()) + self.stops.end())
     return self._add(self.stops.push(self._stream.push(token)))
 
   def finish(self) -> str:

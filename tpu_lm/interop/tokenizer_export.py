@@ -13,7 +13,9 @@ A Hugging Face tokenizer is copied as it came. tpu_lm's own are rebuilt with the
   ranked by the merged piece's score (what SentencePiece's encoder follows), spaces
   as "▁".
 
-Both prepend [BOS] when encoding (the post-processor), as tpu_lm's prompts do. The
+Both prepend [BOS] when encoding (the post-processor), as tpu_lm's prompts do. An
+objective's sentinels (fill in the middle: `<|fim_prefix|>` ...) are special tokens at
+their run's ids, so the exported model infills in transformers from the same text. The
 special tokens are named `<|tpu_lm_bos|>` and so on rather than SentencePiece's
 `<s>`: Hugging Face tokenizers match a special token's text wherever it appears in
 the input, and source code does contain `<s>` (tpu_lm encodes it as characters).
@@ -59,6 +61,8 @@ def write(tok, directory: str, max_len: int | None = None) -> None:
       "pad_token": names["pad_id"], "clean_up_tokenization_spaces": False, "add_bos_token": True,
       "add_prefix_space": False,
   }
+  if tok.sentinels:  # transformers keeps them whole and drops them when decoding with skip_special_tokens
+    meta["additional_special_tokens"] = list(tok.sentinels)
   if max_len:
     meta["model_max_length"] = max_len
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
@@ -101,6 +105,10 @@ def build(tok):
     hf_tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     hf_tok.add_tokens([AddedToken(u, normalized=False, special=False) for u in user])
   hf_tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials.values()])
+  # An objective's sentinels (fill in the middle's) follow the vocabulary, in id order, as in the run.
+  hf_tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in tok.sentinels])
+  if any(hf_tok.token_to_id(name) != i for name, i in tok.sentinels.items()):
+    raise ValueError(f"the sentinels {tok.sentinels} did not keep their ids in the exported tokenizer")
   bos = hf_tok.id_to_token(tok.bos_id)
   hf_tok.post_processor = processors.TemplateProcessing(
       single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_id)])

@@ -66,6 +66,7 @@ class Request:
   echo: bool = False  # the prompt is repeated at the start of each choice's text
   logprobs: int | None = None  # None: off; else the alternatives reported per token (0-5)
   chat: bool = False  # /v1/chat/completions: answered as chat messages
+  end_id: int | None = None  # a fill-in-the-middle request's end of middle: it ends a choice as end-of-sequence does
 
 
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
@@ -81,7 +82,7 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
   Every field is checked here, its type and range; null is the field's default, as
   in OpenAI's API (clients send unset options as null). Raises RequestError."""
   req = read_json(body)
-  unsupported = ("suffix", "best_of", "logit_bias") if not chat else (
+  unsupported = ("best_of", "logit_bias") if not chat else (
       "tools", "functions", "tool_choice", "function_call", "response_format", "logit_bias", "audio", "modalities")
   for name in unsupported:
     value = req.get(name)
@@ -144,7 +145,13 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
                             " this server decodes at once: send fewer.", "n")
 
   what = (lambda i: "the conversation") if chat else (lambda i: f"prompt {i}")  # noqa: E731
-  if given is None:
+  suffix, end_id = None if chat else _suffix(req, run, echo, given), None
+  if suffix is not None:  # the prompt is the text before the gap
+    for i, p in enumerate(prompts):
+      check_text(p, what(i), "prompt")
+    ids = [run.objective.infill_prompt(run.tokenizer, p, suffix) for p in prompts]
+    lead, end_id = [1] * len(ids), run.objective.end_id(run.tokenizer)  # the BOS the server added
+  elif given is None:
     for i, p in enumerate(prompts):
       check_text(p, what(i), "messages" if chat else "prompt")
     ids, lead = zip(*(_encode(run, p) for p in prompts))
@@ -162,7 +169,29 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
       run.decoder.check(len(p), samplings[0] if max_tokens else dataclasses.replace(samplings[0], max_new_tokens=1))
     except UserError as e:
       raise RequestError(400, str(e) if chat or len(ids) == 1 else f"{what(i)}: {e}", "max_tokens") from None
-  return Request(prompts, list(ids), list(lead), samplings, stream, tuple(stop), echo, logprobs, chat)
+  return Request(prompts, list(ids), list(lead), samplings, stream, tuple(stop), echo, logprobs, chat, end_id)
+
+
+def _suffix(req: dict, run, echo: bool, given) -> str | None:
+  """A completions request's 'suffix' (fill in the middle: the prompt is the text
+  before the gap, the suffix the text after), or None. Raises RequestError."""
+  suffix = req.get("suffix")
+  if suffix is None:
+    return None
+  if not isinstance(suffix, str):
+    raise RequestError(400, f"'suffix' must be a string (the text after the gap); got {_shown(suffix)}.", "suffix")
+  if not run.objective.infills:
+    raise RequestError(400, f"this run was not trained to fill in the middle (task.kind={run.config.task.kind!r}), so"
+                            " 'suffix' is not served: train one with configs/fim.py (task.kind='fim'), or remove"
+                            " 'suffix'.", "suffix")
+  if given is not None:
+    raise RequestError(400, "'suffix' goes with a text prompt (the text before the gap), not token ids: send text.",
+                       "suffix")
+  if echo:
+    raise RequestError(400, "'echo' with 'suffix' is not supported: the response is the middle alone; remove 'echo'.",
+                       "echo")
+  check_text(suffix, "the suffix", "suffix")
+  return suffix
 
 
 def _prompts(prompt, vocab: int) -> tuple[list[str] | None, list[list[int]] | None]:
@@ -591,7 +620,8 @@ def make_handler(run, engine: Engine, limits: Limits, api_key: str | None = None
       if not samplings[0].max_new_tokens or greedy_next:
         self._scored(request, head, prompt_lp)
         return
-      jobs = [Job(i * len(samplings) + j, p, s, events, cancelled, head["id"], request.logprobs is not None)
+      jobs = [Job(i * len(samplings) + j, p, s, events, cancelled, head["id"], request.logprobs is not None,
+                  end_id=request.end_id)
               for i, p in enumerate(request.ids) for j, s in enumerate(samplings)]
       try:
         engine.submit(jobs)

@@ -1,5 +1,5 @@
 """Objectives: what a run optimizes, one module each (causal_lm, instructions,
-classification, distill), found by name (`task.kind` in the config).
+classification, distill, fim), found by name (`task.kind` in the config).
 
 An objective owns everything that differs between them, and nothing else does:
 - what a record becomes (`encode`: the document's token ids, which of them are
@@ -10,7 +10,9 @@ An objective owns everything that differs between them, and nothing else does:
   bidirectional; model/kernels.py);
 - its loss and eval (`loss`, `eval_sums`, `eval_metrics`, and `metrics`: the eval
   numbers with the way each improves);
-- whether it generates text, and how a prompt is formatted for it (`chat_prompt`);
+- whether it generates text, and how a prompt is formatted for it (`chat_prompt`;
+  `infill_prompt` where it fills in the middle), and the special tokens it adds to
+  the tokenizer (`sentinels`);
 - its own config rules (`check`).
 The input pipeline (data/), the train step (training/) and the model (model/) never
 ask which objective runs. A new one is a module with a `build(config, class_names)`
@@ -18,10 +20,10 @@ and a line in BUILDERS (or `register` from outside the package).
 """
 
 from tpu_lm.errors import UserError
-from tpu_lm.tasks import causal_lm, classification, distill, instructions
+from tpu_lm.tasks import causal_lm, classification, distill, fim, instructions
 
 BUILDERS = {causal_lm.NAME: causal_lm.build, instructions.NAME: instructions.build,
-            classification.NAME: classification.build, distill.NAME: distill.build}
+            classification.NAME: classification.build, distill.NAME: distill.build, fim.NAME: fim.build}
 
 
 def register(name: str, build) -> None:

@@ -29,6 +29,8 @@ class LanguageModel:
   text_reference = True  # zlib on the validation text is a yardstick for bits per byte
   labels = False  # whether records carry a class label (data.label_key)
   metrics = METRICS
+  sentinels = ()  # special tokens the objective adds to the tokenizer (data/tokenizer.add_sentinels)
+  infills = False  # whether it fills in the middle: `infill_prompt` (a prefix and a suffix) and `end_id`
 
   def features(self) -> list[tuple[str, str]]:
     """(config field, record feature) pairs a split's records must have."""

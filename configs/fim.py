@@ -1,0 +1,20 @@
+"""The base model trained to fill in the middle (tasks/fim.py): the base config's data,
+tokenizer (plus the four sentinels), model and schedule, half the training documents
+cut into prefix, middle and suffix and rearranged (PSM or SPM, half each).
+
+Command:
+  python -m tpu_lm.main --config=configs/fim.py --workdir=workdirs/fim
+
+Then fill in a middle:
+  python -m tpu_lm.generate --workdir=workdirs/fim --prompt='def add(a, b):' --suffix=$'\\n    return c\\n'
+
+What it costs and what it gives: docs/code-completion.md and experiments/fim/.
+"""
+
+from tpu_lm.config.defaults import get_config as _defaults
+
+
+def get_config():
+  c = _defaults()
+  c.task.kind = "fim"
+  return c
