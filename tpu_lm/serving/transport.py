@@ -181,7 +181,7 @@ def _suffix(req: dict, run, echo: bool, given) -> str | None:
   if not isinstance(suffix, str):
     raise RequestError(400, f"'suffix' must be a string (the text after the gap); got {_shown(suffix)}.", "suffix")
   if not run.objective.infills:
-    raise RequestError(400, f"this run was not trained to fill in the middle (task.kind={run.config.task.kind!r}), so"
+    raise RequestError(400, f"this run was not trained to fill in the middle (task.kind={run.objective.name!r}), so"
                             " 'suffix' is not served: train one with configs/fim.py (task.kind='fim'), or remove"
                             " 'suffix'.", "suffix")
   if given is not None:
