@@ -134,6 +134,7 @@ class _EndsAt(fim.FillInMiddle):
     return self.end
 
 
+@pytest.mark.slow  # a server and two compiled decoders
 def test_an_editor_sends_prefix_and_suffix_over_http_and_gets_the_middle(fim_run):
   from tpu_lm.inference.engine import Engine
   from tpu_lm.serving.transport import BoundedServer, Limits, make_handler

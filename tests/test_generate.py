@@ -136,7 +136,8 @@ def test_ctrl_c_in_interactive_mode_stops_the_completion_and_returns_to_the_prom
     (["--prompt=a", "--temperature=1e300"], "temperature=1e+300 is invalid: it must be a number from 0 to 100"),
     (["--prompt=a", "--num_samples=100000"], "is more than the 1024 sequences decoded in one batch"),
     (["--prompt=a", "--tensor_parallel=0"], "--tensor_parallel=0 is invalid: it must be at least 1"),
-    (["--prompt=a", "--suffix=b"], "was not trained to fill in the middle (task.kind='lm'), so it cannot use --suffix"),
+    pytest.param(["--prompt=a", "--suffix=b"], "was not trained to fill in the middle (task.kind='lm'), so it cannot"
+                 " use --suffix", marks=pytest.mark.slow),  # the run is loaded first
 ], ids=["no_run", "top_p", "context", "step", "prompt_file", "no_prompt", "bad_flag", "empty_stop", "top_k",
         "temperature", "batch", "tensor_parallel", "suffix_not_fim"])
 def test_bad_input_is_one_line_and_exit_2(trained_run, flags, message):
