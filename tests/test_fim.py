@@ -174,3 +174,19 @@ def test_an_editor_sends_prefix_and_suffix_over_http_and_gets_the_middle(fim_run
   finally:
     srv.shutdown()
     srv.server_close()
+
+
+def test_the_hugging_face_export_knows_the_sentinels_at_the_runs_ids(tmp_path):
+  import tokenizers
+
+  from tpu_lm.interop import tokenizer_export
+
+  tok = _bytes()
+  tokenizer_export.write(tok, str(tmp_path))
+  hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+  text = "<|fim_prefix|>def f(<|fim_suffix|>):\n<|fim_middle|>"
+  prefix, suffix = "def f(", "):\n"
+  assert hf.encode(text).ids == fim.FillInMiddle().infill_prompt(tok, prefix, suffix)  # BOS from the post-processor
+  assert hf.decode(hf.encode(text).ids) == prefix + suffix  # special tokens skipped, as tpu_lm decodes
+  with open(tmp_path / "tokenizer_config.json") as f:
+    assert json.load(f)["additional_special_tokens"] == list(fim.SENTINELS)
