@@ -17,4 +17,8 @@ from tpu_lm.config.defaults import get_config as _defaults
 def get_config():
   c = _defaults()
   c.task.kind = "fim"
+  # A standard-library file is ~2,500 tokens, a row 256: whole-file FIM puts prefix,
+  # suffix and middle in different rows (measured: the model then does not infill).
+  # Pieces of up to 512 characters (~180 tokens) are cut and rearranged one by one.
+  c.fim.max_chars = 512
   return c

@@ -274,6 +274,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.fim = ml_collections.ConfigDict()
   c.fim.rate = 0.5
   c.fim.spm_rate = 0.5
+  # The unit cut and rearranged: 0, a whole document; else pieces of it, divided at line
+  # ends, of at most this many characters, each on its own (a document far longer than
+  # a row needs this: prefix, suffix and middle then share a row; tasks/fim.py).
+  c.fim.max_chars = 0
 
   # Differentially private training (DP-SGD through jax-privacy; tpu_lm/privacy):
   # each example (one packed row of data.seq_len tokens) joins a step with probability

@@ -14,8 +14,14 @@ loss covers every token, so the model still learns to continue text left to righ
 eval is left to right on untouched documents, comparable with a plain run's.
 
 Which documents are cut and where comes from a generator seeded by the document's key
-(data/encode.Encoder): the same on a resumed run. The cut is per document (the
-paper's document-level FIM), before packing.
+(data/encode.Encoder): the same on a resumed run. The unit is a whole document (the
+paper's document-level FIM), or with `fim.max_chars` a piece of one: the document is
+first divided at line ends into pieces of at most that many characters, each
+transformed on its own, one after the other. A document much longer than a training
+row (a source file is thousands of tokens, a row 256) otherwise has its prefix, suffix
+and middle in different rows, so the model rarely sees the three together and never
+learns to infill from both sides; pieces that fit a row are the paper's context-level
+FIM in effect, decided before packing.
 
 At inference a prefix and a suffix become `infill_prompt` (PSM), and the middle ends
 at `end_id`.
@@ -33,6 +39,20 @@ PREFIX, SUFFIX, MIDDLE, END = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|
 SENTINELS = (PREFIX, SUFFIX, MIDDLE, END)
 
 
+def pieces(text: str, max_chars: int) -> list[str]:
+  """`text` divided at line ends into pieces of at most `max_chars` characters (a longer
+  line is a piece of its own); [text] when `max_chars` is 0."""
+  if not max_chars or len(text) <= max_chars:
+    return [text]
+  out, current = [], ""
+  for line in text.splitlines(keepends=True):
+    if current and len(current) + len(line) > max_chars:
+      out.append(current)
+      current = ""
+    current += line
+  return out + [current] if current else out
+
+
 def cut(text: str, rng: np.random.Generator) -> tuple[str, str, str]:
   """(prefix, middle, suffix) at two character positions drawn uniformly."""
   a, b = sorted(int(i) for i in rng.integers(0, len(text) + 1, size=2))
@@ -43,6 +63,7 @@ def cut(text: str, rng: np.random.Generator) -> tuple[str, str, str]:
 class FillInMiddle(LanguageModel):
   rate: float = 0.5
   spm_rate: float = 0.5
+  max_chars: int = 0  # the unit transformed: a whole document (0), or its pieces of at most this many characters
 
   name = NAME
   sentinels = SENTINELS
@@ -53,25 +74,28 @@ class FillInMiddle(LanguageModel):
     if rngs is None:  # eval, sample prompts: documents as they are
       return super().encode(records, tokenizer)
     texts = [as_text(r[self.text_key]) for r in records]
-    plans = []  # per document: None (left to right), or (spm, prefix, middle, suffix)
+    plans = []  # per document, per unit: (None, text) left to right, or (spm, prefix, middle, suffix)
     for text, rng in zip(texts, rngs):
-      # Both draws are made for every document, so one's choice never shifts another's.
-      fim, spm = rng.random() < self.rate, rng.random() < self.spm_rate
-      plans.append((spm, *cut(text, rng)) if fim else None)
-    pieces = [piece for text, plan in zip(texts, plans) for piece in ([text] if plan is None else plan[1:])]
-    ids = iter(tokenizer.encode_batch(pieces))
+      units = []
+      for unit in pieces(text, self.max_chars):
+        # Both draws are made for every unit, so one's choice never shifts another's.
+        fim, spm = rng.random() < self.rate, rng.random() < self.spm_rate
+        units.append((spm, *cut(unit, rng)) if fim else (None, unit))
+      plans.append(units)
+    ids = iter(tokenizer.encode_batch([part for units in plans for unit in units for part in unit[1:]]))
     s = tokenizer.sentinels
     out = []
-    for text, plan in zip(texts, plans):
-      if plan is None:
-        doc = list(next(ids))
-      else:
-        spm = plan[0]
+    for text, units in zip(texts, plans):
+      doc = []
+      for unit in units:
+        if unit[0] is None:
+          doc += list(next(ids))
+          continue
         prefix, middle, suffix = (list(next(ids)) for _ in range(3))
-        if spm:
-          doc = [s[PREFIX], s[SUFFIX], *suffix, s[MIDDLE], *prefix, *middle, s[END]]
+        if unit[0]:  # SPM
+          doc += [s[PREFIX], s[SUFFIX], *suffix, s[MIDDLE], *prefix, *middle, s[END]]
         else:
-          doc = [s[PREFIX], *prefix, s[SUFFIX], *suffix, s[MIDDLE], *middle, s[END]]
+          doc += [s[PREFIX], *prefix, s[SUFFIX], *suffix, s[MIDDLE], *middle, s[END]]
       out.append(Encoded(np.asarray(doc, np.int32), num_bytes=len(text.encode("utf-8"))))
     return out
 
@@ -93,6 +117,8 @@ class FillInMiddle(LanguageModel):
       value = config.fim[name]
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         fail(f"fim.{name}", value, "it must be a probability in [0, 1]")
+    if isinstance(config.fim.max_chars, bool) or not isinstance(config.fim.max_chars, int) or config.fim.max_chars < 0:
+      fail("fim.max_chars", config.fim.max_chars, "it must be a whole number of characters >= 0 (0: whole documents)")
     if config.data.tokenizer == "hf":
       fail("data.tokenizer", "hf", "fill-in-the-middle adds its sentinels to a tokenizer tpu_lm makes: use"
                                    " 'sentencepiece' or 'bytes'")
@@ -100,4 +126,5 @@ class FillInMiddle(LanguageModel):
 
 def build(config, class_names=()) -> FillInMiddle:
   return FillInMiddle(text_key=config.data.text_key, logits_chunk=config.model.logits_chunk,
-                      rate=float(config.fim.rate), spm_rate=float(config.fim.spm_rate))
+                      rate=float(config.fim.rate), spm_rate=float(config.fim.spm_rate),
+                      max_chars=int(config.fim.max_chars))
