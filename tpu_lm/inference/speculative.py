@@ -1,0 +1,314 @@
+"""Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a small draft model
+proposes k tokens a row, the target scores all k + 1 positions in one forward pass,
+and modified rejection sampling keeps exactly what the target alone would sample.
+
+The rule, per row: draft token d_i (drawn from the draft's q_i) is accepted with
+probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection the row draws from
+norm(max(0, p_i - q_i)) instead, and when all k pass it draws a bonus token from the
+target's p_{k+1}. p and q are the *processed* distributions (the row's temperature,
+top-k and top-p applied to both), so the output is distributed as the target samples
+it alone. A greedy row has one-hot p and q: the same rule accepts while the argmaxes
+agree, then takes the target's argmax.
+
+Undoing a rejection costs nothing: the KV caches are masked by position (a query
+sees the slots up to its own position, kernels.cached_attention), so a row's rejected
+keys lie past its position, unseen, until the next round overwrites them. Rows keep
+their own positions, so each accepts its own number of tokens and the batch steps on.
+
+Between rounds a row holds its pending token x (emitted, fed to neither model) at
+position pos, and the token before it. The target's cache covers every position
+before pos; the draft's, every position before pos - 1 (after a round that accepts
+all k, the draft never fed its last proposal). So each round's first draft pass feeds
+two tokens, the one at pos - 1 (where it was cached already, the same keys again)
+and x.
+"""
+
+import dataclasses
+import functools
+import threading
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback, multihost_utils
+
+from tpu_lm.errors import UserError
+from tpu_lm.inference.decode import Decoder, bucket, prefill
+from tpu_lm.inference.sampling import Completion, Sampling, filtered_logits, plan, sample_tokens
+
+MAX_DRAFT_TOKENS = 16  # past this the draft's run of luck is long gone, and each round's work only grows
+DRAFT, ACCEPT, RESIDUAL = 1, 2, 3  # what a row's random numbers at one token index are for
+
+
+def _keys(seeds_B, index_B, purpose: int):
+  return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), i), purpose))(seeds_B, index_B)
+
+
+def _processed(logits_BxV, temperature_B, top_k_B, top_p_B, sampler):
+  """Each row's processed distribution [B, V]: one-hot at the argmax for a greedy row."""
+  onehot_BxV = jax.nn.one_hot(jnp.argmax(logits_BxV, axis=-1), logits_BxV.shape[-1], dtype=jnp.float32)
+  probs_BxV = jax.nn.softmax(filtered_logits(logits_BxV, temperature_B, top_k_B, top_p_B, kind=sampler[0],
+                                             max_top_k=sampler[1]), axis=-1)
+  return jnp.where((temperature_B == 0)[:, None], onehot_BxV, probs_BxV)
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """What a round takes besides arrays: the two models and the tokenizer's numbers."""
+
+  target: object
+  draft: object
+  k: int
+  vocab_size: int  # the tokenizer's: the models' tables are padded past it
+  pad_id: int
+  eos_id: int
+
+
+def speculate(target_params, draft_params, target_cache, draft_cache, prev_B, x_B, pos_B, index_B, temperature_B,
+              top_k_B, top_p_B, seeds_B, *, m: Models,
+              sampler: tuple[str, int]):
+  """One round for every row: k draft proposals, one target pass over k + 1 positions,
+  the acceptance rule. Returns (new_BxK1, n_B, target_cache, draft_cache): row r's new
+  tokens are new_BxK1[r, :n_B[r] + 1] (its n accepted proposals, then the target's
+  correction or bonus token; padding after), the first of them its token number
+  index_B[r]. `sampler`: sampling.plan's kind and top-k bound. Neither cache is
+  rolled back here: positions do that (see the module)."""
+  b, k = x_B.shape[0], m.k
+  cache_len = target_cache[0]["k"].shape[2]
+  greedy = sampler[0] == "greedy"
+  settings = (temperature_B, top_k_B, top_p_B)
+  at = functools.partial(jnp.minimum, cache_len - 1)  # finished rows step on; keep them inside the cache
+
+  def logits(model, params, tokens_BxT, positions_BxT, cache):
+    hidden_BxTxD, cache = model.apply({"params": params}, tokens_BxT, jnp.ones_like(tokens_BxT), positions_BxT,
+                                      cache=cache, return_cache=True, method="hidden")
+    hidden_BxTxD = jax.lax.optimization_barrier(hidden_BxTxD)  # see decode.py: keeps the unembedding a library matvec
+    logits_BxTxV = model.apply({"params": params}, hidden_BxTxD, method="logits")
+    usable_V = jnp.arange(logits_BxTxV.shape[-1]) < m.vocab_size
+    return jnp.where(usable_V, logits_BxTxV, -jnp.inf), cache
+
+  def propose(j, logits_BxV):
+    if greedy:
+      return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), jnp.zeros((b, 0), jnp.float32)
+    q_BxV = _processed(logits_BxV, *settings, sampler)
+    d_B = jax.vmap(jax.random.categorical)(_keys(seeds_B, index_B + j, DRAFT), jnp.log(q_BxV))
+    return d_B.astype(jnp.int32), q_BxV
+
+  def draft_step(carry, j):
+    logits_BxV, cache = carry
+    d_B, q_BxV = propose(j, logits_BxV)
+    logits_Bx1xV, cache = logits(m.draft, draft_params, d_B[:, None], at(pos_B + 1 + j)[:, None], cache)
+    return (logits_Bx1xV[:, 0], cache), (d_B, q_BxV)
+
+  tokens_Bx2 = jnp.stack([prev_B, x_B], axis=1)
+  logits_Bx2xV, draft_cache = logits(m.draft, draft_params, tokens_Bx2, at(pos_B[:, None] + jnp.arange(-1, 1)),
+                                     draft_cache)
+  (logits_BxV, draft_cache), (d_KxB, q_KxBxV) = jax.lax.scan(draft_step, (logits_Bx2xV[:, 1], draft_cache),
+                                                              jnp.arange(k - 1))
+  d_B, q_BxV = propose(k - 1, logits_BxV)
+  drafts_BxK = jnp.concatenate([d_KxB.T, d_B[:, None]], axis=1)
+
+  tokens_BxK1 = jnp.concatenate([x_B[:, None], drafts_BxK], axis=1)
+  logits_BxK1xV, target_cache = logits(m.target, target_params, tokens_BxK1,
+                                       at(pos_B[:, None] + jnp.arange(k + 1)), target_cache)
+  if greedy:
+    best_BxK1 = jnp.argmax(logits_BxK1xV, axis=-1).astype(jnp.int32)
+    n_B = jnp.sum(jnp.cumprod(drafts_BxK == best_BxK1[:, :k], axis=1), axis=1)
+    y_B = jnp.take_along_axis(best_BxK1, n_B[:, None], axis=1)[:, 0]
+  else:
+    v = logits_BxK1xV.shape[-1]
+    p_BxK1xV = _processed(logits_BxK1xV.reshape(b * (k + 1), v),
+                          *(jnp.repeat(s, k + 1) for s in settings), sampler).reshape(b, k + 1, v)
+    q_BxKxV = jnp.concatenate([jnp.swapaxes(q_KxBxV, 0, 1), q_BxV[:, None]], axis=1)
+    p_d_BxK = jnp.take_along_axis(p_BxK1xV[:, :k], drafts_BxK[..., None], axis=-1)[..., 0]
+    q_d_BxK = jnp.take_along_axis(q_BxKxV, drafts_BxK[..., None], axis=-1)[..., 0]
+    u_BxK = jax.vmap(lambda j: jax.vmap(jax.random.uniform)(_keys(seeds_B, index_B + j, ACCEPT)), out_axes=1)(
+        jnp.arange(k))
+    # u < p/q, multiplied out: no division by a q that rounds to 0.
+    n_B = jnp.sum(jnp.cumprod(u_BxK * q_d_BxK < p_d_BxK, axis=1), axis=1)
+    # At the first rejection: the residual max(0, p - q); after k acceptances: p_{k+1}.
+    residual_BxK1xV = jnp.concatenate([jnp.maximum(p_BxK1xV[:, :k] - q_BxKxV, 0), p_BxK1xV[:, k:]], axis=1)
+    r_BxV = jnp.take_along_axis(residual_BxK1xV, n_B[:, None, None], axis=1)[:, 0]
+    p_BxV = jnp.take_along_axis(p_BxK1xV, n_B[:, None, None], axis=1)[:, 0]
+    # An all-zero residual means p == q there, where rejecting had probability 0 (up to rounding).
+    r_BxV = jnp.where(jnp.sum(r_BxV, axis=-1, keepdims=True) > 0, r_BxV, p_BxV)
+    y_B = jax.vmap(jax.random.categorical)(_keys(seeds_B, index_B + n_B, RESIDUAL), jnp.log(r_BxV))
+  j_K1 = jnp.arange(k + 1)
+  padded_BxK1 = jnp.concatenate([drafts_BxK, jnp.zeros((b, 1), jnp.int32)], axis=1)
+  new_BxK1 = jnp.where(j_K1 < n_B[:, None], padded_BxK1,
+                       jnp.where(j_K1 == n_B[:, None], y_B[:, None].astype(jnp.int32), m.pad_id))
+  return new_BxK1, n_B.astype(jnp.int32), target_cache, draft_cache
+
+
+def advance(prev_B, x_B, new_BxK1, keep_B):
+  """(prev, x) after a row keeps the first keep_B of its new tokens (0: unchanged)."""
+  seq_BxK2 = jnp.concatenate([prev_B[:, None], x_B[:, None], new_BxK1], axis=1)
+  return (jnp.take_along_axis(seq_BxK2, keep_B[:, None], axis=1)[:, 0],
+          jnp.take_along_axis(seq_BxK2, keep_B[:, None] + 1, axis=1)[:, 0])
+
+
+def _generate(target_params, draft_params, tokens_BxP, lengths_B, max_new_B, temperature_B, top_k_B, top_p_B, seeds_B,
+              *, m: Models, sampler: tuple[str, int], cache_len: int, max_new: int, emit):
+  b = tokens_BxP.shape[0]
+  target_cache, logits_BxV = prefill(m.target, target_params, tokens_BxP, lengths_B, cache_len)
+  draft_cache, _ = prefill(m.draft, draft_params, tokens_BxP, lengths_B, cache_len)
+  rows_B = jnp.arange(b)
+  # The first token is the target's own draw (as Decoder draws it): the rounds need a pending token.
+  logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < m.vocab_size, logits_BxV, -jnp.inf)
+  x_B = sample_tokens(logits_BxV, seeds_B, 0, temperature_B, top_k_B, top_p_B, kind=sampler[0],
+                      max_top_k=sampler[1])
+  done_B = max_new_B <= 0
+  keep_B = (~done_B).astype(jnp.int32)
+  if emit is not None:
+    keep_B = io_callback(emit, jax.ShapeDtypeStruct((b,), jnp.int32), x_B[:, None], keep_B)
+  out_BxN = jnp.full((b, max_new), m.pad_id, jnp.int32).at[:, 0].set(jnp.where(keep_B > 0, x_B, m.pad_id))
+  done_B = done_B | (keep_B == 0) | (x_B == m.eos_id) | (max_new_B <= 1)
+  prev_B = tokens_BxP[rows_B, lengths_B - 1]
+  zeros_B = jnp.zeros((b,), jnp.int32)
+
+  def cond(carry):
+    return ~jnp.all(carry[5])
+
+  def body(carry):
+    target_cache, draft_cache, prev_B, x_B, out_BxN, done_B, count_B, accepted_B, proposed_B = carry
+    new_BxK1, n_B, target_cache, draft_cache = speculate(
+        target_params, draft_params, target_cache, draft_cache, prev_B, x_B, lengths_B + count_B - 1, count_B,
+        temperature_B, top_k_B, top_p_B, seeds_B, m=m, sampler=sampler)
+    j_K1 = jnp.arange(m.k + 1)
+    eos_BxK1 = (new_BxK1 == m.eos_id) & (j_K1 <= n_B[:, None])
+    upto_eos_B = jnp.where(jnp.any(eos_BxK1, axis=1), jnp.argmax(eos_BxK1, axis=1) + 1, m.k + 1)
+    keep_B = jnp.minimum(jnp.minimum(n_B + 1, upto_eos_B), max_new_B - count_B)
+    keep_B = jnp.where(done_B, 0, keep_B)
+    if emit is not None:
+      # The host may end rows earlier (a stop sequence, Ctrl-C); the next round depends on its answer.
+      keep_B = io_callback(emit, jax.ShapeDtypeStruct((b,), jnp.int32), new_BxK1, keep_B)
+    ended_B = ((keep_B < n_B + 1) | jnp.any(eos_BxK1 & (j_K1 < keep_B[:, None]), axis=1)
+               | (count_B + keep_B >= max_new_B))
+    column_BxK1 = jnp.where(j_K1 < keep_B[:, None], count_B[:, None] + j_K1, max_new)  # max_new: dropped
+    out_BxN = out_BxN.at[rows_B[:, None], column_BxK1].set(new_BxK1, mode="drop")
+    active_B = (~done_B).astype(jnp.int32)
+    accepted_B, proposed_B = accepted_B + active_B * n_B, proposed_B + active_B * m.k
+    prev_B, x_B = advance(prev_B, x_B, new_BxK1, keep_B)
+    return (target_cache, draft_cache, prev_B, x_B, out_BxN, done_B | ended_B, count_B + keep_B, accepted_B,
+            proposed_B)
+
+  carry = (target_cache, draft_cache, prev_B, x_B, out_BxN, done_B, keep_B, zeros_B, zeros_B)
+  *_, out_BxN, _, count_B, accepted_B, proposed_B = jax.lax.while_loop(cond, body, carry)
+  return out_BxN, count_B, accepted_B, proposed_B
+
+
+@dataclasses.dataclass
+class Acceptance:
+  """Draft tokens accepted of those proposed (a row's, a call's, or a session's)."""
+
+  accepted: int = 0
+  proposed: int = 0
+
+  @property
+  def rate(self) -> float:
+    return self.accepted / self.proposed if self.proposed else 0.0
+
+  def __add__(self, other: "Acceptance") -> "Acceptance":
+    return Acceptance(self.accepted + other.accepted, self.proposed + other.proposed)
+
+
+class SpeculativeDecoder:
+  """A target `Decoder` sped up by a draft `Decoder`'s proposals, `k` a round: the same
+  `check`/`generate` as the target's, the same distribution of text. `last` holds the
+  acceptance of each row of the latest call; `total`, of every call so far."""
+
+  def __init__(self, target: Decoder, draft: Decoder, k: int):
+    if not (isinstance(k, int) and 1 <= k <= MAX_DRAFT_TOKENS):
+      raise UserError(f"--draft_tokens={k} is invalid: give an integer from 1 to {MAX_DRAFT_TOKENS}.")
+    if draft.vocab_size != target.vocab_size:
+      raise UserError(f"the draft model's vocabulary ({draft.vocab_size} tokens) is not the target's"
+                      f" ({target.vocab_size}): pass a draft run trained with the target's tokenizer.")
+    self.target, self.draft, self.k = target, draft, k
+    self.eos_id, self.pad_id, self.vocab_size = target.eos_id, target.pad_id, target.vocab_size
+    self.max_len = min(target.max_len, draft.max_len)
+    self.last: list[Acceptance] = []
+    self.total = Acceptance()
+    self._lock = threading.Lock()
+    self._on_step, self._rows, self._step = None, 0, 0
+    models = Models(target.model, draft.model, k, self.vocab_size, self.pad_id, self.eos_id)
+    self._fn = jax.jit(functools.partial(_generate, m=models), static_argnames=("sampler", "cache_len", "max_new", "emit"))
+
+  def check(self, prompt_len: int, sampling: Sampling) -> None:
+    """Raises UserError when a request does not fit the target, or the draft's context."""
+    self.target.check(prompt_len, sampling)
+    if prompt_len + sampling.max_new_tokens > self.draft.max_len:
+      raise UserError(
+          f"the prompt ({prompt_len} tokens) plus max_new_tokens ({sampling.max_new_tokens}) exceeds the draft"
+          f" model's context of {self.draft.max_len} tokens: shorten the prompt, ask for fewer tokens or pass a"
+          " draft with a longer context.")
+
+  def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling | Sequence[Sampling],
+               on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> list[Completion]:
+    """As `Decoder.generate`. `on_step` is called once per new token index, as there,
+    but a round's tokens arrive together (a row that has no token at an index is
+    marked finished for that call)."""
+    if isinstance(sampling, Sampling):
+      sampling = [sampling] * len(prompts)
+    if len(sampling) != len(prompts) or not prompts:
+      raise ValueError("need one Sampling per prompt and at least one prompt")
+    for p, s in zip(prompts, sampling):
+      self.check(len(p), s)
+    n = len(prompts)
+    multiple = self.target.batch_multiple
+    b = bucket(n, multiple)
+    b += -b % multiple
+    longest = max(len(p) for p in prompts)
+    p_len = bucket(longest, 16, self.max_len)
+    max_new = bucket(max(s.max_new_tokens for s in sampling), 16, self.max_len)
+    # A round writes k + 1 positions past a row's last; positions past the cache are
+    # clamped into its last slot, which no kept token reads.
+    cache_len = bucket(longest + max_new + self.k + 1, 128, self.max_len)
+    kind, top_k = plan(sampling)
+    sampler = (kind, bucket(top_k, 16, self.vocab_size) if kind == "top_k" else 0)
+
+    tokens = np.full((b, p_len), self.pad_id, np.int32)
+    lengths = np.ones(b, np.int32)
+    fields = {"max_new": np.zeros(b, np.int32), "temperature": np.zeros(b, np.float32),
+              "top_k": np.zeros(b, np.int32), "top_p": np.ones(b, np.float32), "seed": np.zeros(b, np.uint32)}
+    for i, (p, s) in enumerate(zip(prompts, sampling)):
+      tokens[i, : len(p)] = p
+      lengths[i] = len(p)
+      for name, value in (("max_new", s.max_new_tokens), ("temperature", s.temperature),
+                          ("top_k", s.top_k), ("top_p", s.top_p), ("seed", s.seed)):
+        fields[name][i] = value
+
+    with self._lock, self.target.context():
+      self._on_step, self._rows, self._step = on_step, n, 0
+      outs = self._fn(
+          self.target.params, self.draft.params, tokens, lengths, fields["max_new"], fields["temperature"],
+          fields["top_k"], fields["top_p"], fields["seed"], sampler=sampler, cache_len=cache_len, max_new=max_new,
+          emit=self._emit if on_step else None)
+      if not outs[0].is_fully_addressable:  # rows spread over several processes: gather them
+        outs = [multihost_utils.process_allgather(x, tiled=True) for x in outs]
+      out, counts, accepted, proposed = (np.asarray(x) for x in outs)
+      self._on_step = None
+    self.last = [Acceptance(int(a), int(p)) for a, p in zip(accepted[:n], proposed[:n])]
+    for a in self.last:
+      self.total = self.total + a
+    results = []
+    for row, count, s in zip(out[:n], counts[:n], sampling):
+      row = [int(t) for t in row[:count]]
+      if self.eos_id in row:
+        results.append(Completion(row[: row.index(self.eos_id)], "stop"))
+      else:  # fewer than max_new_tokens: on_step ended it
+        results.append(Completion(row, "length" if count >= s.max_new_tokens else "stop"))
+    return results
+
+  def _emit(self, tokens_BxT, keep_B):
+    """Hands on_step each row's kept tokens one index at a time; returns how many each
+    row keeps (fewer where on_step ended it)."""
+    tokens_BxT, keep_B = np.asarray(tokens_BxT), np.array(keep_B, np.int32)
+    n = self._rows
+    for j in range(int(keep_B[:n].max(initial=0))):
+      live = j < keep_B[:n]
+      ended = self._on_step(self._step, np.where(live, tokens_BxT[:n, j], self.pad_id), ~live)
+      self._step += 1
+      if ended is not None:
+        keep_B[:n] = np.where(np.broadcast_to(np.asarray(ended, bool), (n,)) & live, j + 1, keep_B[:n])
+    return keep_B
