@@ -312,3 +312,18 @@ class SpeculativeDecoder:
       if ended is not None:
         keep_B[:n] = np.where(np.broadcast_to(np.asarray(ended, bool), (n,)) & live, j + 1, keep_B[:n])
     return keep_B
+
+
+def attach(run, draft_workdir: str, k: int, *, step: int | None = None, tensor_parallel: int = 1) -> SpeculativeDecoder:
+  """`run`'s decoder sped up by the run directory `draft_workdir` (any run that speaks
+  the same tokenizer, e.g. a distilled student) proposing `k` tokens a round."""
+  from tpu_lm.inference import run_dir
+
+  if not (isinstance(k, int) and 1 <= k <= MAX_DRAFT_TOKENS):  # before loading anything
+    raise UserError(f"--draft_tokens={k} is invalid: give an integer from 1 to {MAX_DRAFT_TOKENS}.")
+  draft = run_dir.load(draft_workdir, step=step, tensor_parallel=tensor_parallel)
+  if draft.tokenizer.name != run.tokenizer.name:
+    raise UserError(f"the draft {draft.workdir} speaks tokenizer {draft.tokenizer.name} and the target {run.workdir}"
+                    f" speaks {run.tokenizer.name}: pass a draft trained with the target's tokenizer"
+                    " (e.g. distilled from it with configs/distill.py).")
+  return SpeculativeDecoder(run.decoder, draft.decoder, k)
