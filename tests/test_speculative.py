@@ -137,7 +137,7 @@ def test_caches_after_rejected_proposals_continue_as_a_fresh_prefill_would():
   round_ = jax.jit(functools.partial(speculative.speculate, m=_models(k), sampler=("greedy", 0)))
   rejected = 0
   for _ in range(3):
-    new, n, target_cache, draft_cache = round_(target, draft, target_cache, draft_cache, prev, x, pos, index, greedy,
+    new, n, target_cache, draft_cache, _ = round_(target, draft, target_cache, draft_cache, prev, x, pos, index, greedy,
                                                np.zeros(rows, np.int32), np.ones(rows, np.float32),
                                                np.zeros(rows, np.uint32))
     keep = n + 1
@@ -168,3 +168,36 @@ def test_bad_settings_are_one_clear_sentence():
                   vocab_size=VOCAB)
   with pytest.raises(UserError, match="exceeds the draft model's context of 16 tokens"):
     speculative.SpeculativeDecoder(target, short, 2).check(10, Sampling(10))
+
+
+def test_the_engine_serves_each_sequence_what_the_target_alone_decodes():
+  import queue
+  import threading
+  import types
+
+  from tpu_lm.inference.engine import Engine, Job
+
+  target = _params(0)
+  prompts = _prompts(6, seed=3) + [[1]]  # a one-token prompt has nothing to prefill before its pending token
+  samplings = [Sampling(int(n), 0.0) for n in np.random.default_rng(4).integers(3, 14, len(prompts))]
+  alone = _decoder(target).generate(prompts, samplings)
+  slots = speculative.SpeculativeSlots(_decoder(target), _decoder(_noisy(target, 1, 0.2)), 3, slots=4)
+  engine = Engine(types.SimpleNamespace(decoder=slots.decoder), max_batch=4, slots=slots)
+  # More sequences than slots: later ones join as earlier ones leave, mid-batch.
+  jobs = [Job(i, p, s, queue.Queue(), threading.Event(), "r", logprobs=i == 0)
+          for i, (p, s) in enumerate(zip(prompts, samplings))]
+  engine.submit(jobs)
+  try:
+    for job, want in zip(jobs, alone):
+      events = []
+      while not events or events[-1][0] != "done":
+        events.append(job.events.get(timeout=120))
+      got = events[-1][2]
+      assert (got.tokens, got.finish_reason) == (want.tokens, want.finish_reason)
+      assert got.speculative["draft_tokens"] == 3 and got.speculative["proposed"] >= got.speculative["accepted"]
+      streamed = [e[2] for e in events[:-1]]
+      assert streamed[: len(got.tokens)] == got.tokens
+      if job.logprobs:  # greedy: the token drawn is the target's likeliest, its log-probability the top one
+        assert all(lp[1][0][0] == t and lp[0] == pytest.approx(lp[1][0][1]) for _, _, t, lp in events[:-1])
+  finally:
+    engine.close(0)

@@ -49,6 +49,8 @@ def _is_number(x) -> bool:
 class Completion:
   tokens: list[int]  # the new tokens, without the end-of-sequence token
   finish_reason: str  # "stop" (end-of-sequence, or ended by on_step) or "length" (max_new_tokens)
+  # With a draft model (speculative.py), served: {"draft_tokens": k, "accepted": n, "proposed": m}.
+  speculative: dict | None = None
 
 
 def plan(samplings) -> tuple[str, int]:

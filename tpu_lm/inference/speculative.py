@@ -34,8 +34,10 @@ import numpy as np
 from jax.experimental import io_callback, multihost_utils
 
 from tpu_lm.errors import UserError
+from tpu_lm.inference import slots as slots_lib
 from tpu_lm.inference.decode import Decoder, bucket, prefill
 from tpu_lm.inference.sampling import Completion, Sampling, filtered_logits, plan, sample_tokens
+from tpu_lm.model import transformer
 
 MAX_DRAFT_TOKENS = 16  # past this the draft's run of luck is long gone, and each round's work only grows
 DRAFT, ACCEPT, RESIDUAL = 1, 2, 3  # what a row's random numbers at one token index are for
@@ -69,10 +71,10 @@ def speculate(target_params, draft_params, target_cache, draft_cache, prev_B, x_
               top_k_B, top_p_B, seeds_B, *, m: Models,
               sampler: tuple[str, int]):
   """One round for every row: k draft proposals, one target pass over k + 1 positions,
-  the acceptance rule. Returns (new_BxK1, n_B, target_cache, draft_cache): row r's new
-  tokens are new_BxK1[r, :n_B[r] + 1] (its n accepted proposals, then the target's
-  correction or bonus token; padding after), the first of them its token number
-  index_B[r]. `sampler`: sampling.plan's kind and top-k bound. Neither cache is
+  the acceptance rule. Returns (new_BxK1, n_B, target_cache, draft_cache, logits_BxK1xV):
+  row r's new tokens are new_BxK1[r, :n_B[r] + 1] (its n accepted proposals, then the
+  target's correction or bonus token; padding after), the first of them its token number
+  index_B[r], and logits_BxK1xV[r, j] the target's logits that new token j was drawn against. `sampler`: sampling.plan's kind and top-k bound. Neither cache is
   rolled back here: positions do that (see the module)."""
   b, k = x_B.shape[0], m.k
   cache_len = target_cache[0]["k"].shape[2]
@@ -138,7 +140,7 @@ def speculate(target_params, draft_params, target_cache, draft_cache, prev_B, x_
   padded_BxK1 = jnp.concatenate([drafts_BxK, jnp.zeros((b, 1), jnp.int32)], axis=1)
   new_BxK1 = jnp.where(j_K1 < n_B[:, None], padded_BxK1,
                        jnp.where(j_K1 == n_B[:, None], y_B[:, None].astype(jnp.int32), m.pad_id))
-  return new_BxK1, n_B.astype(jnp.int32), target_cache, draft_cache
+  return new_BxK1, n_B.astype(jnp.int32), target_cache, draft_cache, logits_BxK1xV
 
 
 def advance(prev_B, x_B, new_BxK1, keep_B):
@@ -172,7 +174,7 @@ def _generate(target_params, draft_params, tokens_BxP, lengths_B, max_new_B, tem
 
   def body(carry):
     target_cache, draft_cache, prev_B, x_B, out_BxN, done_B, count_B, accepted_B, proposed_B = carry
-    new_BxK1, n_B, target_cache, draft_cache = speculate(
+    new_BxK1, n_B, target_cache, draft_cache, _ = speculate(
         target_params, draft_params, target_cache, draft_cache, prev_B, x_B, lengths_B + count_B - 1, count_B,
         temperature_B, top_k_B, top_p_B, seeds_B, m=m, sampler=sampler)
     j_K1 = jnp.arange(m.k + 1)
@@ -312,6 +314,128 @@ class SpeculativeDecoder:
       if ended is not None:
         keep_B[:n] = np.where(np.broadcast_to(np.asarray(ended, bool), (n,)) & live, j + 1, keep_B[:n])
     return keep_B
+
+
+def _slot_step(target_params, draft_params, target_cache, draft_cache, prev_R, x_R, pos_R, index_R, temperature_R,
+               top_k_R, top_p_R, seeds_R, *, m: Models, sampler: tuple[str, int], top_logprobs: int):
+  new_RxK1, n_R, target_cache, draft_cache, logits_RxK1xV = speculate(
+      target_params, draft_params, target_cache, draft_cache, prev_R, x_R, pos_R, index_R, temperature_R, top_k_R,
+      top_p_R, seeds_R, m=m, sampler=sampler)
+  out = {"tokens": new_RxK1, "accepted": n_R}
+  if top_logprobs:  # of the target's distribution, before temperature and filtering (as slots.py reports)
+    logprobs_RxK1xV = jax.nn.log_softmax(logits_RxK1xV, axis=-1)
+    out["logprob"] = jnp.take_along_axis(logprobs_RxK1xV, new_RxK1[..., None], axis=-1)[..., 0]
+    out["top_logprobs"], out["top_ids"] = jax.lax.top_k(logprobs_RxK1xV, top_logprobs)
+  return out, target_cache, draft_cache
+
+
+def _insert(cache, new_cache, slot_1):
+  p = new_cache[0]["k"].shape[2]
+  return [{name: layer[name].at[slot_1, :, :p].set(new[name]) for name in layer} for layer, new in zip(cache, new_cache)]
+
+
+class SpeculativeSlots(slots_lib.SlotDecoder):
+  """Continuous batching with a draft (slots.SlotDecoder's interface, for the engine):
+  each step is one speculative round for every occupied slot, so each sequence gets
+  1 to k + 1 tokens a step, by its own acceptance, while the batch steps on together.
+
+  A sequence joins with its prompt but the last token prefilled into both caches, the
+  last token pending (the round's first draft pass feeds it): so its first token, too,
+  is speculated. The pending token and the one before it live here, per slot."""
+
+  def __init__(self, target: Decoder, draft: Decoder, k: int, slots: int):
+    self.spec = SpeculativeDecoder(target, draft, k)  # checks k and the vocabularies
+    self.decoder, self.draft, self.k, self.slots = target, draft, k, slots
+    self.max_len, self.eos_id = self.spec.max_len, target.eos_id
+    models = Models(target.model, draft.model, k, target.vocab_size, target.pad_id, target.eos_id)
+    self._prefill = jax.jit(functools.partial(slots_lib._prefill, model=target.model))
+    self._prefill_draft = jax.jit(functools.partial(slots_lib._prefill, model=draft.model))
+    self._insert = jax.jit(_insert, donate_argnums=(0,))
+    self._step = jax.jit(functools.partial(_slot_step, m=models), static_argnames=("sampler", "top_logprobs"),
+                         donate_argnums=(2, 3))
+    self.reset()
+
+  def check(self, prompt_len: int, sampling: Sampling) -> None:
+    self.spec.check(prompt_len, sampling)
+
+  def reset(self) -> None:
+    self._cache = self._draft_cache = None
+    self._prev = self._x = np.zeros(0, np.int32)
+    self.shape = (0, 0)
+    self._smaller = 0
+
+  def fit(self, rows: int, length: int) -> None:
+    """As SlotDecoder.fit, with room for the k + 1 positions a round writes past a row's last."""
+    r = bucket(rows, self.decoder.batch_multiple)
+    r += -r % self.decoder.batch_multiple
+    want = (r, bucket(length + self.k + 1, 128, self.max_len))
+    if self._cache is not None and want[0] <= self.shape[0] and want[1] <= self.shape[1]:
+      self._smaller = self._smaller + 1 if want != self.shape else 0
+      if self._smaller < slots_lib.SHRINK_AFTER:
+        return
+    elif self._cache is not None:
+      want = (max(want[0], self.shape[0]), max(want[1], self.shape[1]))
+    self._smaller = 0
+    with self.decoder.context():
+      caches = []
+      for decoder, cache in ((self.decoder, self._cache), (self.draft, self._draft_cache)):
+        if cache is None:
+          caches.append(transformer.init_cache(decoder.cfg, *want))
+        else:
+          caches.append([{name: _fit(a, (want[0], a.shape[1], want[1], a.shape[3])) for name, a in layer.items()}
+                         for layer in cache])
+      self._cache, self._draft_cache = caches
+    self._prev, self._x = (np.pad(a[: want[0]], (0, max(0, want[0] - len(a)))) for a in (self._prev, self._x))
+    self.shape = want
+
+  def prefill(self, slot: int, ids: list[int]) -> None:
+    self._x[slot], self._prev[slot] = ids[-1], ids[-2] if len(ids) > 1 else ids[-1]
+    if len(ids) == 1:  # nothing before the pending token; the slot's old keys lie at or past it
+      return
+    p = bucket(len(ids) - 1, 16, self.max_len)
+    tokens = np.full((1, p), self.decoder.pad_id, np.int32)
+    tokens[0, : len(ids) - 1] = ids[:-1]
+    lengths = np.array([len(ids) - 1], np.int32)
+    slot_1 = np.array([slot], np.int32)
+    with self.decoder.context():
+      new_cache, _ = self._prefill(self.decoder.params, tokens, lengths)
+      self._cache = self._insert(self._cache, new_cache, slot_1)
+      new_cache, _ = self._prefill_draft(self.draft.params, tokens, lengths)
+      self._draft_cache = self._insert(self._draft_cache, new_cache, slot_1)
+
+  def step(self, rows: list[slots_lib.Row]) -> slots_lib.StepOut:
+    """One round for every occupied slot; slots without a row idle at position 0."""
+    r = self.shape[0]
+    fields = {"position": np.zeros(r, np.int32), "index": np.zeros(r, np.int32),
+              "temperature": np.zeros(r, np.float32), "top_k": np.zeros(r, np.int32),
+              "top_p": np.ones(r, np.float32), "seed": np.zeros(r, np.uint32)}
+    for row in rows:
+      s = row.sampling
+      for name, value in (("position", row.prompt_len - 1 + row.index), ("index", row.index),
+                          ("temperature", s.temperature), ("top_k", s.top_k), ("top_p", s.top_p),
+                          ("seed", s.seed)):
+        fields[name][row.slot] = value
+    kind, top_k = plan([row.sampling for row in rows])
+    sampler = (kind, bucket(top_k, 16, self.decoder.vocab_size) if kind == "top_k" else 0)
+    top_logprobs = slots_lib.TOP_LOGPROBS if any(row.logprobs for row in rows) else 0
+    with self.decoder.context():
+      out, self._cache, self._draft_cache = self._step(
+          self.decoder.params, self.draft.params, self._cache, self._draft_cache, self._prev, self._x,
+          fields["position"], fields["index"], fields["temperature"], fields["top_k"], fields["top_p"],
+          fields["seed"], sampler=sampler, top_logprobs=top_logprobs)
+    out = {k: np.asarray(v) for k, v in out.items()}
+    n_R = out["accepted"]
+    new_RxK1 = out["tokens"]
+    seq_RxK2 = np.concatenate([self._x[:, None], new_RxK1], axis=1)
+    at_R = np.arange(r)
+    self._prev, self._x = seq_RxK2[at_R, n_R].astype(np.int32), seq_RxK2[at_R, n_R + 1].astype(np.int32)
+    order = np.array([row.slot for row in rows], np.int64)
+    return slots_lib.StepOut(**{k: v[order] for k, v in out.items()}, counts=n_R[order] + 1)
+
+
+def _fit(x, sizes):
+  x = x[tuple(slice(0, s) for s in sizes)]
+  return jnp.pad(x, [(0, s - d) for s, d in zip(sizes, x.shape)])
 
 
 def attach(run, draft_workdir: str, k: int, *, step: int | None = None, tensor_parallel: int = 1) -> SpeculativeDecoder:
