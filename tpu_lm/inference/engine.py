@@ -5,7 +5,9 @@ Sequences join the running batch at a step boundary (a prefill into a free slot 
 slots.SlotDecoder) and leave it the step they end: end-of-sequence, their own
 max_new_tokens, a stop sequence the transport saw (`Job.halt`), or their client
 gone (`Job.cancelled`). So a short request never waits for a long one, and each
-row keeps its own sampling settings and limits.
+row keeps its own sampling settings and limits. With a draft model
+(speculative.SpeculativeSlots) a step gives each sequence 1 to k + 1 tokens, by its
+own acceptance, and its Completion counts the draft tokens accepted and proposed.
 
 It knows nothing of HTTP: a request is a list of `Job`s whose events go to a queue
 the transport reads, in order: ("token", index, token id, logprobs or None) as each

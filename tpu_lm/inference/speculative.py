@@ -68,14 +68,17 @@ class Models:
 
 
 def speculate(target_params, draft_params, target_cache, draft_cache, prev_B, x_B, pos_B, index_B, temperature_B,
-              top_k_B, top_p_B, seeds_B, *, m: Models,
-              sampler: tuple[str, int]):
+              top_k_B, top_p_B, seeds_B, *, m: Models, sampler: tuple[str, int]):
   """One round for every row: k draft proposals, one target pass over k + 1 positions,
-  the acceptance rule. Returns (new_BxK1, n_B, target_cache, draft_cache, logits_BxK1xV):
-  row r's new tokens are new_BxK1[r, :n_B[r] + 1] (its n accepted proposals, then the
-  target's correction or bonus token; padding after), the first of them its token number
-  index_B[r], and logits_BxK1xV[r, j] the target's logits that new token j was drawn against. `sampler`: sampling.plan's kind and top-k bound. Neither cache is
-  rolled back here: positions do that (see the module)."""
+  the acceptance rule. `x_B` is each row's pending token, at `pos_B`; `prev_B` the one
+  before it; `index_B` the number of the row's next new token (its random stream);
+  `sampler`: sampling.plan's kind and top-k bound.
+
+  Returns (new_BxK1, n_B, target_cache, draft_cache, logits_BxK1xV): row r's new tokens
+  are new_BxK1[r, :n_B[r] + 1] (its n accepted proposals, then the target's correction
+  or bonus token; padding after), and logits_BxK1xV[r, j] are the target's logits that
+  new token j was judged by. Neither cache is rolled back here: positions do that (see
+  the module)."""
   b, k = x_B.shape[0], m.k
   cache_len = target_cache[0]["k"].shape[2]
   greedy = sampler[0] == "greedy"
@@ -345,6 +348,10 @@ class SpeculativeSlots(slots_lib.SlotDecoder):
 
   def __init__(self, target: Decoder, draft: Decoder, k: int, slots: int):
     self.spec = SpeculativeDecoder(target, draft, k)  # checks k and the vocabularies
+    if "prefix" in (target.cfg.attention_mask, draft.cfg.attention_mask):
+      # Its prompt's last token would be fed after the prefill, outside the both-ways prefix.
+      raise UserError("serving a prefix-LM run with a draft model is not supported: serve it without"
+                      " --draft_workdir (generate --draft_workdir works).")
     self.decoder, self.draft, self.k, self.slots = target, draft, k, slots
     self.max_len, self.eos_id = self.spec.max_len, target.eos_id
     models = Models(target.model, draft.model, k, target.vocab_size, target.pad_id, target.eos_id)
