@@ -112,6 +112,7 @@ def test_sampled_tokens_follow_the_targets_processed_distribution():
   assert 0.05 < rate < 0.95, rate  # the rule both accepted and rejected
 
 
+@pytest.mark.slow  # the greedy equivalence again, int8
 def test_a_quantized_target_and_draft_decode_what_the_quantized_target_alone_does():
   spec_ = quant.Spec("int8")
   qmodel = quant.ptq_model(transformer.Transformer(CFG), spec_)
@@ -126,6 +127,7 @@ def test_a_quantized_target_and_draft_decode_what_the_quantized_target_alone_doe
   assert spec.total.accepted > 0
 
 
+@pytest.mark.slow  # the greedy test relies on the same caches; this reads them directly
 def test_caches_after_rejected_proposals_continue_as_a_fresh_prefill_would():
   target, draft = _params(0), _noisy(_params(0), 1, 0.3)
   k, rows = 4, 4
@@ -170,6 +172,7 @@ def test_bad_settings_are_one_clear_sentence():
     speculative.SpeculativeDecoder(target, short, 2).check(10, Sampling(10))
 
 
+@pytest.mark.slow  # the greedy equivalence again, through the engine
 def test_the_engine_serves_each_sequence_what_the_target_alone_decodes():
   import queue
   import threading
