@@ -162,8 +162,18 @@ def test_caches_after_rejected_proposals_continue_as_a_fresh_prefill_would():
     np.testing.assert_allclose(cached, fresh, rtol=1e-4, atol=1e-4)
 
 
-def test_bad_settings_are_one_clear_sentence():
+def test_bad_settings_are_one_clear_sentence(monkeypatch):
+  import types
+
+  from tpu_lm.inference import run_dir
+
   target = _decoder(_params(0))
+  run = types.SimpleNamespace(workdir="/runs/target", tokenizer=types.SimpleNamespace(name="spm2048-aaaa"), decoder=target)
+  other = types.SimpleNamespace(workdir="/runs/draft", tokenizer=types.SimpleNamespace(name="bytes"), decoder=target)
+  monkeypatch.setattr(run_dir, "load", lambda *args, **kwargs: other)
+  with pytest.raises(UserError, match=r"^the draft /runs/draft speaks tokenizer bytes and the target /runs/target speaks"
+                                      r" spm2048-aaaa: pass a draft trained with the target's tokenizer"):
+    speculative.attach(run, "/runs/draft", 2)
   with pytest.raises(UserError, match="--draft_tokens=0 is invalid: give an integer from 1 to 16"):
     speculative.SpeculativeDecoder(target, target, 0)
   short = Decoder(CFG.__class__(**{**CFG.__dict__, "max_len": 16}), _params(0), eos_id=EOS, pad_id=PAD,
