@@ -148,3 +148,16 @@ def test_bad_input_is_one_line_and_exit_2(trained_run, flags, message):
   lines = [l for l in out.stderr.splitlines() if not l.startswith("[loaded")]
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
   assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow  # the command end to end, with and without a draft
+def test_a_draft_model_speeds_up_but_does_not_change_greedy_text(trained_run):
+  flags = (f"--workdir={trained_run}", "--prompt=the model", "--prompt=a", "--temperature=0", "--max_new_tokens=20")
+  plain = _generate(*flags)
+  # The run is its own draft here: every proposal is accepted.
+  out = _generate(*flags, f"--draft_workdir={trained_run}", "--draft_tokens=3")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout == plain.stdout
+  assert "draft tokens accepted (100%)]" in out.stderr, out.stderr
+  out = _generate(*flags, f"--draft_workdir={trained_run}", "--draft_tokens=0")
+  assert out.returncode == 2 and "error: --draft_tokens=0 is invalid: give an integer from 1 to 16" in out.stderr

@@ -451,3 +451,24 @@ def test_the_tokenizer_routes_tokenize_as_the_server_does(chat_server):
   assert env.from_string(info["chat_template"]).render(messages=messages) == run.objective.chat_prompt(messages)
   status, data = _post(port, {"tokens": [1, run.tokenizer.vocab_size]}, "/detokenize")
   assert status == 400 and "'tokens' holds 259 at position 1" in json.loads(data)["error"]["message"]
+
+
+@pytest.mark.slow  # another server process
+def test_a_server_with_a_draft_model_answers_what_the_model_alone_does_and_counts_acceptance(trained_run, local):
+  # The run is its own draft: every proposal is accepted.
+  proc, port = _start(trained_run, f"--draft_workdir={trained_run}", "--draft_tokens=3", "--max_batch=4")
+  try:
+    body = {"prompt": ["the model", "a"], "max_tokens": 10, "temperature": 0}
+    status, data = _post(port, body)
+    assert status == 200, data
+    out = json.loads(data)
+    assert [c["text"] for c in out["choices"]] == [_expected(local, p, max_new_tokens=10, temperature=0)[0]
+                                                   for p in body["prompt"]]
+    usage = out["usage"]["speculative"]
+    assert usage["draft_tokens"] == 3 and usage["accepted"] == usage["proposed"] > 0
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
+    assert "draft tokens accepted" in proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()

@@ -40,10 +40,15 @@ _STOP = flags.DEFINE_multi_string("stop", [], "End a completion before the first
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
 _TENSOR = flags.DEFINE_integer("tensor_parallel", 1, "Devices to split the model over (heads, MLP, vocabulary).")
 _INTERACTIVE = flags.DEFINE_bool("interactive", False, "Read prompts from stdin, one per line, model kept loaded.")
+_DRAFT = flags.DEFINE_string("draft_workdir", None, "Speculative decoding: a run directory with the same tokenizer"
+                             " (e.g. a distilled student) whose model proposes tokens that --workdir's model checks;"
+                             " the text is distributed as without it.")
+_DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Tokens the draft proposes per round (1 to 16), with --draft_workdir.")
 flags.mark_flags_as_required(["workdir"])
 cli.at_least(_NUM_SAMPLES, 1)
 cli.at_least(_TENSOR, 1)
 cli.check_flag(_STEP, lambda v: v >= 0, "give a checkpoint step (0 or more), or leave it out")
+cli.check_flag(_DRAFT_TOKENS, lambda v: 1 <= v <= 16, "give an integer from 1 to 16")
 
 MAX_SEQUENCES = 1024  # decoded together in one batch (prompts x --num_samples)
 USAGE = "pass prompts with --prompt."
@@ -236,6 +241,11 @@ def body() -> None:
     run = run_dir.load(_WORKDIR.value, step=_STEP.value, tensor_parallel=_TENSOR.value)
     print(f"[loaded {run.workdir} at step {run.step}]", file=sys.stderr, flush=True)
     _check_infill(run)
+    if _DRAFT.value:
+      from tpu_lm.inference import speculative
+
+      run.decoder = speculative.attach(run, _DRAFT.value, _DRAFT_TOKENS.value, tensor_parallel=_TENSOR.value)
+      print(f"[draft {_DRAFT.value}: {_DRAFT_TOKENS.value} tokens a round]", file=sys.stderr, flush=True)
     run.decoder.check(1, _sampling(_SEED.value))  # what needs the model: top_k vs its vocabulary, its context
     interrupted = False
     if prompts:
@@ -244,6 +254,10 @@ def body() -> None:
       else:
         jobs = [(p, _sampling((_SEED.value + j) % 2**32)) for p in prompts for j in range(_NUM_SAMPLES.value)]
         interrupted = complete_batch(run, jobs, stop)
+    if _DRAFT.value:
+      total = run.decoder.total
+      print(f"[speculative: {total.accepted} of {total.proposed} draft tokens accepted ({total.rate:.0%})]",
+            file=sys.stderr, flush=True)
     if _INTERACTIVE.value:
       interactive(run, _SEED.value, stop)
     elif interrupted:

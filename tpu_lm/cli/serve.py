@@ -70,6 +70,9 @@ _GRACE = flags.DEFINE_float(
 _WARMUP = flags.DEFINE_bool(
     "warmup", False, "Compile the common batch and prompt shapes before listening (else the first request of a"
     " new shape waits for its compile).")
+_DRAFT = flags.DEFINE_string("draft_workdir", None, "Speculative decoding: a run directory with the same tokenizer"
+                             " whose model proposes tokens that --workdir's model checks (same distribution of text).")
+_DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Tokens the draft proposes per step (1 to 16), with --draft_workdir.")
 flags.mark_flags_as_required(["workdir"])
 for _holder in (_TENSOR, _MAX_BATCH, _MAX_NEW, _MAX_BODY, _MAX_QUEUE, _MAX_CONN):
   cli.at_least(_holder, 1)
@@ -78,6 +81,7 @@ for _holder in (_TIMEOUT, _READ_TIMEOUT, _HEADER_TIMEOUT):
 cli.check_flag(_MAX_PER_CLIENT, lambda v: v >= 0, "it must be 0 (no cap) or more")
 cli.check_flag(_GRACE, lambda v: v >= 0, "it must be 0 or more seconds")
 cli.check_flag(_PORT, lambda v: 0 <= v < 65536, "give a port from 0 to 65535")
+cli.check_flag(_DRAFT_TOKENS, lambda v: 1 <= v <= 16, "give an integer from 1 to 16")
 
 
 def body() -> None:
@@ -95,7 +99,14 @@ def body() -> None:
       timeout_s=_TIMEOUT.value, max_batch=_MAX_BATCH.value, read_timeout_s=_READ_TIMEOUT.value,
       header_timeout_s=_HEADER_TIMEOUT.value,
   )
-  slots = SlotDecoder(run.decoder, limits.max_batch)
+  if _DRAFT.value:
+    from tpu_lm.inference import speculative
+
+    spec = speculative.attach(run, _DRAFT.value, _DRAFT_TOKENS.value, tensor_parallel=_TENSOR.value)
+    slots = speculative.SpeculativeSlots(spec.target, spec.draft, spec.k, limits.max_batch)
+    print(f"draft {_DRAFT.value}: {spec.k} tokens a step", file=sys.stderr, flush=True)
+  else:
+    slots = SlotDecoder(run.decoder, limits.max_batch)
   if _WARMUP.value:
     start = time.monotonic()
     shapes = slots.warmup(limits.max_prompt_tokens)

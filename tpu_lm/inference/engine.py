@@ -5,7 +5,9 @@ Sequences join the running batch at a step boundary (a prefill into a free slot 
 slots.SlotDecoder) and leave it the step they end: end-of-sequence, their own
 max_new_tokens, a stop sequence the transport saw (`Job.halt`), or their client
 gone (`Job.cancelled`). So a short request never waits for a long one, and each
-row keeps its own sampling settings and limits.
+row keeps its own sampling settings and limits. With a draft model
+(speculative.SpeculativeSlots) a step gives each sequence 1 to k + 1 tokens, by its
+own acceptance, and its Completion counts the draft tokens accepted and proposed.
 
 It knows nothing of HTTP: a request is a list of `Job`s whose events go to a queue
 the transport reads, in order: ("token", index, token id, logprobs or None) as each
@@ -66,6 +68,8 @@ class _Live:
   slot: int
   started: float
   tokens: list = dataclasses.field(default_factory=list)
+  accepted: int = 0  # draft tokens accepted, of `proposed` (speculative decoding)
+  proposed: int = 0
 
 
 @dataclasses.dataclass
@@ -182,19 +186,32 @@ class Engine:
     out = self.slots.step([Row(v.slot, len(v.job.prompt_ids), len(v.tokens), v.job.sampling, v.job.logprobs)
                            for v in lives])
     for i, live in enumerate(lives):
-      token = int(out.tokens[i])
-      logprobs = None
-      if live.job.logprobs:
-        logprobs = (float(out.logprob[i]), [(int(t), float(lp)) for t, lp in zip(out.top_ids[i], out.top_logprobs[i])])
-      if token == self.eos_id or token == live.job.end_id:
-        if logprobs:  # drawn like any token: its log-probability is reported (scoring reads the last one)
-          live.job.events.put(("token", live.job.index, token, logprobs))
-        self._finish(live, "stop")
+      if out.counts is None:
+        self._take(live, out, (i,))
         continue
-      live.tokens.append(token)
-      live.job.events.put(("token", live.job.index, token, logprobs))
-      if len(live.tokens) >= live.job.sampling.max_new_tokens:
-        self._finish(live, "length")
+      # A speculative step: each row its own number of tokens, until one ends it.
+      live.accepted, live.proposed = live.accepted + int(out.accepted[i]), live.proposed + self.slots.k
+      for j in range(int(out.counts[i])):
+        if self._take(live, out, (i, j)):
+          break
+
+  def _take(self, live: _Live, out, at: tuple) -> bool:
+    """Hands on the token at `at` of a step's output; returns whether it ended the sequence."""
+    token = int(out.tokens[at])
+    logprobs = None
+    if live.job.logprobs:
+      logprobs = (float(out.logprob[at]), [(int(t), float(lp)) for t, lp in zip(out.top_ids[at], out.top_logprobs[at])])
+    if token == self.eos_id or token == live.job.end_id:
+      if logprobs:  # drawn like any token: its log-probability is reported (scoring reads the last one)
+        live.job.events.put(("token", live.job.index, token, logprobs))
+      self._finish(live, "stop")
+      return True
+    live.tokens.append(token)
+    live.job.events.put(("token", live.job.index, token, logprobs))
+    if len(live.tokens) >= live.job.sampling.max_new_tokens:
+      self._finish(live, "length")
+      return True
+    return False
 
   def _checked(self, live: _Live) -> bool:
     """Whether a joining sequence's prompt and settings are in range; if not, it fails alone."""
@@ -215,4 +232,6 @@ class Engine:
   def _finish(self, live: _Live, reason: str) -> None:
     del self._live[live.slot]
     self._sequence_s = 0.8 * self._sequence_s + 0.2 * (time.monotonic() - live.started)
-    live.job.events.put(("done", live.job.index, Completion(live.tokens, reason)))
+    speculative = ({"draft_tokens": self.slots.k, "accepted": live.accepted, "proposed": live.proposed}
+                   if live.proposed else None)
+    live.job.events.put(("done", live.job.index, Completion(live.tokens, reason, speculative)))

@@ -49,6 +49,8 @@ def _is_number(x) -> bool:
 class Completion:
   tokens: list[int]  # the new tokens, without the end-of-sequence token
   finish_reason: str  # "stop" (end-of-sequence, or ended by on_step) or "length" (max_new_tokens)
+  # With a draft model (speculative.py), served: {"draft_tokens": k, "accepted": n, "proposed": m}.
+  speculative: dict | None = None
 
 
 def plan(samplings) -> tuple[str, int]:
@@ -77,10 +79,22 @@ def sample_tokens(logits_BxV, seeds_B, step, temperature_B, top_k_B, top_p_B, *,
   depend on the batch it is in. `step` (a scalar, or one per row) is the index of the
   new token being drawn: with the row's seed it picks the row's random numbers.
   """
-  v = logits_BxV.shape[-1]
   greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   if kind == "greedy":
     return greedy_B
+  masked_BxV = filtered_logits(logits_BxV, temperature_B, top_k_B, top_p_B, kind=kind, max_top_k=max_top_k)
+  steps_B = jnp.broadcast_to(step, seeds_B.shape)
+  keys_B = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds_B, steps_B)
+  sampled_B = jax.vmap(jax.random.categorical)(keys_B, masked_BxV)
+  return jnp.where(temperature_B == 0, greedy_B, sampled_B).astype(jnp.int32)
+
+
+def filtered_logits(logits_BxV, temperature_B, top_k_B, top_p_B, *, kind: str = "sort", max_top_k: int = 0):
+  """The logits a sampling row draws from: scaled by its temperature, with the tokens
+  its top-k/top-p leave out at -inf (`kind`/`max_top_k` as in `sample_tokens`; not for
+  "greedy"). Their softmax is the row's processed distribution (speculative decoding
+  compares two models' in it)."""
+  v = logits_BxV.shape[-1]
   scaled_BxV = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
   if kind == "plain":
     masked_BxV = scaled_BxV
@@ -99,7 +113,4 @@ def sample_tokens(logits_BxV, seeds_B, step, temperature_B, top_k_B, top_p_B, *,
     keep_BxK = in_top_k_BxK & (below_BxK | (top_p_B[:, None] >= 1))
     threshold_B1 = jnp.take_along_axis(sorted_BxK, jnp.sum(keep_BxK, axis=-1, keepdims=True) - 1, axis=-1)
     masked_BxV = jnp.where(scaled_BxV >= threshold_B1, scaled_BxV, -jnp.inf)
-  steps_B = jnp.broadcast_to(step, seeds_B.shape)
-  keys_B = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds_B, steps_B)
-  sampled_B = jax.vmap(jax.random.categorical)(keys_B, masked_BxV)
-  return jnp.where(temperature_B == 0, greedy_B, sampled_B).astype(jnp.int32)
+  return masked_BxV

@@ -50,6 +50,11 @@ class StepOut:
   logprob: np.ndarray | None = None  # [n] the chosen token's log-probability under the model
   top_ids: np.ndarray | None = None  # [n, TOP_LOGPROBS] the most likely tokens, most likely first
   top_logprobs: np.ndarray | None = None  # [n, TOP_LOGPROBS]
+  # Speculative decoding (speculative.SpeculativeSlots) draws several tokens a step: then
+  # tokens and the fields above gain an axis after the row's ([n, T, ...]), row i's first
+  # counts[i] of them are its tokens, and accepted[i] of those were the draft's proposals.
+  counts: np.ndarray | None = None
+  accepted: np.ndarray | None = None
 
 
 def _prefill(params, tokens_1xP, lengths_1, *, model):

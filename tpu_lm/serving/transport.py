@@ -433,6 +433,15 @@ def client_gone(sock: socket.socket) -> bool:
     return True
 
 
+def _speculative_usage(completions) -> dict | None:
+  """A request's draft tokens accepted and proposed, over its choices (served with a draft model)."""
+  counts = [c.speculative for c in completions if c.speculative]
+  if not counts:
+    return None
+  return {"draft_tokens": counts[0]["draft_tokens"], "accepted": sum(c["accepted"] for c in counts),
+          "proposed": sum(c["proposed"] for c in counts)}
+
+
 def make_handler(run, engine: Engine, limits: Limits, api_key: str | None = None):
   """The request handler class; with `api_key`, every route but GET /health needs the
   header `Authorization: Bearer <api_key>`."""
@@ -691,6 +700,10 @@ def make_handler(run, engine: Engine, limits: Limits, api_key: str | None = None
             piece = texts[index].finish()
             if stream:
               send(index, piece, "stop" if texts[index].stopped else payload.finish_reason)
+        speculative = _speculative_usage(results.values())
+        if speculative:
+          self.log_message('"%s" speculative: %d of %d draft tokens accepted', self.requestline,
+                           speculative["accepted"], speculative["proposed"])
         if stream:
           self.wfile.write(b"data: [DONE]\n\n")
           self.wfile.flush()
@@ -705,7 +718,8 @@ def make_handler(run, engine: Engine, limits: Limits, api_key: str | None = None
                                 texts[i].take_logprobs(request, 0), final=True)
                         for i in sorted(results)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+                      "total_tokens": prompt_tokens + completion_tokens,
+                      **({"speculative": speculative} if speculative else {})},
         })
       except (OSError, TimeoutError):
         # The client left or stopped reading for read_timeout_s: its rows are dropped.
