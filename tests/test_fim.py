@@ -57,6 +57,14 @@ def test_documents_are_cut_and_rearranged_losslessly_by_a_seeded_draw():
   assert 150 < cut < 250  # fim.rate of them
   other_epoch = mixed(many, [(3, 2, i) for i in range(400)])
   assert any(not np.array_equal(a.ids, b.ids) for a, b in zip(first, other_epoch))
+  # Pieces of at most 12 characters, each cut on its own: several units, each whole.
+  lines = "".join(f"line {i}\n" for i in range(10))
+  [e] = encode.Encoder(tok, fim.FillInMiddle(rate=1.0, spm_rate=0.0, max_chars=12), randomize=True)(
+      [{"text": lines}], [(0, 0, 9)])
+  ends = [i + 1 for i, t in enumerate(e.ids) if t == tok.sentinels[fim.END]]
+  units = [e.ids[a:b] for a, b in zip([0, *ends], ends)]
+  assert len(units) == 10 and "".join(_reassembled(u, tok)[1] for u in units) == lines
+  assert fim.pieces(lines, 12) == [f"line {i}\n" for i in range(10)] and fim.pieces(lines, 0) == [lines]
   # Eval and sample prompts (no keys), and a split not marked for training: left to right.
   for e, text in zip(mixed(many[:4]) + encode.Encoder(tok, mixed.objective)(many[:4], [(0, 0, i) for i in range(4)]),
                      ["abcdefgh"] * 8):
