@@ -90,6 +90,22 @@ def _generate(params, tokens_BxP, lengths_B, max_new_B, temperature_B, top_k_B, 
   return out_BxN, count_B  # each row's tokens drawn (padding follows them)
 
 
+def batch_arrays(prompts, sampling, b: int, p_len: int, pad_id: int):
+  """(tokens [b, p_len] right-padded, lengths [b], the per-row sampling fields [b]) of a
+  batch of prompts; rows past the prompts are padding (length 1, greedy, 0 new tokens)."""
+  tokens = np.full((b, p_len), pad_id, np.int32)
+  lengths = np.ones(b, np.int32)
+  fields = {"max_new": np.zeros(b, np.int32), "temperature": np.zeros(b, np.float32),
+            "top_k": np.zeros(b, np.int32), "top_p": np.ones(b, np.float32), "seed": np.zeros(b, np.uint32)}
+  for i, (p, s) in enumerate(zip(prompts, sampling)):
+    tokens[i, : len(p)] = p
+    lengths[i] = len(p)
+    for name, value in (("max_new", s.max_new_tokens), ("temperature", s.temperature),
+                        ("top_k", s.top_k), ("top_p", s.top_p), ("seed", s.seed)):
+      fields[name][i] = value
+  return tokens, lengths, fields
+
+
 def bucket(n: int, minimum: int, cap: int | None = None) -> int:
   """`n` rounded up to a power of two, at least `minimum`, at most `cap`: a shape bucket."""
   size = max(minimum, 1 << (max(n, 1) - 1).bit_length())
@@ -172,17 +188,7 @@ class Decoder:
     kind, top_k = plan(sampling)
     sampler = (kind, bucket(top_k, 16, self.vocab_size) if kind == "top_k" else 0)
 
-    tokens = np.full((b, p_len), self.pad_id, np.int32)
-    lengths = np.ones(b, np.int32)
-    fields = {"max_new": np.zeros(b, np.int32), "temperature": np.zeros(b, np.float32),
-              "top_k": np.zeros(b, np.int32), "top_p": np.ones(b, np.float32), "seed": np.zeros(b, np.uint32)}
-    for i, (p, s) in enumerate(zip(prompts, sampling)):
-      tokens[i, : len(p)] = p
-      lengths[i] = len(p)
-      for name, value in (("max_new", s.max_new_tokens), ("temperature", s.temperature),
-                          ("top_k", s.top_k), ("top_p", s.top_p), ("seed", s.seed)):
-        fields[name][i] = value
-
+    tokens, lengths, fields = batch_arrays(prompts, sampling, b, p_len, self.pad_id)
     with self._lock, self.context():
       self._on_step, self._rows = on_step, n
       out, counts = self._fn(

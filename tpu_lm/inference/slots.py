@@ -95,6 +95,21 @@ def _step(params, cache, logits_RxV, positions_R, index_R, temperature_R, top_k_
   return out, cache, model.apply(variables, hidden_Rx1xD, method="logits")[:, 0]
 
 
+def slot_fields(rows: list[Row], slots: int, offset: int = 0) -> dict[str, np.ndarray]:
+  """Per slot: the position a step feeds at (the row's prompt + tokens so far, + `offset`),
+  the index of the token it draws, and the row's sampling settings; free slots idle
+  at position 0."""
+  fields = {"position": np.zeros(slots, np.int32), "index": np.zeros(slots, np.int32),
+            "temperature": np.zeros(slots, np.float32), "top_k": np.zeros(slots, np.int32),
+            "top_p": np.ones(slots, np.float32), "seed": np.zeros(slots, np.uint32)}
+  for row in rows:
+    s = row.sampling
+    for name, value in (("position", row.prompt_len + row.index + offset), ("index", row.index),
+                        ("temperature", s.temperature), ("top_k", s.top_k), ("top_p", s.top_p), ("seed", s.seed)):
+      fields[name][row.slot] = value
+  return fields
+
+
 class SlotDecoder:
   """The slots of one model (a `Decoder`'s parameters, mesh and limits), at most `slots` rows."""
 
@@ -182,16 +197,7 @@ class SlotDecoder:
 
   def step(self, rows: list[Row]) -> StepOut:
     """Draws each row's next token (and feeds it); slots without a row idle at position 0."""
-    r = self.shape[0]
-    fields = {"position": np.zeros(r, np.int32), "index": np.zeros(r, np.int32),
-              "temperature": np.zeros(r, np.float32), "top_k": np.zeros(r, np.int32),
-              "top_p": np.ones(r, np.float32), "seed": np.zeros(r, np.uint32)}
-    for row in rows:
-      s = row.sampling
-      for name, value in (("position", row.prompt_len + row.index), ("index", row.index),
-                          ("temperature", s.temperature), ("top_k", s.top_k), ("top_p", s.top_p),
-                          ("seed", s.seed)):
-        fields[name][row.slot] = value
+    fields = slot_fields(rows, self.shape[0])
     kind, top_k = plan([row.sampling for row in rows])
     sampler = (kind, bucket(top_k, 16, self.decoder.vocab_size) if kind == "top_k" else 0)
     top_logprobs = TOP_LOGPROBS if any(row.logprobs for row in rows) else 0

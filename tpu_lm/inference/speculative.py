@@ -35,7 +35,7 @@ from jax.experimental import io_callback, multihost_utils
 
 from tpu_lm.errors import UserError
 from tpu_lm.inference import slots as slots_lib
-from tpu_lm.inference.decode import Decoder, bucket, prefill
+from tpu_lm.inference.decode import Decoder, batch_arrays, bucket, prefill
 from tpu_lm.inference.sampling import Completion, Sampling, filtered_logits, plan, sample_tokens
 from tpu_lm.model import transformer
 
@@ -272,17 +272,7 @@ class SpeculativeDecoder:
     kind, top_k = plan(sampling)
     sampler = (kind, bucket(top_k, 16, self.vocab_size) if kind == "top_k" else 0)
 
-    tokens = np.full((b, p_len), self.pad_id, np.int32)
-    lengths = np.ones(b, np.int32)
-    fields = {"max_new": np.zeros(b, np.int32), "temperature": np.zeros(b, np.float32),
-              "top_k": np.zeros(b, np.int32), "top_p": np.ones(b, np.float32), "seed": np.zeros(b, np.uint32)}
-    for i, (p, s) in enumerate(zip(prompts, sampling)):
-      tokens[i, : len(p)] = p
-      lengths[i] = len(p)
-      for name, value in (("max_new", s.max_new_tokens), ("temperature", s.temperature),
-                          ("top_k", s.top_k), ("top_p", s.top_p), ("seed", s.seed)):
-        fields[name][i] = value
-
+    tokens, lengths, fields = batch_arrays(prompts, sampling, b, p_len, self.pad_id)
     with self._lock, self.target.context():
       self._on_step, self._rows, self._step = on_step, n, 0
       outs = self._fn(
@@ -412,16 +402,8 @@ class SpeculativeSlots(slots_lib.SlotDecoder):
 
   def step(self, rows: list[slots_lib.Row]) -> slots_lib.StepOut:
     """One round for every occupied slot; slots without a row idle at position 0."""
-    r = self.shape[0]
-    fields = {"position": np.zeros(r, np.int32), "index": np.zeros(r, np.int32),
-              "temperature": np.zeros(r, np.float32), "top_k": np.zeros(r, np.int32),
-              "top_p": np.ones(r, np.float32), "seed": np.zeros(r, np.uint32)}
-    for row in rows:
-      s = row.sampling
-      for name, value in (("position", row.prompt_len - 1 + row.index), ("index", row.index),
-                          ("temperature", s.temperature), ("top_k", s.top_k), ("top_p", s.top_p),
-                          ("seed", s.seed)):
-        fields[name][row.slot] = value
+    # A round starts at the row's pending token, one before where a plain step feeds.
+    fields = slots_lib.slot_fields(rows, self.shape[0], offset=-1)
     kind, top_k = plan([row.sampling for row in rows])
     sampler = (kind, bucket(top_k, 16, self.decoder.vocab_size) if kind == "top_k" else 0)
     top_logprobs = slots_lib.TOP_LOGPROBS if any(row.logprobs for row in rows) else 0
@@ -434,7 +416,7 @@ class SpeculativeSlots(slots_lib.SlotDecoder):
     n_R = out["accepted"]
     new_RxK1 = out["tokens"]
     seq_RxK2 = np.concatenate([self._x[:, None], new_RxK1], axis=1)
-    at_R = np.arange(r)
+    at_R = np.arange(self.shape[0])
     self._prev, self._x = seq_RxK2[at_R, n_R].astype(np.int32), seq_RxK2[at_R, n_R + 1].astype(np.int32)
     order = np.array([row.slot for row in rows], np.int64)
     return slots_lib.StepOut(**{k: v[order] for k, v in out.items()}, counts=n_R[order] + 1)
