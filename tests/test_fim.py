@@ -150,7 +150,7 @@ def test_an_editor_sends_prefix_and_suffix_over_http_and_gets_the_middle(fim_run
   run = run_dir.load(fim_run, devices=jax.devices()[:1])
   prefix, suffix = "def f(x):\n    ", "\n    return y\n"
   ids = run.objective.infill_prompt(run.tokenizer, prefix, suffix)
-  assert ids[:2] == [run.tokenizer.bos_id, 259] and ids[-1] == 261
+  assert ids[:3] == [run.tokenizer.bos_id, 259, 260] and 261 in ids  # SPM: the middle continues the prefix
   [c] = run.decoder.generate([ids], Sampling(12, 1.0, 0, 1.0, 3))  # sampled: an untrained model's greedy text repeats
   k = next(i for i in range(1, len(c.tokens)) if c.tokens[i] not in c.tokens[:i])  # a first occurrence
   objective = _EndsAt(run.objective.text_key)
@@ -192,9 +192,12 @@ def test_the_hugging_face_export_knows_the_sentinels_at_the_runs_ids(tmp_path):
   tok = _bytes()
   tokenizer_export.write(tok, str(tmp_path))
   hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-  text = "<|fim_prefix|>def f(<|fim_suffix|>):\n<|fim_middle|>"
   prefix, suffix = "def f(", "):\n"
-  assert hf.encode(text).ids == fim.FillInMiddle().infill_prompt(tok, prefix, suffix)  # BOS from the post-processor
-  assert hf.decode(hf.encode(text).ids) == prefix + suffix  # special tokens skipped, as tpu_lm decodes
+  for order, text in (("psm", "<|fim_prefix|>def f(<|fim_suffix|>):\n<|fim_middle|>"),
+                      ("spm", "<|fim_prefix|><|fim_suffix|>):\n<|fim_middle|>def f(")):
+    assert hf.encode(text).ids == fim.FillInMiddle().infill_prompt(tok, prefix, suffix, order)  # BOS: post-processor
+  assert fim.FillInMiddle(spm_rate=0.0).infill_prompt(tok, prefix, suffix) == fim.FillInMiddle().infill_prompt(
+      tok, prefix, suffix, "psm")
+  assert hf.decode(hf.encode(text).ids) == suffix + prefix  # (SPM) special tokens skipped, as tpu_lm decodes
   with open(tmp_path / "tokenizer_config.json") as f:
     assert json.load(f)["additional_special_tokens"] == list(fim.SENTINELS)

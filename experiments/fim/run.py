@@ -15,8 +15,11 @@ on an infilling benchmark made from held-out code.
    decodes greedily; every answer is cut to as many lines as the truth (what a
    left-to-right model needs to be comparable at all), then scored by exact match
    (trailing whitespace ignored) and character-level edit similarity (1 - Levenshtein
-   / longer length). Rows: the FIM model given prefix and suffix, the FIM model given
-   only the prefix, the plain model given only the prefix.
+   / longer length). Rows: the FIM model given prefix and suffix (prompted in SPM, its
+   default, and in PSM), the FIM model given only the prefix, the plain model given
+   only the prefix. Beside the greedy answers,
+   the likelihood of the true middle under each (bits per byte of its tokens, the
+   paper's FIM loss): how much the suffix tells the model, free of decoding's noise.
 
 Prints the table and examples side by side, and puts them on top of results.md beside
 this file (newest first), with a plot.
@@ -31,6 +34,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: rerun as `pytho
 import argparse
 import ast
 import json
+import math
 import os
 import random
 import time
@@ -134,6 +138,17 @@ def answers(run, prompts: list[list[int]], new_tokens: int, end_id, max_batch: i
   return complete.complete(run, wanted, max_batch)
 
 
+def middle_bpb(run, prompts: list[list[int]], middles: list[list[int]], num_bytes: int) -> float:
+  """Bits per UTF-8 byte of the middles' tokens, each after its prompt (one scoring pass
+  per batch: inference/score.py)."""
+  nats = 0.0
+  for start in range(0, len(prompts), 32):
+    batch = [p + m for p, m in zip(prompts[start:start + 32], middles[start:start + 32])]
+    for scored, m in zip(run.score(batch), middles[start:start + 32]):
+      nats -= float(scored.logprobs[-len(m):].sum())
+  return nats / math.log(2) / num_bytes
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--fim", required=True, help="a run trained with configs/fim.py")
@@ -154,20 +169,33 @@ def main() -> None:
   for kind, new_tokens in NEW_TOKENS.items():
     exs = [fit(fim_run.tokenizer, ex, new_tokens) for ex in examples(functions, kind, args.examples, args.seed)]
     end = fim_run.objective.end_id(fim_run.tokenizer)
+    infill = lambda order: [fim_run.objective.infill_prompt(fim_run.tokenizer, e["prefix"], e["suffix"], order)  # noqa: E731
+                            for e in exs]
     outputs = {
-        "FIM model, prefix + suffix": answers(
-            fim_run, [fim_run.objective.infill_prompt(fim_run.tokenizer, e["prefix"], e["suffix"]) for e in exs],
-            new_tokens, end, args.max_batch),
+        "FIM model, prefix + suffix (SPM)": answers(fim_run, infill("spm"), new_tokens, end, args.max_batch),
+        "FIM model, prefix + suffix (PSM)": answers(fim_run, infill("psm"), new_tokens, end, args.max_batch),
         "FIM model, prefix only": answers(fim_run, [fim_run.encode_prompt(e["prefix"]) for e in exs], new_tokens,
                                           None, args.max_batch),
         "plain model, prefix only": answers(plain_run, [plain_run.encode_prompt(e["prefix"]) for e in exs],
                                             new_tokens, None, args.max_batch),
     }
+    # The true middles' likelihood, on the examples whose three sequences fit the context.
+    middles = [list(map(int, ids)) for ids in fim_run.tokenizer.encode_batch([e["middle"] for e in exs])]
+    prompts = {
+        "FIM model, prefix + suffix (SPM)": (fim_run, infill("spm")),
+        "FIM model, prefix + suffix (PSM)": (fim_run, infill("psm")),
+        "FIM model, prefix only": (fim_run, [fim_run.encode_prompt(e["prefix"]) for e in exs]),
+        "plain model, prefix only": (plain_run, [plain_run.encode_prompt(e["prefix"]) for e in exs]),
+    }
+    fits = [i for i in range(len(exs)) if all(len(p[i]) + len(middles[i]) <= CONTEXT + 1 for _, p in prompts.values())]
+    num_bytes = sum(len(exs[i]["middle"].encode()) for i in fits)
     for name, outs in outputs.items():
       cut = [first_lines(o, len(e["middle"].splitlines())) for o, e in zip(outs, exs)]
       em = sum(normalized(c) == normalized(e["middle"]) for c, e in zip(cut, exs)) / len(exs)
       es = sum(edit_similarity(normalized(c), normalized(e["middle"])) for c, e in zip(cut, exs)) / len(exs)
-      rows.append((kind, name, em, es))
+      run, ps = prompts[name]
+      bpb = middle_bpb(run, [ps[i] for i in fits], [middles[i] for i in fits], num_bytes)
+      rows.append((kind, name, em, es, bpb, len(fits)))
     for i in range(2):
       shown.append((kind, exs[i], {name: first_lines(outs[i], len(exs[i]["middle"].splitlines()))
                                    for name, outs in outputs.items()}))
@@ -181,9 +209,9 @@ def main() -> None:
       f"Infilling, {args.examples} masked spans per kind from {len(functions)} held-out functions, greedy, answers"
       f" cut to the truth's line count ({elapsed:.0f} s for all rows):",
       "",
-      "| kind | model and input | exact match | edit similarity |",
-      "|---|---|---:|---:|",
-      *[f"| {kind} | {name} | {em:.1%} | {es:.3f} |" for kind, name, em, es in rows],
+      "| kind | model and input | exact match | edit similarity | true middle, bits/byte (examples) |",
+      "|---|---|---:|---:|---:|",
+      *[f"| {kind} | {name} | {em:.1%} | {es:.3f} | {bpb:.3f} ({n}) |" for kind, name, em, es, bpb, n in rows],
       "",
       "Examples (the first two of each kind; `⏎` ends a line):",
       "",
@@ -196,7 +224,8 @@ def main() -> None:
                  lines, factor, about=f"{args.fim} vs {args.plain}")
   with open(os.path.join(HERE, "results.json"), "w") as f:
     json.dump({"bpb": {"fim": fim_bpb, "plain": plain_bpb, "steps": [fim_step, plain_step]},
-               "rows": [{"kind": k, "model": n, "exact_match": em, "edit_similarity": es} for k, n, em, es in rows]},
+               "rows": [{"kind": k, "model": n, "exact_match": em, "edit_similarity": es, "middle_bpb": bpb,
+                         "scored": count} for k, n, em, es, bpb, count in rows]},
               f, indent=1)
   plot(rows)
 
@@ -209,11 +238,12 @@ def plot(rows) -> None:
 
   kinds = list(dict.fromkeys(k for k, *_ in rows))
   names = list(dict.fromkeys(n for _, n, *_ in rows))
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-  for ax, (metric, col) in zip(axes, (("exact match", 2), ("edit similarity", 3))):
+  fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+  for ax, (metric, col) in zip(axes, (("exact match", 2), ("edit similarity", 3),
+                                      ("true middle, bits/byte (lower is better)", 4))):
     for j, name in enumerate(names):
       values = [next(r[col] for r in rows if r[0] == k and r[1] == name) for k in kinds]
-      ax.bar([i + 0.27 * (j - 1) for i in range(len(kinds))], values, width=0.27, label=name)
+      ax.bar([i + 0.2 * (j - 1.5) for i in range(len(kinds))], values, width=0.2, label=name)
     ax.set_xticks(range(len(kinds)), kinds)
     ax.set_title(metric)
   axes[0].legend(fontsize=7)
