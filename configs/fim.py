@@ -8,7 +8,10 @@ Command:
 Then fill in a middle:
   python -m tpu_lm.generate --workdir=workdirs/fim --prompt='def add(a, b):' --suffix=$'\\n    return c\\n'
 
-What it costs and what it gives: docs/code-completion.md and experiments/fim/.
+Measured 2026-12-03 on a 2-core CPU (speed factor 0.3-0.4, shared with other jobs):
+2400 steps in 1015 s; 1.6090 bits/byte left to right on the held-out split, against
+1.6028 for configs/base.py on the same budget (+0.0062). What it gives when infilling:
+docs/code-completion.md and experiments/fim/.
 """
 
 from tpu_lm.config.defaults import get_config as _defaults
