@@ -73,7 +73,7 @@ def _prompts() -> list[str]:
 
 
 def _check_infill(run) -> None:
-  if _SUFFIX.value is not None and not run.objective.infills:
+  if _SUFFIX.value is not None and not getattr(run.objective, "infills", False):
     raise UserError(f"{run.workdir} was not trained to fill in the middle (task.kind={run.config.task.kind!r}), so it"
                     " cannot use --suffix: train one with configs/fim.py (task.kind='fim'), or leave --suffix out.")
 

@@ -13,7 +13,7 @@ def tokenizer_vocab_size(config) -> int:
   from tpu_lm import tasks
 
   own = 259 if config.data.tokenizer == "bytes" else config.data.vocab_size
-  return own + len(tasks.from_config(config).sentinels)
+  return own + len(getattr(tasks.from_config(config), "sentinels", ()))
 
 
 def rope_scaling(m) -> tuple:

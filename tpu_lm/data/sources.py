@@ -184,7 +184,7 @@ def prepare(data, splits: Sources, objective, tokenizer: tokenizer_lib.Tokenizer
   if objective.labels and not splits.class_names:
     raise UserError(f"feature {data.label_key!r} of {data.dataset!r} is not a class label: set data.label_key.")
   tok = tokenizer or _tokenizer(data, splits.train, objective, splits.cache_dir)
-  tok = tokenizer_lib.add_sentinels(tok, objective.sentinels)
+  tok = tokenizer_lib.add_sentinels(tok, getattr(objective, "sentinels", ()))  # an objective from outside may have none
   split = lambda source, randomize: Split(source, Encoder(tok, objective, randomize), tok.bos_id,  # noqa: E731
                                           tok.eos_id, objective.layout)
   return Corpus(tok, split(splits.train, True), split(splits.validation, False),

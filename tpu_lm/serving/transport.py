@@ -180,7 +180,7 @@ def _suffix(req: dict, run, echo: bool, given) -> str | None:
     return None
   if not isinstance(suffix, str):
     raise RequestError(400, f"'suffix' must be a string (the text after the gap); got {_shown(suffix)}.", "suffix")
-  if not run.objective.infills:
+  if not getattr(run.objective, "infills", False):
     raise RequestError(400, f"this run was not trained to fill in the middle (task.kind={run.objective.name!r}), so"
                             " 'suffix' is not served: train one with configs/fim.py (task.kind='fim'), or remove"
                             " 'suffix'.", "suffix")

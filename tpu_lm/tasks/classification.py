@@ -34,6 +34,8 @@ class Classifier:
   text_reference = False
   labels = True
   metrics = METRICS
+  sentinels = ()  # no special tokens of its own
+  infills = False
 
   def features(self) -> list[tuple[str, str]]:
     return [("data.text_key", self.text_key), ("data.label_key", self.label_key)]
