@@ -106,6 +106,19 @@ def batch_arrays(prompts, sampling, b: int, p_len: int, pad_id: int):
   return tokens, lengths, fields
 
 
+def completions(rows, counts, sampling, eos_id: int) -> list[Completion]:
+  """Each row's Completion from its first `count` generated tokens: cut before
+  end-of-sequence ("stop"), else "length" at its max_new_tokens, else ended by on_step."""
+  results = []
+  for row, count, s in zip(rows, counts, sampling):
+    row = [int(t) for t in row[:count]]
+    if eos_id in row:
+      results.append(Completion(row[: row.index(eos_id)], "stop"))
+    else:  # fewer than max_new_tokens: on_step ended it
+      results.append(Completion(row, "length" if count >= s.max_new_tokens else "stop"))
+  return results
+
+
 def bucket(n: int, minimum: int, cap: int | None = None) -> int:
   """`n` rounded up to a power of two, at least `minimum`, at most `cap`: a shape bucket."""
   size = max(minimum, 1 << (max(n, 1) - 1).bit_length())
@@ -201,14 +214,7 @@ class Decoder:
         counts = multihost_utils.process_allgather(counts, tiled=True)
       out, counts = np.asarray(out), np.asarray(counts)
       self._on_step = None
-    results = []
-    for row, count, s in zip(out[:n], counts[:n], sampling):
-      row = [int(t) for t in row[:count]]
-      if self.eos_id in row:
-        results.append(Completion(row[: row.index(self.eos_id)], "stop"))
-      else:  # fewer than max_new_tokens: on_step ended it
-        results.append(Completion(row, "length" if count >= s.max_new_tokens else "stop"))
-    return results
+    return completions(out[:n], counts[:n], sampling, self.eos_id)
 
   def _emit(self, i, tokens_B, done_B):
     ended_B = np.zeros(np.shape(tokens_B), bool)

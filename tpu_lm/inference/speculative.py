@@ -35,7 +35,7 @@ from jax.experimental import io_callback, multihost_utils
 
 from tpu_lm.errors import UserError
 from tpu_lm.inference import slots as slots_lib
-from tpu_lm.inference.decode import Decoder, batch_arrays, bucket, prefill
+from tpu_lm.inference.decode import Decoder, batch_arrays, bucket, completions, prefill
 from tpu_lm.inference.sampling import Completion, Sampling, filtered_logits, plan, sample_tokens
 from tpu_lm.model import transformer
 
@@ -286,14 +286,7 @@ class SpeculativeDecoder:
     self.last = [Acceptance(int(a), int(p)) for a, p in zip(accepted[:n], proposed[:n])]
     for a in self.last:
       self.total = self.total + a
-    results = []
-    for row, count, s in zip(out[:n], counts[:n], sampling):
-      row = [int(t) for t in row[:count]]
-      if self.eos_id in row:
-        results.append(Completion(row[: row.index(self.eos_id)], "stop"))
-      else:  # fewer than max_new_tokens: on_step ended it
-        results.append(Completion(row, "length" if count >= s.max_new_tokens else "stop"))
-    return results
+    return completions(out[:n], counts[:n], sampling, self.eos_id)
 
   def _emit(self, tokens_BxT, keep_B):
     """Hands on_step each row's kept tokens one index at a time; returns how many each
