@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import shutil
-import threading
 
 import jax
 import numpy as np
@@ -145,7 +144,9 @@ class _EndsAt(fim.FillInMiddle):
 @pytest.mark.slow  # a server and two compiled decoders
 def test_an_editor_sends_prefix_and_suffix_over_http_and_gets_the_middle(fim_run):
   from tpu_lm.inference.engine import Engine
-  from tpu_lm.serving.transport import BoundedServer, Limits, make_handler
+  from tpu_lm.serving.app import create_app
+  from tpu_lm.serving.requests import Limits
+  from tpu_lm.serving.server import Server
 
   run = run_dir.load(fim_run, devices=jax.devices()[:1])
   prefix, suffix = "def f(x):\n    ", "\n    return y\n"
@@ -157,11 +158,12 @@ def test_an_editor_sends_prefix_and_suffix_over_http_and_gets_the_middle(fim_run
   objective.end = c.tokens[k]
   run = run_dir.Run(run.workdir, run.step, run.config, run.tokenizer, run.decoder, objective)
   limits = Limits(max_prompt_tokens=40, max_new_tokens=12, max_body_bytes=4000, timeout_s=60, max_batch=2)
-  srv = BoundedServer(("127.0.0.1", 0), make_handler(run, Engine(run, 2), limits), max_connections=4)
-  threading.Thread(target=srv.serve_forever, daemon=True).start()
-  try:
+  engine = Engine(run, 2)
+  server = Server(create_app(run, engine, limits), "127.0.0.1", 0, max_connections=4, max_per_client=4,
+                  header_timeout_s=5, write_timeout_s=30)
+  with server.started():
     def post(body):
-      conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+      conn = http.client.HTTPConnection("127.0.0.1", server.address[1], timeout=60)
       conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
       resp = conn.getresponse()
       out = resp.status, json.loads(resp.read())
@@ -179,9 +181,7 @@ def test_an_editor_sends_prefix_and_suffix_over_http_and_gets_the_middle(fim_run
                           ({"prompt": prefix, "suffix": "x", "echo": True}, "'echo' with 'suffix' is not supported")]:
       status, out = post(body)
       assert status == 400 and message in out["error"]["message"]
-  finally:
-    srv.shutdown()
-    srv.server_close()
+  engine.close(0)
 
 
 def test_the_hugging_face_export_knows_the_sentinels_at_the_runs_ids(tmp_path):

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import numpy as np
@@ -279,7 +280,9 @@ def chat_server(trained_run, tmp_path_factory):
   """The trained run as if instruction-tuned with a template (its saved config says so),
   served in this process."""
   from tpu_lm.inference.engine import Engine
-  from tpu_lm.serving.transport import BoundedServer, Limits, make_handler
+  from tpu_lm.serving.app import create_app
+  from tpu_lm.serving.requests import Limits
+  from tpu_lm.serving.server import Server
 
   workdir = str(tmp_path_factory.mktemp("chat") / "run")
   shutil.copytree(trained_run, workdir)
@@ -291,11 +294,12 @@ def chat_server(trained_run, tmp_path_factory):
       json.dump(config, f)
   run = run_dir.load(workdir, devices=jax.devices()[:1])
   limits = Limits(max_prompt_tokens=56, max_new_tokens=16, max_body_bytes=4000, timeout_s=60, max_batch=4)
-  srv = BoundedServer(("127.0.0.1", 0), make_handler(run, Engine(run, 4), limits), max_connections=8)
-  threading.Thread(target=srv.serve_forever, daemon=True).start()
-  yield srv.server_address[1], run
-  srv.shutdown()
-  srv.server_close()
+  engine = Engine(run, 4)
+  server = Server(create_app(run, engine, limits), "127.0.0.1", 0, max_connections=8, max_per_client=8,
+                  header_timeout_s=5, write_timeout_s=30)
+  with server.started():
+    yield server.address[1], run
+  engine.close(0)
 
 
 def test_chat_completions_render_the_conversation_through_the_runs_template(chat_server):
@@ -469,6 +473,36 @@ def test_a_server_with_a_draft_model_answers_what_the_model_alone_does_and_count
   finally:
     proc.terminate()
     proc.wait(timeout=30)
-    assert "draft tokens accepted" in proc.stderr.read()
+    logged = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    assert any(line.get("speculative", {}).get("proposed") for line in logged), logged  # the access log counts
     proc.stdout.close()
     proc.stderr.close()
+
+
+@pytest.mark.slow  # a server process of its own
+def test_sigterm_lets_requests_in_flight_finish_or_cancels_them_and_says_which(trained_run):
+  """SIGTERM during a request: with a grace, it finishes (200) and the report names it;
+  with none, it is cancelled (503) and the report says so; new connections are refused
+  meanwhile and the process exits 0."""
+  for grace, status, said in ((30, 200, "1 in-flight request finished (cmpl-"), (0, 503, "1 cancelled after the 0 s")):
+    proc, port = _start(trained_run, f"--shutdown_grace_s={grace}", "--max_new_tokens=60")
+    try:
+      answer = {}
+      body = {"prompt": "the", "max_tokens": 60, "temperature": 0}
+      thread = threading.Thread(target=lambda: answer.setdefault("reply", _post(port, body, headers={})))
+      thread.start()
+      deadline = time.time() + 60
+      while json.loads(_post(port, None, "/health", "GET")[1])["running"] == 0 and time.time() < deadline:
+        time.sleep(0.005)
+      proc.terminate()
+      thread.join(60)
+      got, data = answer["reply"]
+      assert got == status, data
+      assert proc.wait(timeout=60) == 0
+      out = proc.stdout.read()
+      assert said in out, out
+    finally:
+      proc.kill()
+      proc.wait()
+      proc.stdout.close()
+      proc.stderr.close()

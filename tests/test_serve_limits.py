@@ -23,7 +23,9 @@ import pytest
 from tpu_lm.data.tokenizer import ByteTokenizer
 from tpu_lm.inference.engine import Engine
 from tpu_lm.inference.slots import TOP_LOGPROBS, StepOut
-from tpu_lm.serving.transport import BoundedServer, Limits, make_handler
+from tpu_lm.serving.app import create_app
+from tpu_lm.serving.requests import Limits
+from tpu_lm.serving.server import Server
 from tpu_lm.tasks import instructions
 
 TOKENIZER = ByteTokenizer()
@@ -105,15 +107,14 @@ def serving(decoder: GatedSlots | None = None, *, api_key: str | None = None, ma
   limits = Limits(**{**dict(max_prompt_tokens=32, max_new_tokens=16, max_body_bytes=2000, timeout_s=30, max_batch=2,
                             read_timeout_s=1.0), **limits})
   engine = Engine(run, max_batch=limits.max_batch, max_queue=max_queue, slots=decoder)
-  srv = BoundedServer(("127.0.0.1", 0), make_handler(run, engine, limits, api_key), max_connections,
-                      max_connections_per_client)
-  threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+  server = Server(create_app(run, engine, limits, api_key), "127.0.0.1", 0, max_connections=max_connections,
+                  max_per_client=max_connections_per_client, header_timeout_s=limits.header_timeout_s,
+                  write_timeout_s=limits.read_timeout_s, grace_s=0)
   try:
-    yield Served(srv.server_address[1], decoder, engine)
+    with server.started():
+      yield Served(server.address[1], decoder, engine)
   finally:
     decoder.gate.set()
-    srv.shutdown()
-    srv.server_close()
     engine.close(grace_s=0)
 
 
@@ -124,12 +125,12 @@ def server():
 
 
 def request(port, method="POST", path="/v1/completions", body=None, headers=None, source="127.0.0.1", timeout=30):
-  """(status, headers, JSON body) of one request from address `source`."""
+  """(status, headers (names in any case), JSON body) of one request from address `source`."""
   conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout, source_address=(source, 0))
   conn.request(method, path, body=None if body is None else json.dumps(body),
                headers={"Content-Type": "application/json", **(headers or {})})
   resp = conn.getresponse()
-  out = resp.status, dict(resp.getheaders()), json.loads(resp.read() or b"{}")
+  out = resp.status, resp.headers, json.loads(resp.read() or b"{}")  # headers: names in any case
   conn.close()
   return out
 
@@ -180,7 +181,7 @@ def test_half_a_body_gets_408_after_the_read_timeout_while_others_are_served(ser
   t0 = time.time()
   assert _post(port, {"prompt": "meanwhile"})[0] == 200  # not stalled by the half-open client
   reply = _read_all(half)
-  assert reply.startswith("HTTP/1.0 408"), reply
+  assert reply.startswith("HTTP/1.1 408"), reply
   assert "did not arrive within 1 s" in reply
   assert time.time() - t0 < 5
   half.close()
@@ -193,7 +194,7 @@ def test_connections_over_the_limit_get_503(server):
   time.sleep(0.2)
   extra = socket.create_connection(("127.0.0.1", port), timeout=10)
   reply = _read_all(extra)
-  assert reply.startswith("HTTP/1.0 503") and "Retry-After: 1" in reply, reply
+  assert reply.startswith("HTTP/1.1 503") and "Retry-After: 1" in reply, reply
   for s in idle:
     s.close()
   extra.close()
@@ -237,7 +238,7 @@ def test_a_pipelined_request_is_not_taken_for_a_close():
       client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
                      + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
       reply = _read_all(client)
-    assert reply.startswith("HTTP/1.0 200") and '"text": "ok"' in reply, reply
+    assert reply.startswith("HTTP/1.1 200") and '"text":"ok"' in reply, reply
 
 
 def test_idle_connections_over_a_clients_share_get_429_and_do_not_block_another_client():
@@ -248,7 +249,7 @@ def test_idle_connections_over_a_clients_share_get_429_and_do_not_block_another_
     extra = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(3)]
     for sock in extra:
       reply = _read_all(sock)
-      assert reply.startswith("HTTP/1.0 429") and "Retry-After: 1" in reply and "per client" in reply, reply
+      assert reply.startswith("HTTP/1.1 429") and "Retry-After: 1" in reply and "per client" in reply, reply
     # Another address (all of 127/8 is this machine) is served, while the first client's idle connections stay open.
     status, _, body = request(s.port, body={"prompt": "b"}, source="127.0.0.2", timeout=10)
     assert (status, body["choices"][0]["text"]) == (200, "ok")
@@ -263,7 +264,7 @@ def test_the_request_line_and_headers_must_arrive_within_the_header_timeout():
     half = socket.create_connection(("127.0.0.1", s.port), timeout=10)
     half.sendall(b"POST /v1/compl")
     reply = _read_all(half)
-    assert reply.startswith("HTTP/1.0 408") and "did not arrive within 0.5 s" in reply, reply
+    assert reply.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in reply, reply
     # Nothing at all: closed (no request, nothing to answer).
     idle = socket.create_connection(("127.0.0.1", s.port), timeout=10)
     assert _read_all(idle) == ""
@@ -275,19 +276,26 @@ def test_the_request_line_and_headers_must_arrive_within_the_header_timeout():
       slow.sendall(headers[sent: sent + 1])
       sent += 1
     assert sent < len(headers)
-    assert _read_all(slow).startswith("HTTP/1.0 408")
+    assert _read_all(slow).startswith("HTTP/1.1 408")
     for sock in (half, idle, slow):
       sock.close()
     assert request(s.port, "GET", "/health", timeout=10)[0] == 200
 
 
 def test_request_and_log_lines_escape_control_characters(capsys):
+  """A raw control character in the request line is refused (400) by the HTTP parser;
+  one sent percent-encoded reaches the app (404); neither reaches the log unescaped."""
   with serving() as s:
     with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
-      sock.sendall(b"GET /\x1b[31mred\x07 HTTP/1.0\r\n\r\n")
-      assert _read_all(sock).startswith("HTTP/1.0 404")
+      sock.sendall(b"GET /\x1b[31mred\x07 HTTP/1.1\r\nHost: x\r\n\r\n")
+      assert _read_all(sock).startswith("HTTP/1.1 400")
+    with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+      sock.sendall(b"GET /%1b[31mred%07 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+      assert _read_all(sock).startswith("HTTP/1.1 404")
   err = capsys.readouterr().err
-  assert "/\\x1b[31mred\\x07" in err and "\x1b" not in err and "\x07" not in err, err
+  lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+  assert [(line["status"], line["path"]) for line in lines] == [(400, None), (404, "/\x1b[31mred\x07")], err
+  assert "\x1b" not in err and "\x07" not in err, err
 
 
 def test_an_api_key_is_needed_on_every_route_but_health():
@@ -308,3 +316,69 @@ def test_an_api_key_is_needed_on_every_route_but_health():
     assert client.completions.create(model="m", prompt="a", max_tokens=4).choices[0].text == "ok"
     with pytest.raises(openai.AuthenticationError, match="a valid API key is required"):
       openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_metrics_scrape_as_prometheus_text_and_count_what_was_served():
+  from prometheus_client.parser import text_string_to_metric_families
+
+  with serving() as s:
+    s.decoder.gate.set()
+    assert request(s.port, body={"prompt": "a", "n": 2})[0] == 200
+    assert request(s.port, body={"prompt": "a", "n": 9})[0] == 400
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+    conn.request("GET", "/metrics")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples = {(m.name, tuple(sorted(m.labels.items()))): m.value
+               for f in text_string_to_metric_families(resp.read().decode()) for m in f.samples}
+  requests = lambda status: samples[("tpu_lm_requests_total", (  # noqa: E731
+      ("method", "POST"), ("route", "/v1/completions"), ("status", status)))]
+  assert requests("200") == 1 and requests("400") == 1
+  assert samples[("tpu_lm_generated_tokens_total", ())] == 6  # "o", "k", end-of-sequence, twice
+  assert samples[("tpu_lm_prompt_tokens_total", ())] == 2
+  assert samples[("tpu_lm_time_to_first_token_seconds_count", ())] == 1  # per request
+  assert samples[("tpu_lm_inter_token_latency_seconds_count", ())] == 2  # "o" to "k" in each sequence
+  assert samples[("tpu_lm_queue_depth", ())] == 0 and samples[("tpu_lm_running_sequences", ())] == 0
+
+
+def test_each_request_leaves_one_json_access_log_line(capsys):
+  with serving() as s:
+    s.decoder.gate.set()
+    status, _, body = request(s.port, body={"prompt": "ab", "max_tokens": 5})
+    assert status == 200
+  [line] = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
+  assert {k: line[k] for k in ("id", "method", "path", "status", "prompt_tokens", "completion_tokens")} == {
+      "id": body["id"], "method": "POST", "path": "/v1/completions", "status": 200, "prompt_tokens": 2,
+      "completion_tokens": 3}
+  assert 0 <= line["ttft_s"] <= line["total_s"] and line["client"] == "127.0.0.1"
+
+
+def test_the_schema_is_published_and_responses_follow_it():
+  from tpu_lm.serving import schema
+
+  with serving(api_key="k") as s:
+    s.decoder.gate.set()
+    auth = {"Authorization": "Bearer k"}
+    status, _, spec = request(s.port, "GET", "/openapi.json")  # open, as /docs is: the schema is no secret
+    assert status == 200
+    body = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/CompletionRequest"}
+    fields = spec["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert {"prompt", "max_tokens", "temperature", "suffix", "logprobs"} <= set(fields)
+    assert fields["temperature"]["maximum"] == 100 and spec["components"]["schemas"]["CompletionRequest"][
+        "required"] == ["prompt"]
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+    conn.request("GET", "/docs")
+    resp = conn.getresponse()
+    assert resp.status == 200 and b"/openapi.json" in resp.read()
+    assert request(s.port, "GET", "/metrics")[0] == 401
+    # What the server answers is what the schema says.
+    status, _, out = request(s.port, body={"prompt": "a", "logprobs": 2, "echo": True, "max_tokens": 3}, headers=auth)
+    assert status == 200 and schema.Completion.model_validate(out).usage.completion_tokens == 3
+    status, _, out = request(s.port, path="/v1/chat/completions", headers=auth, body={
+        "messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 2})
+    assert status == 200 and schema.ChatCompletion.model_validate(out).choices[0].message.content == "ok"
+    status, _, out = request(s.port, body={"prompt": "a", "n": 9}, headers=auth)
+    assert status == 400 and schema.ErrorResponse.model_validate(out).error.param == "n"
+    for path, model in (("/health", schema.Health), ("/v1/models", schema.ModelList)):
+      model.model_validate(request(s.port, "GET", path, headers=auth)[2])

@@ -31,9 +31,7 @@ finished and which were cancelled. Bound to 127.0.0.1 unless --host says otherwi
 
 import ipaddress
 import os
-import signal
 import sys
-import threading
 import time
 
 from absl import flags
@@ -89,7 +87,9 @@ def body() -> None:
   from tpu_lm.inference import run_dir
   from tpu_lm.inference.engine import Engine
   from tpu_lm.inference.slots import SlotDecoder
-  from tpu_lm.serving.transport import BoundedServer, Limits, make_handler
+  from tpu_lm.serving.app import create_app
+  from tpu_lm.serving.requests import Limits
+  from tpu_lm.serving.server import Server
 
   run = run_dir.load(_WORKDIR.value, step=_STEP.value, tensor_parallel=_TENSOR.value)
   context = run.decoder.max_len
@@ -113,25 +113,24 @@ def body() -> None:
     print(f"warmup: {shapes} shapes compiled in {time.monotonic() - start:.1f} s", flush=True)
   engine = Engine(run, limits.max_batch, max(_MAX_QUEUE.value, limits.max_batch), slots=slots)
   try:
-    server = BoundedServer((_HOST.value, _PORT.value), make_handler(run, engine, limits, api_key), _MAX_CONN.value,
-                           _MAX_PER_CLIENT.value)
+    server = Server(create_app(run, engine, limits, api_key), _HOST.value, _PORT.value,
+                    max_connections=_MAX_CONN.value, max_per_client=_MAX_PER_CLIENT.value,
+                    header_timeout_s=limits.header_timeout_s, write_timeout_s=limits.read_timeout_s,
+                    grace_s=_GRACE.value)
   except OSError as e:
     raise UserError(f"cannot listen on {_HOST.value}:{_PORT.value} ({e.strerror}): pick another --port.") from None
-  host, port = server.server_address[:2]
+  host, port = server.address
   if not api_key and not ipaddress.ip_address(host).is_loopback:
     print(f"warning: {host} is reachable from the network and no API key is set: anyone who can reach port {port}"
           " can use this server; pass --api_key or set TPU_LM_API_KEY.", file=sys.stderr, flush=True)
-  signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
   print(f"serving {run.workdir} (step {run.step}) on http://{host}:{port}"
-        f"  [context {context} tokens, max_batch {limits.max_batch}, API key {'required' if api_key else 'none'}]",
-        flush=True)
-  try:
-    server.serve_forever()  # until SIGTERM's shutdown(), or Ctrl-C
-  except KeyboardInterrupt:
-    pass
-  report = engine.close(_GRACE.value)  # no new sequences; those in flight finish or are cancelled
-  server.busy.wait_idle(10.0)  # their handlers write the last bytes
-  server.server_close()
+        f"  [context {context} tokens, max_batch {limits.max_batch}, API key {'required' if api_key else 'none'};"
+        f" schema at /docs]", flush=True)
+  reports = []
+  # On SIGTERM or Ctrl-C: no new sequences; those in flight finish within the grace or are cancelled,
+  # while uvicorn stops accepting and waits for their answers to go out.
+  server.serve(on_exit=lambda: reports.append(engine.close(_GRACE.value)))
+  report = reports[0] if reports else engine.close(0)
   print(f"server stopped: {_listed(report.finished, 'in-flight request finished', 'in-flight requests finished')};"
         f" {_listed(report.cancelled, f'cancelled after the {_GRACE.value:g} s grace')};"
         f" {_listed(report.refused, 'waiting request refused', 'waiting requests refused')}", flush=True)

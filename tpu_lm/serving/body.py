@@ -9,9 +9,16 @@ MAX_DEPTH = 16  # nesting of the request's JSON; OpenAI's requests need 4
 class RequestError(Exception):
   """A bad request: answered with `status` and a JSON error, never a crash."""
 
-  def __init__(self, status: int, message: str, param: str | None = None):
+  def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
     super().__init__(message)
-    self.status, self.param = status, param
+    self.status, self.param, self.headers = status, param, headers or {}
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+  """An error in OpenAI's form, as every refusal and failure is answered."""
+  kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
+      status, "invalid_request_error" if status < 500 else "server_error")
+  return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
 def read_json(body: bytes) -> dict:
