@@ -108,7 +108,7 @@ def serve_load():
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-  fig.suptitle("The server under load: continuous batching (this tree) against the batch-at-a-time baseline")
+  fig.suptitle("The server under load: this tree against the baseline of the latest entry")
   return _save(fig, "serve_load", "serve_load.png")
 
 

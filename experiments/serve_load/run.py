@@ -20,7 +20,10 @@ still grows). With --baseline=TREE the same two phases run against the server
 of another checkout (e.g. `git worktree add /tmp/before 6ffad3c`: the engine that
 decoded one batch at a time), in the same run.
 
-usage: python experiments/serve_load/run.py [--clients 12] [--requests 3] [--baseline TREE]
+With --locust_s=N, locust (a standard load tool, locustfile.py) then sends whole
+completions for N seconds to each server: a second opinion.
+
+usage: python experiments/serve_load/run.py [--clients 12] [--requests 3] [--baseline TREE] [--locust_s 60]
 Prints the table and puts it on top of results.md beside this script.
 """
 
@@ -31,6 +34,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: rerun as `pytho
   os.execv(sys.executable, [sys.executable, "-m", "experiments.serve_load.run", *sys.argv[1:]])
 
 import argparse
+import csv
 import json
 import os
 import random
@@ -86,7 +90,8 @@ def start_server(tree: str, workdir: str, max_batch: int, extra=()):
   env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": tree}
   proc = subprocess.Popen(
       [sys.executable, "-m", "tpu_lm.serve", f"--workdir={workdir}", "--port=0", f"--max_batch={max_batch}",
-       "--max_new_tokens=64", "--max_queue=256", "--max_connections=64", "--read_timeout_s=5", *extra],
+       "--max_new_tokens=64", "--max_queue=256", "--max_connections=64", "--read_timeout_s=5",
+       "--max_connections_per_client=0", *extra],  # every client is 127.0.0.1 here
       cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   line = proc.stdout.readline()
   while line.startswith("warmup"):
@@ -112,8 +117,10 @@ def stream(port: int, body: dict, recv_buffer: int = 0, read_pause_s: float = 0.
   sock.connect(("127.0.0.1", port))
   data = json.dumps({**body, "stream": True}).encode()
   sent = time.perf_counter()
-  sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
-               + str(len(data)).encode() + b"\r\n\r\n" + data)
+  # Connection: close, so that the stream's end is the connection's with either server
+  # (HTTP/1.1 keeps a connection open otherwise); events may come in chunked framing.
+  sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+               b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
   times, buffer = [], b""
   while True:
     chunk = sock.recv(64 if read_pause_s else 65536)
@@ -123,7 +130,7 @@ def stream(port: int, body: dict, recv_buffer: int = 0, read_pause_s: float = 0.
     buffer += chunk
     while b"\n\n" in buffer:
       event, buffer = buffer.split(b"\n\n", 1)
-      if event.startswith(b"data: {") and b'"text"' in event:
+      if b"data: {" in event and b'"text"' in event:
         times.append(now)
     if leave_after and len(times) >= leave_after:
       sock.close()
@@ -196,6 +203,20 @@ def phase(port: int, pid: int, clients: int, requests: int, mixed: bool) -> dict
           "rss": (rss[0], max(rss), rss[-1])}
 
 
+def locust(port: int, args) -> dict:
+  """locust's numbers for whole completions (locustfile.py) over --locust_s seconds."""
+  with tempfile.TemporaryDirectory() as tmp:
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "locust"), "-f", os.path.join(HERE, "locustfile.py"),
+                    "--headless", "-u", str(args.clients), "-r", str(args.clients), "-t", f"{args.locust_s}s",
+                    "--host", f"http://127.0.0.1:{port}", "--csv", os.path.join(tmp, "out"), "--only-summary"],
+                   check=True, capture_output=True, timeout=args.locust_s + 120)
+    with open(os.path.join(tmp, "out_stats.csv")) as f:
+      rows = list(csv.DictReader(f))
+  row = next(r for r in rows if r["Name"] == "Aggregated")
+  return {"requests": int(row["Request Count"]), "failures": int(row["Failure Count"]),
+          "req_s": float(row["Requests/s"]), "p50": float(row["50%"]), "p99": float(row["99%"])}
+
+
 def measure(tree: str, workdir: str, args, extra=()) -> dict:
   proc, port = start_server(tree, workdir, args.max_batch, extra)
   try:
@@ -205,6 +226,8 @@ def measure(tree: str, workdir: str, args, extra=()) -> dict:
     # Twice over: the second round shows whether memory keeps growing or has levelled off.
     out = {f"{name} {r}": phase(port, proc.pid, args.clients, args.requests, name == "mixed")
            for r in range(1, args.rounds + 1) for name in ("clean", "mixed")}
+    if args.locust_s:
+      out["locust"] = locust(port, args)
   finally:
     proc.terminate()
     proc.wait(60)
@@ -218,6 +241,7 @@ def main() -> None:
   ap.add_argument("--max_batch", type=int, default=16)
   ap.add_argument("--rounds", type=int, default=2, help="times the clean + mixed phases run")
   ap.add_argument("--baseline", help="another checkout of tpu_lm to measure the same way")
+  ap.add_argument("--locust_s", type=int, default=0, help="then locust's users for this long (pip install locust)")
   args = ap.parse_args()
   factor = record.speed_factor()
   with tempfile.TemporaryDirectory() as tmp:
@@ -230,9 +254,16 @@ def main() -> None:
           " server RSS start / max / end MiB |", "|---|---|---|---|---|---|---|---|"]
   for name, m in measured:
     for ph, r in m.items():
+      if ph == "locust":
+        continue
       rows.append(f"| {name} | {ph} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.0f} |"
                   f" {r['ttft'][0]:.0f} / {r['ttft'][1]:.0f} | {r['itl'][0]:.0f} / {r['itl'][1]:.0f} |"
                   f" {r['rss'][0]:.0f} / {r['rss'][1]:.0f} / {r['rss'][2]:.0f} |")
+  if args.locust_s:
+    rows += ["", f"locust ({args.clients} users sending whole completions, {args.locust_s} s):", "",
+             "| server | requests | failures | req/s | latency p50 / p99 ms |", "|---|---|---|---|---|"]
+    rows += [f"| {name} | {m['locust']['requests']} | {m['locust']['failures']} | {m['locust']['req_s']:.2f} |"
+             f" {m['locust']['p50']:.0f} / {m['locust']['p99']:.0f} |" for name, m in measured]
   about = (f"GPT-2 124M (random weights, byte tokenizer), {args.clients} streaming clients x {args.requests}"
            f" requests, --max_batch={args.max_batch}, {args.rounds} rounds")
   record.publish(os.path.join(HERE, "results.md"), "The server under load (experiments/serve_load/run.py)", [

@@ -8,6 +8,10 @@
   GET  /tokenizer_info       the special tokens, the context and a chat template (vLLM's shape)
   POST /tokenize, /detokenize  text <-> the run's token ids (lm-eval's remote tokenizer uses them)
   GET  /health               {"status": "ok", "step": ..., "queued": ..., "running": ...}
+  GET  /metrics              Prometheus text: requests, queue, running, TTFT, inter-token latency, tokens
+  GET  /docs, /openapi.json  the schema of every route (from the pydantic models that validate requests)
+
+A FastAPI app on uvicorn (tpu_lm/serving/). One JSON access-log line per request on stderr.
 
 Requests are decoded by continuous batching: one engine thread steps every
 sequence in flight (up to --max_batch) one token at a time, and a new request
@@ -19,9 +23,9 @@ serving; a sequence that fails fails alone. A request whose client disconnects i
 cancelled at the next step, streamed or not.
 
 With --api_key (or the environment variable TPU_LM_API_KEY, which keeps the key out
-of the process list) every route but GET /health needs `Authorization: Bearer KEY`
-(401 otherwise). Each connection has a thread, at most --max_connections (more get
-503) and --max_connections_per_client from one address (more get 429); its request
+of the process list) every route but GET /health and the schema needs `Authorization: Bearer KEY`
+(401 otherwise). At most --max_connections connections (more get
+503) and --max_connections_per_client from one address (more get 429); a request
 line and headers must arrive within --header_timeout_s, its body within
 --read_timeout_s (408 otherwise), and a client that stops reading a stream for
 --read_timeout_s is dropped. SIGTERM (or Ctrl-C) stops accepting, gives the requests

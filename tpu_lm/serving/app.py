@@ -194,15 +194,17 @@ class _Answerer:
                                  prompt_lp[j.index // len(samplings)][0] if prompt_lp else ()) for j in jobs}
     decoding = _Decoding(self, http, request, jobs, events, cancelled, texts, arrived, record)
     watcher = asyncio.create_task(decoding.watch())
+    streaming = False
     try:
       if request.stream:
         first = await decoding.next_chunk(head)  # an error before the stream starts is the response's status
+        streaming = True  # the stream's generator owns the watcher now
         return StreamingResponse(decoding.stream(head, first, watcher), headers=_SSE_HEADERS)
       results = await decoding.run()
     except _ClientGone:
       return Response(status_code=499)  # not sent: the client is gone
     finally:
-      if not request.stream:
+      if not streaming:
         watcher.cancel()
     completion_tokens = decoding.completion_tokens(results)
     spec = speculative_usage(results.values())

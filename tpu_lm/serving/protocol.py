@@ -18,7 +18,7 @@ app can see it: what happens between accept() and a parsed request, and at the c
 - **Stalled readers.** A client that stops reading (the write buffer stays full) for
   `write_timeout_s` is disconnected, which cancels its request.
 - **Lingering close.** A connection closed with a request body unread (refused with
-  413 or 401) first shuts its write side and reads what the client still sends for at
+  413 or 401, or on accept) first shuts its write side and reads what the client still sends for at
   most LINGER_S: closing with unread bytes would reset the connection, which can
   discard the answer before the client reads it.
 """
@@ -81,7 +81,11 @@ class GuardedH11Protocol(H11Protocol):
       self._refused = True
       self._log(client, *refusal)
       transport.write(raw_response(*refusal, headers={"Retry-After": "1"}))
-      transport.close()
+      if transport.can_write_eof():  # linger: a request already sent must not reset the answer away
+        transport.write_eof()
+        self.loop.call_later(LINGER_S, transport.close)
+      else:
+        transport.close()
       return
     self._client = client
     self.per_client[client] += 1
