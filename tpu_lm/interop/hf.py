@@ -146,18 +146,42 @@ def _check_against_model(params, model_cfg, directory: str) -> None:
                       " the weights and config.json do not belong together.")
 
 
-def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "auto") -> str:
+def read_export_config(workdir: str, step: int | None = None, to: str = "Hugging Face"):
+  """(absolute workdir, step, config) of the run to export (`to` names the format in the
+  refusal of a run that is not a language model); nothing heavy is read yet."""
   from tpu_lm.inference import run_dir
-  from tpu_lm.data import tokenizer as tokenizer_lib
-  from tpu_lm.interop import tokenizer_export
-  from tpu_lm.parallel import mesh as mesh_lib
 
   workdir = os.path.abspath(os.path.expanduser(workdir))
   step = run_dir.resolve_step(workdir, step)
   config = run_dir.read_config(workdir, step)
   objective = tasks.from_config(config)
   if not objective.generates:
-    raise UserError(f"{workdir} is a {objective.name} run: only language models export to Hugging Face.")
+    raise UserError(f"{workdir} is a {objective.name} run: only language models export to {to}.")
+  if run_dir.quantized(config):
+    raise UserError(f"{workdir} holds integer kernels (written by python -m tpu_lm.compress): export the run it was"
+                    " compressed from.")
+  return workdir, step, config
+
+
+def read_export_params(workdir: str, step: int, config) -> dict:
+  """The run's parameters as float32 NumPy arrays, one subtree per layer (layers_0, ...)."""
+  from tpu_lm.inference import run_dir
+  from tpu_lm.parallel import mesh as mesh_lib
+
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  params, model_cfg, _ = run_dir.read_model(workdir, step, config, mesh, dtype="float32")
+  if model_cfg.scan_layers:
+    from tpu_lm.model import params as params_lib
+
+    params = params_lib.unstack_layers(params)
+  return jax.tree.map(np.asarray, jax.device_get(params))
+
+
+def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "auto") -> str:
+  from tpu_lm.data import tokenizer as tokenizer_lib
+  from tpu_lm.interop import tokenizer_export
+
+  workdir, step, config = read_export_config(workdir, step)
   m = config.model
   arch = gpt2 if m.position == "learned" else llama
   arch.check_exportable(m)
@@ -166,14 +190,7 @@ def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "
   if dtype not in _DTYPES:
     raise UserError(f"--dtype={dtype}: use auto, float32, bfloat16 or float16.")
   tokenizer = tokenizer_lib.load_for_run(workdir)
-  devices = jax.devices()[:1]
-  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices)
-  params, model_cfg, _ = run_dir.read_model(workdir, step, config, mesh, dtype="float32")
-  if model_cfg.scan_layers:
-    from tpu_lm.model import params as params_lib
-
-    params = params_lib.unstack_layers(params)
-  params = jax.tree.map(np.asarray, jax.device_get(params))
+  params = read_export_params(workdir, step, config)
   vocab = derived.tokenizer_vocab_size(config)
   tensors = arch.from_params(params, m, vocab)
   tensors = {k: np.asarray(v).astype(_DTYPES[dtype]) for k, v in tensors.items()}
