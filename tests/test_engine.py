@@ -110,7 +110,7 @@ def test_a_halted_or_cancelled_sequence_leaves_the_batch_at_the_next_step(decode
   cancelled = _job([1, 4], decode.Sampling(max_new_tokens=60, temperature=1.0), index=1)
   engine.submit([halted, cancelled])
   assert halted.events.get(timeout=60)[0] == "token"
-  halted.halt.set()  # as the transport does when a stop sequence appears
+  halted.halt.set()  # as the server does when a stop sequence appears
   cancelled.cancelled.set()  # as it does when the client goes
   tokens, _, done = _collect(halted)
   assert done.finish_reason == "stop" and len(done.tokens) < 60

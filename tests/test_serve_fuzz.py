@@ -133,9 +133,14 @@ def test_hostile_values_for_every_field_get_a_4xx_while_a_stream_is_served(serve
     b"GET /health HTTP/2.0\r\n\r\n",
     b"POST  HTTP/1.1\r\n\r\n",
     b"GET\r\n\r\n",
+    # A chunked body beside a Content-Length: h11 frames it by its chunks, which no size limit would bound.
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n0\r\n\r\n",
+    # A GET announcing a body it never sends: unread, it would hold the connection open mid-request.
+    b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\nx",
 ], ids=["5000_digits", "nested_100000", "nested_40", "content_length_superscript_utf8",
         "content_length_superscript", "surrogate", "chat_surrogate", "content_length_40_digits", "method", "http2",
-        "no_path", "no_words"])
+        "no_path", "no_words", "chunked_and_length", "get_with_body"])
 def test_malformed_requests_get_a_json_4xx_not_a_dropped_connection(served, raw):
   assert 400 <= _status(_exchange(served.port, raw)) < 500
   assert request(served.port, "GET", "/health", timeout=10)[0] == 200

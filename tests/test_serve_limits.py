@@ -5,7 +5,7 @@ the limit 503 and one over a client's share 429, a request whose client left is
 cancelled at the next step, and the others are served meanwhile; the API key.
 
 The tests talk HTTP to a port; `serving` is the one place that builds the server, so
-they can run against another transport unchanged."""
+they can run against another server unchanged."""
 
 import contextlib
 import dataclasses
@@ -382,3 +382,20 @@ def test_the_schema_is_published_and_responses_follow_it():
     assert status == 400 and schema.ErrorResponse.model_validate(out).error.param == "n"
     for path, model in (("/health", schema.Health), ("/v1/models", schema.ModelList)):
       model.model_validate(request(s.port, "GET", path, headers=auth)[2])
+
+
+def test_bodies_that_no_limit_would_bound_are_refused_unread():
+  """A chunked body (h11 frames it by its chunks even beside a Content-Length, so no
+  size limit bounds it) gets 411; a GET announcing a body it does not send gets 408 at
+  the body's deadline and the connection closes, instead of staying open in the middle
+  of a request."""
+  with serving() as s:
+    with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+      sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nTransfer-Encoding: chunked"
+                   b"\r\n\r\n7d0\r\n" + b"x" * 2000 + b"\r\n")
+      reply = _read_all(sock)
+      assert reply.startswith("HTTP/1.1 411") and "not Transfer-Encoding" in reply, reply
+    with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+      sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nx")
+      reply = _read_all(sock)  # the read timeout is 1 s here
+      assert reply.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in reply, reply

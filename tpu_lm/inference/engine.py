@@ -3,17 +3,18 @@ together by continuous batching.
 
 Sequences join the running batch at a step boundary (a prefill into a free slot of
 slots.SlotDecoder) and leave it the step they end: end-of-sequence, their own
-max_new_tokens, a stop sequence the transport saw (`Job.halt`), or their client
+max_new_tokens, a stop sequence the server saw (`Job.halt`), or their client
 gone (`Job.cancelled`). So a short request never waits for a long one, and each
 row keeps its own sampling settings and limits. With a draft model
 (speculative.SpeculativeSlots) a step gives each sequence 1 to k + 1 tokens, by its
 own acceptance, and its Completion counts the draft tokens accepted and proposed.
 
 It knows nothing of HTTP: a request is a list of `Job`s whose events go to a queue
-the transport reads, in order: ("token", index, token id, logprobs or None) as each
-is drawn (end-of-sequence too when logprobs are asked: the client sees every drawn
-token's log-probability), then ("done", index, Completion), or ("error", index,
-(status, message)). A Completion's tokens never include end-of-sequence (nor a
+the server reads (anything with `put`: serving/app.py hands them to its event loop),
+in order: ("token", index, token id, logprobs or None) as each is drawn
+(end-of-sequence too when logprobs are asked: the client sees every drawn token's
+log-probability), then ("done", index, Completion), or ("error", index, (status,
+message)). A Completion's tokens never include end-of-sequence (nor a
 Job's own `end_id`).
 
 A sequence that cannot start (settings out of range, a prompt that fails its
@@ -42,7 +43,7 @@ class Job:
   index: int
   prompt_ids: list[int]
   sampling: object
-  events: queue.Queue
+  events: queue.Queue  # or anything with put(event), called from the engine's thread
   cancelled: threading.Event  # the whole request is abandoned (client gone, timeout)
   request_id: str = ""
   logprobs: bool = False  # report each token's log-probability and the top alternatives

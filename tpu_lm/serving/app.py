@@ -87,24 +87,25 @@ def create_app(run, engine: Engine, limits: Limits, api_key: str | None = None, 
   @app.post("/tokenize", response_model=schema.TokenizeResponse, responses=_ERRORS,
             openapi_extra=_body(schema.TokenizeRequest))
   async def tokenize(request: Request):
-    return tokenizer_api.tokenize(await request.body(), run)
+    return await asyncio.to_thread(tokenizer_api.tokenize, await request.body(), run)
 
   @app.post("/detokenize", response_model=schema.DetokenizeResponse, responses=_ERRORS,
             openapi_extra=_body(schema.DetokenizeRequest))
   async def detokenize(request: Request):
-    return tokenizer_api.detokenize(await request.body(), run)
+    return await asyncio.to_thread(tokenizer_api.detokenize, await request.body(), run)
 
   answer = _Answerer(run, engine, limits, metrics, model_name)
 
   @app.post("/v1/completions", response_model=schema.Completion, responses=_ERRORS,
             openapi_extra=_body(schema.CompletionRequest))
   async def completions(request: Request):
-    return await answer(request, parse_request(await request.body(), run, limits))
+    # Off the event loop: tokenizing a long prompt must not stall the streams in flight.
+    return await answer(request, await asyncio.to_thread(parse_request, await request.body(), run, limits))
 
   @app.post("/v1/chat/completions", response_model=schema.ChatCompletion, responses=_ERRORS,
             openapi_extra=_body(schema.ChatCompletionRequest))
   async def chat_completions(request: Request):
-    return await answer(request, parse_request(await request.body(), run, limits, chat=True))
+    return await answer(request, await asyncio.to_thread(parse_request, await request.body(), run, limits, chat=True))
 
   def openapi():
     if app.openapi_schema is None:
@@ -169,7 +170,6 @@ class _Answerer:
     record["id"] = head["id"]
     prompt_tokens = sum(len(p) - k for p, k in zip(request.ids, request.lead)) * len(request.samplings)
     record["prompt_tokens"] = prompt_tokens
-    self.metrics.prompt_tokens.inc(prompt_tokens)
     samplings = request.samplings
     scoring = request.echo and request.logprobs is not None
     # What evaluation harnesses send to score text (echo, logprobs, max_tokens 0, or 1
@@ -177,6 +177,7 @@ class _Answerer:
     greedy_next = scoring and samplings[0].max_new_tokens == 1 and samplings[0].temperature == 0
     prompt_lp = await asyncio.to_thread(prompt_logprobs, self.run, request, greedy_next) if scoring else None
     if not samplings[0].max_new_tokens or greedy_next:
+      self.metrics.prompt_tokens.inc(prompt_tokens)
       return self._scored(request, head, prompt_lp, prompt_tokens, record)
 
     events, cancelled = _Events(), threading.Event()
@@ -189,6 +190,7 @@ class _Answerer:
                          headers={"Retry-After": str(e.retry_after_s)}) from None
     except Closed:
       raise RequestError(503, "the server is shutting down: retry on another.") from None
+    self.metrics.prompt_tokens.inc(prompt_tokens)
     texts = {j.index: ChoiceText(self.run.tokenizer, request.stop,
                                  request.prompts[j.index // len(samplings)] if request.echo else "",
                                  prompt_lp[j.index // len(samplings)][0] if prompt_lp else ()) for j in jobs}
@@ -206,7 +208,8 @@ class _Answerer:
     finally:
       if not streaming:
         watcher.cancel()
-    completion_tokens = decoding.completion_tokens(results)
+        decoding.abandon("failed")  # an exception of ours, or uvicorn's shutdown cancelling: nobody reads on
+    completion_tokens = decoding.account(results)
     spec = speculative_usage(results.values())
     return JSONResponse({
         **head,
@@ -255,13 +258,21 @@ class _Decoding:
     self.last_token: dict[int, float] = {}
 
   async def watch(self) -> None:
-    """Sets `gone` when the client disconnects (the receive channel says so)."""
+    """When the client disconnects (the receive channel says so): `gone`, and its
+    sequences cancelled, whoever is reading their events (or nobody: a stream whose
+    generator never started)."""
     try:
       while (await self.http.receive())["type"] != "http.disconnect":
         pass
     except Exception:  # the connection's channel is closed: gone too
       pass
     self.gone.set()
+    self.abandon("cancelled: the client closed the connection")
+
+  def abandon(self, why: str) -> None:
+    """Cancels the sequences not yet done (once)."""
+    if len(self.results) < len(self.jobs) and not self.cancelled.is_set():
+      self._cancel(why)
 
   async def pieces(self):
     """(index, text piece, finish reason or None, logprobs or None) as tokens arrive,
@@ -315,6 +326,8 @@ class _Decoding:
     self.last_token[index] = now
 
   def _cancel(self, why: str) -> None:
+    if self.cancelled.is_set():  # the watcher, the reader and a failure may each get here
+      return
     self.cancelled.set()
     self.record.update(outcome=why, drawn=self.drawn)
     self.owner.metrics.generated_tokens.inc(self.drawn)
@@ -330,8 +343,9 @@ class _Decoding:
     if spec:
       self.record["speculative"] = spec
 
-  def completion_tokens(self, results) -> int:
-    """The usage's count (and the access log's and /metrics'), once every sequence is done."""
+  def account(self, results) -> int:
+    """The usage's completion tokens, counted into the access log and /metrics: once,
+    when every sequence is done."""
     # End-of-sequence counts as drawn (as OpenAI and vLLM count it): a "stop" without a stop sequence.
     count = sum(len(c.tokens) + (c.finish_reason == "stop" and not self.texts[i].stopped) for i, c in results.items())
     self.record["completion_tokens"] = count
@@ -358,7 +372,7 @@ class _Decoding:
         async for index, piece, reason in self._iter:
           yield self._chunk(head, index, piece, reason)
       self._finished()
-      self.completion_tokens(self.results)
+      self.account(self.results)
       yield b"data: [DONE]\n\n"
     except RequestError as e:
       yield _sse({"error": error_body(e.status, str(e))["error"]})
@@ -366,8 +380,7 @@ class _Decoding:
       pass
     finally:
       watcher.cancel()
-      if len(self.results) < len(self.jobs) and not self.cancelled.is_set():
-        self._cancel("cancelled: the client closed the connection")
+      self.abandon("cancelled: the client closed the connection")
 
 
 def _sse(obj: dict) -> bytes:

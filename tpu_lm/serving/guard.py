@@ -4,9 +4,10 @@ sees it, and the record each leaves.
 - The API key: with one, every route but /health and the schema (/docs,
   /openapi.json) needs `Authorization: Bearer <key>` (compared in constant time);
   else 401, the body unread.
-- The body: POST needs a Content-Length (411) of at most max_body_bytes (413, unread),
-  whose bytes must arrive within read_timeout_s (408); a client that half-closes
-  before its announced length gets 400. The app then reads the body whole from memory.
+- The body: POST needs a Content-Length (411); any body is at most max_body_bytes (413,
+  unread), never chunked (411), and its bytes must arrive within read_timeout_s (408);
+  a client that half-closes before its announced length gets 400. The app then reads
+  the body whole from memory.
 - A bug of ours is a JSON 500 (and a traceback in the log), never a dropped connection.
 - One access-log line per request on stderr, as JSON (so a request line's control
   characters are escaped): id, client, method, path, status, prompt and completion
@@ -74,28 +75,33 @@ class Guard:
       if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)):
         return (401, "a valid API key is required: send the header 'Authorization: Bearer <key>' with the key the"
                      " server was started with (--api_key or TPU_LM_API_KEY).", {"www-authenticate": "Bearer"})
-    if scope["method"] != "POST":
-      return None
     length = headers.get(b"content-length")
-    if length is None:  # chunked bodies too: a request's size is known before it is read
-      return 411, "a Content-Length header is required.", {}
+    if b"transfer-encoding" in headers:  # a chunked body's size is not known before it is read (h11 would
+      # frame it by its chunks even beside a Content-Length)
+      return 411, "send the body with a Content-Length header, not Transfer-Encoding.", {}
+    if length is None:
+      return (411, "a Content-Length header is required.", {}) if scope["method"] == "POST" else None
     if int(length) > self.max_body_bytes:  # h11 took only digits
       return 413, f"the request body is {int(length)} bytes; the limit is {self.max_body_bytes}.", {}
     return None
 
   async def _read_body(self, scope, receive) -> tuple[bytes, tuple | None]:
-    if scope["method"] != "POST":
+    """The whole body, under the deadline; any method's (a GET's body, unread, would
+    hold the connection in the middle of a request), though only POST routes use it."""
+    length = int(dict(scope["headers"]).get(b"content-length", 0))
+    if not length:
       return b"", None
-    length = int(dict(scope["headers"])[b"content-length"])
     chunks, got = [], 0
     try:
       async with asyncio.timeout(self.read_timeout_s):
         while True:
           message = await receive()
           if message["type"] == "http.disconnect":
-            return b"", (499, "")  # nobody to answer
+            return b"", (499, "", {})  # nobody to answer
           chunks.append(message.get("body", b""))
           got += len(chunks[-1])
+          if got > length:  # h11 frames by Content-Length: never, but never buffer past it either
+            return b"", (400, f"the body is longer than its Content-Length ({length} bytes).", {})
           if not message.get("more_body"):
             break
     except TimeoutError:

@@ -54,7 +54,7 @@ def protocol_class(max_connections: int, max_per_client: int, header_timeout_s: 
   per_client: collections.Counter = collections.Counter()
   return type("GuardedH11Protocol", (GuardedH11Protocol,), dict(
       max_connections=max_connections, max_per_client=max_per_client, header_timeout_s=header_timeout_s,
-      write_timeout_s=write_timeout_s, per_client=per_client, log=log))
+      write_timeout_s=write_timeout_s, per_client=per_client, lingering_refusals=[0], log=log))
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -63,6 +63,7 @@ class GuardedH11Protocol(H11Protocol):
   header_timeout_s: float
   write_timeout_s: float
   per_client: collections.Counter
+  lingering_refusals: list  # [count], shared by the server's connections
   log = None
 
   def connection_made(self, transport) -> None:
@@ -81,9 +82,12 @@ class GuardedH11Protocol(H11Protocol):
       self._refused = True
       self._log(client, *refusal)
       transport.write(raw_response(*refusal, headers={"Retry-After": "1"}))
-      if transport.can_write_eof():  # linger: a request already sent must not reset the answer away
+      # Linger, so that a request already sent does not reset the answer away; but not
+      # for more refused connections than the server's limit (a flood closes at once).
+      if transport.can_write_eof() and self.lingering_refusals[0] < self.max_connections:
+        self.lingering_refusals[0] += 1
         transport.write_eof()
-        self.loop.call_later(LINGER_S, transport.close)
+        self.loop.call_later(LINGER_S, self._end_refusal, transport)
       else:
         transport.close()
       return
@@ -91,6 +95,10 @@ class GuardedH11Protocol(H11Protocol):
     self.per_client[client] += 1
     super().connection_made(_Lingering(transport, self))
     self._arm_header_deadline()
+
+  def _end_refusal(self, transport) -> None:
+    self.lingering_refusals[0] -= 1
+    transport.close()
 
   def connection_lost(self, exc) -> None:
     if self._refused:
@@ -127,6 +135,9 @@ class GuardedH11Protocol(H11Protocol):
     return None  # the client is gone: the transport closes, and its request is cancelled
 
   def on_response_complete(self) -> None:
+    if self.conn.their_state is h11.SEND_BODY:  # answered before its body was read (the Guard refuses
+      self.transport.close()  # such requests with Connection: close; this is the backstop): lingers
+      return
     super().on_response_complete()
     if not self.transport.is_closing():
       self._arm_header_deadline()  # the next request's headers

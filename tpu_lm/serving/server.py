@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 
 import uvicorn
 
@@ -25,7 +26,8 @@ class Server:
     config = uvicorn.Config(
         app, http=protocol_class(max_connections, max_per_client, header_timeout_s, write_timeout_s),
         loop="asyncio", lifespan="off", ws="none", log_config=None, access_log=False, server_header=False,
-        timeout_keep_alive=max(1, int(header_timeout_s)),  # the protocol's header deadline closes idle ones sooner
+        # The protocol's header deadline closes idle connections; uvicorn's keep-alive timer is the backstop.
+        timeout_keep_alive=header_timeout_s + 1,
         # Requests in flight at shutdown get grace_s to finish (then the engine cancels them); their last bytes then.
         timeout_graceful_shutdown=grace_s + 10)
     logging.getLogger("uvicorn.error").setLevel(logging.ERROR)  # requests are logged as JSON by the Guard
@@ -45,9 +47,10 @@ class Server:
     """Serving in a background thread for the duration (tests, notebooks)."""
     thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [self.socket]}, daemon=True)
     thread.start()
-    ready = threading.Event()
-    while not self._uvicorn.started and thread.is_alive():
-      ready.wait(0.01)
+    while not self._uvicorn.started:
+      if not thread.is_alive():
+        raise RuntimeError("the server thread ended before it started serving")
+      time.sleep(0.01)
     try:
       yield self
     finally:
