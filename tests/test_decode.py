@@ -15,6 +15,8 @@ from tpu_lm.training.setup import Setup
 from tpu_lm.model import transformer
 
 LLAMA = dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False, num_kv_heads=2, tie_embeddings=False)
+# The speedrun's model choices (docs/training.md "Recipe") on the Llama block.
+RECIPE = LLAMA | dict(mlp="relu2", qk_norm=True, logit_softcap=3.0)
 VOCAB = 259  # the byte tokenizer's; the model's is padded to 384
 EOS = 2
 
@@ -43,7 +45,7 @@ def _prompts():
   return [[1, *rng.integers(3, VOCAB, n)] for n in (5, 11, 2)]
 
 
-@pytest.mark.parametrize("family", [{}, LLAMA], ids=["gpt2", "llama_gqa"])
+@pytest.mark.parametrize("family", [{}, LLAMA, RECIPE], ids=["gpt2", "llama_gqa", "recipe"])
 def test_cached_logits_equal_the_full_forward_pass_at_every_position(family):
   cfg, params = _model(family)
   model = transformer.Transformer(cfg)

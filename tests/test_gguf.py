@@ -310,7 +310,17 @@ def test_the_command_writes_one_line_and_refuses_in_one_line(byte_run, tmp_path,
   assert line.startswith(f"wrote {out}: GGUF q8_0, ") and "22 tensors" in line and "\n" not in line
   gpt2 = str(tmp_path / "gpt2")
   _run(gpt2, tokenizer_lib.ByteTokenizer(), family="gpt2")
+  # The speedrun's choices that neither Llama nor GPT-2 can say (docs/training.md "Recipe").
+  recipe = {name: str(tmp_path / name) for name in ("qk_norm", "softcap", "relu2")}
+  _run(recipe["qk_norm"], tokenizer_lib.ByteTokenizer(), qk_norm=True)
+  _run(recipe["softcap"], tokenizer_lib.ByteTokenizer(), logit_softcap=30.0)
+  _run(recipe["relu2"], tokenizer_lib.ByteTokenizer(), mlp="relu2")
   for argv, message in [
+      *(([f"--to_{kind}={tmp_path / ('x.' + kind)}", f"--workdir={recipe['qk_norm']}"],
+         "was trained with model.qk_norm=True, which the Llama and GPT-2 layouts of .* cannot express") for kind in
+        ("gguf", "hf")),
+      ([f"--to_gguf={tmp_path / 'd.gguf'}", f"--workdir={recipe['softcap']}"], "model.logit_softcap=30.0"),
+      ([f"--to_hf={tmp_path / 'e'}", f"--workdir={recipe['relu2']}"], "model.mlp='relu2' has no Llama equivalent"),
       ([f"--to_gguf={tmp_path / 'a.gguf'}", "--gguf_type=q4_k"], "--gguf_type=q4_k is not a GGUF type tpu_lm writes:"
        " use one of f32, f16, q8_0."),
       ([f"--to_gguf={out}"], f"{out} exists: pass a new --to_gguf file"),
@@ -322,7 +332,8 @@ def test_the_command_writes_one_line_and_refuses_in_one_line(byte_run, tmp_path,
     with pytest.raises(UserError, match=message) as e:
       _body(argv)
     assert "\n" not in str(e.value)
-  assert sorted(os.listdir(tmp_path)) == ["gpt2", "model.gguf"]  # nothing else written, no temporary left
+  # Nothing else written, no temporary left.
+  assert sorted(os.listdir(tmp_path)) == ["gpt2", "model.gguf", "qk_norm", "relu2", "softcap"]
 
 
 def test_a_hugging_face_tokenizer_is_refused(tmp_path):

@@ -16,9 +16,10 @@ def _batches(n):
   return [next(it) for _ in range(n)]
 
 
-def _train(mesh_sizes, devices, batches, accum=1, **model):
+def _train(mesh_sizes, devices, batches, accum=1, optim=None, **model):
   config = tiny_config()
   config.model.update(model)
+  config.optim.update(optim or {})
   config.mesh.update(mesh_sizes)
   config.optim.grad_accum_steps = accum
   losses, grad_norms, state, setup = train_steps(config, batches, devices)
@@ -60,6 +61,24 @@ def test_parallel_training_matches_one_device(mesh, shape, one_device):
   if shape[1] > 1:  # parameters really are split, not replicated
     emb = setup.state_shardings.params["embed"]["embedding"]
     assert emb.spec[1] == "fsdp"
+
+
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["layers", "scanned"])
+def test_muon_on_sharded_matrices_equals_one_device(scan):
+  """Newton-Schulz on FSDP- and tensor-sharded matrices (XLA inserts the collectives) gives
+  the one-device update; scanned layers orthogonalize each layer's matrix on its own."""
+  batches = _batches(3)
+  optim = {"optimizer": "muon", "warmup_steps": 1}
+  model = {"scan_layers": scan, "qk_norm": True}
+  ref_losses, ref_norms, ref_params, _ = _train({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1], batches,
+                                                optim=optim, **model)
+  losses, norms, params, setup = _train({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices(), batches, optim=optim,
+                                        **model)
+  kernel = setup.state_shardings.params["layers" if scan else "layers_0"]["mlp"]["up"]["kernel"]
+  assert {"fsdp", "tensor"} <= set(kernel.spec)  # the matrix really is split both ways
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  np.testing.assert_allclose(norms, ref_norms, rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params, ref_params)
 
 
 def test_mesh_shape_fills_and_rejects():

@@ -137,6 +137,11 @@ def validate(config) -> None:
   _check_eval_harness(config)
   if not 0 <= config.optim.min_lr_ratio <= 1:
     fail("optim.min_lr_ratio", config.optim.min_lr_ratio, "it must be in [0, 1]")
+  if not 0 <= config.optim.decay_fraction <= 1:
+    fail("optim.decay_fraction", config.optim.decay_fraction, "the wsd schedule decays over this fraction of"
+         " num_train_steps: it must be in [0, 1]")
+  if not 0 <= config.optim.muon_momentum < 1:
+    fail("optim.muon_momentum", config.optim.muon_momentum, "it must be in [0, 1)")
   if config.optim.warmup_steps > config.num_train_steps:
     fail("optim.warmup_steps", config.optim.warmup_steps, f"it must not exceed num_train_steps ({config.num_train_steps})")
   for axes in (("data", "fsdp", "tensor"), ("dcn_data", "dcn_fsdp", "dcn_tensor")):

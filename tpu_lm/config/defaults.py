@@ -127,7 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The family fields (llama_block, gpt2_block):
   _choice("model.norm", tuple(layers.DEFAULT_EPS))
   _choice("model.position", ("learned", "rope"))
-  _choice("model.mlp", ("gelu", "swiglu"))
+  _choice("model.mlp", ("gelu", "swiglu", "relu2"))
   for name in ("model.num_heads", "model.mlp_dim"):
     _positive_int(name)
   _non_negative("model.num_kv_heads")
@@ -147,17 +147,36 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention = "auto"
   _choice('model.attention', kernels.IMPLEMENTATIONS)
   c.model.init_std = 0.02
+  # The speedrun's model choices (docs/training.md "Recipe"; none exports to Hugging Face
+  # or GGUF, whose Llama and GPT-2 formats cannot say them; model.mlp="relu2" is a third).
+  c.model.qk_norm = False  # RMSNorm of each head's queries and keys (a learned [head_dim] scale each)
+  c.model.logit_softcap = 0.0  # > 0: logits = cap * tanh(logits / cap), in training and decoding
+  _non_negative('model.logit_softcap')
+  c.model.zero_init_out = False  # attention-out and MLP-down kernels start at zero
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.optimizer = "adamw"  # "adamw", "sgd", "adafactor"
-  _choice('optim.optimizer', ('adamw', 'sgd', 'adafactor'))
+  # "adamw", "sgd", "adafactor", or "muon": Muon for the blocks' weight matrices (at
+  # muon_learning_rate) with AdamW for embeddings, head, norms and biases (at learning_rate).
+  c.optim.optimizer = "adamw"
+  _choice('optim.optimizer', ('adamw', 'sgd', 'adafactor', 'muon'))
   c.optim.learning_rate = 6e-3
   _non_negative('optim.learning_rate')
-  c.optim.schedule = "cosine"  # "cosine", "linear", "rsqrt", "constant"
-  _choice('optim.schedule', ('cosine', 'linear', 'rsqrt', 'constant'))
+  c.optim.muon_learning_rate = 0.02  # muon: the hidden matrices' peak rate
+  _non_negative('optim.muon_learning_rate')
+  c.optim.muon_momentum = 0.95  # muon: Nesterov momentum of the orthogonalized update
+  _non_negative('optim.muon_momentum')
+  c.optim.muon_ns_steps = 5  # muon: Newton-Schulz iterations per update
+  _positive_int('optim.muon_ns_steps')
+  # "cosine", "linear", "rsqrt", "constant", or "wsd" (warmup-stable-decay: the peak held,
+  # then a linear decay over the last decay_fraction of the steps; a run resumed into a
+  # longer budget before its decay continues as if it had been set from the start).
+  c.optim.schedule = "cosine"
+  _choice('optim.schedule', ('cosine', 'linear', 'rsqrt', 'constant', 'wsd'))
+  c.optim.decay_fraction = 0.2  # wsd only
+  _non_negative('optim.decay_fraction')
   c.optim.warmup_steps = 120
   _non_negative('optim.warmup_steps')
-  c.optim.min_lr_ratio = 0.1  # the cosine/linear schedules end at this fraction of the peak
+  c.optim.min_lr_ratio = 0.1  # the cosine/linear/wsd schedules end at this fraction of the peak
   _non_negative('optim.min_lr_ratio')
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
@@ -169,6 +188,10 @@ def get_config() -> ml_collections.ConfigDict:
   _non_negative('optim.grad_clip_norm')
   c.optim.l1_penalty = 0.0
   _non_negative('optim.l1_penalty')
+  # PaLM's z-loss: z_loss * log(Z)^2 per target added to the training loss (1e-4 in PaLM),
+  # so the logits' normaliser stays near 1. The logged training loss includes it; evals do not.
+  c.optim.z_loss = 0.0
+  _non_negative('optim.z_loss')
   # Regular expressions over parameter paths ("embed/embedding", "layers_0/attn/query/kernel",
   # ...): a parameter whose path one of them matches in full is frozen (no update, no
   # optimizer state); the run's log counts both kinds. ("embed/.*", "layers_0/.*")

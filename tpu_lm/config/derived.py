@@ -47,7 +47,8 @@ def model_config(config, platform: str = "cpu") -> ModelConfig:
 
 # What makes two models' parameters interchangeable (init_from checks these).
 _ARCHITECTURE = ("vocab_used", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "norm",
-                 "norm_eps", "position", "rope_theta", "rope_scaling", "mlp", "use_bias", "tie_embeddings")
+                 "norm_eps", "position", "rope_theta", "rope_scaling", "mlp", "use_bias", "tie_embeddings",
+                 "qk_norm", "logit_softcap")
 
 
 def architecture_difference(saved: ModelConfig, ours: ModelConfig) -> tuple[str, object, object] | None:

@@ -160,6 +160,12 @@ def read_export_config(workdir: str, step: int | None = None, to: str = "Hugging
   if run_dir.quantized(config):
     raise UserError(f"{workdir} holds integer kernels (written by python -m tpu_lm.compress): export the run it was"
                     " compressed from.")
+  m = config.model
+  for field, value, off in (("qk_norm", m.qk_norm, False), ("logit_softcap", m.logit_softcap, 0.0)):
+    if value != off:
+      raise UserError(f"{workdir} was trained with model.{field}={value!r}, which the Llama and GPT-2 layouts of"
+                      f" {to} cannot express: its exported model would compute something else. Serve it with"
+                      " python -m tpu_lm.serve, or train with the option off to export.")
   return workdir, step, config
 
 

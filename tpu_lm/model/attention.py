@@ -6,10 +6,16 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from tpu_lm.model import kernels
+from tpu_lm.model.layers import norm as layer_norm
 from tpu_lm.model.layers import projection, rope
 
 _ACT = ("act_batch", "act_length", "act_heads", "act_kv")
 _CACHE = ("act_batch", "act_heads", "act_length", "act_kv")  # the KV cache: [B, K, S, H]
+
+
+def norm(name: str, eps: float, dtype: str) -> nn.Module:
+  """RMSNorm over the last (head) dimension, its scale shared by the heads."""
+  return layer_norm("rmsnorm", use_bias=False, dtype=dtype, eps=eps, name=name)
 
 
 class Attention(nn.Module):
@@ -25,6 +31,10 @@ class Attention(nn.Module):
   dtype: str
   implementation: str = "xla"
   mask: str = "causal"  # the mask kind (kernels.MASK_KINDS)
+  # > 0: QK-norm (Dehghani et al. 2023; the speedrun): each head's queries and keys are
+  # RMS-normalised with this epsilon, then scaled by a learned [H] vector, before RoPE:
+  # attention logits stay bounded whatever the projections' growth.
+  qk_norm_eps: float = 0.0
 
   @nn.compact
   def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, cache=None, prefix_BxT=None):
@@ -52,6 +62,9 @@ class Attention(nn.Module):
     # rounding noise into it (and make parallel runs disagree on it).
     k_BxTxKxH = checkpoint_name(proj(self.num_kv_heads, "kv_heads", "key", False), "key")
     v_BxTxKxH = checkpoint_name(proj(self.num_kv_heads, "kv_heads", "value", self.use_bias), "value")
+    if self.qk_norm_eps:
+      q_BxTxNxH = norm("query_norm", self.qk_norm_eps, self.dtype)(q_BxTxNxH)
+      k_BxTxKxH = norm("key_norm", self.qk_norm_eps, self.dtype)(k_BxTxKxH)
     if self.use_rope:
       q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.rope_theta, self.rope_scaling)
       k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, self.rope_theta, self.rope_scaling)

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 
 
 def normal_init(std: float, axes: tuple):
-  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+  """N(0, std^2); std 0 is zeros (the speedrun's zero-initialised output projections)."""
+  init = nn.initializers.normal(std) if std > 0 else nn.initializers.zeros_init()
+  return nn.with_logical_partitioning(init, axes)
 
 
 def zeros_init(axes: tuple):
@@ -76,7 +78,7 @@ def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float, scaling: 
 
 class Mlp(nn.Module):
   mlp_dim: int
-  kind: str  # "gelu" or "swiglu"
+  kind: str  # "gelu", "swiglu" or "relu2" (ReLU squared: the speedrun's, So et al. 2021's Primer)
   use_bias: bool
   init_std: float
   out_init_std: float
@@ -91,6 +93,8 @@ class Mlp(nn.Module):
       gate_BxTxF = dense(self.mlp_dim, ("embed", "mlp"), self.init_std, "gate")(x_BxTxD)
       up_BxTxF = dense(self.mlp_dim, ("embed", "mlp"), self.init_std, "up")(x_BxTxD)
       h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
+    elif self.kind == "relu2":
+      h_BxTxF = jnp.square(nn.relu(dense(self.mlp_dim, ("embed", "mlp"), self.init_std, "up")(x_BxTxD)))
     else:
       h_BxTxF = nn.gelu(dense(self.mlp_dim, ("embed", "mlp"), self.init_std, "up")(x_BxTxD))
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("act_batch", "act_length", "act_mlp"))

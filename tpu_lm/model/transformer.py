@@ -57,6 +57,13 @@ class ModelConfig:
   # > 0: a sequence classifier. A head of this many classes reads pooled final hidden
   # states (method "classify"); there is no unembedding then.
   num_classes: int = 0
+  # The speedrun's choices (modded-nanogpt; docs/training.md "Recipe"): RMSNorm of each
+  # head's queries and keys before RoPE; logits capped smoothly at +-logit_softcap
+  # (cap * tanh(logits / cap), 0: off); the projections into the residual stream
+  # (attention out, MLP down) initialised to zero, so every block starts as the identity.
+  qk_norm: bool = False
+  logit_softcap: float = 0.0
+  zero_init_out: bool = False
 
 
 # Finite, so that softmax, its gradient and any arithmetic on logits stay NaN-free.
@@ -72,13 +79,13 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, cache=None, prefix_BxT=None):
     cfg = self.cfg
-    # GPT-2's scaled init for the projections into the residual stream.
-    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    # GPT-2's scaled init for the projections into the residual stream (or zero).
+    out_std = 0.0 if cfg.zero_init_out else cfg.init_std / (2 * cfg.num_layers) ** 0.5
     h_BxTxD = layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, eps=cfg.norm_eps, name="attn_norm")(x_BxTxD)
     h_BxTxD, cache = Attention(
         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.use_bias, cfg.position == "rope",
         cfg.rope_theta, cfg.rope_scaling, cfg.init_std, out_std, cfg.dtype, cfg.attention, cfg.attention_mask,
-        name="attn",
+        qk_norm_eps=(cfg.norm_eps or layers.DEFAULT_EPS["rmsnorm"]) if cfg.qk_norm else 0.0, name="attn",
     )(h_BxTxD, segment_ids_BxT, positions_BxT, cache, prefix_BxT)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(h_BxTxD, deterministic=self.deterministic)
     h_BxTxD = layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, eps=cfg.norm_eps, name="mlp_norm")(x_BxTxD)
@@ -207,6 +214,10 @@ class Transformer(nn.Module):
       logits_BxTxV = self.unembed(x_BxTxD)
     logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("act_batch", "act_length", "act_vocab"))
     logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+    if self.cfg.logit_softcap > 0:
+      # Gemma 2's and the speedrun's soft cap: |logit| < cap, smooth, the identity near 0.
+      cap = self.cfg.logit_softcap
+      logits_BxTxV = cap * jnp.tanh(logits_BxTxV / cap)
     if 0 < self.cfg.vocab_used < self.cfg.vocab_size:
       used_V = jnp.arange(self.cfg.vocab_size) < self.cfg.vocab_used
       logits_BxTxV = jnp.where(used_V, logits_BxTxV, MASKED_LOGIT)

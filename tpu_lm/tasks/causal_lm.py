@@ -19,6 +19,7 @@ METRICS = {"eval_loss": "minimize", "eval_ppl": "minimize", "eval_bpb": "minimiz
 class LanguageModel:
   text_key: str = "text"
   logits_chunk: int = 0  # see losses.token_nats
+  z_loss: float = 0.0  # optim.z_loss: training's auxiliary term (losses.cross_entropy_sum)
 
   name = NAME
   generates = True  # samples of generated text mean something after training
@@ -52,7 +53,7 @@ class LanguageModel:
 
   def loss(self, model, params, batch, rng):
     rngs = None if rng is None else {"dropout": rng}
-    nats, count = losses.token_nats(model, params, batch, rngs, self.logits_chunk)
+    nats, count = losses.token_nats(model, params, batch, rngs, self.logits_chunk, self.z_loss)
     return nats, count, {}
 
   def eval_sums(self, model, params, batch) -> dict:
@@ -75,4 +76,5 @@ class LanguageModel:
 
 
 def build(config, class_names=()) -> LanguageModel:
-  return LanguageModel(text_key=config.data.text_key, logits_chunk=config.model.logits_chunk)
+  return LanguageModel(text_key=config.data.text_key, logits_chunk=config.model.logits_chunk,
+                       z_loss=float(config.optim.z_loss))

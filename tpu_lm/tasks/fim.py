@@ -132,5 +132,6 @@ class FillInMiddle(LanguageModel):
 
 def build(config, class_names=()) -> FillInMiddle:
   return FillInMiddle(text_key=config.data.text_key, logits_chunk=config.model.logits_chunk,
+                      z_loss=float(config.optim.z_loss),
                       rate=float(config.fim.rate), spm_rate=float(config.fim.spm_rate),
                       max_chars=int(config.fim.max_chars))

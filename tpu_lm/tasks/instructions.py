@@ -86,4 +86,5 @@ def check_messages(messages) -> str | None:
 
 def build(config, class_names=()) -> Instructions:
   return Instructions(text_key=config.data.text_key, logits_chunk=config.model.logits_chunk,
+                      z_loss=float(config.optim.z_loss),
                       chat_template=config.data.chat_template)

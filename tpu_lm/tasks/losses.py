@@ -13,16 +13,22 @@ def token_weights(batch) -> jax.Array:
   return (batch["segment_ids"] > 0).astype(jnp.float32)
 
 
-def cross_entropy_sum(logits_BxTxV, targets_BxT, weights_BxT):
-  """Summed, weighted cross-entropy (nats) and the summed weights."""
+def cross_entropy_sum(logits_BxTxV, targets_BxT, weights_BxT, z_loss: float = 0.0):
+  """Summed, weighted cross-entropy (nats) and the summed weights. z_loss > 0 adds
+  PaLM's auxiliary z_loss * log(Z)^2 per target (Z the softmax normaliser): it keeps
+  the logits from drifting, and is zero for normalised logits."""
   import optax  # here, not at the top: inference reads objectives and never imports an optimizer library
 
-  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
+  logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+  if z_loss:
+    nll_BxT = nll_BxT + z_loss * jnp.square(jax.nn.logsumexp(logits_BxTxV, axis=-1))
   return (nll_BxT * weights_BxT).sum(), weights_BxT.sum()
 
 
-def token_nats(model, params, batch, rngs=None, logits_chunk: int = 0):
-  """Summed cross-entropy of the batch's weighted targets, and their count.
+def token_nats(model, params, batch, rngs=None, logits_chunk: int = 0, z_loss: float = 0.0):
+  """Summed cross-entropy of the batch's weighted targets, and their count (with
+  z_loss > 0, plus the z-loss term: for training, never for eval).
 
   logits_chunk > 0: the [B, T, V] logits are never whole. The sequence is cut into
   chunks of that many positions; a scan makes each chunk's logits, reduces them to
@@ -38,7 +44,8 @@ def token_nats(model, params, batch, rngs=None, logits_chunk: int = 0):
   )
   t = hidden_BxTxD.shape[1]
   if not logits_chunk or logits_chunk >= t:
-    return cross_entropy_sum(model.apply(variables, hidden_BxTxD, method="logits"), batch["targets"], weights_BxT)
+    return cross_entropy_sum(model.apply(variables, hidden_BxTxD, method="logits"), batch["targets"], weights_BxT,
+                             z_loss)
   b, n = hidden_BxTxD.shape[0], t // logits_chunk
 
   def chunks(x):  # [B, T, ...] -> [n, B, chunk, ...]; each device keeps its rows
@@ -47,7 +54,8 @@ def token_nats(model, params, batch, rngs=None, logits_chunk: int = 0):
   @jax.checkpoint
   def chunk_nats(params, xs):
     h_BxCxD, targets_BxC, weights_BxC = xs
-    return cross_entropy_sum(model.apply({"params": params}, h_BxCxD, method="logits"), targets_BxC, weights_BxC)
+    return cross_entropy_sum(model.apply({"params": params}, h_BxCxD, method="logits"), targets_BxC, weights_BxC,
+                             z_loss)
 
   def body(carry, xs):
     nats, count = chunk_nats(params, xs)
