@@ -119,28 +119,37 @@ def _program_flops(config) -> float:
   HLO (remat recompute included; backend-independent, so taken on the CPU).
 
   The analysis counts a loop body once, so scanned layers and accumulated
-  microbatches (and logits chunks) would be undercounted. Layers are identical and FLOPs are linear
-  in the batch, so the step is lowered unrolled with one layer and with two, for
-  one row, and extrapolated: f(L) = f(1) + (L - 1)(f(2) - f(1)), times the global
-  batch. The optimizer update, scaled along, stays < 0.1% of it. Attention is
-  XLA's here: a Pallas kernel is opaque to the cost analysis.
+  microbatches (and logits chunks) would be undercounted. Layers are identical, and a
+  step's FLOPs are a part linear in the batch (forward and backward) plus a part that
+  is not (the optimizer update: AdamW's is negligible, Muon's Newton-Schulz iterations
+  are not). So the step is lowered unrolled with one layer and with two, for one row
+  and for two, and both parts are extrapolated to the config's layers:
+  g(L) = g(1) + (L - 1)(g(2) - g(1)); the per-row part is then taken times the global
+  batch. Attention is XLA's here: a Pallas kernel is opaque to the cost analysis.
   """
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices("cpu")[:1])
-  per_layers = []
+  flops = {}
   for layers in (1, 2):
-    c = config.copy_and_resolve_references()
-    c.model.num_layers, c.model.scan_layers, c.model.attention = layers, False, "xla"
-    c.model.logits_chunk = 0  # a loop too (same FLOPs but for the recomputed logits)
-    c.optim.grad_accum_steps, c.data.global_batch_size = 1, 1
-    c.mesh.update(preset="", data=1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
-    setup = Setup(c, mesh)
-    state = checkpoint_lib.abstract_like(setup.abstract_state, setup.state_shardings)
-    with setup.context():
-      cost = setup.train_step.lower(state, _abstract_batch(c, setup)).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    per_layers.append(float((cost or {}).get("flops", 0.0)))
-  f1, f2 = per_layers
-  return (f1 + (config.model.num_layers - 1) * (f2 - f1)) * config.data.global_batch_size
+    for rows in (1, 2):
+      c = config.copy_and_resolve_references()
+      c.model.num_layers, c.model.scan_layers, c.model.attention = layers, False, "xla"
+      c.model.logits_chunk = 0  # a loop too (same FLOPs but for the recomputed logits)
+      c.optim.grad_accum_steps, c.data.global_batch_size = 1, rows
+      c.mesh.update(preset="", data=1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+      setup = Setup(c, mesh)
+      state = checkpoint_lib.abstract_like(setup.abstract_state, setup.state_shardings)
+      with setup.context():
+        cost = setup.train_step.lower(state, _abstract_batch(c, setup)).cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      flops[layers, rows] = float((cost or {}).get("flops", 0.0))
+  per_row = {n: flops[n, 2] - flops[n, 1] for n in (1, 2)}
+  fixed = {n: flops[n, 1] - per_row[n] for n in (1, 2)}
+  layers = config.model.num_layers
+
+  def extrapolate(g):
+    return g[1] + (layers - 1) * (g[2] - g[1])
+
+  return extrapolate(fixed) + extrapolate(per_row) * config.data.global_batch_size
 
 
 def _abstract_batch(config, setup) -> dict:
