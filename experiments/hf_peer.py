@@ -34,14 +34,22 @@ SHAPES = {  # name: (GPT-2 config fields, batch, length, warm-up steps, timed st
 }
 
 
-def train(device: str, shape: str = "small") -> dict:
+def train(device: str, shape: str = "small", batch: int = 0, bf16: bool = False, compile_: bool = False) -> dict:
+  """`batch` > 0 replaces the shape's; `bf16`: bfloat16 autocast (fp32 master weights, as
+  tpu_lm's bf16 compute); `compile_`: torch.compile the model (nanoGPT's fast path)."""
   fields, b, t, warm, timed = SHAPES[shape]
+  b = batch or b
+  if device == "cuda":
+    warm, timed = max(warm, 5), max(timed, 20)
   m = GPT2LMHeadModel(GPT2Config(**fields, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).to(device)
-  opt = torch.optim.AdamW(m.parameters(), lr=6e-3, betas=(0.9, 0.95), weight_decay=0.1)
+  opt = torch.optim.AdamW(m.parameters(), lr=6e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                          fused=device == "cuda")
   x = torch.randint(3, fields["vocab_size"], (b, t), device=device)
+  forward = torch.compile(m) if compile_ else m
 
   def step():
-    loss = m(input_ids=x, labels=x).loss
+    with torch.autocast(device, torch.bfloat16, enabled=bf16):
+      loss = forward(input_ids=x, labels=x).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
     opt.step()
@@ -55,7 +63,8 @@ def train(device: str, shape: str = "small") -> dict:
     step()
   _sync(device)
   dt = (time.perf_counter() - t0) / timed
-  return {"peer": f"transformers {transformers.__version__} GPT-2 eager", "shape": shape,
+  how = ("compiled" if compile_ else "eager") + (", bf16 autocast" if bf16 else "")
+  return {"peer": f"transformers {transformers.__version__} GPT-2 {how}", "shape": shape, "batch": b,
           "ms_per_step": round(1e3 * dt, 1), "tok_per_s": round(b * t / dt)}
 
 
@@ -92,11 +101,14 @@ def main() -> None:
   p.add_argument("--tokens", nargs=2, type=int, default=(8, 24))
   p.add_argument("--shape", choices=sorted(SHAPES), default="small", help="train: which model and batch")
   p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+  p.add_argument("--train_batch", type=int, default=0, help="train: rows per step instead of the shape's")
+  p.add_argument("--bf16", action="store_true", help="train: bfloat16 autocast")
+  p.add_argument("--compile", action="store_true", help="train: torch.compile the model")
   args = p.parse_args()
   torch.manual_seed(0)
   if args.device == "cpu":
     torch.set_num_threads(os.cpu_count() or 1)  # as many as XLA uses (2 on the reference machine)
-  result = train(args.device, args.shape) if args.what == "train" else decode(args.batch, args.device, args.prompt, *args.tokens)
+  result = train(args.device, args.shape, args.train_batch, args.bf16, args.compile) if args.what == "train" else decode(args.batch, args.device, args.prompt, *args.tokens)
   print(json.dumps({**result, "device": args.device}))
 
 

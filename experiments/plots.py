@@ -195,7 +195,8 @@ def inference_memory():
 
 def throughput():
   rows = [r for r in latest_table(os.path.join(HERE, "throughput", "results.md")) if r["tokens/s"]]
-  labels = [f"{r['model']} {r['batch x T']} remat {r['remat']}" for r in rows]
+  labels = [f"{r['model']} {r['batch x T']} remat {r['remat']}" + (f" {r['optimizer']}" if r.get("optimizer") else "")
+            for r in rows]
   return _barh("throughput", "throughput.png", labels, [_num(r["tokens/s"]) for r in rows], "training tokens/s",
                "Training throughput of the real train step (newest entry)")
 

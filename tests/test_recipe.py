@@ -213,3 +213,28 @@ def test_z_loss_adds_its_term_to_training_and_never_to_eval():
   np.testing.assert_allclose(task.eval_sums(model, params, batch)["nats"], ce, rtol=1e-5)
   # Chunked logits agree.
   np.testing.assert_allclose(losses.token_nats(model, params, batch, None, 4, 1e-2)[0], total, rtol=1e-5)
+
+
+def test_the_recipe_model_quantizes_and_takes_lora_adapters_on_every_projection():
+  """QK-norm's scales are norms (neither Qwix path touches them); ReLU²'s two matrices are
+  ordinary projections: int8 keeps the logits close, LoRA adapts each and starts as the model."""
+  from tpu_lm.model import lora, quant
+
+  cfg = _cfg(qk_norm=True, mlp="relu2", logit_softcap=10.0, zero_init_out=False)
+  params = _init(cfg)
+  tokens = _tokens()
+  want = _forward(cfg, params, tokens)[..., :259]
+  spec = quant.Spec("int8")
+  qmodel = quant.ptq_model(transformer.Transformer(cfg), spec)
+  got = qmodel.apply({"params": quant.quantize(params, qmodel, spec)}, tokens, jnp.ones_like(tokens),
+                     jnp.broadcast_to(jnp.arange(12), (2, 12)))[..., :259]
+  assert 0 < float(jnp.abs(got - want).max()) < 0.05 * float(jnp.abs(want).max())
+  lmodel = lora.apply(transformer.Transformer(cfg), rank=2, alpha=4.0, targets=".*")
+  import flax.linen as nn
+
+  adapted = nn.meta.unbox(lmodel.init(jax.random.key(0), tokens, jnp.ones_like(tokens),
+                                      jnp.broadcast_to(jnp.arange(12), (2, 12)))["params"])
+  assert {"layers_0/mlp/up", "layers_0/mlp/down", "layers_0/attn/query"} <= set(lora.adapted_paths(adapted))
+  assert "kernel_lora_a" not in adapted["layers_0"]["attn"]["query_norm"]
+  np.testing.assert_allclose(lora.merge(adapted, rank=2, alpha=4.0)["layers_0"]["mlp"]["up"]["kernel"],
+                             adapted["layers_0"]["mlp"]["up"]["kernel"])  # B starts at zero

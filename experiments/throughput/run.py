@@ -19,7 +19,8 @@ set) are the ones the table was measured with.
 
 usage: python experiments/throughput/run.py [--cases gpt2_124m:32:none llama_1b:8:none ...]
        [--steps 20] [--warmup 3] [--attention auto]
-A case is model:batch:remat[:accum]. Prints a table and puts it on top of results.md (newest
+A case is model:batch:remat[:accum[:optimizer]] (optimizer: optim.optimizer, adamw by
+default; muon adds its Newton-Schulz iterations to each step). Prints a table and puts it on top of results.md (newest
 first, row by row); every row also goes to results.jsonl beside this script.
 """
 
@@ -66,8 +67,9 @@ DEFAULT_CASES = {
 }
 
 
-def config_for(model: str, batch: int, remat: str, accum: int, attention: str):
+def config_for(model: str, batch: int, remat: str, accum: int, attention: str, optimizer: str = "adamw"):
   c = CONFIGS[model]()
+  c.optim.optimizer = optimizer
   c.data.global_batch_size = batch
   c.optim.grad_accum_steps = accum
   c.model.remat = remat
@@ -77,8 +79,9 @@ def config_for(model: str, batch: int, remat: str, accum: int, attention: str):
   return c
 
 
-def measure(model: str, batch: int, remat: str, accum: int, *, steps: int, warmup: int, attention: str) -> dict:
-  config = config_for(model, batch, remat, accum, attention)
+def measure(model: str, batch: int, remat: str, accum: int, *, steps: int, warmup: int, attention: str,
+            optimizer: str = "adamw") -> dict:
+  config = config_for(model, batch, remat, accum, attention, optimizer)
   mesh = mesh_lib.make_mesh(mesh_lib.mesh_sizes(config.mesh))
   setup = Setup(config, mesh)
   t = config.data.seq_len
@@ -88,7 +91,7 @@ def measure(model: str, batch: int, remat: str, accum: int, *, steps: int, warmu
       "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
       "segment_ids": np.ones((batch, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (batch, 1)),
   }
-  row = {"model": model, "batch": batch, "seq_len": t, "remat": remat, "accum": accum,
+  row = {"model": model, "batch": batch, "seq_len": t, "remat": remat, "accum": accum, "optimizer": optimizer,
          "attention": setup.model_cfg.attention, "logits_chunk": config.model.logits_chunk}
   try:
     with setup.context():
@@ -143,23 +146,25 @@ def main() -> None:
   factor = record.speed_factor() + ("" if platform == "cpu" else " (of the host CPU)")
   on = record.machine() if platform == "cpu" else device
   about = f"{versions}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '').strip() or 'none'}"
-  header = "| model | batch x T | remat | accum | logits chunk | attention | step ms | tokens/s | MFU | peak mem GiB |"
+  header = ("| model | batch x T | remat | accum | optimizer | logits chunk | attention | step ms | tokens/s | MFU |"
+            " peak mem GiB |")
   lines = [header, "|" + "---|" * (header.count("|") - 1)]
   path = os.path.join(HERE, "results.md")
   print(record.title(factor, about, on) + "\n\n" + "\n".join(lines), flush=True)
   record.publish(path, "Training throughput", lines, factor, about, on, quiet=True)
   for case in cases:
-    model, batch, remat, *accum = case.split(":")
-    row = measure(model, int(batch), remat, int(accum[0]) if accum else 1,
-                  steps=args.steps, warmup=args.warmup, attention=args.attention)
+    model, batch, remat, *rest = case.split(":")
+    accum, optimizer = int(rest[0]) if rest else 1, rest[1] if len(rest) > 1 else "adamw"
+    row = measure(model, int(batch), remat, accum, steps=args.steps, warmup=args.warmup, attention=args.attention,
+                  optimizer=optimizer)
     row.update(device=device, date=str(datetime.date.today()), versions=versions)
     if "error" in row:
-      line = (f"| {model} | {batch} x {row['seq_len']} | {remat} | {row['accum']} | {row['logits_chunk']} |"
-              f" {row['attention']} | {row['error']} | | | |")
+      line = (f"| {model} | {batch} x {row['seq_len']} | {remat} | {row['accum']} | {optimizer} |"
+              f" {row['logits_chunk']} | {row['attention']} | {row['error']} | | | |")
     else:
       mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
-      line = (f"| {model} | {batch} x {row['seq_len']} | {remat} | {row['accum']} | {row['logits_chunk']} |"
-              f" {row['attention']} |"
+      line = (f"| {model} | {batch} x {row['seq_len']} | {remat} | {row['accum']} | {optimizer} |"
+              f" {row['logits_chunk']} | {row['attention']} |"
               f" {row['step_ms']} | {row['tokens_per_s']:,} | {mfu} | {row['peak_memory_gib']} |")
     print(line, flush=True)
     lines.append(line)
