@@ -13,8 +13,9 @@ usage (from the repository root):
   python -m experiments.recipe.run --budget_scale 0.25 --jobs 2      # a quarter of the budget
   python -m experiments.recipe.run --only base muon --combine muon qk_norm wsd
 
-Results go on top of results.md beside this file; recipe.png plots each run's training
-loss against reference seconds (seed 0).
+Results go on top of results.md beside this file; recipe.png (recipe_SCALE.png for a
+--budget_scale other than 1) plots each run's training loss against reference seconds
+(seed 0).
 """
 
 if __name__ == "__main__" and not __package__:  # run as a file: rerun as a module
@@ -117,8 +118,8 @@ def flags(overrides: dict) -> list[str]:
 
 def train(name: str, overrides: dict, steps: int, seed: int) -> dict:
   """One run of `steps` steps (warmup 5% of them, evaluated once at the end); reuses a
-  finished run directory of the same name."""
-  workdir = os.path.join(HERE, "runs", f"{name}_s{seed}")
+  finished run directory of the same variant, steps and seed."""
+  workdir = os.path.join(HERE, "runs", f"{name}_{steps}_s{seed}")
   metrics = os.path.join(workdir, "metrics.jsonl")
   wanted = {"num_train_steps": steps, "optim.warmup_steps": round(BASE_WARMUP * steps / BASE_STEPS),
             "eval_every_steps": steps, "checkpoint_every_steps": steps, "log_every_steps": max(steps // 24, 1),
@@ -138,7 +139,7 @@ def train(name: str, overrides: dict, steps: int, seed: int) -> dict:
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--only", nargs="*", default=list(VARIANTS))
-  parser.add_argument("--combine", nargs="*", default=[], help="variants whose overrides make one more, 'combined'")
+  parser.add_argument("--combine", nargs="*", default=[], help="variants whose overrides make one more (named a+b+...)")
   parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
   parser.add_argument("--budget_scale", type=float, default=1.0, help="the base's 2400 steps times this")
   parser.add_argument("--jobs", type=int, default=1, help="training runs at once (step counts are fixed first)")
@@ -148,13 +149,14 @@ def main():
     print(step_seconds(json.loads(args.time)))
     return
   variants = {name: VARIANTS[name] for name in args.only}
+  combined = "+".join(args.combine)
   if args.combine:
-    variants["combined"] = {k: v for name in args.combine for k, v in VARIANTS[name].items()}
+    variants[combined] = {k: v for name in args.combine for k, v in VARIANTS[name].items()}
   factor_text = record.speed_factor()
   factor = float(factor_text.split()[-1]) if factor_text[-1].isdigit() else float("nan")
   seconds = {"base": step_seconds_alone({})}
   for name, o in variants.items():
-    same = name in SAME_STEP or (name == "combined" and all(n in SAME_STEP for n in args.combine))
+    same = name in SAME_STEP or (name == combined and all(n in SAME_STEP for n in args.combine))
     seconds[name] = seconds["base"] if same or name == "base" else step_seconds_alone(o)
   budget_steps = round(BASE_STEPS * args.budget_scale)
   steps = {name: round(budget_steps * seconds["base"] / seconds[name]) for name in variants}
@@ -181,10 +183,11 @@ def main():
                  " | ".join(f"{by[n, s]['eval_bpb']:.4f}" for s in args.seeds) + f" | {mean[n]:.4f} | {vs} |")
   record.publish(os.path.join(HERE, "results.md"), "The speedrun's techniques on the base config (2-core CPU)",
                  lines, factor_text, about=f"budget scale {args.budget_scale}")
-  plot(results, seconds, factor, args.seeds[0])
+  plot(results, seconds, factor, args.seeds[0], "recipe.png" if args.budget_scale == 1 else
+       f"recipe_{args.budget_scale:g}.png")
 
 
-def plot(results, seconds, factor, seed) -> None:
+def plot(results, seconds, factor, seed, name) -> None:
   from experiments import plots
 
   plt = plots._pyplot()
@@ -197,7 +200,7 @@ def plot(results, seconds, factor, seed) -> None:
   ax.set_title(f"The speedrun's techniques on the base config (seed {seed})", fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  plots._save(fig, "recipe", "recipe.png")
+  plots._save(fig, "recipe", name)
 
 
 if __name__ == "__main__":
