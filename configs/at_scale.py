@@ -22,12 +22,14 @@ host. Tokens read, against one epoch of C4:
   llama_70b  100k x 512 x 4096      = 210B           1.3 epochs
 """
 
-from configs import base
+from tpu_lm.config import defaults
 
 
 def config(*, family: str, layers: int, d_model: int, heads: int, kv_heads: int, mlp_dim: int,
            vocab: int, seq_len: int, batch: int, steps: int, lr: float):
-  c = base.get_config()
+  # The defaults (AdamW, cosine), not configs/base.py's recipe: measured at 1M
+  # parameters on a CPU only, and Muon's cost at these sizes is in docs/benchmarks.md.
+  c = defaults.get_config()
   c.num_train_steps = steps
   c.log_every_steps = 10
   c.eval_every_steps = 2000
@@ -41,7 +43,7 @@ def config(*, family: str, layers: int, d_model: int, heads: int, kv_heads: int,
   c.data.seq_len = seq_len
   c.data.global_batch_size = batch
   m = c.model
-  base.llama_block(m) if family == "llama" else base.gpt2_block(m)
+  defaults.llama_block(m) if family == "llama" else defaults.gpt2_block(m)
   m.num_layers, m.d_model, m.num_heads, m.mlp_dim, m.max_len = layers, d_model, heads, mlp_dim, seq_len
   m.num_kv_heads = kv_heads if family == "llama" else 0
   m.rope_theta = 500_000.0

@@ -17,10 +17,10 @@ cold start (tokenizer first; documents streamed):
 until the Llama block beat it at the same cost (see configs/base.py).
 """
 
-from configs import base
+from tpu_lm.config import defaults
 
 
 def get_config():
-  c = base.get_config()
-  base.gpt2_block(c.model)
+  c = defaults.get_config()  # AdamW and cosine, as measured above (configs/base.py now adds the recipe)
+  defaults.gpt2_block(c.model)
   return c

@@ -32,8 +32,8 @@ def _init(cfg, seed=0):
 
 def _forward(cfg, params, tokens_BxT):
   b, t = tokens_BxT.shape
-  return transformer.Transformer(cfg).apply(
-      {"params": params}, tokens_BxT, jnp.ones_like(tokens_BxT), jnp.broadcast_to(jnp.arange(t), (b, t)))
+  return jax.jit(lambda p, x: transformer.Transformer(cfg).apply(
+      {"params": p}, x, jnp.ones_like(x), jnp.broadcast_to(jnp.arange(t), (b, t))))(params, tokens_BxT)
 
 
 def _tokens(b=2, t=12, seed=1):
@@ -87,6 +87,7 @@ def test_muon_orthogonalizes_the_blocks_matrices_and_leaves_the_rest_to_adamw():
   assert optim.muon_labels(params)["layers_0"]["attn_norm"]["scale"] == "adamw"
 
 
+@pytest.mark.slow  # a compiled training step; test_sharding's Muon test is the fast one
 def test_muon_trains_with_frozen_parameters_and_reports_its_rate():
   """Frozen parameters (optim.freeze) get no Muon state and no update."""
   from tests.conftest import train_steps

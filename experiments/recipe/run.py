@@ -1,7 +1,9 @@
 """The speedrun's techniques on the base config: each alone, then together, at the same
 wall-clock budget at the reference CPU speed, two seeds each.
 
-The budget is the base config's own: its 2400 steps (times --budget_scale), converted
+"base" here is configs/base.py as it was before it took the winners (BASELINE below undoes
+them): the Llama block with AdamW and cosine. The budget is its own: its 2400 steps
+(times --budget_scale), converted
 into each variant's steps by its measured train-step time. A variant whose step costs
 more (Muon's Newton-Schulz iterations) gets fewer steps; one that costs less, more. The
 step times are measured first, in this process, one variant at a time on the same
@@ -11,7 +13,7 @@ results do not depend on what else the machine does (--jobs 2 runs two at once).
 usage (from the repository root):
   python -m experiments.recipe.run                                  # every variant, 2 seeds
   python -m experiments.recipe.run --budget_scale 0.25 --jobs 2      # a quarter of the budget
-  python -m experiments.recipe.run --only base muon --combine muon qk_norm wsd
+  python -m experiments.recipe.run --only base --combine muon+relu2+zero_init+wsd muon+zero_init+wsd
 
 Results go on top of results.md beside this file; recipe.png (recipe_SCALE.png for a
 --budget_scale other than 1) plots each run's training loss against reference seconds
@@ -36,7 +38,10 @@ from experiments import record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-BASE_STEPS, BASE_WARMUP = 2400, 120  # configs/base.py
+BASE_STEPS, BASE_WARMUP = 2400, 120  # the defaults' (configs/base.py before it took the recipe)
+# Every variant starts from configs/base.py with its recipe undone: the Llama block with
+# AdamW and cosine, the base these techniques were measured against.
+BASELINE = {"optim.optimizer": "adamw", "optim.schedule": "cosine", "model.zero_init_out": False}
 
 # Each technique alone, on configs/base.py. ReLU² is not gated: its MLP width 624 keeps
 # SwiGLU's 3 x 160 x 416 parameters in 2 matrices.
@@ -59,7 +64,7 @@ def config_for(overrides: dict):
   from configs import base
 
   config = base.get_config()
-  for dotted, value in overrides.items():
+  for dotted, value in {**BASELINE, **overrides}.items():
     *parents, leaf = dotted.split(".")
     node = config
     for p in parents:
@@ -123,7 +128,7 @@ def train(name: str, overrides: dict, steps: int, seed: int) -> dict:
   metrics = os.path.join(workdir, "metrics.jsonl")
   wanted = {"num_train_steps": steps, "optim.warmup_steps": round(BASE_WARMUP * steps / BASE_STEPS),
             "eval_every_steps": steps, "checkpoint_every_steps": steps, "log_every_steps": max(steps // 24, 1),
-            "seed": seed, "sample.num_prompts": 0, **overrides}
+            "seed": seed, "sample.num_prompts": 0, **BASELINE, **overrides}
   if not os.path.exists(metrics) or not any("eval_bpb" in line for line in open(metrics)):
     cmd = [sys.executable, "-m", "tpu_lm.main", "--config=configs/base.py", f"--workdir={workdir}",
            *flags(wanted)]
@@ -139,25 +144,28 @@ def train(name: str, overrides: dict, steps: int, seed: int) -> dict:
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--only", nargs="*", default=list(VARIANTS))
-  parser.add_argument("--combine", nargs="*", default=[], help="variants whose overrides make one more (named a+b+...)")
+  parser.add_argument("--combine", nargs="*", default=[], help="A+B+...: one more variant of these variants'"
+                      " overrides together (several may be given)")
   parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
   parser.add_argument("--budget_scale", type=float, default=1.0, help="the base's 2400 steps times this")
   parser.add_argument("--jobs", type=int, default=1, help="training runs at once (step counts are fixed first)")
+  parser.add_argument("--step_ms", nargs="*", default=[], help="NAME=MS: a step time measured before (a quiet"
+                      " machine's, when this one is busy), instead of timing NAME now")
   parser.add_argument("--time", help=argparse.SUPPRESS)  # JSON overrides: print their step time (a child process)
   args = parser.parse_args()
   if args.time is not None:
     print(step_seconds(json.loads(args.time)))
     return
   variants = {name: VARIANTS[name] for name in args.only}
-  combined = "+".join(args.combine)
-  if args.combine:
-    variants[combined] = {k: v for name in args.combine for k, v in VARIANTS[name].items()}
+  for combined in args.combine:
+    variants[combined] = {k: v for name in combined.split("+") for k, v in VARIANTS[name].items()}
   factor_text = record.speed_factor()
   factor = float(factor_text.split()[-1]) if factor_text[-1].isdigit() else float("nan")
-  seconds = {"base": step_seconds_alone({})}
+  given = {name: float(ms) / 1e3 for name, ms in (kv.split("=") for kv in args.step_ms)}
+  seconds = {"base": given.get("base") or step_seconds_alone({})}
   for name, o in variants.items():
-    same = name in SAME_STEP or (name == combined and all(n in SAME_STEP for n in args.combine))
-    seconds[name] = seconds["base"] if same or name == "base" else step_seconds_alone(o)
+    same = name in SAME_STEP or (name in args.combine and all(n in SAME_STEP for n in name.split("+")))
+    seconds[name] = seconds["base"] if same or name == "base" else given.get(name) or step_seconds_alone(o)
   budget_steps = round(BASE_STEPS * args.budget_scale)
   steps = {name: round(budget_steps * seconds["base"] / seconds[name]) for name in variants}
   print({n: f"{1e3 * s:.1f} ms/step, {steps.get(n, budget_steps)} steps" for n, s in seconds.items()}, flush=True)
