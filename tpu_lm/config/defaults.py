@@ -147,8 +147,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention = "auto"
   _choice('model.attention', kernels.IMPLEMENTATIONS)
   c.model.init_std = 0.02
-  # The speedrun's model choices (docs/training.md "Recipe"; none exports to Hugging Face
-  # or GGUF, whose Llama and GPT-2 formats cannot say them; model.mlp="relu2" is a third).
+  # The speedrun's model choices (docs/training.md "Recipe"). QK-norm and the soft-cap, like
+  # model.mlp="relu2", have no Llama or GPT-2 equivalent: such runs do not export to
+  # Hugging Face or GGUF. zero_init_out changes only the initialisation.
   c.model.qk_norm = False  # RMSNorm of each head's queries and keys (a learned [head_dim] scale each)
   c.model.logit_softcap = 0.0  # > 0: logits = cap * tanh(logits / cap), in training and decoding
   _non_negative('model.logit_softcap')
