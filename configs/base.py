@@ -30,7 +30,6 @@ cosine), not from this one.
 """
 
 from tpu_lm.config import defaults
-from tpu_lm.config.defaults import gpt2_block, llama_block  # noqa: F401  (for configs that start here)
 
 # Muon's Newton-Schulz iterations make a step ~15% dearer on 2 cores: 2086 steps take the
 # time the AdamW base's 2400 took (experiments/recipe/run.py converts by measured step time).

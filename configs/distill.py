@@ -3,8 +3,8 @@
   python -m tpu_lm.main --config=configs/distill.py:workdirs/teacher --workdir=workdirs/distilled
 
 The part after the colon is the teacher (any language-model run directory: trained
-here, fine-tuned, or converted from Hugging Face). The student is configs/base.py's
-model and schedule, trained on the same data in the teacher's tokenizer; each step
+here, fine-tuned, or converted from Hugging Face). The student is the defaults' model
+and schedule (the base config's model with AdamW and cosine), trained on the same data in the teacher's tokenizer; each step
 runs the frozen teacher on the batch and minimizes
   alpha T^2 KL(teacher_T || student_T) + (1 - alpha) cross-entropy
 with alpha 0.5 and T 2 (--config.distill.alpha, --config.distill.temperature).

@@ -1,5 +1,5 @@
 """The base model trained to fill in the middle (tasks/fim.py): the base config's data,
-tokenizer (plus the four sentinels), model and schedule, half the training documents
+tokenizer (plus the four sentinels) and model with the defaults' AdamW and cosine, half the training documents
 cut into prefix, middle and suffix and rearranged (PSM or SPM, half each).
 
 Command:

@@ -4,9 +4,10 @@ the difference of a long and a short greedy generation (decode), the clock read 
 
 Runs in its own environment (PyTorch is not a dependency of tpu_lm; the test extra's
 venv has it):
-  python experiments/hf_peer.py train [--shape small|124m]
+  python experiments/hf_peer.py train [--shape small|124m] [--train_batch B] [--bf16] [--compile]
       small: GPT-2 block 2 x 160, 4 heads, vocab 2048, batch 8 x 256; 124m: GPT-2 124M, batch 1 x 1024;
-      AdamW + clipping
+      AdamW + clipping; --bf16: bfloat16 autocast; --compile: torch.compile (on CUDA: fused AdamW,
+      at least 5 warm-up and 20 timed steps)
   python experiments/hf_peer.py decode B       GPT-2 124M random weights, prompt 32, greedy
 decode tok/s = B * (N_long - N_short) / (t(N_long) - t(N_short)), so prefill cancels.
 Prints one JSON line. The benchmarks (experiments/decode/run.py, ...) call it with --peer_python.
@@ -108,7 +109,10 @@ def main() -> None:
   torch.manual_seed(0)
   if args.device == "cpu":
     torch.set_num_threads(os.cpu_count() or 1)  # as many as XLA uses (2 on the reference machine)
-  result = train(args.device, args.shape, args.train_batch, args.bf16, args.compile) if args.what == "train" else decode(args.batch, args.device, args.prompt, *args.tokens)
+  if args.what == "train":
+    result = train(args.device, args.shape, args.train_batch, args.bf16, args.compile)
+  else:
+    result = decode(args.batch, args.device, args.prompt, *args.tokens)
   print(json.dumps({**result, "device": args.device}))
 
 

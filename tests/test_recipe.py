@@ -3,6 +3,7 @@ each computes, alone, on tiny shapes."""
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,8 +25,6 @@ def _cfg(**overrides):
 
 def _init(cfg, seed=0):
   tokens = jnp.zeros((1, 8), jnp.int32)
-  import flax.linen as nn
-
   return nn.meta.unbox(
       transformer.Transformer(cfg).init(jax.random.key(seed), tokens, tokens + 1, jnp.arange(8)[None])["params"])
 
@@ -50,11 +49,12 @@ def test_muon_orthogonalizes_the_blocks_matrices_and_leaves_the_rest_to_adamw():
   rng = np.random.default_rng(0)
   g_wide, g_tall = rng.normal(size=(16, 48)), rng.normal(size=(40, 24))
   g_scanned = rng.normal(size=(3, 16, 24))  # scan_layers: [layers, in, out], each layer on its own
-  params = {"embed": {"embedding": jnp.ones((10, 16))},
+  params = {"embed": {"embedding": jnp.ones((10, 16))}, "unembed": {"kernel": jnp.zeros((16, 10))},
             "layers_0": {"mlp": {"up": {"kernel": jnp.zeros((16, 48))}, "down": {"kernel": jnp.zeros((40, 24))}},
                          "attn_norm": {"scale": jnp.ones(16)}},
             "layers": {"attn": {"query": {"kernel": jnp.zeros((3, 16, 24))}}}}
   grads = {"embed": {"embedding": jnp.asarray(rng.normal(size=(10, 16)))},
+           "unembed": {"kernel": jnp.asarray(rng.normal(size=(16, 10)))},
            "layers_0": {"mlp": {"up": {"kernel": jnp.asarray(g_wide)}, "down": {"kernel": jnp.asarray(g_tall)}},
                         "attn_norm": {"scale": jnp.asarray(rng.normal(size=16))}},
            "layers": {"attn": {"query": {"kernel": jnp.asarray(g_scanned)}}}}
@@ -80,16 +80,18 @@ def test_muon_orthogonalizes_the_blocks_matrices_and_leaves_the_rest_to_adamw():
     # points along U V^T.
     assert singular.min() > 0.6 and singular.max() < 1.25, singular
     assert np.linalg.norm(m - polar) / np.linalg.norm(polar) < 0.25
-  # Embedding and norm: AdamW's first step, -lr * g / (|g| + eps): sign-like, at the Adam rate.
+  # Embedding, unembedding (a 2-D kernel, but a readout, not a hidden map) and norm: AdamW's
+  # first step, -lr * g / (|g| + eps): sign-like, at the Adam rate.
   for u, g in ((updates["embed"]["embedding"], grads["embed"]["embedding"]),
+               (updates["unembed"]["kernel"], grads["unembed"]["kernel"]),
                (updates["layers_0"]["attn_norm"]["scale"], grads["layers_0"]["attn_norm"]["scale"])):
     np.testing.assert_allclose(u, -lr * np.sign(g), rtol=1e-4)
   assert optim.muon_labels(params)["layers_0"]["attn_norm"]["scale"] == "adamw"
 
 
 @pytest.mark.slow  # a compiled training step; test_sharding's Muon test is the fast one
-def test_muon_trains_with_frozen_parameters_and_reports_its_rate():
-  """Frozen parameters (optim.freeze) get no Muon state and no update."""
+def test_muon_trains_with_frozen_parameters_and_counts_its_updates():
+  """Frozen parameters (optim.freeze) get no update; the schedule's count is Muon's too."""
   from tests.conftest import train_steps
 
   config = tiny_config()
@@ -99,7 +101,6 @@ def test_muon_trains_with_frozen_parameters_and_reports_its_rate():
   batch = {k: rng.integers(3, 200, (8, 32)).astype(np.int32) for k in ("inputs", "targets")}
   batch |= {"segment_ids": np.ones((8, 32), np.int32), "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1))}
   config.mesh.update(data=1)
-  before = None
   losses_, _, state, setup = train_steps(config, [batch] * 4, jax.devices()[:1])
   assert losses_[-1] < losses_[0]
   init = setup.init(jax.random.key(0))
@@ -122,7 +123,10 @@ def test_wsd_holds_the_peak_then_decays_and_a_longer_budget_continues_it():
   np.testing.assert_array_equal(jax.vmap(lr)(steps), jax.vmap(longer)(steps))
   assert float(longer(180)) == pytest.approx(0.55)  # its decay: the last 40 of 200 steps
   # decay_fraction 0: constant after warmup; 1: decay from the end of warmup.
-  assert float(optim.schedule(_optim(schedule="wsd", learning_rate=1.0, warmup_steps=10, decay_fraction=0.0), 100)(100)) == 1.0
+  flat = optim.schedule(_optim(schedule="wsd", learning_rate=1.0, warmup_steps=10, decay_fraction=0.0), 100)
+  assert float(flat(100)) == 1.0
+  # No warmup: the first update is at the peak, not at zero.
+  assert float(optim.schedule(_optim(schedule="wsd", learning_rate=1.0, warmup_steps=0), 100)(0)) == 1.0
   one = optim.schedule(_optim(schedule="wsd", learning_rate=1.0, warmup_steps=10, decay_fraction=1.0,
                               min_lr_ratio=0.0), 100)
   assert [float(one(s)) for s in (10, 55, 100)] == pytest.approx([1.0, 0.5, 0.0])
@@ -131,8 +135,6 @@ def test_wsd_holds_the_peak_then_decays_and_a_longer_budget_continues_it():
 def test_qk_norm_makes_each_head_unit_rms_times_its_scale_and_logits_blind_to_projection_size():
   x_BxTxNxH = jax.random.normal(jax.random.key(0), (2, 5, 3, 8)) * 7.0
   norm = attention.norm("q", 1e-6, "float32")
-  import flax.linen as nn
-
   variables = nn.meta.unbox(norm.init(jax.random.key(1), x_BxTxNxH))
   assert variables["params"]["scale"].shape == (8,)  # one [head_dim] scale, shared by the heads
   scale = jnp.linspace(0.5, 2.0, 8)
@@ -231,11 +233,20 @@ def test_the_recipe_model_quantizes_and_takes_lora_adapters_on_every_projection(
                      jnp.broadcast_to(jnp.arange(12), (2, 12)))[..., :259]
   assert 0 < float(jnp.abs(got - want).max()) < 0.05 * float(jnp.abs(want).max())
   lmodel = lora.apply(transformer.Transformer(cfg), rank=2, alpha=4.0, targets=".*")
-  import flax.linen as nn
-
   adapted = nn.meta.unbox(lmodel.init(jax.random.key(0), tokens, jnp.ones_like(tokens),
                                       jnp.broadcast_to(jnp.arange(12), (2, 12)))["params"])
   assert {"layers_0/mlp/up", "layers_0/mlp/down", "layers_0/attn/query"} <= set(lora.adapted_paths(adapted))
   assert "kernel_lora_a" not in adapted["layers_0"]["attn"]["query_norm"]
   np.testing.assert_allclose(lora.merge(adapted, rank=2, alpha=4.0)["layers_0"]["mlp"]["up"]["kernel"],
                              adapted["layers_0"]["mlp"]["up"]["kernel"])  # B starts at zero
+
+
+def test_z_loss_on_an_objective_without_token_logits_is_refused_in_one_line():
+  from tpu_lm.config import checks
+  from tpu_lm.errors import UserError
+
+  config = tiny_config("/tmp", "/tmp")
+  config.task.kind, config.data.dataset, config.optim.z_loss = "classification", "stdlib_functions", 1e-4
+  with pytest.raises(UserError, match="^config field optim.z_loss is 0.0001: the classification objective does not add"
+                                      " the z-loss to its loss .* set it to 0\\.$"):
+    checks.validate(config)

@@ -30,9 +30,12 @@ from experiments import plots, record
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
-# configs/base.py is the Llama block, batch 8 x 2400 steps; the others spend the same
+# configs/base.py as it was then (BASELINE undoes the speedrun recipe it took later): the
+# Llama block with AdamW and cosine, batch 8 x 2400 steps; the others spend the same
 # 4.9M tokens in fewer, larger steps (warmup kept at 5% of the steps), change the
 # peak lr, or swap in the GPT-2 block (= configs/gpt2_small.py).
+BASELINE = ["--config.optim.optimizer=adamw", "--config.optim.schedule=cosine", "--config.model.zero_init_out=False",
+            "--config.num_train_steps=2400", "--config.optim.warmup_steps=120"]
 VARIANTS = {
     "base": [],
     "b16": ["--config.data.global_batch_size=16", "--config.num_train_steps=1200",
@@ -50,8 +53,9 @@ def run(name: str, overrides: list[str]) -> dict:
   workdir = os.path.join(HERE, "runs", name)
   if os.path.exists(workdir):
     raise SystemExit(f"{workdir} exists: delete it to rerun {name} from scratch.")
+  # A variant's own flags come after the baseline's: the last value of a field wins.
   cmd = [sys.executable, "-m", "tpu_lm.main", "--config=configs/base.py", f"--workdir={workdir}",
-         "--config.sample.num_prompts=0", *overrides]
+         "--config.sample.num_prompts=0", *BASELINE, *overrides]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   if out.returncode:
     raise SystemExit(f"{name} failed:\n{out.stderr[-2000:]}")

@@ -140,13 +140,24 @@ def plot(rows, fits, path):
   fig.savefig(path, dpi=110)
 
 
-def report(rows, factor: str, replace_latest: bool = False) -> None:
+def recipe() -> str:
+  """How configs/base.py trains, as the entries name it (it took Muon, zero-init and WSD
+  on 2026-12-04; the entries before say AdamW and cosine by their date)."""
+  from configs import base
+
+  c = base.get_config()
+  return f"{c.optim.optimizer}, {c.optim.schedule} schedule" + (", zero-init projections" if c.model.zero_init_out else "")
+
+
+def report(rows, factor: str, replace_latest: bool = False, trained_with: str = "") -> None:
+  trained_with = trained_with or recipe()
   rows = sorted(rows, key=lambda r: r["params"])
   fits = {"params": fit([r["params"] for r in rows], [r["eval_bpb"] for r in rows]),
           "compute": fit([r["compute"] for r in rows], [r["eval_bpb"] for r in rows]),
           "params_with_floor": fit_with_floor([r["params"] for r in rows], [r["eval_bpb"] for r in rows])}
   with open(os.path.join(HERE, "results.json"), "w") as f:
-    json.dump({"rows": rows, "fits": fits, "tokens_per_param": TOKENS_PER_PARAM, "factor": factor}, f, indent=1)
+    json.dump({"rows": rows, "fits": fits, "tokens_per_param": TOKENS_PER_PARAM, "factor": factor,
+               "trained_with": trained_with}, f, indent=1)
   plot(rows, fits, os.path.join(HERE, "scaling.png"))
   lines = ["| size | layers x width | N (non-embedding) | N (all) | steps | tokens D | C = 6ND | eval bits/byte"
            " | residual (log10) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -163,7 +174,7 @@ def report(rows, factor: str, replace_latest: bool = False) -> None:
             "Published: " + "; ".join(f"{k}: {v}" for k, v in PUBLISHED.items()) + ". Plot: scaling.png."]
   path = os.path.join(HERE, "results.md")
   record.publish(path, "Scaling: validation bits/byte against parameters and compute (run.py)", lines, factor,
-                 about=f"{TOKENS_PER_PARAM} tokens/parameter",
+                 about=f"{TOKENS_PER_PARAM} tokens/parameter, {trained_with}",
                  replace_latest=replace_latest)  # a refit replaces the entry of the runs it refits
 
 
@@ -174,7 +185,8 @@ def main():
   args = parser.parse_args()
   if args.plot_only:
     saved = json.load(open(os.path.join(HERE, "results.json")))
-    report(saved["rows"], saved.get("factor", record.speed_factor()), replace_latest=True)
+    report(saved["rows"], saved.get("factor", record.speed_factor()), replace_latest=True,
+           trained_with=saved.get("trained_with", "adamw, cosine schedule"))
     return
   factor = record.speed_factor()
   rows = [run(name) for name in args.only]

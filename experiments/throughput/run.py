@@ -68,6 +68,10 @@ DEFAULT_CASES = {
 
 
 def config_for(model: str, batch: int, remat: str, accum: int, attention: str, optimizer: str = "adamw"):
+  from tpu_lm.config import defaults
+
+  if optimizer not in defaults.CHOICES["optim.optimizer"]:
+    raise SystemExit(f"case optimizer {optimizer!r}: use one of {', '.join(defaults.CHOICES['optim.optimizer'])}")
   c = CONFIGS[model]()
   c.optim.optimizer = optimizer
   c.data.global_batch_size = batch

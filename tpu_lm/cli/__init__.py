@@ -89,7 +89,7 @@ def parse_flags(argv):
 
 
 def _importable_configs(argv) -> None:
-  """A config file in a package (configs/tiny.py does `from configs import base`)
+  """A config file in a package (configs/gpt2_124m.py does `from configs import at_scale`)
   loads from any working directory: the folder above its package goes on sys.path."""
   config_file = _config_file(argv)
   if config_file is None:

@@ -140,6 +140,9 @@ def validate(config) -> None:
   if not 0 <= config.optim.decay_fraction <= 1:
     fail("optim.decay_fraction", config.optim.decay_fraction, "the wsd schedule decays over this fraction of"
          " num_train_steps: it must be in [0, 1]")
+  if config.optim.z_loss and not hasattr(tasks.from_config(config), "z_loss"):
+    fail("optim.z_loss", config.optim.z_loss, f"the {tasks.name_of(config)} objective does not add the z-loss to its"
+         " loss (lm, instructions, fim and distill do): set it to 0")
   if not 0 <= config.optim.muon_momentum < 1:
     fail("optim.muon_momentum", config.optim.muon_momentum, "it must be in [0, 1)")
   if config.optim.warmup_steps > config.num_train_steps:

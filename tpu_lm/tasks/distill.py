@@ -49,10 +49,15 @@ class Distill(LanguageModel):
     log_teacher = jax.nn.log_softmax(teacher_BxTxV.astype(jnp.float32) / t, axis=-1)
     kl_BxT = jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student), axis=-1)
     kl = (kl_BxT * weights_BxT).sum()
-    return self.alpha * t**2 * kl + (1 - self.alpha) * ce, count, {"kl": kl, "ce": ce}
+    total = self.alpha * t**2 * kl + (1 - self.alpha) * ce
+    if self.z_loss:  # optim.z_loss, on the student's logits (losses.cross_entropy_sum)
+      lse_BxT = jax.nn.logsumexp(student_BxTxV.astype(jnp.float32), axis=-1)
+      total = total + self.z_loss * (jnp.square(lse_BxT) * weights_BxT).sum()
+    return total, count, {"kl": kl, "ce": ce}
 
 
 def build(config, class_names=()) -> Distill:
   d = config.distill
   # logits_chunk 0: the student's logits meet the teacher's whole.
-  return Distill(text_key=config.data.text_key, alpha=d.alpha, temperature=d.temperature)
+  return Distill(text_key=config.data.text_key, alpha=d.alpha, temperature=d.temperature,
+                 z_loss=float(config.optim.z_loss))

@@ -42,7 +42,7 @@ def wsd(peak: float, warmup: int, decay_fraction: float, num_train_steps: int, e
 
   def rate(step):
     step = jnp.asarray(step, jnp.float32)
-    up = peak * jnp.minimum(step / w, 1.0)
+    up = peak * jnp.minimum(step / w, 1.0) if warmup else jnp.full_like(step, peak)
     down = peak + (end - peak) * jnp.clip((step - decay_start) / max(num_train_steps - decay_start, 1), 0.0, 1.0)
     return jnp.where(step < decay_start, up, jnp.minimum(up, down))
 
@@ -92,7 +92,8 @@ def _muon_dims(updates):
 
 def _scale_by_width():
   """Keller Jordan's Muon scale, sqrt(max(1, fan_out / fan_in)): an orthogonal update
-  of a wide matrix has the per-entry size of a square one's."""
+  of a wide matrix has the per-entry size of a square one's. (optax's own, scale_by_shape,
+  is private to optax.contrib._muon.)"""
   def update(updates, state, params=None):
     del params
     return jax.tree.map(lambda u: u * max(1.0, u.shape[-1] / u.shape[-2]) ** 0.5, updates), state
@@ -131,8 +132,10 @@ def make(optim, num_train_steps: int, trainable=None) -> optax.GradientTransform
         optax.add_decayed_weights(optim.weight_decay, decay_mask),
         optax.sgd(lr, momentum=optim.momentum or None),
     )
-  else:
+  elif optim.optimizer == "adafactor":
     opt = optax.adafactor(lr, weight_decay_rate=optim.weight_decay or None, weight_decay_mask=decay_mask)
+  else:  # checks.validate names the choices to a user; this is for code that skips it
+    raise ValueError(f"unknown optim.optimizer {optim.optimizer!r}")
   # The clipping stage is there even when off (an infinite norm passes every
   # update through unchanged, bit for bit): the optimizer state keeps one
   # structure, so a run can resume with clipping turned on or off.
