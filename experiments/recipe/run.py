@@ -62,15 +62,9 @@ SAME_STEP = ("wsd", "zero_init")
 
 def config_for(overrides: dict):
   from configs import base
+  from tpu_lm.sweeps import space
 
-  config = base.get_config()
-  for dotted, value in {**BASELINE, **overrides}.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return space.apply(base.get_config(), {**BASELINE, **overrides})
 
 
 def step_seconds(overrides: dict, rounds: int = 5, repeats: int = 10) -> float:

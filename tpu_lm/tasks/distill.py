@@ -50,9 +50,8 @@ class Distill(LanguageModel):
     kl_BxT = jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student), axis=-1)
     kl = (kl_BxT * weights_BxT).sum()
     total = self.alpha * t**2 * kl + (1 - self.alpha) * ce
-    if self.z_loss:  # optim.z_loss, on the student's logits (losses.cross_entropy_sum)
-      lse_BxT = jax.nn.logsumexp(student_BxTxV.astype(jnp.float32), axis=-1)
-      total = total + self.z_loss * (jnp.square(lse_BxT) * weights_BxT).sum()
+    if self.z_loss:  # optim.z_loss, on the student's logits
+      total = total + self.z_loss * losses.log_z_squared_sum(student_BxTxV, weights_BxT)
     return total, count, {"kl": kl, "ce": ce}
 
 

@@ -21,9 +21,16 @@ def cross_entropy_sum(logits_BxTxV, targets_BxT, weights_BxT, z_loss: float = 0.
 
   logits_BxTxV = logits_BxTxV.astype(jnp.float32)
   nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+  total = (nll_BxT * weights_BxT).sum()
   if z_loss:
-    nll_BxT = nll_BxT + z_loss * jnp.square(jax.nn.logsumexp(logits_BxTxV, axis=-1))
-  return (nll_BxT * weights_BxT).sum(), weights_BxT.sum()
+    total = total + z_loss * log_z_squared_sum(logits_BxTxV, weights_BxT)
+  return total, weights_BxT.sum()
+
+
+def log_z_squared_sum(logits_BxTxV, weights_BxT):
+  """The weighted sum of log(Z)^2 over positions (Z the softmax normaliser): the z-loss
+  before its coefficient."""
+  return (jnp.square(jax.nn.logsumexp(logits_BxTxV.astype(jnp.float32), axis=-1)) * weights_BxT).sum()
 
 
 def token_nats(model, params, batch, rngs=None, logits_chunk: int = 0, z_loss: float = 0.0):

@@ -57,17 +57,17 @@ def decay_mask(params):
 
   By name, not by rank: with scanned layers a bias has a leading layer axis.
   """
-  def is_decayed(path, _):
-    # The innermost dict key names the parameter; Flax's partitioning boxes add
-    # attribute keys after it.
-    name = next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
-    return name in DECAYED
-
-  return jax.tree_util.tree_map_with_path(is_decayed, params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: _name(path) in DECAYED, params)
 
 
 def _name(path) -> str:
+  """A parameter's name: the innermost dict key of its path (Flax's partitioning boxes
+  add attribute keys after it)."""
   return next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+
+
+def _adamw(optim, lr) -> optax.GradientTransformation:
+  return optax.adamw(lr, optim.b1, optim.b2, optim.eps, weight_decay=optim.weight_decay, mask=decay_mask)
 
 
 def muon_labels(params):
@@ -114,8 +114,7 @@ def muon(optim, num_train_steps: int) -> optax.GradientTransformation:
       optax.add_decayed_weights(optim.weight_decay),
       optax.scale_by_learning_rate(schedule(optim, num_train_steps, peak=optim.muon_learning_rate)),
   )
-  rest = optax.adamw(schedule(optim, num_train_steps), optim.b1, optim.b2, optim.eps,
-                     weight_decay=optim.weight_decay, mask=decay_mask)
+  rest = _adamw(optim, schedule(optim, num_train_steps))
   return optax.multi_transform({"muon": hidden, "adamw": rest}, muon_labels)
 
 
@@ -124,7 +123,7 @@ def make(optim, num_train_steps: int, trainable=None) -> optax.GradientTransform
   parameters it marks False get no optimizer state and no update."""
   lr = schedule(optim, num_train_steps)
   if optim.optimizer == "adamw":
-    opt = optax.adamw(lr, optim.b1, optim.b2, optim.eps, weight_decay=optim.weight_decay, mask=decay_mask)
+    opt = _adamw(optim, lr)
   elif optim.optimizer == "muon":
     opt = muon(optim, num_train_steps)
   elif optim.optimizer == "sgd":
