@@ -86,6 +86,34 @@ def tiny_flags(corpus_dir: str, data_dir: str, workdir: str) -> list[str]:
   ]
 
 
+def cli_body(command: str, argv: list[str]) -> None:
+  """Runs `tpu_lm.cli.<command>`'s body in this process with `argv`'s flags.
+
+  Each command defines its absl flags when imported, several of them a --workdir, so two
+  commands imported into one pytest worker would collide. Drop the other commands' flags
+  and modules first; they define theirs again when next imported.
+  """
+  import importlib
+  import sys
+
+  from absl import flags
+
+  name = f"tpu_lm.cli.{command}"
+  for module, defined in list(flags.FLAGS.flags_by_module_dict().items()):
+    if module.startswith("tpu_lm.cli.") and module != name:
+      for flag in list(defined):  # deleting a flag edits this list
+        if flag.name in flags.FLAGS:
+          delattr(flags.FLAGS, flag.name)
+      sys.modules.pop(module, None)
+  cli = importlib.import_module(name)
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS([command, *argv])
+  try:
+    cli.body()
+  finally:
+    flags.FLAGS.unparse_flags()
+
+
 def write_harness_tasks(directory, documents: int = 8, seed: int = 0) -> str:
   """Local lm-evaluation-harness tasks over the test corpus's words, no download: a
   multiple-choice next word (next_word: loglikelihood; lm-eval puts its target_delimiter,

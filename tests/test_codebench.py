@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from tests.conftest import cli_body
 from tpu_lm.codebench import bench, metrics, sandbox
 from tpu_lm.codebench import problems as problems_lib
 from tpu_lm.errors import UserError
@@ -133,17 +134,7 @@ def test_the_shipped_problem_set():
 
 
 def _body(argv):
-  """The command's body, in this process, with `argv`'s flags."""
-  from absl import flags
-
-  from tpu_lm.cli import codebench
-
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(["codebench", *argv])
-  try:
-    codebench.body()
-  finally:
-    flags.FLAGS.unparse_flags()
+  cli_body("codebench", argv)
 
 
 def test_the_command_on_a_tiny_run(trained_run, tmp_path, capsys):

@@ -69,7 +69,7 @@ def test_several_samples_and_interactive_mode(trained_run):
 # Runs the command with Ctrl-C pressed (SIGINT to the process) at the third step of the
 # decode calls listed in $INTERRUPT_CALLS (1: the first), while the compiled loop runs.
 _CTRL_C = """
-import os, signal, sys
+import os, signal, sys, threading
 from tpu_lm import cli
 from tpu_lm.inference import decode
 
@@ -81,7 +81,9 @@ def generate(self, prompts, sampling, on_step=None):
   press = len(calls) in interrupted
   def step(i, tokens, done):
     if press and i == 2:
-      os.kill(os.getpid(), signal.SIGINT)
+      # To this thread, so the signal is delivered before pthread_kill returns: sent to
+      # the process, the kernel may hand it to a thread a busy machine runs only later.
+      signal.pthread_kill(threading.get_ident(), signal.SIGINT)
     return on_step(i, tokens, done)
   return real(self, prompts, sampling, on_step=step if on_step else None)
 

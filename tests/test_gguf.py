@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import WORDS, tiny_config
+from tests.conftest import WORDS, cli_body, tiny_config
 from tpu_lm.config import defaults, derived
 from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.errors import UserError
@@ -290,16 +290,7 @@ def test_f16_and_q8_0_read_back_close_to_f32(byte_run, tmp_path):
 
 
 def _body(argv):
-  from absl import flags
-
-  from tpu_lm.cli import convert
-
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(["convert", *argv])
-  try:
-    convert.body()
-  finally:
-    flags.FLAGS.unparse_flags()
+  cli_body("convert", argv)
 
 
 def test_the_command_writes_one_line_and_refuses_in_one_line(byte_run, tmp_path, capsys):
