@@ -132,6 +132,94 @@ def test_wsd_holds_the_peak_then_decays_and_a_longer_budget_continues_it():
   assert [float(one(s)) for s in (10, 55, 100)] == pytest.approx([1.0, 0.5, 0.0])
 
 
+def test_schedule_free_adamw_is_optaxs_with_norms_undecayed_and_evaluates_at_the_average():
+  rng = np.random.default_rng(0)
+  params = {"layers_0": {"mlp": {"up": {"kernel": jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)}},
+                         "attn_norm": {"scale": jnp.ones(4)}},
+            "embed": {"embedding": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)}}
+  grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params) for _ in range(3)]
+
+  def run(tx, params):
+    state = tx.init(params)
+    for g in grads:
+      updates, state = tx.update(g, state, params)
+      params = optax.apply_updates(params, updates)
+    return params, state
+
+  o = _optim(optimizer="schedule_free_adamw", learning_rate=0.1, warmup_steps=2, weight_decay=0.0, b1=0.9,
+             grad_clip_norm=0.0)
+  ours, state = run(optim.make(o, 10), params)
+  reference = optax.contrib.schedule_free_adamw(0.1, warmup_steps=2, b1=0.9, b2=o.b2, eps=o.eps)
+  theirs, their_state = run(optax.chain(optax.identity(), reference), params)  # ours has a clip stage, here off
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours, theirs)
+  averaged = optim.eval_params(state, ours)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), averaged,
+               optax.contrib.schedule_free_eval_params(their_state[1], theirs))
+  assert not np.allclose(averaged["layers_0"]["mlp"]["up"]["kernel"], ours["layers_0"]["mlp"]["up"]["kernel"])
+  assert optim.eval_params(optim.make(_optim(), 10).init(params), params) is params  # other optimizers: y itself
+  # Weight decay reaches the kernels, not the norms (optax's own decays every leaf).
+  decayed, _ = run(optim.make(_optim(**{**o.to_dict(), "weight_decay": 0.5}), 10), params)
+  np.testing.assert_array_equal(decayed["layers_0"]["attn_norm"]["scale"], ours["layers_0"]["attn_norm"]["scale"])
+  assert not np.allclose(decayed["layers_0"]["mlp"]["up"]["kernel"], ours["layers_0"]["mlp"]["up"]["kernel"])
+  # Frozen parameters keep no z: their value is the model's, unaveraged.
+  frozen = lambda p: jax.tree_util.tree_map_with_path(lambda path, _: "embed" not in jax.tree_util.keystr(path), p)
+  part, part_state = run(optim.make(o, 10, trainable=frozen), params)
+  x = optim.eval_params(part_state, part)
+  np.testing.assert_array_equal(x["embed"]["embedding"], params["embed"]["embedding"])
+  np.testing.assert_allclose(x["layers_0"]["mlp"]["up"]["kernel"], averaged["layers_0"]["mlp"]["up"]["kernel"], rtol=1e-6)
+
+
+@pytest.mark.slow  # a training run and its checkpoint
+def test_a_schedule_free_run_evaluates_exports_and_serves_its_averaged_parameters(corpus_dir, data_dir, tmp_path):
+  import orbax.checkpoint as ocp
+
+  from tests.conftest import corpus_for
+  from tpu_lm.inference import run_dir
+  from tpu_lm.parallel import mesh as mesh_lib
+  from tpu_lm.training import loop
+  from tpu_lm.training.evaluate import evaluate
+  from tpu_lm.training.setup import Setup
+
+  config = tiny_config(corpus_dir, data_dir)
+  config.optim.update(optimizer="schedule_free_adamw", schedule="constant", freeze=("embed/.*",))
+  workdir = str(tmp_path / "run")
+  result = loop.train_and_evaluate(config, workdir)
+  step = run_dir.resolve_step(workdir)
+  saved = ocp.PyTreeCheckpointer().restore(f"{workdir}/checkpoints/{step}/state")  # everything, as saved
+  found = [d for d in jax.tree.leaves(saved["opt_state"], is_leaf=lambda d: isinstance(d, dict) and "z" in d)
+           if isinstance(d, dict) and "z" in d]
+  [sf] = found
+  y, b1 = saved["params"], float(sf["b1"])
+  z = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(sf["z"])}
+  assert z and not any(name.startswith("['embed']") for name in z)  # frozen: no z
+  x = jax.tree_util.tree_map_with_path(
+      lambda p, a: (a - (1 - b1) * z[jax.tree_util.keystr(p)]) / b1 if jax.tree_util.keystr(p) in z else a, y)
+  mesh = mesh_lib.make_mesh(mesh_lib.mesh_sizes(config.mesh), jax.devices())
+  params, _, _ = run_dir.read_model(workdir, step, run_dir.read_config(workdir, step), mesh, dtype="float32")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, x)
+  corpus = corpus_for(config)
+  setup = Setup(config, mesh)
+  with setup.context():
+    at_x, at_y = evaluate(setup, x, corpus), evaluate(setup, y, corpus)
+  assert result["eval_loss"] == pytest.approx(at_x["eval_loss"], rel=1e-5)  # the run reported x's loss
+  assert at_x["eval_loss"] != pytest.approx(at_y["eval_loss"], rel=1e-5)
+
+
+def test_schedule_free_needs_a_constant_schedule_and_no_pruning():
+  from tpu_lm.config import checks
+  from tpu_lm.errors import UserError
+
+  config = tiny_config("/tmp", "/tmp")
+  config.optim.update(optimizer="schedule_free_adamw", schedule="cosine")
+  with pytest.raises(UserError, match="^config field optim.schedule is 'cosine': schedule-free AdamW replaces the"
+                                      " decay by averaging: set optim.schedule='constant'"):
+    checks.validate(config)
+  config.optim.schedule = "constant"
+  config.prune.sparsity = 0.5
+  with pytest.raises(UserError, match="^config field optim.optimizer is 'schedule_free_adamw': pruning masks"):
+    checks.validate(config)
+
+
 def test_qk_norm_makes_each_head_unit_rms_times_its_scale_and_logits_blind_to_projection_size():
   x_BxTxNxH = jax.random.normal(jax.random.key(0), (2, 5, 3, 8)) * 7.0
   norm = attention.norm("q", 1e-6, "float32")

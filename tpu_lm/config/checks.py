@@ -143,6 +143,15 @@ def validate(config) -> None:
   if config.optim.z_loss and not hasattr(tasks.from_config(config), "z_loss"):
     fail("optim.z_loss", config.optim.z_loss, f"the {tasks.name_of(config)} objective does not add the z-loss to its"
          " loss (lm, instructions, fim and distill do): set it to 0")
+  if config.optim.optimizer == "schedule_free_adamw":
+    if config.optim.schedule != "constant":
+      fail("optim.schedule", config.optim.schedule, "schedule-free AdamW replaces the decay by averaging: set"
+           " optim.schedule='constant' (its warmup_steps still apply)")
+    if not 0 < config.optim.b1 <= 1:
+      fail("optim.b1", config.optim.b1, "schedule-free AdamW interpolates with b1: it must be in (0, 1]")
+    if config.prune.sparsity or config.prune.n_m:
+      fail("optim.optimizer", "schedule_free_adamw", "pruning masks the trained iterate, not schedule-free's"
+           " averaged parameters: use another optimizer with prune.*")
   if not 0 <= config.optim.muon_momentum < 1:
     fail("optim.muon_momentum", config.optim.muon_momentum, "it must be in [0, 1)")
   if config.optim.warmup_steps > config.num_train_steps:

@@ -157,9 +157,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict()
   # "adamw", "sgd", "adafactor", or "muon": Muon for the blocks' weight matrices (at
-  # muon_learning_rate) with AdamW for embeddings, head, norms and biases (at learning_rate).
+  # muon_learning_rate) with AdamW for embeddings, head, norms and biases (at learning_rate);
+  # or "schedule_free_adamw" (with schedule "constant": warmup, then no decay; evals, samples,
+  # exports and serving use its averaged parameters).
   c.optim.optimizer = "adamw"
-  _choice('optim.optimizer', ('adamw', 'sgd', 'adafactor', 'muon'))
+  _choice('optim.optimizer', ('adamw', 'sgd', 'adafactor', 'muon', 'schedule_free_adamw'))
   c.optim.learning_rate = 6e-3
   _non_negative('optim.learning_rate')
   c.optim.muon_learning_rate = 0.02  # muon: the hidden matrices' peak rate

@@ -22,6 +22,7 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from tpu_lm import storage, tasks
@@ -189,15 +190,76 @@ def read_model(workdir: str, step: int, config, mesh, dtype: str | None = None):
   dtype = jax.numpy.dtype(dtype or model_cfg.dtype)
   if quantized(config):
     return _read_quantized(workdir, step, config, model_cfg, mesh, dtype), model_cfg, rules
-  if config.lora.rank:  # merged in float32, then cast once
+  schedule_free = config.optim.optimizer == "schedule_free_adamw"
+  if config.lora.rank or schedule_free:  # averaged and merged in float32, then cast once
     from tpu_lm.model import lora
 
     params = read_params(workdir, step, abstract, shardings, jax.numpy.float32)
-    params = lora.merge(params, rank=config.lora.rank, alpha=config.lora.alpha)
+    if schedule_free:
+      params = _schedule_free_average(workdir, step, params, shardings)
+    if config.lora.rank:
+      params = lora.merge(params, rank=config.lora.rank, alpha=config.lora.alpha)
     params = jax.tree.map(lambda x: x.astype(dtype), params)
   else:
     params = read_params(workdir, step, abstract, shardings, dtype)
   return params, model_cfg, rules
+
+
+def _schedule_free_average(workdir: str, step: int, params, shardings):
+  """A schedule-free AdamW run's model: the average x of its trained iterate (`params`)
+  and the optimizer's z (as training/optim.py's eval_params evaluates it). Only z and b1 are read from the
+  optimizer state. A run written without one (converted, compressed: already averaged)
+  is returned as it is."""
+  with _readable(workdir, step):
+    meta = _manager(workdir).item_metadata(step)["state"]
+    path = _path_to(meta.get("opt_state"), lambda d: isinstance(d, dict) and {"z", "b1"} <= d.keys())
+    if path is None:
+      return params
+    state = _at(meta["opt_state"], path)
+    by_name = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+    z = jax.tree_util.tree_map_with_path(
+        lambda p, m: jax.ShapeDtypeStruct(m.shape, jax.numpy.float32, sharding=by_name[jax.tree_util.keystr(p)]),
+        state["z"])
+    b1 = jax.ShapeDtypeStruct((), jax.numpy.float32)
+    item = {"opt_state": _placed(meta["opt_state"], path, {"z": z, "b1": b1})}
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype)
+                                if getattr(x, "sharding", None) else ocp.RestoreArgs(restore_type=np.ndarray), item)
+    saved = _manager(workdir).restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True)))["state"]
+  state = _at(saved["opt_state"], path)
+  # z holds the trained parameters only; a frozen one (absent from z) is its saved value.
+  z_by_name = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(state["z"])}
+  return jax.tree_util.tree_map_with_path(
+      lambda p, y: params_lib.schedule_free_average(y, z_by_name[jax.tree_util.keystr(p)], float(state["b1"]))
+      if jax.tree_util.keystr(p) in z_by_name else y, params)
+
+
+def _path_to(tree, found, path=()):
+  """The keys (dict keys, list indices) from `tree` down to the first node `found` accepts."""
+  if found(tree):
+    return path
+  children = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+  for key, child in children:
+    if (hit := _path_to(child, found, (*path, key))) is not None:
+      return hit
+  return None
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _placed(tree, path, leaf):
+  """A partial-restore item: `leaf` at `path`, list siblings skipped (ocp.PLACEHOLDER),
+  dict siblings left out."""
+  if not path:
+    return leaf
+  key, *rest = path
+  if isinstance(tree, (list, tuple)):
+    return [_placed(tree[i], rest, leaf) if i == key else ocp.PLACEHOLDER for i in range(len(tree))]
+  return {key: _placed(tree[key], rest, leaf)}
 
 
 def _read_quantized(workdir, step, config, model_cfg, mesh, dtype):

@@ -46,3 +46,10 @@ def abstract_params(model: nn.Module, seq_len: int = 8):
   # Taken out of the boxes by hand: nn.meta.unbox would add sharding constraints.
   abstract = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, boxed, is_leaf=is_box)
   return abstract, nn.get_partition_spec(boxed)
+
+
+def schedule_free_average(y, z, b1):
+  """Schedule-free AdamW's model x = (y - (1 - b1) z) / b1 from its trained iterate y and
+  the optimizer's z (Defazio et al. 2024), in y's dtype. Here, not beside the optimizer,
+  because inference reads schedule-free runs without importing training."""
+  return ((y - (1 - b1) * z) / b1).astype(y.dtype)

@@ -25,7 +25,7 @@ from tpu_lm.model import params as params_lib
 from tpu_lm.parallel import mesh as mesh_lib
 from tpu_lm.training import checkpoint as checkpoint_lib
 from tpu_lm.training import metrics as metrics_lib
-from tpu_lm.training import harness_eval, init_from, preemption, prune
+from tpu_lm.training import harness_eval, init_from, optim, preemption, prune
 from tpu_lm.training.evaluate import evaluate, print_samples
 from tpu_lm.training.setup import Setup, check_batch
 from tpu_lm.training.state import TrainState
@@ -164,7 +164,7 @@ def _train(setup, state, train_iter, private, corpus, ckpt, workdir, watch, on_e
     result = _log_eval(setup, state, corpus, writer, step, harness if watch.reason is None else None, workdir,
                        final=True)
     if watch.reason is None and setup.task.generates:  # after a signal the checkpoint is all that matters
-      print_samples(setup, state.params, corpus)
+      print_samples(setup, optim.eval_params(state.opt_state, state.params), corpus)
     ckpt.close()
   finally:
     watch.close()
@@ -355,8 +355,9 @@ def _scored(result: dict) -> str:
 
 def _log_eval(setup, state, corpus, writer, step, harness=None, workdir="", final=False) -> dict:
   t0 = time.time()
+  params = optim.eval_params(state.opt_state, state.params)  # schedule-free: its average
   with setup.context():
-    result = evaluate(setup, state.params, corpus)
+    result = evaluate(setup, params, corpus)
   shown = "  ".join(f"{_EVAL_NAMES.get(k, k.removeprefix('eval_'))} {v:.4f}" for k, v in result.items()
                     if isinstance(v, float))
   zlib = f"  (zlib -9: {corpus.zlib_bits_per_byte:.4f})" if corpus.zlib_bits_per_byte else ""
@@ -367,7 +368,7 @@ def _log_eval(setup, state, corpus, writer, step, harness=None, workdir="", fina
       + f" in {time.time() - t0:.1f} s"
       + metrics_lib.classification_table(result))
   if harness and harness.due(step, final):  # its scoring and decoding enter the mesh themselves
-    result = {**result, **harness.run(setup, state.params, corpus.tokenizer, workdir, step)}
+    result = {**result, **harness.run(setup, params, corpus.tokenizer, workdir, step)}
   writer.write(step, result)
   if setup.prune.active:  # what the masks achieved, per layer and overall
     report = prune.report(jax.device_get(state.params), setup.prune)

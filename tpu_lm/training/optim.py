@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tpu_lm.model import params as params_lib
+
 
 def schedule(optim, num_train_steps: int, peak: float | None = None) -> optax.Schedule:
   """The learning rate at each update; `peak` (default optim.learning_rate) is its top
@@ -118,6 +120,46 @@ def muon(optim, num_train_steps: int) -> optax.GradientTransformation:
   return optax.multi_transform({"muon": hidden, "adamw": rest}, muon_labels)
 
 
+def schedule_free_adamw(optim, num_train_steps: int) -> optax.GradientTransformation:
+  """Schedule-free AdamW (Defazio et al. 2024, optax.contrib's): no decay schedule; the
+  gradient is taken at y, an interpolation between the Adam iterate z and its running
+  average x, and x is the model to evaluate and keep (`eval_params`). optax's own
+  schedule_free_adamw decays every parameter; this one spares norms and biases as the
+  other optimizers do. optim.b1 is the interpolation, the base Adam has no momentum."""
+  from optax.contrib import schedule_free
+
+  lr = schedule(optim, num_train_steps)  # "constant": the warmup, then the peak held
+  base = optax.chain(
+      optax.scale_by_rms(decay=optim.b2, eps=optim.eps, eps_in_sqrt=False, bias_correction=True),
+      optax.add_decayed_weights(optim.weight_decay, decay_mask),
+      optax.scale_by_learning_rate(lr),
+  )
+  return schedule_free(base, learning_rate=lr, b1=optim.b1)
+
+
+def eval_params(opt_state, params):
+  """The parameters to evaluate, sample from, export and serve. For schedule-free AdamW
+  that is the average x = (y - (1 - b1) z) / b1 of the trained iterate y (`params`) and
+  the optimizer's z; for every other optimizer `params` itself. Frozen parameters (no
+  optimizer state) are theirs unchanged."""
+  from optax.contrib import ScheduleFreeState
+
+  is_sf = lambda x: isinstance(x, ScheduleFreeState)  # noqa: E731
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_sf) if is_sf(s)]
+  if not found:
+    return params
+  [state] = found
+  return average(params, state.z, state.b1)
+
+
+def average(params, z, b1):
+  """Schedule-free's x from y (`params`) and z; where z is an optax.MaskedNode (a frozen
+  parameter) the parameter passes through."""
+  frozen = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  return jax.tree.map(lambda zi, yi: yi if frozen(zi) else params_lib.schedule_free_average(yi, zi, b1),
+                      z, params, is_leaf=frozen)
+
+
 def make(optim, num_train_steps: int, trainable=None) -> optax.GradientTransformation:
   """The whole chain. `trainable(params) -> tree of bools` (training/trainable.py):
   parameters it marks False get no optimizer state and no update."""
@@ -126,6 +168,8 @@ def make(optim, num_train_steps: int, trainable=None) -> optax.GradientTransform
     opt = _adamw(optim, lr)
   elif optim.optimizer == "muon":
     opt = muon(optim, num_train_steps)
+  elif optim.optimizer == "schedule_free_adamw":
+    opt = schedule_free_adamw(optim, num_train_steps)
   elif optim.optimizer == "sgd":
     opt = optax.chain(
         optax.add_decayed_weights(optim.weight_decay, decay_mask),
