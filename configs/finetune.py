@@ -12,12 +12,15 @@ trains:
   LoRA            --config.lora.rank=8 [--config.lora.targets='.*attn/(query|value)']
 Instruction tuning: --config.data.dataset=instructions --config.data.path=pairs.jsonl
 Classification:   --config.task.kind=classification --config.data.dataset=stdlib_functions
+                  (an encoder run, task.kind="mlm", is classified from its first token,
+                  attending both ways: task.attention and task.pooling are set for it)
 Measured numbers: experiments/transfer/ (README "Transfer learning").
 """
 
 import os
 
-from tpu_lm.config import defaults
+from tpu_lm import tasks
+from tpu_lm.config import defaults, derived
 from tpu_lm.inference import run_dir
 
 
@@ -31,6 +34,7 @@ def get_config(run: str = ""):
   c.model = source.model
   for key in ("tokenizer", "vocab_size", "seq_len"):
     c.data[key] = source.data[key]
+  c.data.sentinels = derived.sentinels(source.data, tasks.from_config(source))  # its vocabulary keeps them
   # The run's own tokenizer file, so a run from scratch with this config (init_from="")
   # speaks the same tokenizer (fine-tuning reads it from the run in any case).
   c.data.tokenizer_path = {"sentencepiece": os.path.join(workdir, "tokenizer.model"),
@@ -40,4 +44,8 @@ def get_config(run: str = ""):
   c.optim.learning_rate = source.optim.learning_rate / 10
   c.optim.warmup_steps = 30
   c.sample.update(source.sample.to_dict())
+  if source.task.kind == "mlm":  # an encoder: classify from its first (CLS) token, reading both ways
+    c.task.update(attention="bidirectional", pooling="first")
+    c.mlm.update(source.mlm.to_dict())
+    c.sample.num_prompts = 0
   return c

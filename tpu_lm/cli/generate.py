@@ -9,6 +9,9 @@ completion streams to the terminal token by token; several (more prompts, or
 between each prompt and the suffix: the middle is decoded until the model ends it,
 and printed between the two.
 
+--fill_mask asks an encoder run (task.kind="mlm") for the most likely tokens at each
+<mask> in a text, with their probabilities (--top_k of them if given, else 5).
+
 A completion stops decoding at the step its text shows a --stop sequence. Ctrl-C
 stops decoding at the next step: what was generated is printed, then
 "[interrupted]", and the command exits 130 (in --interactive mode it returns to the
@@ -44,6 +47,8 @@ _DRAFT = flags.DEFINE_string("draft_workdir", None, "Speculative decoding: a run
                              " (e.g. a distilled student) whose model proposes tokens that --workdir's model checks;"
                              " the text is distributed as without it.")
 _DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Tokens the draft proposes per round (1 to 16), with --draft_workdir.")
+_FILL_MASK = flags.DEFINE_multi_string("fill_mask", [], "An encoder run (task.kind='mlm'): a text with <mask> where"
+                                       " a token is missing; prints the likeliest tokens there. Repeatable.")
 flags.mark_flags_as_required(["workdir"])
 cli.at_least(_NUM_SAMPLES, 1)
 cli.at_least(_TENSOR, 1)
@@ -230,7 +235,32 @@ def interactive(run, seed: int, stop: tuple[str, ...]) -> None:
     seed = (seed + 1) % 2**32
 
 
+def fill_masks() -> None:
+  """--fill_mask: each text's masks, each with its candidates, best first."""
+  from tpu_lm.inference import fill_mask
+
+  if _PROMPT.value or _PROMPT_FILE.value or _INTERACTIVE.value or _SUFFIX.value is not None:
+    raise UserError("--fill_mask asks an encoder to fill masks: leave out --prompt, --prompt_file, --interactive and"
+                    " --suffix, which sample a language model.")
+  top_k = _TOP_K.value if flags.FLAGS["top_k"].present else 5
+  if top_k < 1:
+    raise UserError(f"--top_k={top_k} is invalid with --fill_mask: give the number of candidates to show (1 or more).")
+  encoder = fill_mask.load(_WORKDIR.value, _STEP.value)
+  print(f"[loaded {encoder.workdir} at step {encoder.step}]", file=sys.stderr, flush=True)
+  for text in _FILL_MASK.value:
+    masks = encoder.fill(text, top_k)
+    for m, candidates in enumerate(masks):
+      print(f"--- {text!r}: mask {m + 1}/{len(masks)} ---")
+      for c in candidates:
+        print(f"{c.probability:.4f}  {c.token!r:<16} {c.sequence!r}" if len(masks) == 1 else
+              f"{c.probability:.4f}  {c.token!r}")
+    sys.stdout.flush()
+
+
 def body() -> None:
+  if _FILL_MASK.value:
+    fill_masks()
+    return
   stop = tuple(_STOP.value)
   try:
     prompts = _prompts()

@@ -143,6 +143,10 @@ def validate(config) -> None:
   if config.optim.z_loss and not hasattr(tasks.from_config(config), "z_loss"):
     fail("optim.z_loss", config.optim.z_loss, f"the {tasks.name_of(config)} objective does not add the z-loss to its"
          " loss (lm, instructions, fim and distill do): set it to 0")
+  own = tasks.from_config(config).attention
+  if config.task.attention and tasks.name_of(config) != "classification" and config.task.attention != own:
+    fail("task.attention", config.task.attention, f"only a classifier chooses its attention; the"
+         f" {tasks.name_of(config)} objective's is {own}: leave it ''")
   if config.optim.optimizer == "schedule_free_adamw":
     if config.optim.schedule != "constant":
       fail("optim.schedule", config.optim.schedule, "schedule-free AdamW replaces the decay by averaging: set"

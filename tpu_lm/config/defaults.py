@@ -58,12 +58,19 @@ def get_config() -> ml_collections.ConfigDict:
   # prediction), "instructions" (next-token prediction on prompt/completion records, the
   # loss on completions; also what "lm" with data.dataset="instructions" means),
   # "classification" (a head on the pooled final hidden state; the labels and class
-  # count come from the dataset's data.label_key feature), or "distill" (a student
-  # learning a teacher run's distributions; also "lm" with distill.teacher set).
+  # count come from the dataset's data.label_key feature), "distill" (a student
+  # learning a teacher run's distributions; also "lm" with distill.teacher set), "fim"
+  # (fill in the middle), or "mlm" (an encoder: masked-token prediction, attention both
+  # ways; configs/encoder.py).
   c.task = ml_collections.ConfigDict()
   c.task.kind = "lm"
-  c.task.pooling = "last"  # classification: "last" (the final token's state) or "mean"
-  _choice('task.pooling', ('last', 'mean'))
+  # classification: "last" (the final token's state), "first" (BOS's: an encoder's CLS) or "mean"
+  c.task.pooling = "last"
+  _choice('task.pooling', ('last', 'first', 'mean'))
+  # classification: "" (causal, a decoder's) or "bidirectional" (an encoder's: a run of
+  # task.kind="mlm", fine-tuned with init_from, reads both ways as it was trained to).
+  c.task.attention = ""
+  _choice('task.attention', ('', 'causal', 'bidirectional'))
 
   c.data = ml_collections.ConfigDict()
   # "python_stdlib" (offline, the default), "text_files" (+ data.path), "instructions"
@@ -97,6 +104,10 @@ def get_config() -> ml_collections.ConfigDict:
   # sentencepiece: its vocabulary; hf: the model's embedding rows (at least the
   # tokenizer's); bytes has 259.
   c.data.vocab_size = 2048
+  # Special tokens past the vocabulary that the tokenizer keeps beyond the objective's own:
+  # a run fine-tuned from one whose objective added some (the masked LM's <mask>, FIM's
+  # sentinels) keeps them, so its vocabulary is its source's (configs/finetune.py copies them).
+  c.data.sentinels = ()
   c.data.seq_len = 256
   _positive_int('data.seq_len')
   c.data.global_batch_size = 8
@@ -304,6 +315,14 @@ def get_config() -> ml_collections.ConfigDict:
   # ends, of at most this many characters, each on its own (a document far longer than
   # a row needs this: prefix, suffix and middle then share a row; tasks/fim.py).
   c.fim.max_chars = 0
+
+  # The masked LM (task.kind="mlm", tasks/mlm.py; BERT, RoBERTa's dynamic masking): each
+  # training token is chosen with probability `rate` (anew each epoch, the same on a
+  # resume); a chosen token is read as <mask> 80% of the time, a random token 10%, itself
+  # 10%, and only chosen tokens are scored. whole_word: choose whole words.
+  c.mlm = ml_collections.ConfigDict()
+  c.mlm.rate = 0.15
+  c.mlm.whole_word = False
 
   # Differentially private training (DP-SGD through jax-privacy; tpu_lm/privacy):
   # each example (one packed row of data.seq_len tokens) joins a step with probability

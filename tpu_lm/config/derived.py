@@ -13,7 +13,14 @@ def tokenizer_vocab_size(config) -> int:
   from tpu_lm import tasks
 
   own = 259 if config.data.tokenizer == "bytes" else config.data.vocab_size
-  return own + len(getattr(tasks.from_config(config), "sentinels", ()))
+  return own + len(sentinels(config.data, tasks.from_config(config)))
+
+
+def sentinels(data, objective) -> tuple[str, ...]:
+  """The special tokens past the vocabulary: the objective's (one from outside the
+  package may have none), else those a fine-tuned run keeps from its source
+  (data.sentinels)."""
+  return tuple(getattr(objective, "sentinels", ())) or tuple(data.sentinels)
 
 
 def rope_scaling(m) -> tuple:

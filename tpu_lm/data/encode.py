@@ -13,6 +13,10 @@ class Encoded:
   num_bytes: int = 0  # UTF-8 bytes of what the loss covers (bits per byte)
   label: int = 0  # classification
   weights: np.ndarray | None = None  # per id, as a target: 1 counts, 0 not (None: all count)
+  # What the model reads at each position where that differs from what it predicts (a
+  # masked LM: the document with its chosen tokens masked). Then each position's target
+  # is its own id, not the next one (data/stream.py), and BOS and EOS are read, never scored.
+  inputs: np.ndarray | None = None
 
 
 def as_text(value) -> str:

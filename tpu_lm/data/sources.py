@@ -23,6 +23,7 @@ import zlib
 
 from grain.experimental import index_shuffle
 
+from tpu_lm.config import derived
 from tpu_lm.data import documents, local_files
 from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.data.encode import Encoder
@@ -184,7 +185,7 @@ def prepare(data, splits: Sources, objective, tokenizer: tokenizer_lib.Tokenizer
   if objective.labels and not splits.class_names:
     raise UserError(f"feature {data.label_key!r} of {data.dataset!r} is not a class label: set data.label_key.")
   tok = tokenizer or _tokenizer(data, splits.train, objective, splits.cache_dir)
-  tok = tokenizer_lib.add_sentinels(tok, getattr(objective, "sentinels", ()))  # an objective from outside may have none
+  tok = tokenizer_lib.add_sentinels(tok, derived.sentinels(data, objective))
   split = lambda source, randomize: Split(source, Encoder(tok, objective, randomize), tok.bos_id,  # noqa: E731
                                           tok.eos_id, objective.layout)
   return Corpus(tok, split(splits.train, True), split(splits.validation, False),

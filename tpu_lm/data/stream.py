@@ -5,7 +5,10 @@ r + 2G, ... of the split (G = the global batch size), in an order that is a seed
 permutation per epoch (Grain's `index_shuffle`, O(1) memory), tokenized when
 reached. A document of n + 1 tokens ([BOS] + ids + [EOS]) gives n (input, target)
 pairs; inside a row, `segment_ids` number the documents (0 is padding) and
-`positions` restart at each document and each row.
+`positions` restart at each document and each row. An encoder's document (one whose
+objective gives the ids it reads apart from its targets: the masked LM) gives n + 2
+pairs instead: each position, BOS and EOS included, reads its input and predicts its
+own token.
 
 Training (`BlockStream`) takes the epoch's documents a block at a time (`block_docs`
 of them), packs the block's pairs end to end into rows and emits those rows in a
@@ -34,12 +37,24 @@ import atexit
 import queue
 import threading
 import weakref
+from typing import NamedTuple
 
 import numpy as np
 from grain.experimental import index_shuffle
 
 from tpu_lm.data.encode import Encoded
 from tpu_lm.errors import UserError
+
+
+class _Doc(NamedTuple):
+  """A tokenized document: pair i of its rows reads tokens[i] and predicts targets[i + 1]
+  (a decoder's targets are its tokens; an encoder's, `supply`), counted where mask[i + 1]."""
+
+  tokens: np.ndarray  # with BOS and EOS
+  mask: np.ndarray
+  num_bytes: int
+  label: int
+  targets: np.ndarray
 
 
 class ShardStream:
@@ -54,7 +69,7 @@ class ShardStream:
     self.epoch = self.pos = self.offset = 0
     self.rows_made = 0
     self.done = self.num_docs == 0 and one_pass
-    self._cache: dict[tuple, tuple] = {}  # (epoch, pos) -> (tokens with BOS/EOS, target mask, bytes, label)
+    self._cache: dict[tuple, _Doc] = {}  # (epoch, pos) -> the document, tokenized
 
   # -- state -------------------------------------------------------------------------------------------------------
 
@@ -91,11 +106,21 @@ class ShardStream:
 
   def supply(self, key, encoded: Encoded) -> None:
     tokens = np.concatenate([[self.bos_id], encoded.ids, [self.eos_id]]).astype(np.int32)
-    mask = np.ones(len(tokens), np.int32)  # per token, as a target: 1 if it counts (BOS never is, EOS always)
-    mask[0] = 0
-    if encoded.weights is not None:
-      mask[1:-1] = encoded.weights
-    self._cache[key] = (tokens, mask, encoded.num_bytes, encoded.label)
+    if encoded.inputs is None:  # a decoder's: each token's target is the next
+      mask = np.ones(len(tokens), np.int32)  # per token, as a target: 1 if it counts (BOS never is, EOS always)
+      mask[0] = 0
+      if encoded.weights is not None:
+        mask[1:-1] = encoded.weights
+      self._cache[key] = _Doc(tokens, mask, encoded.num_bytes, encoded.label, tokens)
+      return
+    # An encoder's: position i reads inputs[i] and predicts tokens[i]. Rows pair input i
+    # with target i + 1, so the targets move one place right (a pad in front) and the
+    # inputs gain a pad at the end: every position, BOS and EOS too, is one pair.
+    read = np.concatenate([[self.bos_id], encoded.inputs, [self.eos_id], [self.eos_id]]).astype(np.int32)
+    targets = np.concatenate([[self.eos_id], tokens]).astype(np.int32)
+    mask = np.zeros(len(targets), np.int32)
+    mask[2:-1] = 1 if encoded.weights is None else encoded.weights
+    self._cache[key] = _Doc(read, mask, encoded.num_bytes, encoded.label, targets)
 
   # -- rows --------------------------------------------------------------------------------------------------------
 
@@ -131,28 +156,28 @@ class ShardStream:
     inputs, targets, seg, positions, mask = (np.zeros(t, np.int32) for _ in range(5))
     filled, segment, row_bytes, row_docs = 0, 0, 0.0, 0
     while filled < t and not self.done:
-      tokens, target_mask, nbytes, _ = self._doc(fetch)
-      pairs = len(tokens) - 1
+      doc = self._doc(fetch)
+      pairs = len(doc.tokens) - 1
       take = min(pairs - self.offset, t - filled)
       a, b = self.offset, self.offset + take
       segment += 1
-      inputs[filled:filled + take] = tokens[a:b]
-      targets[filled:filled + take] = tokens[a + 1:b + 1]
-      mask[filled:filled + take] = target_mask[a + 1:b + 1]
+      inputs[filled:filled + take] = doc.tokens[a:b]
+      targets[filled:filled + take] = doc.targets[a + 1:b + 1]
+      mask[filled:filled + take] = doc.mask[a + 1:b + 1]
       seg[filled:filled + take] = segment
       positions[filled:filled + take] = np.arange(take)
       filled += take
       self.offset = b
       if b == pairs:
-        row_bytes += nbytes
+        row_bytes += doc.num_bytes
         row_docs += 1
         self._advance_doc()
     if self.max_rows and self.rows_made >= self.max_rows and not self.done:
       # The budget ends inside a document: it counts as scored, with the share of its
       # bytes its scored tokens are (rows are separate contexts even in a full pass).
       if self.offset:
-        tokens, _, nbytes, _ = self._cache[(self.epoch, self.pos)]
-        row_bytes += nbytes * self.offset / (len(tokens) - 1)
+        doc = self._cache[(self.epoch, self.pos)]
+        row_bytes += doc.num_bytes * self.offset / (len(doc.tokens) - 1)
         row_docs += 1
       self.done = True
     row = {"inputs": inputs, "targets": targets, "segment_ids": seg, "positions": positions}
@@ -168,7 +193,8 @@ class ShardStream:
     inputs, seg, positions = (np.zeros(t, np.int32) for _ in range(3))
     label = 0
     if not self.done:
-      tokens, _, _, label = self._doc(fetch)
+      doc = self._doc(fetch)
+      tokens, label = doc.tokens, doc.label
       ids = np.concatenate([tokens[: t - 1], [self.eos_id]]) if len(tokens) > t else tokens
       inputs[: len(ids)], seg[: len(ids)], positions[: len(ids)] = ids, 1, np.arange(len(ids))
       self._advance_doc()
@@ -223,8 +249,8 @@ class BlockStream:
     missing = [k for k in keys if k not in self._docs._cache]
     if missing:
       fetch(self._docs, missing)
-    parts = [self._docs._cache.pop(k) for k in keys]
-    return _Block([p[0] for p in parts], [p[1] for p in parts], self.seq_len)
+    docs = [self._docs._cache.pop(k) for k in keys]
+    return _Block([d.tokens for d in docs], [d.mask for d in docs], self.seq_len, [d.targets for d in docs])
 
   def next_row(self, fetch) -> dict[str, np.ndarray]:
     if self.num_docs == 0:
@@ -252,8 +278,9 @@ class BlockStream:
 class _Block:
   """The packed pairs of a block of documents, with row `i` built on demand."""
 
-  def __init__(self, tokens: list, masks: list, seq_len: int):
+  def __init__(self, tokens: list, masks: list, seq_len: int, targets: list | None = None):
     self.tokens = np.concatenate(tokens)
+    self.targets = self.tokens if targets is None else np.concatenate(targets)
     self.mask = np.concatenate(masks)
     lengths = np.array([len(t) for t in tokens], np.int64)
     doc_starts = np.concatenate([[0], np.cumsum(lengths)])
@@ -271,7 +298,7 @@ class _Block:
     tok = p + doc
     out = {
         "inputs": np.where(valid, self.tokens[tok], 0).astype(np.int32),
-        "targets": np.where(valid, self.tokens[tok + 1], 0).astype(np.int32),
+        "targets": np.where(valid, self.targets[tok + 1], 0).astype(np.int32),
         "segment_ids": ((doc - doc[0] + 1) * valid).astype(np.int32),
         "positions": ((p - np.maximum(self.pair_starts[doc], i * t)) * valid).astype(np.int32),
     }

@@ -165,6 +165,9 @@ def load(workdir: str, *, step: int | None = None, tensor_parallel: int = 1, dev
   tokenizer = tokenizer_lib.load_for_run(workdir)
   config = read_config(workdir, step)
   objective = tasks.from_config(config)
+  if objective.attention == "bidirectional":
+    raise UserError(f"{workdir} is an encoder ({objective.name} run): it reads both ways and generates nothing left"
+                    " to right; ask it to fill masks with python -m tpu_lm.generate --fill_mask='... <mask> ...'.")
   if not objective.generates:
     raise UserError(f"{workdir} is a {objective.name} run: generate and serve need a language model.")
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": tensor_parallel}, devices)

@@ -1,5 +1,6 @@
 """Sequence classification: one example per row (its class in the record's
-data.label_key feature), cross-entropy of a head on the pooled final hidden state.
+data.label_key feature), cross-entropy of a head on the pooled final hidden state;
+a decoder's causal attention, or an encoder's both ways (task.attention).
 Eval: accuracy, per-class and macro precision, recall and F1, the confusion matrix."""
 
 import dataclasses
@@ -20,15 +21,15 @@ _UNLABELED = ("python_stdlib", "text_files", "instructions")  # the datasets her
 @dataclasses.dataclass(frozen=True)
 class Classifier:
   num_classes: int
-  pooling: str = "last"  # the last real token's state (its EOS), or the mean over real tokens
+  pooling: str = "last"  # the last real token's state (its EOS), the first's (BOS: an encoder's CLS), or the mean
   class_names: tuple = ()
   text_key: str = "text"
   label_key: str = "label"
+  attention: str = "causal"  # "bidirectional" to classify with an encoder (task.attention)
 
   name = NAME
   generates = False
   chat = False
-  attention = "causal"
   layout = RowLayout(one_per_row=True)
   records = "classification"
   text_reference = False
@@ -64,6 +65,8 @@ class Classifier:
     real_BxT = (batch["segment_ids"] > 0).astype(jnp.float32)
     if self.pooling == "mean":
       pooled_BxD = (hidden_BxTxD * real_BxT[..., None]).sum(1) / jnp.maximum(real_BxT.sum(1), 1)[:, None]
+    elif self.pooling == "first":
+      pooled_BxD = hidden_BxTxD[:, 0]
     else:
       last_B = jnp.maximum(real_BxT.sum(1).astype(jnp.int32) - 1, 0)
       pooled_BxD = jnp.take_along_axis(hidden_BxTxD, last_B[:, None, None], axis=1)[:, 0]
@@ -116,4 +119,4 @@ def classification_metrics(confusion_CxC: np.ndarray, nats: float = 0.0, class_n
 
 def build(config, class_names=()) -> Classifier:
   return Classifier(len(class_names), config.task.pooling, tuple(class_names), config.data.text_key,
-                    config.data.label_key)
+                    config.data.label_key, config.task.attention or "causal")

@@ -1,0 +1,123 @@
+"""Encoder or decoder, at this scale? Both pretrained on the same tokens, then fine-tuned
+on the same classification task.
+
+Pretrains configs/base.py (the decoder: next-token prediction, causal attention) and
+configs/encoder.py (the same model, data, recipe and steps as a masked LM: attention
+both ways, the loss on 15% of the tokens), then fine-tunes each for the offline
+classification task of the transfer experiment (stdlib_functions: which of ten
+standard-library packages a function comes from, held out by file) with
+configs/finetune.py, --steps steps: the decoder from its last token's state, the
+encoder from its first (CLS) token's, as each was trained to read. Reports each
+pretraining's own eval and wall time, and the classifiers' accuracy and macro F1,
+for --seeds fine-tuning seeds.
+
+  python experiments/encoder/run.py [--steps 300] [--seeds 0 1] [--jobs 2]
+
+Every run is the real command in a subprocess; finished pretraining runs in runs/ are
+reused. Puts the table on top of results.md next to this file (newest first).
+"""
+
+if __name__ == "__main__" and not __package__:  # run as a file: rerun as a module
+  import os
+  import sys
+
+  os.execv(sys.executable, [sys.executable, "-m", "experiments.encoder.run", *sys.argv[1:]])
+
+import argparse
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from experiments import record
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+PRETRAINED = {"decoder": "configs/base.py", "encoder": "configs/encoder.py"}
+
+
+def _records(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def _final_eval(workdir: str) -> dict | None:
+  evals = [r for r in _records(workdir) if "eval_loss" in r]
+  return evals[-1] if evals else None
+
+
+def main_command(config: str, workdir: str, overrides: dict, fresh: bool) -> float:
+  """Runs python -m tpu_lm.main; its wall time in seconds (0 when a finished run is reused)."""
+  if not fresh and _final_eval(workdir) is not None:
+    return 0.0
+  shutil.rmtree(workdir, ignore_errors=True)
+  cmd = [sys.executable, "-m", "tpu_lm.main", f"--config={config}", f"--workdir={workdir}",
+         *(f"--config.{k}={v}" for k, v in overrides.items())]
+  t0 = time.time()
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  if out.returncode:
+    raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+  return time.time() - t0
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of batch 8")
+  p.add_argument("--seeds", nargs="*", type=int, default=[0, 1], help="fine-tuning seeds")
+  p.add_argument("--jobs", type=int, default=2, help="runs at once")
+  args = p.parse_args()
+  factor = record.speed_factor()
+  runs = os.path.join(HERE, "runs")
+  pretrained = {kind: os.path.join(runs, kind) for kind in PRETRAINED}
+  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    walls = dict(zip(PRETRAINED, pool.map(lambda kind: main_command(PRETRAINED[kind], pretrained[kind],
+                                                                    {"sample.num_prompts": 0}, fresh=False),
+                                          PRETRAINED)))
+  print({kind: _final_eval(pretrained[kind]) for kind in PRETRAINED}, flush=True)
+  jobs = [(kind, seed) for kind in PRETRAINED for seed in args.seeds]
+
+  def finetune(job):
+    kind, seed = job
+    workdir = os.path.join(runs, f"{kind}_cls_s{seed}")
+    wall = main_command(f"configs/finetune.py:{pretrained[kind]}", workdir, {
+        "task.kind": "classification", "data.dataset": "stdlib_functions", "data.path": "", "seed": seed,
+        "num_train_steps": args.steps, "eval_every_steps": args.steps, "checkpoint_every_steps": args.steps,
+        "log_every_steps": 50}, fresh=True)
+    return job, wall, _final_eval(workdir)
+
+  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    tuned = {job: (wall, result) for job, wall, result in pool.map(finetune, jobs)}
+  dec, enc = _final_eval(pretrained["decoder"]), _final_eval(pretrained["encoder"])
+  lines = [
+      "Pretraining, the same model (2 layers x 160, 1.2M parameters), data, Muon/WSD recipe and 2086 steps of"
+      " 8 x 256 tokens:", "",
+      "| model | objective | its own eval (whole validation split) | wall time |", "|---|---|---|---|",
+      f"| decoder (`configs/base.py`) | next token, causal | {dec['eval_bpb']:.4f} bits/byte, loss"
+      f" {dec['eval_loss']:.4f} nats/token | {_wall(walls['decoder'])} |",
+      f"| encoder (`configs/encoder.py`) | masked tokens (15%), both ways | masked-token accuracy"
+      f" {enc['eval_accuracy']:.4f}, {enc['eval_bits_per_token']:.4f} bits per masked token"
+      f" | {_wall(walls['encoder'])} |", "",
+      f"Fine-tuned for stdlib_functions (10 packages; validation: other files), {args.steps} steps of batch 8"
+      " (configs/finetune.py):", "",
+      "| pretrained | reads the function from | " + " | ".join(f"seed {s} accuracy / macro F1" for s in args.seeds)
+      + " | mean accuracy | mean macro F1 |",
+      "|---|---|" + "---|" * len(args.seeds) + "---|---|"]
+  for kind, pooled in (("decoder", "its last token (EOS), causal"), ("encoder", "its first token (CLS), both ways")):
+    results = [tuned[kind, s][1] for s in args.seeds]
+    lines.append(f"| {kind} | {pooled} | " + " | ".join(f"{r['eval_accuracy']:.4f} / {r['eval_macro_f1']:.4f}"
+                                                          for r in results)
+                 + f" | {sum(r['eval_accuracy'] for r in results) / len(results):.4f}"
+                 f" | {sum(r['eval_macro_f1'] for r in results) / len(results):.4f} |")
+  record.publish(os.path.join(HERE, "results.md"), "Encoder or decoder: pretrained alike, fine-tuned alike",
+                 lines, factor)
+
+
+def _wall(seconds: float) -> str:
+  return f"{seconds:.0f} s" if seconds else "reused"
+
+
+if __name__ == "__main__":
+  main()
