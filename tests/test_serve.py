@@ -198,6 +198,37 @@ def test_the_official_openai_client_works_against_the_server(server, local):
     openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def test_embeddings_are_the_unit_mean_of_the_final_hidden_states_for_text_and_token_ids(server, local):
+  openai = pytest.importorskip("openai")
+  import base64
+
+  import jax.numpy as jnp
+
+  client = openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key=KEY, max_retries=0)
+  texts = ["def add(a, b):", "a"]
+  out = client.embeddings.create(model="m", input=texts)
+  ids = [local.encode_prompt(t) for t in texts]
+  assert [d.index for d in out.data] == [0, 1] and out.usage.prompt_tokens == sum(map(len, ids))
+  for d, one in zip(out.data, ids):  # alone, unpadded: the mean of its states, normalised
+    hidden = local.decoder.model.apply({"params": local.decoder.params}, jnp.asarray([one]),
+                                       jnp.ones((1, len(one)), jnp.int32), jnp.arange(len(one))[None],
+                                       method="hidden").astype(jnp.float32)[0]
+    want = np.asarray(hidden.mean(0) / jnp.linalg.norm(hidden.mean(0)))
+    np.testing.assert_allclose(d.embedding, want, atol=2e-3)  # padded to a bucket in a batch of two
+  assert abs(np.linalg.norm(out.data[0].embedding) - 1) < 1e-5
+  status, data = _post(server, {"input": ids[0], "encoding_format": "base64"}, "/v1/embeddings")
+  assert status == 200, data
+  raw = np.frombuffer(base64.b64decode(json.loads(data)["data"][0]["embedding"]), "<f4")
+  np.testing.assert_allclose(raw, out.data[0].embedding, atol=1e-6)  # token ids as sent: the same text
+  for body, message in [({}, "'input' is required"), ({"input": []}, "'input' is required"),
+                        ({"input": ["a"] * 9}, "'input' holds 9 inputs, more than this server's 8 (--max_batch)"),
+                        ({"input": [10**6]}, "input 0 holds 1000000 at position 0"),
+                        ({"input": "a", "dimensions": 8}, "'dimensions' is not supported"),
+                        ({"input": "a", "encoding_format": "int8"}, "'encoding_format' must be \"float\" or")]:
+    status, data = _post(server, body, "/v1/embeddings")
+    assert status == 400 and message in json.loads(data)["error"]["message"], (body, data)
+
+
 def test_prompt_scoring_is_the_models_own_token_nll_and_transformers(server, local, trained_run, tmp_path):
   """echo + logprobs with max_tokens 0 (what evaluation harnesses send): the prompt's
   tokens with their log-probabilities given the run's BOS before them, through the

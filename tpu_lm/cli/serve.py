@@ -4,6 +4,8 @@
                              ints, or of such lists); "stream": true sends server-sent events;
                              "echo" + "logprobs" (and "max_tokens": 0) scores the prompt
   POST /v1/chat/completions  chat, for a run instruction-tuned here (its chat template)
+  POST /v1/embeddings        unit vectors of texts or token ids: the final hidden states pooled
+                             (--embedding_pooling, default their mean)
   GET  /v1/models            the one model served
   GET  /tokenizer_info       the special tokens, the context and a chat template (vLLM's shape)
   POST /tokenize, /detokenize  text <-> the run's token ids (lm-eval's remote tokenizer uses them)
@@ -75,6 +77,9 @@ _WARMUP = flags.DEFINE_bool(
 _DRAFT = flags.DEFINE_string("draft_workdir", None, "Speculative decoding: a run directory with the same tokenizer"
                              " whose model proposes tokens that --workdir's model checks (same distribution of text).")
 _DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Tokens the draft proposes per step (1 to 16), with --draft_workdir.")
+_POOLING = flags.DEFINE_enum("embedding_pooling", "mean", ["mean", "first", "last"],
+                             "/v1/embeddings: pool the final hidden states by their mean, the first token's (BOS) or"
+                             " the last's; each vector then has unit length.")
 flags.mark_flags_as_required(["workdir"])
 for _holder in (_TENSOR, _MAX_BATCH, _MAX_NEW, _MAX_BODY, _MAX_QUEUE, _MAX_CONN):
   cli.at_least(_holder, 1)
@@ -117,8 +122,8 @@ def body() -> None:
     print(f"warmup: {shapes} shapes compiled in {time.monotonic() - start:.1f} s", flush=True)
   engine = Engine(run, limits.max_batch, max(_MAX_QUEUE.value, limits.max_batch), slots=slots)
   try:
-    server = Server(create_app(run, engine, limits, api_key), _HOST.value, _PORT.value,
-                    max_connections=_MAX_CONN.value, max_per_client=_MAX_PER_CLIENT.value,
+    app = create_app(run, engine, limits, api_key, embedding_pooling=_POOLING.value)
+    server = Server(app, _HOST.value, _PORT.value, max_connections=_MAX_CONN.value, max_per_client=_MAX_PER_CLIENT.value,
                     header_timeout_s=limits.header_timeout_s, write_timeout_s=limits.read_timeout_s,
                     grace_s=_GRACE.value)
   except OSError as e:

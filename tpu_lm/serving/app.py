@@ -1,6 +1,6 @@
 """The server's routes as an ASGI app (FastAPI): OpenAI-style /v1/completions (text or
 token-id prompts, stop sequences, echo, logprobs, suffix), /v1/chat/completions
-(through an instruction-tuned run's chat template), /v1/models; the run's tokenizer
+(through an instruction-tuned run's chat template), /v1/embeddings, /v1/models; the run's tokenizer
 in vLLM's shapes (tokenizer_api.py); /health, /metrics (Prometheus) and the schema
 (/openapi.json, /docs).
 
@@ -24,7 +24,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
 from tpu_lm.inference.engine import Busy, Closed, Engine, Job
-from tpu_lm.serving import schema, tokenizer_api
+from tpu_lm.inference.embed import Embedder
+from tpu_lm.serving import embeddings, schema, tokenizer_api
 from tpu_lm.serving.body import RequestError, error_body
 from tpu_lm.serving.choices import ChoiceText, choice, prompt_logprobs, speculative_usage
 from tpu_lm.serving.guard import Guard
@@ -35,17 +36,18 @@ from tpu_lm.serving.requests import Request as Parsed
 POLL_S = 0.1  # how often a request with no token event checks that its client is still there
 _ERRORS = {status: {"model": schema.ErrorResponse} for status in (400, 401, 408, 411, 413, 429, 503, 504)}
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-_ROUTES = ("POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize, POST /detokenize,"
-           " GET /tokenizer_info, GET /health, GET /metrics or GET /docs")
+_ROUTES = ("POST /v1/completions, POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models, POST /tokenize,"
+           " POST /detokenize, GET /tokenizer_info, GET /health, GET /metrics or GET /docs")
 
 
-def create_app(run, engine: Engine, limits: Limits, api_key: str | None = None, log=None):
+def create_app(run, engine: Engine, limits: Limits, api_key: str | None = None, log=None,
+               embedding_pooling: str = "mean"):
   """The app, behind its Guard (API key, body limits, access log, metrics)."""
   model_name = f"tpu_lm/{os.path.basename(run.workdir)}@{run.step}"
   created = int(time.time())
   app = FastAPI(title="tpu_lm", version="1", description=f"An OpenAI-compatible API over {model_name}.",
                 redoc_url=None)
-  routes = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info",
+  routes = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info",
             "/health", "/metrics", "/docs", "/openapi.json"}
   metrics = Metrics(engine, routes)
 
@@ -95,6 +97,17 @@ def create_app(run, engine: Engine, limits: Limits, api_key: str | None = None, 
     return await asyncio.to_thread(tokenizer_api.detokenize, await request.body(), run)
 
   answer = _Answerer(run, engine, limits, metrics, model_name)
+  embedder = Embedder(run.decoder.model, run.decoder.params, run.decoder.max_len, run.tokenizer.pad_id,
+                      pooling=embedding_pooling, max_batch=limits.max_batch)
+
+  @app.post("/v1/embeddings", response_model=schema.EmbeddingList, responses=_ERRORS,
+            openapi_extra=_body(schema.EmbeddingRequest))
+  async def embed(request: Request):
+    ids, fmt = await asyncio.to_thread(embeddings.parse, await request.body(), run, limits.max_batch)
+    # Beside the engine's thread, not in it: one forward pass, no decoding slots taken.
+    vectors = await asyncio.to_thread(embedder.embed, ids)
+    metrics.prompt_tokens.inc(sum(len(i) for i in ids))
+    return embeddings.answer(vectors, ids, fmt, model_name)
 
   @app.post("/v1/completions", response_model=schema.Completion, responses=_ERRORS,
             openapi_extra=_body(schema.CompletionRequest))
@@ -121,8 +134,8 @@ def create_app(run, engine: Engine, limits: Limits, api_key: str | None = None, 
                metrics=metrics, log=log)
 
 
-_REQUEST_MODELS = (schema.CompletionRequest, schema.ChatCompletionRequest, schema.TokenizeRequest,
-                   schema.DetokenizeRequest)
+_REQUEST_MODELS = (schema.CompletionRequest, schema.ChatCompletionRequest, schema.EmbeddingRequest,
+                   schema.TokenizeRequest, schema.DetokenizeRequest)
 
 
 def _body(model) -> dict:

@@ -213,3 +213,31 @@ class DetokenizeRequest(BaseModel):
 
 class DetokenizeResponse(BaseModel):
   prompt: str
+
+
+class EmbeddingRequest(BaseModel):
+  """POST /v1/embeddings."""
+
+  input: Prompt = Field(description="A string, a list of strings, a list of token ids, or a list of lists of token"
+                        " ids (taken as sent: no BOS added); at most the server's --max_batch inputs.")
+  model: Annotated[str | None, SkipValidation] = Field(None, description="Ignored: a server serves one model.")
+  encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32 bytes.")
+  user: Annotated[Any, SkipValidation] = Field(None, description="Ignored.")
+
+
+class Embedding(BaseModel):
+  object: Literal["embedding"]
+  index: int
+  embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+  prompt_tokens: int
+  total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+  object: Literal["list"]
+  model: str
+  data: list[Embedding]
+  usage: EmbeddingUsage
