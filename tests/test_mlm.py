@@ -179,7 +179,7 @@ def test_an_encoder_trains_fills_masks_is_fine_tuned_and_refuses_left_to_right_g
     run_dir.load(workdir)
   # Its masks filled: the distribution at the mask over the text tokens, from the logits.
   encoder = fill_mask.load(workdir)
-  [candidates] = encoder.fill("def <mask>(self):", top_k=4)
+  [candidates] = fill_mask.fill(encoder, "def <mask>(self):", top_k=4)
   tok = encoder.tokenizer
   ids = [tok.bos_id, *tok.encode_batch(["def "])[0], tok.sentinels[mlm.MASK], *tok.encode_batch(["(self):"])[0],
          tok.eos_id]
@@ -191,7 +191,7 @@ def test_an_encoder_trains_fills_masks_is_fine_tuned_and_refuses_left_to_right_g
   np.testing.assert_allclose([c.probability for c in candidates], probs[want], rtol=1e-4)
   assert candidates[0].sequence == f"def {candidates[0].token}(self):"
   with pytest.raises(UserError, match="^--fill_mask text has no <mask>: write <mask> where"):
-    encoder.fill("def f(self):")
+    fill_mask.fill(encoder, "def f(self):")
   capsys.readouterr()  # what training printed
   cli_body("generate", [f"--workdir={workdir}", "--fill_mask=def <mask>(self):", "--top_k=2"])
   out = capsys.readouterr().out.splitlines()
@@ -199,6 +199,9 @@ def test_an_encoder_trains_fills_masks_is_fine_tuned_and_refuses_left_to_right_g
   assert out[1].startswith(f"{candidates[0].probability:.4f}  {candidates[0].token!r}")
   with pytest.raises(UserError, match="^--fill_mask asks an encoder to fill masks: leave out --prompt"):
     cli_body("generate", [f"--workdir={workdir}", "--fill_mask=<mask>", "--prompt=a"])
+  _served_for_embeddings(encoder)
+  with pytest.raises(UserError, match="^--draft_workdir is for a decoder; .* is an encoder"):
+    cli_body("serve", [f"--workdir={workdir}", f"--draft_workdir={workdir}"])
   # Fine-tuned into a classifier: from its first (CLS) token, reading both ways.
   cls = tiny_config("", data_dir)
   cls.update(init_from=workdir, num_train_steps=6, eval_every_steps=100, checkpoint_every_steps=100)
@@ -211,3 +214,40 @@ def test_an_encoder_trains_fills_masks_is_fine_tuned_and_refuses_left_to_right_g
   with pytest.raises(UserError, match=r"is an encoder \(its attention is bidirectional\), this config's attention is"
                                       r" causal: .* \(set task.attention='bidirectional' for a classifier\)\.$"):
     loop.train_and_evaluate(cls, str(tmp_path / "cls2"))
+
+
+def _served_for_embeddings(run):
+  """An encoder's server: /v1/embeddings (its first token's state, as configured), and a
+  one-line refusal of completions."""
+  import http.client
+  import json
+
+  from tpu_lm.serving.app import create_app
+  from tpu_lm.serving.requests import Limits
+  from tpu_lm.serving.server import Server
+
+  limits = Limits(max_prompt_tokens=32, max_new_tokens=8, max_body_bytes=4000, timeout_s=30, max_batch=4)
+  server = Server(create_app(run, None, limits, embedding_pooling="first"), "127.0.0.1", 0, max_connections=4,
+                  max_per_client=4, header_timeout_s=5, write_timeout_s=30)
+
+  def post(path, body):
+    conn = http.client.HTTPConnection("127.0.0.1", server.address[1], timeout=60)
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    out = resp.status, json.loads(resp.read())
+    conn.close()
+    return out
+
+  with server.started():
+    status, out = post("/v1/embeddings", {"input": ["def f(x):", "return <mask>"]})
+    assert status == 200 and len(out["data"]) == 2, out
+    ids = run.encode_prompt("def f(x):")  # [BOS] text [EOS], as training read documents
+    assert ids[0] == run.tokenizer.bos_id and ids[-1] == run.tokenizer.eos_id
+    hidden = run.model.apply({"params": run.params}, jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32),
+                             jnp.arange(len(ids))[None], method="hidden").astype(jnp.float32)[0, 0]
+    np.testing.assert_allclose(out["data"][0]["embedding"], hidden / jnp.linalg.norm(hidden), atol=2e-3)
+    status, out = post("/v1/completions", {"prompt": "a"})
+    assert status == 400 and "is an encoder (it reads both ways and generates nothing): it answers POST" \
+        " /v1/embeddings" in out["error"]["message"]
+    status, out = post("/tokenize", {"prompt": "a <mask>"})
+    assert status == 200 and out["tokens"][-2] == run.tokenizer.sentinels[mlm.MASK]

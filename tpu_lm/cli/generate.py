@@ -245,10 +245,10 @@ def fill_masks() -> None:
   top_k = _TOP_K.value if flags.FLAGS["top_k"].present else 5
   if top_k < 1:
     raise UserError(f"--top_k={top_k} is invalid with --fill_mask: give the number of candidates to show (1 or more).")
-  encoder = fill_mask.load(_WORKDIR.value, _STEP.value)
-  print(f"[loaded {encoder.workdir} at step {encoder.step}]", file=sys.stderr, flush=True)
+  run = fill_mask.load(_WORKDIR.value, _STEP.value)
+  print(f"[loaded {run.workdir} at step {run.step}]", file=sys.stderr, flush=True)
   for text in _FILL_MASK.value:
-    masks = encoder.fill(text, top_k)
+    masks = fill_mask.fill(run, text, top_k)
     for m, candidates in enumerate(masks):
       print(f"--- {text!r}: mask {m + 1}/{len(masks)} ---")
       for c in candidates:

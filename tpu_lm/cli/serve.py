@@ -100,15 +100,25 @@ def body() -> None:
   from tpu_lm.serving.requests import Limits
   from tpu_lm.serving.server import Server
 
-  run = run_dir.load(_WORKDIR.value, step=_STEP.value, tensor_parallel=_TENSOR.value)
-  context = run.decoder.max_len
+  encoder = run_dir.is_encoder(_WORKDIR.value, _STEP.value)
+  if encoder:
+    for flag in (_DRAFT, _TENSOR, _WARMUP):
+      if flags.FLAGS[flag.name].present:
+        raise UserError(f"--{flag.name} is for a decoder; {_WORKDIR.value} is an encoder (task.kind='mlm'), served for"
+                        " /v1/embeddings only: leave it out.")
+    run = run_dir.load_encoder(_WORKDIR.value, step=_STEP.value)
+  else:
+    run = run_dir.load(_WORKDIR.value, step=_STEP.value, tensor_parallel=_TENSOR.value)
+  context = run.max_len
   limits = Limits(
       max_prompt_tokens=min(_MAX_PROMPT.value or context, context - 1),
       max_new_tokens=min(_MAX_NEW.value, context - 1), max_body_bytes=_MAX_BODY.value,
       timeout_s=_TIMEOUT.value, max_batch=_MAX_BATCH.value, read_timeout_s=_READ_TIMEOUT.value,
       header_timeout_s=_HEADER_TIMEOUT.value,
   )
-  if _DRAFT.value:
+  if encoder:
+    engine = None
+  elif _DRAFT.value:
     from tpu_lm.inference import speculative
 
     spec = speculative.attach(run, _DRAFT.value, _DRAFT_TOKENS.value, tensor_parallel=_TENSOR.value)
@@ -116,11 +126,12 @@ def body() -> None:
     print(f"draft {_DRAFT.value}: {spec.k} tokens a step", file=sys.stderr, flush=True)
   else:
     slots = SlotDecoder(run.decoder, limits.max_batch)
-  if _WARMUP.value:
-    start = time.monotonic()
-    shapes = slots.warmup(limits.max_prompt_tokens)
-    print(f"warmup: {shapes} shapes compiled in {time.monotonic() - start:.1f} s", flush=True)
-  engine = Engine(run, limits.max_batch, max(_MAX_QUEUE.value, limits.max_batch), slots=slots)
+  if not encoder:
+    if _WARMUP.value:
+      start = time.monotonic()
+      shapes = slots.warmup(limits.max_prompt_tokens)
+      print(f"warmup: {shapes} shapes compiled in {time.monotonic() - start:.1f} s", flush=True)
+    engine = Engine(run, limits.max_batch, max(_MAX_QUEUE.value, limits.max_batch), slots=slots)
   try:
     app = create_app(run, engine, limits, api_key, embedding_pooling=_POOLING.value)
     server = Server(app, _HOST.value, _PORT.value, max_connections=_MAX_CONN.value, max_per_client=_MAX_PER_CLIENT.value,
@@ -133,11 +144,16 @@ def body() -> None:
     print(f"warning: {host} is reachable from the network and no API key is set: anyone who can reach port {port}"
           " can use this server; pass --api_key or set TPU_LM_API_KEY.", file=sys.stderr, flush=True)
   print(f"serving {run.workdir} (step {run.step}) on http://{host}:{port}"
-        f"  [context {context} tokens, max_batch {limits.max_batch}, API key {'required' if api_key else 'none'};"
+        f"  [{'encoder: /v1/embeddings only; ' if encoder else ''}context {context} tokens, max_batch"
+        f" {limits.max_batch}, API key {'required' if api_key else 'none'};"
         f" schema at /docs]", flush=True)
   reports = []
   # On SIGTERM or Ctrl-C: no new sequences; those in flight finish within the grace or are cancelled,
   # while uvicorn stops accepting and waits for their answers to go out.
+  if engine is None:  # an encoder's requests are one forward pass each: uvicorn waits for them
+    server.serve()
+    print("server stopped", flush=True)
+    return
   server.serve(on_exit=lambda: reports.append(engine.close(_GRACE.value)))
   report = reports[0] if reports else engine.close(0)
   print(f"server stopped: {_listed(report.finished, 'in-flight request finished', 'in-flight requests finished')};"

@@ -10,11 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_lm import storage, tasks
-from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.errors import UserError
 from tpu_lm.inference import run_dir
-from tpu_lm.parallel import mesh as mesh_lib
 from tpu_lm.tasks import mlm
 
 
@@ -26,38 +23,35 @@ class Candidate:
   sequence: str  # the text with this token in the mask's place (the others left as <mask>)
 
 
-@dataclasses.dataclass
-class Encoder:
-  workdir: str
-  step: int
-  tokenizer: object
-  model: object
-  params: object
-  max_len: int
+def load(workdir: str, step: int | None = None) -> run_dir.EncoderRun:
+  """The encoder run, refused in one line when it is not one."""
+  if not run_dir.is_encoder(workdir, step):
+    raise UserError(f"{workdir} reads left to right: --fill_mask needs an encoder trained with task.kind='mlm'"
+                    " (configs/encoder.py); sample a language model with --prompt instead.")
+  return run_dir.load_encoder(workdir, step=step)
 
-  def fill(self, text: str, top_k: int = 5) -> list[list[Candidate]]:
-    """For each <mask> in `text`, in order, its `top_k` most likely tokens (the
-    vocabulary's own: never a special token)."""
-    ids = tokenizer_lib.encode_text(self.tokenizer, text)
-    mask_id = self.tokenizer.sentinels[mlm.MASK]
-    where = [i + 1 for i, t in enumerate(ids) if t == mask_id]  # after BOS
-    if not where:
-      raise UserError(f"--fill_mask text has no {mlm.MASK}: write {mlm.MASK} where the model should fill in a token.")
-    tokens = [self.tokenizer.bos_id, *ids, self.tokenizer.eos_id]
-    if len(tokens) > self.max_len:
-      raise UserError(f"--fill_mask text is {len(tokens)} tokens with BOS and EOS, more than the model's context of"
-                      f" {self.max_len}: shorten it.")
-    probs_MxV = np.asarray(_probabilities(self.model, self.params, jnp.asarray([tokens], jnp.int32),
-                                          jnp.asarray(where), self.tokenizer.vocab_size,
-                                          jnp.asarray(_not_text(self.tokenizer))))
-    pieces = text.split(mlm.MASK)
-    out = []
-    for m, probs_V in enumerate(probs_MxV):
-      best = np.argsort(-probs_V, kind="stable")[:top_k]
-      out.append([Candidate(int(t), self.tokenizer.decode([int(t)]), float(probs_V[t]),
-                            mlm.MASK.join(pieces[:m + 1]) + self.tokenizer.decode([int(t)])
-                            + mlm.MASK.join(pieces[m + 1:])) for t in best])
-    return out
+
+def fill(run: run_dir.EncoderRun, text: str, top_k: int = 5) -> list[list[Candidate]]:
+  """For each <mask> in `text`, in order, its `top_k` most likely tokens (the
+  vocabulary's own: never a special token)."""
+  tok = run.tokenizer
+  tokens = run.encode_prompt(text)
+  where = [i for i, t in enumerate(tokens) if t == tok.sentinels[mlm.MASK]]
+  if not where:
+    raise UserError(f"--fill_mask text has no {mlm.MASK}: write {mlm.MASK} where the model should fill in a token.")
+  if len(tokens) > run.max_len:
+    raise UserError(f"--fill_mask text is {len(tokens)} tokens with BOS and EOS, more than the model's context of"
+                    f" {run.max_len}: shorten it.")
+  probs_MxV = np.asarray(_probabilities(run.model, run.params, jnp.asarray([tokens], jnp.int32), jnp.asarray(where),
+                                        tok.vocab_size, jnp.asarray(_not_text(tok))))
+  pieces = text.split(mlm.MASK)
+  out = []
+  for m, probs_V in enumerate(probs_MxV):
+    best = np.argsort(-probs_V, kind="stable")[:top_k]
+    out.append([Candidate(int(t), tok.decode([int(t)]), float(probs_V[t]),
+                          mlm.MASK.join(pieces[:m + 1]) + tok.decode([int(t)]) + mlm.MASK.join(pieces[m + 1:]))
+                for t in best])
+  return out
 
 
 def _not_text(tokenizer) -> np.ndarray:
@@ -74,18 +68,3 @@ def _probabilities(model, params, tokens_1xT, where_M, vocab_size: int, special_
   logits_1xTxV = model.apply({"params": params}, tokens_1xT, jnp.ones_like(tokens_1xT), jnp.arange(t)[None])
   logits_MxV = logits_1xTxV[0, where_M, :vocab_size].astype(jnp.float32)
   return jax.nn.softmax(jnp.where(special_V, -jnp.inf, logits_MxV), axis=-1)
-
-
-def load(workdir: str, step: int | None = None) -> Encoder:
-  """An encoder run's newest (or `step`'s) parameters, on one device."""
-  workdir = storage.absolute(workdir)
-  step = run_dir.resolve_step(workdir, step)
-  config = run_dir.read_config(workdir, step)
-  objective = tasks.from_config(config)
-  if objective.name != mlm.NAME:
-    raise UserError(f"{workdir} is a {objective.name} run: --fill_mask needs an encoder trained with task.kind='mlm'"
-                    " (configs/encoder.py); sample a language model with --prompt instead.")
-  tokenizer = tokenizer_lib.load_for_run(workdir)
-  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  params, model_cfg, _ = run_dir.read_model(workdir, step, config, mesh)
-  return Encoder(workdir, step, tokenizer, run_dir.inference_model(config, model_cfg), params, model_cfg.max_len)

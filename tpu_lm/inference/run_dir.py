@@ -60,6 +60,69 @@ class Run:
     Hugging Face; the run directory records which (tokenizer.encode_prompt)."""
     return tokenizer_lib.encode_prompt(self.tokenizer, text)
 
+  # What a forward pass needs, alike for decoders and encoders (EncoderRun): the
+  # server's embeddings and tokenizer routes read these.
+  @property
+  def model(self):
+    return self.decoder.model
+
+  @property
+  def params(self):
+    return self.decoder.params
+
+  @property
+  def max_len(self) -> int:
+    return self.decoder.max_len
+
+  @property
+  def vocab_size(self) -> int:
+    return self.decoder.vocab_size
+
+
+@dataclasses.dataclass
+class EncoderRun:
+  """An encoder run (task.kind="mlm") read for inference: no decoder, a forward pass
+  over whole texts (inference/fill_mask.py, the server's /v1/embeddings)."""
+
+  workdir: str
+  step: int
+  config: ml_collections.ConfigDict
+  tokenizer: tokenizer_lib.Tokenizer
+  objective: object
+  model: object
+  params: object
+  max_len: int
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.vocab_size
+
+  def encode_prompt(self, text: str) -> list[int]:
+    """`text` as training read a document: [BOS] + its ids + [EOS] (a `<mask>` in it is
+    the mask token)."""
+    return [self.tokenizer.bos_id, *tokenizer_lib.encode_text(self.tokenizer, text), self.tokenizer.eos_id]
+
+
+def is_encoder(workdir: str, step: int | None = None) -> bool:
+  """Whether the run reads both ways (an encoder: load it with load_encoder)."""
+  workdir = storage.absolute(workdir)
+  return tasks.from_config(read_config(workdir, resolve_step(workdir, step))).attention == "bidirectional"
+
+
+def load_encoder(workdir: str, *, step: int | None = None, devices=None) -> EncoderRun:
+  """An encoder run's newest (or `step`'s) checkpoint, on the first of `devices` (default: all)."""
+  workdir = storage.absolute(workdir)
+  step = resolve_step(workdir, step)
+  config = read_config(workdir, step)
+  objective = tasks.from_config(config)
+  if objective.attention != "bidirectional":
+    raise UserError(f"{workdir} is a {objective.name} run, not an encoder: it reads left to right; sample it with"
+                    " --prompt.")
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, (devices or jax.devices())[:1])
+  params, model_cfg, _ = read_model(workdir, step, config, mesh)
+  return EncoderRun(workdir, step, config, tokenizer_lib.load_for_run(workdir), objective,
+                    inference_model(config, model_cfg), params, model_cfg.max_len)
+
 
 def _manager(workdir: str, *, read_only: bool = True) -> ocp.CheckpointManager:
   ckpt_dir = os.path.join(workdir, "checkpoints")

@@ -40,15 +40,18 @@ _ROUTES = ("POST /v1/completions, POST /v1/chat/completions, POST /v1/embeddings
            " POST /detokenize, GET /tokenizer_info, GET /health, GET /metrics or GET /docs")
 
 
-def create_app(run, engine: Engine, limits: Limits, api_key: str | None = None, log=None,
+def create_app(run, engine: Engine | None, limits: Limits, api_key: str | None = None, log=None,
                embedding_pooling: str = "mean"):
-  """The app, behind its Guard (API key, body limits, access log, metrics)."""
+  """The app, behind its Guard (API key, body limits, access log, metrics). `run` is a
+  run_dir.Run with its `engine`, or an encoder's run_dir.EncoderRun with None."""
   model_name = f"tpu_lm/{os.path.basename(run.workdir)}@{run.step}"
   created = int(time.time())
   app = FastAPI(title="tpu_lm", version="1", description=f"An OpenAI-compatible API over {model_name}.",
                 redoc_url=None)
   routes = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info",
             "/health", "/metrics", "/docs", "/openapi.json"}
+  encoder = engine is None  # no decoding: /v1/embeddings and the tokenizer's routes only
+  engine = _NoDecoding() if encoder else engine
   metrics = Metrics(engine, routes)
 
   @app.exception_handler(RequestError)
@@ -97,8 +100,8 @@ def create_app(run, engine: Engine, limits: Limits, api_key: str | None = None, 
     return await asyncio.to_thread(tokenizer_api.detokenize, await request.body(), run)
 
   answer = _Answerer(run, engine, limits, metrics, model_name)
-  embedder = Embedder(run.decoder.model, run.decoder.params, run.decoder.max_len, run.tokenizer.pad_id,
-                      pooling=embedding_pooling, max_batch=limits.max_batch)
+  embedder = Embedder(run.model, run.params, run.max_len, run.tokenizer.pad_id, pooling=embedding_pooling,
+                      max_batch=limits.max_batch)
 
   @app.post("/v1/embeddings", response_model=schema.EmbeddingList, responses=_ERRORS,
             openapi_extra=_body(schema.EmbeddingRequest))
@@ -112,12 +115,16 @@ def create_app(run, engine: Engine, limits: Limits, api_key: str | None = None, 
   @app.post("/v1/completions", response_model=schema.Completion, responses=_ERRORS,
             openapi_extra=_body(schema.CompletionRequest))
   async def completions(request: Request):
+    if encoder:
+      raise _not_decoding(model_name)
     # Off the event loop: tokenizing a long prompt must not stall the streams in flight.
     return await answer(request, await asyncio.to_thread(parse_request, await request.body(), run, limits))
 
   @app.post("/v1/chat/completions", response_model=schema.ChatCompletion, responses=_ERRORS,
             openapi_extra=_body(schema.ChatCompletionRequest))
   async def chat_completions(request: Request):
+    if encoder:
+      raise _not_decoding(model_name)
     return await answer(request, await asyncio.to_thread(parse_request, await request.body(), run, limits, chat=True))
 
   def openapi():
@@ -132,6 +139,21 @@ def create_app(run, engine: Engine, limits: Limits, api_key: str | None = None, 
   app.openapi = openapi
   return Guard(app, max_body_bytes=limits.max_body_bytes, read_timeout_s=limits.read_timeout_s, api_key=api_key,
                metrics=metrics, log=log)
+
+
+class _NoDecoding:
+  """The engine of a server over an encoder: it decodes nothing, so nothing waits or runs."""
+
+  def queued(self) -> int:
+    return 0
+
+  def running(self) -> int:
+    return 0
+
+
+def _not_decoding(model_name: str) -> RequestError:
+  return RequestError(400, f"{model_name} is an encoder (it reads both ways and generates nothing): it answers POST"
+                           " /v1/embeddings and the tokenizer's routes, not completions.")
 
 
 _REQUEST_MODELS = (schema.CompletionRequest, schema.ChatCompletionRequest, schema.EmbeddingRequest,

@@ -2,7 +2,8 @@
 of token ids or a list of lists of them, "encoding_format": "float" (default) or
 "base64"} -> {"object": "list", "data": [{"object": "embedding", "index", "embedding"}],
 "model", "usage"}. A text input is read as a completion's prompt is (after the run's
-BOS); token ids as sent. Each vector has unit length (inference/embed.py)."""
+BOS; an encoder's between BOS and EOS, as it read documents); token ids as sent. Each
+vector has unit length (inference/embed.py)."""
 
 import base64
 
@@ -21,7 +22,7 @@ def parse(body: bytes, run, max_inputs: int) -> tuple[list[list[int]], str]:
   if fmt not in ("float", "base64"):
     raise RequestError(400, f"'encoding_format' must be \"float\" or \"base64\"; got {shown(fmt)}.", "encoding_format")
   value = req.get("input")
-  vocab, context = run.decoder.vocab_size, run.decoder.max_len
+  vocab, context = run.vocab_size, run.max_len
   if isinstance(value, str) or (isinstance(value, list) and value and all(type(v) is int for v in value)):
     value = [value]
   if not isinstance(value, list) or not value:

@@ -18,7 +18,7 @@ def info(run) -> dict:
   tok = run.tokenizer
   names = tokenizer_lib.special_tokens(tok)
   out = {"tokenizer_class": type(tok).__name__, "vocab_size": tok.vocab_size,
-         "model_max_length": run.decoder.max_len, "max_model_len": run.decoder.max_len,
+         "model_max_length": run.max_len, "max_model_len": run.max_len,
          # How a text prompt becomes ids here: a token-id prompt is read as sent, so it
          # should begin as these do (a run trained here: with bos_token_id).
          "prompt": tok.prompt, "add_bos_token": tok.prompt == tokenizer_lib.PROMPT_BOS}
@@ -43,7 +43,7 @@ def tokenize(body: bytes, run) -> dict:
                        "add_special_tokens")
   check_text(text, "the prompt", "prompt")
   ids = run.encode_prompt(text) if special else tokenizer_lib.encode_text(run.tokenizer, text)
-  return {"tokens": [int(t) for t in ids], "count": len(ids), "max_model_len": run.decoder.max_len}
+  return {"tokens": [int(t) for t in ids], "count": len(ids), "max_model_len": run.max_len}
 
 
 def detokenize(body: bytes, run) -> dict:
