@@ -7,9 +7,10 @@ both ways, the loss on 15% of the tokens), then fine-tunes each for the offline
 classification task of the transfer experiment (stdlib_functions: which of ten
 standard-library packages a function comes from, held out by file) with
 configs/finetune.py, --steps steps: the decoder from its last token's state, the
-encoder from its first (CLS) token's, as each was trained to read. Reports each
-pretraining's own eval and wall time, and the classifiers' accuracy and macro F1,
-for --seeds fine-tuning seeds.
+encoder from its first (CLS) token's, as each was trained to read; and for token
+tagging (each token of the standard library's source labelled with its Python class,
+tasks/tagging.py). Reports each pretraining's own eval and wall time, and the
+fine-tuned models' accuracy and macro F1, for --seeds fine-tuning seeds.
 
   python experiments/encoder/run.py [--steps 300] [--seeds 0 1] [--jobs 2]
 
@@ -68,6 +69,7 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of batch 8")
   p.add_argument("--seeds", nargs="*", type=int, default=[0, 1], help="fine-tuning seeds")
   p.add_argument("--jobs", type=int, default=2, help="runs at once")
+  p.add_argument("--reuse", action="store_true", help="reuse finished fine-tuning runs too (to rewrite the table)")
   args = p.parse_args()
   factor = record.speed_factor()
   runs = os.path.join(HERE, "runs")
@@ -79,15 +81,18 @@ def main() -> None:
   print({kind: _final_eval(pretrained[kind]) for kind in PRETRAINED}, flush=True)
   jobs = [(kind, seed) for kind in PRETRAINED for seed in args.seeds]
 
+  tasks = {"cls": {"task.kind": "classification", "data.dataset": "stdlib_functions", "data.path": ""},
+           "tag": {"task.kind": "tagging"}}  # tagging: the base's corpus, its tokens' Python classes
+
   def finetune(job):
-    kind, seed = job
-    workdir = os.path.join(runs, f"{kind}_cls_s{seed}")
+    kind, task, seed = job
+    workdir = os.path.join(runs, f"{kind}_{task}_s{seed}")
     wall = main_command(f"configs/finetune.py:{pretrained[kind]}", workdir, {
-        "task.kind": "classification", "data.dataset": "stdlib_functions", "data.path": "", "seed": seed,
-        "num_train_steps": args.steps, "eval_every_steps": args.steps, "checkpoint_every_steps": args.steps,
-        "log_every_steps": 50}, fresh=True)
+        **tasks[task], "seed": seed, "num_train_steps": args.steps, "eval_every_steps": args.steps,
+        "checkpoint_every_steps": args.steps, "log_every_steps": 50}, fresh=not args.reuse)
     return job, wall, _final_eval(workdir)
 
+  jobs = [(kind, task, seed) for task in tasks for kind, seed in jobs]
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
     tuned = {job: (wall, result) for job, wall, result in pool.map(finetune, jobs)}
   dec, enc = _final_eval(pretrained["decoder"]), _final_eval(pretrained["encoder"])
@@ -106,13 +111,22 @@ def main() -> None:
       + " | mean accuracy | mean macro F1 |",
       "|---|---|" + "---|" * len(args.seeds) + "---|---|"]
   for kind, pooled in (("decoder", "its last token (EOS), causal"), ("encoder", "its first token (CLS), both ways")):
-    results = [tuned[kind, s][1] for s in args.seeds]
-    lines.append(f"| {kind} | {pooled} | " + " | ".join(f"{r['eval_accuracy']:.4f} / {r['eval_macro_f1']:.4f}"
-                                                          for r in results)
-                 + f" | {sum(r['eval_accuracy'] for r in results) / len(results):.4f}"
-                 f" | {sum(r['eval_macro_f1'] for r in results) / len(results):.4f} |")
+    lines.append(_row(kind, pooled, [tuned[kind, "cls", s][1] for s in args.seeds]))
+  lines += ["", f"Fine-tuned to tag each token of the standard library's source with its Python class (name,"
+            f" keyword, operator, number, string, comment, space; tasks/tagging.py), {args.steps} steps of 8 x 256"
+            " tokens, scored on every token of the validation split:", "",
+            "| pretrained | a token sees | " + " | ".join(f"seed {s} accuracy / macro F1" for s in args.seeds)
+            + " | mean accuracy | mean macro F1 |", "|---|---|" + "---|" * len(args.seeds) + "---|---|"]
+  for kind, sees in (("decoder", "what precedes it"), ("encoder", "its whole row, both ways")):
+    lines.append(_row(kind, sees, [tuned[kind, "tag", s][1] for s in args.seeds]))
   record.publish(os.path.join(HERE, "results.md"), "Encoder or decoder: pretrained alike, fine-tuned alike",
                  lines, factor)
+
+
+def _row(kind: str, how: str, results: list[dict]) -> str:
+  return (f"| {kind} | {how} | " + " | ".join(f"{r['eval_accuracy']:.4f} / {r['eval_macro_f1']:.4f}" for r in results)
+          + f" | {sum(r['eval_accuracy'] for r in results) / len(results):.4f}"
+          f" | {sum(r['eval_macro_f1'] for r in results) / len(results):.4f} |")
 
 
 def _wall(seconds: float) -> str:

@@ -145,7 +145,7 @@ def validate(config) -> None:
          " loss (lm, instructions, fim and distill do): set it to 0")
   own = tasks.from_config(config).attention
   if config.task.attention and tasks.name_of(config) != "classification" and config.task.attention != own:
-    fail("task.attention", config.task.attention, f"only a classifier chooses its attention; the"
+    fail("task.attention", config.task.attention, f"only a classifier or a tagger chooses its attention; the"
          f" {tasks.name_of(config)} objective's is {own}: leave it ''")
   if config.optim.optimizer == "schedule_free_adamw":
     if config.optim.schedule != "constant":

@@ -60,15 +60,16 @@ def get_config() -> ml_collections.ConfigDict:
   # "classification" (a head on the pooled final hidden state; the labels and class
   # count come from the dataset's data.label_key feature), "distill" (a student
   # learning a teacher run's distributions; also "lm" with distill.teacher set), "fim"
-  # (fill in the middle), or "mlm" (an encoder: masked-token prediction, attention both
-  # ways; configs/encoder.py).
+  # (fill in the middle), "mlm" (an encoder: masked-token prediction, attention both
+  # ways; configs/encoder.py), or "tagging" (a label per token: what each token of
+  # Python source is, by Python's tokenize module).
   c.task = ml_collections.ConfigDict()
   c.task.kind = "lm"
   # classification: "last" (the final token's state), "first" (BOS's: an encoder's CLS) or "mean"
   c.task.pooling = "last"
   _choice('task.pooling', ('last', 'first', 'mean'))
-  # classification: "" (causal, a decoder's) or "bidirectional" (an encoder's: a run of
-  # task.kind="mlm", fine-tuned with init_from, reads both ways as it was trained to).
+  # classification and tagging: "" (causal, a decoder's) or "bidirectional" (an encoder's:
+  # a run of task.kind="mlm", fine-tuned with init_from, reads both ways as it was trained to).
   c.task.attention = ""
   _choice('task.attention', ('', 'causal', 'bidirectional'))
 

@@ -237,6 +237,27 @@ def add_sentinels(tok: Tokenizer, names: tuple[str, ...]) -> Tokenizer:
   return out
 
 
+def byte_lengths(tok: Tokenizer) -> np.ndarray:
+  """Per id, how many UTF-8 bytes of text it stands for (0 for special ids and
+  sentinels): for our lossless tokenizers, a document's ids' lengths sum to its bytes,
+  so their running sum places each token in the text. Hugging Face tokenizers are not
+  covered (their normalisers may rewrite the text)."""
+  out = np.zeros(tok.vocab_size, np.int64)
+  plain = tok.vocab_size - len(tok.sentinels)
+  if isinstance(tok, ByteTokenizer):
+    out[tok.OFFSET:plain] = 1
+  elif isinstance(tok, SentencePieceTokenizer):
+    sp = tok._sp
+    for i in range(plain):
+      if sp.is_control(i) or sp.is_unknown(i):
+        continue
+      piece = sp.id_to_piece(i)
+      out[i] = 1 if sp.is_byte(i) else len(piece.replace("\u2581", " ").encode("utf-8"))
+  else:
+    raise UserError(f"token offsets need a tokenizer tpu_lm makes (bytes or SentencePiece), not {tok.name}.")
+  return out
+
+
 def special_tokens(tok: Tokenizer) -> dict[str, str]:
   """{"pad_id": string, "bos_id": ..., "eos_id": ...}: the string of each special token
   (the end-of-sequence one's where padding is end-of-sequence)."""
