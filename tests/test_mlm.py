@@ -200,6 +200,17 @@ def test_an_encoder_trains_fills_masks_is_fine_tuned_and_refuses_left_to_right_g
   with pytest.raises(UserError, match="^--fill_mask asks an encoder to fill masks: leave out --prompt"):
     cli_body("generate", [f"--workdir={workdir}", "--fill_mask=<mask>", "--prompt=a"])
   _served_for_embeddings(encoder)
+  # Compressed (int8 weights): its masked-token eval before and after, and it still fills masks.
+  from tpu_lm.model import quant
+  from tpu_lm.training import compression, prune
+
+  out_dir = str(tmp_path / "int8")
+  done = compression.compress(workdir, out_dir, quant_spec=quant.Spec(weight_qtype="int8"),
+                              prune_spec=prune.Spec())
+  assert abs(done.compressed["eval_bits_per_token"] - done.source["eval_bits_per_token"]) < 0.05
+  assert done.bits_per_weight < 32  # the blocks int8; the tied embedding table, most of this tiny model, float
+  [small] = fill_mask.fill(fill_mask.load(out_dir), "def <mask>(self):", top_k=4)
+  assert [c.token_id for c in small][:2] == [c.token_id for c in candidates][:2]
   with pytest.raises(UserError, match="^--draft_workdir is for a decoder; .* is an encoder"):
     cli_body("serve", [f"--workdir={workdir}", f"--draft_workdir={workdir}"])
   # Fine-tuned into a classifier: from its first (CLS) token, reading both ways.

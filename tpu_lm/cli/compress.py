@@ -30,6 +30,12 @@ _EVAL_BATCHES = flags.DEFINE_integer("eval_max_batches", 0, "Evaluate on this ma
 flags.mark_flags_as_required(["workdir", "out"])
 
 
+# What the before -> after line reports, the first an objective's eval has: a language
+# model's bits per byte, an encoder's bits per masked token, a classifier's or tagger's accuracy.
+_HEADLINE = (("eval_bpb", "bits/byte"), ("eval_bits_per_token", "bits per masked token"),
+             ("eval_accuracy", "accuracy"), ("eval_loss", "loss"))
+
+
 def body() -> None:
   from tpu_lm.config import checks, defaults
   from tpu_lm.model import quant
@@ -50,9 +56,10 @@ def body() -> None:
   result = compression.compress(
       _WORKDIR.value, _OUT.value, quant_spec=quant.Spec.from_config(probe.quant),
       prune_spec=prune.Spec.from_config(probe.prune), step=_STEP.value, eval_max_batches=_EVAL_BATCHES.value)
-  b, a = result.source["eval_bpb"], result.compressed["eval_bpb"]
+  key, name = next((k, n) for k, n in _HEADLINE if k in result.source)
+  b, a = result.source[key], result.compressed[key]
   print(f"wrote {_OUT.value}: {result.bits_per_weight:.2f} bits per parameter, sparsity"
         f" {result.sparsity['targets']:.1%} of the pruned kernels ({result.sparsity['overall']:.1%} of all"
         f" parameters); {result.bytes_on_disk[0] / 2**20:.2f} MiB of float32 parameters -> a"
         f" {result.bytes_on_disk[1] / 2**20:.2f} MiB checkpoint")
-  print(f"validation bits/byte {b:.4f} -> {a:.4f} ({a - b:+.4f})")
+  print(f"validation {name} {b:.4f} -> {a:.4f} ({a - b:+.4f})")

@@ -1,6 +1,7 @@
 """Post-training compression of a run directory: one-shot pruning and/or weight
 quantization, written as a new run directory that generate and serve read, with the
-validation bits/byte before and after.
+validation eval before and after (the run's objective's: bits/byte for a language
+model, bits per masked token for an encoder, accuracy for a classifier or tagger).
 
 Quantization-aware training and gradual pruning are training configs
 (`quant.qat`, `prune.*`); their runs come here to be written quantized.
@@ -14,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tpu_lm import storage, tasks
+from tpu_lm import storage
 from tpu_lm.data import sources
 from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.errors import UserError
@@ -50,9 +51,6 @@ def compress(src: str, out: str, *, quant_spec: quant.Spec, prune_spec: prune.Sp
   run_dir.check_new(out, "--out")  # before the evaluations, which take minutes on a real model
   step = run_dir.resolve_step(src, step)
   config = run_dir.read_config(src, step)
-  objective = tasks.from_config(config)
-  if not objective.generates:
-    raise UserError(f"{src} is a {objective.name} run: compression is for language models.")
   if run_dir.quantized(config):
     raise UserError(f"{src} is quantized already ({config.quant.weight_qtype}): compress the run it came from.")
   if config.model.scan_layers:
