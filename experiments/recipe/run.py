@@ -58,11 +58,13 @@ VARIANTS = {
     "schedule_free": {"optim.optimizer": "schedule_free_adamw", "optim.schedule": "constant"},
 }
 # Settings of the winners, for --combine only (alone on the AdamW base they mean nothing):
-# Muon at twice its default rate (the speedrun's is 0.05), and the speedrun's longer
-# cool-down (its decay covers the last 40% of the steps).
+# Muon at twice its default rate (the speedrun's is 0.05), and longer cool-downs (the
+# speedrun's decay covers the last 40% of the steps and more).
 TUNING = {
     "muon_lr_0.04": {"optim.muon_learning_rate": 0.04},
     "decay_0.4": {"optim.decay_fraction": 0.4},
+    "decay_0.6": {"optim.decay_fraction": 0.6},
+    "decay_0.8": {"optim.decay_fraction": 0.8},
 }
 # Variants whose train step is the base's arithmetic (a schedule, an initialisation, a
 # rate): they get the base's steps, not a timing's noise (about 4% between processes here).
