@@ -101,6 +101,7 @@ def serving(decoder: GatedSlots | None = None, *, api_key: str | None = None, ma
   decoder = decoder or GatedSlots()
   config = types.SimpleNamespace(data=types.SimpleNamespace(dataset="instructions", chat_template="Q: {prompt}"))
   run = types.SimpleNamespace(workdir="/runs/fake", step=1, tokenizer=TOKENIZER, decoder=decoder, config=config,
+                              max_len=decoder.max_len, vocab_size=decoder.vocab_size,
                               objective=instructions.Instructions(chat_template=config.data.chat_template),
                               encode_prompt=lambda text: [TOKENIZER.bos_id, *TOKENIZER.encode_batch([text])[0]],
                               score=_uniform_scores)

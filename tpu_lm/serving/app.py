@@ -100,15 +100,20 @@ def create_app(run, engine: Engine | None, limits: Limits, api_key: str | None =
     return await asyncio.to_thread(tokenizer_api.detokenize, await request.body(), run)
 
   answer = _Answerer(run, engine, limits, metrics, model_name)
-  embedder = Embedder(run.model, run.params, run.max_len, run.tokenizer.pad_id, pooling=embedding_pooling,
-                      max_batch=limits.max_batch)
+  embedders = []  # made at the first request: a server never asked compiles nothing for it
+
+  def embed_ids(ids):
+    if not embedders:
+      embedders.append(Embedder(run.model, run.params, run.max_len, run.tokenizer.pad_id, pooling=embedding_pooling,
+                                max_batch=limits.max_batch))
+    return embedders[0].embed(ids)
 
   @app.post("/v1/embeddings", response_model=schema.EmbeddingList, responses=_ERRORS,
             openapi_extra=_body(schema.EmbeddingRequest))
   async def embed(request: Request):
     ids, fmt = await asyncio.to_thread(embeddings.parse, await request.body(), run, limits.max_batch)
     # Beside the engine's thread, not in it: one forward pass, no decoding slots taken.
-    vectors = await asyncio.to_thread(embedder.embed, ids)
+    vectors = await asyncio.to_thread(embed_ids, ids)
     metrics.prompt_tokens.inc(sum(len(i) for i in ids))
     return embeddings.answer(vectors, ids, fmt, model_name)
 
