@@ -114,6 +114,27 @@ def cli_body(command: str, argv: list[str]) -> None:
     flags.FLAGS.unparse_flags()
 
 
+def rows_resumed(tok, encoder, **options) -> tuple[list, list]:
+  """(rows 4-7 of a Loader over 40 small documents, the same rows from a Loader resumed at
+  row 3's state): equal when the objective's draws are exact on resume."""
+  from tpu_lm.data import stream
+
+  source = type("Docs", (), {"__len__": lambda self: 40,
+                             "get": lambda self, idx: [{"text": f"doc {i} " * (1 + i % 5)} for i in idx]})()
+  opts = dict(seq_len=16, global_batch=4, seed=7, bos_id=tok.bos_id, eos_id=tok.eos_id, block_docs=4, **options)
+  loader = stream.Loader(source, encoder, **opts)
+  for _ in range(3):
+    next(loader)
+  state = loader.get_state()
+  rest = [next(loader) for _ in range(4)]
+  loader.close()
+  resumed = stream.Loader(source, encoder, **opts)
+  resumed.set_state(state)
+  again = [next(resumed) for _ in range(4)]
+  resumed.close()
+  return rest, again
+
+
 def write_harness_tasks(directory, documents: int = 8, seed: int = 0) -> str:
   """Local lm-evaluation-harness tasks over the test corpus's words, no download: a
   multiple-choice next word (next_word: loglikelihood; lm-eval puts its target_delimiter,

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from tpu_lm.data import encode, stream
+from tests.conftest import rows_resumed
+from tpu_lm.data import encode
 from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.inference import run_dir
 from tpu_lm.inference.sampling import Sampling
@@ -95,20 +96,7 @@ def test_an_end_token_ends_the_text_and_releases_what_a_stop_held_back():
 
 def test_fim_training_rows_resume_exactly():
   tok = _bytes()
-  source = type("Docs", (), {"__len__": lambda self: 40,
-                             "get": lambda self, idx: [{"text": f"doc {i} " * (1 + i % 5)} for i in idx]})()
-  enc = encode.Encoder(tok, fim.FillInMiddle(rate=0.5), randomize=True)
-  opts = dict(seq_len=16, global_batch=4, seed=7, bos_id=tok.bos_id, eos_id=tok.eos_id, block_docs=4)
-  loader = stream.Loader(source, enc, **opts)
-  for _ in range(3):
-    next(loader)
-  state = loader.get_state()
-  rest = [next(loader) for _ in range(4)]
-  loader.close()
-  resumed = stream.Loader(source, enc, **opts)
-  resumed.set_state(state)
-  again = [next(resumed) for _ in range(4)]
-  resumed.close()
+  rest, again = rows_resumed(tok, encode.Encoder(tok, fim.FillInMiddle(rate=0.5), randomize=True))
   for a, b in zip(rest, again):
     assert all(np.array_equal(a[k], b[k]) for k in a)
   assert any((b["inputs"] == tok.sentinels[fim.MIDDLE]).any() for b in rest)

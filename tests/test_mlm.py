@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import cli_body, tiny_config
+from tests.conftest import cli_body, rows_resumed, tiny_config
 from tpu_lm.config import derived
 from tpu_lm.data import encode, stream
 from tpu_lm.data import tokenizer as tokenizer_lib
@@ -106,20 +106,7 @@ def _doc(tok, encoded):
 
 def test_masked_lm_rows_resume_exactly():
   tok = _bytes()
-  source = type("Docs", (), {"__len__": lambda self: 40,
-                             "get": lambda self, idx: [{"text": f"doc {i} " * (1 + i % 5)} for i in idx]})()
-  enc = encode.Encoder(tok, mlm.MaskedLM(), randomize=True)
-  opts = dict(seq_len=16, global_batch=4, seed=7, bos_id=tok.bos_id, eos_id=tok.eos_id, block_docs=4, loss_mask=True)
-  loader = stream.Loader(source, enc, **opts)
-  for _ in range(3):
-    next(loader)
-  state = loader.get_state()
-  rest = [next(loader) for _ in range(4)]
-  loader.close()
-  resumed = stream.Loader(source, enc, **opts)
-  resumed.set_state(state)
-  again = [next(resumed) for _ in range(4)]
-  resumed.close()
+  rest, again = rows_resumed(tok, encode.Encoder(tok, mlm.MaskedLM(), randomize=True), loss_mask=True)
   for a, b in zip(rest, again):
     assert all(np.array_equal(a[k], b[k]) for k in a)
   assert any((b["inputs"] == tok.sentinels[mlm.MASK]).any() for b in rest)
