@@ -321,3 +321,21 @@ def test_sample_prompts_are_as_many_as_asked_zero_included():
   split = _split([list(range(3, 40))] * 5)
   assert pipeline.first_tokens(split, 2, 8).shape == (2, 8)
   assert pipeline.first_tokens(split, 0, 8).shape == (0, 8)  # sample.num_prompts=0 printed every document's
+
+
+def test_runs_that_start_together_build_a_dataset_once_not_over_each_other(tmp_path):
+  """Two runs side by side (a sweep's trials, the encoder experiment's fine-tunes) both
+  opened a dataset that was not built yet: one build renamed its folder over the
+  other's and that run died with FileExistsError. Builds now take turns."""
+  import concurrent.futures
+  import json
+
+  from tpu_lm.data import sources
+
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps({"prompt": f"q{i} ", "completion": f"a{i}"}) + "\n" for i in range(400)))
+  config = tiny_config()
+  config.data.update(dataset="instructions", path=str(path), data_dir=str(tmp_path / "tfds"))
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    splits = list(pool.map(lambda _: sources.open_splits(config.data), range(4)))
+  assert len({len(s.train) for s in splits}) == 1 and len(splits[0].train) > 0

@@ -15,7 +15,9 @@ the same vocabulary, with or without a shared disk. It is cached under a name
 that records how it was made.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import logging
 import os
@@ -44,6 +46,29 @@ class Corpus:
   class_names: tuple = ()  # classification: the label feature's names
 
 
+@contextlib.contextmanager
+def _building(data_dir: str, dataset: str):
+  """Holds a lock file in `data_dir` while `dataset` is built: processes that start
+  together (a sweep's trials, runs side by side) build it once, one after another,
+  where two builds at once ended in one renaming its folder over the other's. A bucket
+  (gs://...) has no file locks, and a read-only directory is built already: neither is
+  locked."""
+  try:
+    if "://" in data_dir:
+      raise OSError("no file locks in a bucket")
+    os.makedirs(data_dir, exist_ok=True)
+    lock = open(os.path.join(data_dir, f".{dataset.replace('/', '_')}.lock"), "a")
+  except OSError:  # a bucket, or a read-only directory (a dataset built by someone else): nothing to serialise
+    yield
+    return
+  with lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _builder(data):
   """The TFDS builder for `data.dataset`, prepared (built or downloaded) on disk."""
   from tpu_lm.data import builders  # imports TFDS: only where a dataset is opened
@@ -52,25 +77,29 @@ def _builder(data):
   tfds.disable_progress_bar()
   logging.getLogger("absl").setLevel(logging.ERROR)  # e.g. "Using custom data configuration"
   data_dir = os.path.expanduser(data.data_dir)
-  if data.dataset == "python_stdlib":
-    b = builders.PythonStdlib(data_dir=data_dir)
-  elif data.dataset == "instructions":
-    b = builders.Instructions(path=data.path, data_dir=data_dir)
-  elif data.dataset == "stdlib_functions":
-    b = builders.StdlibFunctions(data_dir=data_dir)
-  else:
+
+  def new_builder():
+    if data.dataset == "python_stdlib":
+      return builders.PythonStdlib(data_dir=data_dir)
+    if data.dataset == "instructions":
+      return builders.Instructions(path=data.path, data_dir=data_dir)
+    if data.dataset == "stdlib_functions":
+      return builders.StdlibFunctions(data_dir=data_dir)
     try:
-      b = tfds.builder(data.dataset, data_dir=data_dir)
+      return tfds.builder(data.dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
       raise UserError(
           f"data.dataset {data.dataset!r} is neither one of {OWN_BUILDERS + ('text_files',)} nor a TFDS catalog"
           " dataset: check the name (e.g. 'tiny_shakespeare', 'lm1b', 'c4/en')."
       ) from None
+
   try:
-    if data.dataset in OWN_BUILDERS:
-      b.download_and_prepare(file_format="array_record")
-    elif not b.is_prepared():
-      b.download_and_prepare()  # the catalog's own format; both are read below
+    with _building(data_dir, data.dataset):
+      b = new_builder()  # under the lock: a builder made while another built would read no splits
+      if data.dataset in OWN_BUILDERS:
+        b.download_and_prepare(file_format="array_record")
+      elif not b.is_prepared():
+        b.download_and_prepare()  # the catalog's own format; both are read below
   except PermissionError as e:
     raise UserError(f"cannot write the dataset to {data_dir} ({e.strerror}): set data.data_dir to a writable"
                     " directory.") from None
