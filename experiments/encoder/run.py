@@ -29,6 +29,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -75,9 +76,8 @@ def main() -> None:
   runs = os.path.join(HERE, "runs")
   pretrained = {kind: os.path.join(runs, kind) for kind in PRETRAINED}
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    walls = dict(zip(PRETRAINED, pool.map(lambda kind: main_command(PRETRAINED[kind], pretrained[kind],
-                                                                    {"sample.num_prompts": 0}, fresh=False),
-                                          PRETRAINED)))
+    list(pool.map(lambda kind: main_command(PRETRAINED[kind], pretrained[kind], {"sample.num_prompts": 0},
+                                            fresh=False), PRETRAINED))
   print({kind: _final_eval(pretrained[kind]) for kind in PRETRAINED}, flush=True)
   jobs = [(kind, seed) for kind in PRETRAINED for seed in args.seeds]
 
@@ -99,12 +99,13 @@ def main() -> None:
   lines = [
       "Pretraining, the same model (2 layers x 160, 1.2M parameters), data, Muon/WSD recipe and 2086 steps of"
       " 8 x 256 tokens:", "",
-      "| model | objective | its own eval (whole validation split) | wall time |", "|---|---|---|---|",
+      "| model | objective | its own eval (whole validation split) | ms per step (median; the two ran side by"
+      " side) |", "|---|---|---|---|",
       f"| decoder (`configs/base.py`) | next token, causal | {dec['eval_bpb']:.4f} bits/byte, loss"
-      f" {dec['eval_loss']:.4f} nats/token | {_wall(walls['decoder'])} |",
+      f" {dec['eval_loss']:.4f} nats/token | {_step_ms(pretrained['decoder'])} |",
       f"| encoder (`configs/encoder.py`) | masked tokens (15%), both ways | masked-token accuracy"
       f" {enc['eval_accuracy']:.4f}, {enc['eval_bits_per_token']:.4f} bits per masked token"
-      f" | {_wall(walls['encoder'])} |", "",
+      f" | {_step_ms(pretrained['encoder'])} |", "",
       f"Fine-tuned for stdlib_functions (10 packages; validation: other files), {args.steps} steps of batch 8"
       " (configs/finetune.py):", "",
       "| pretrained | reads the function from | " + " | ".join(f"seed {s} accuracy / macro F1" for s in args.seeds)
@@ -129,8 +130,9 @@ def _row(kind: str, how: str, results: list[dict]) -> str:
           f" | {sum(r['eval_macro_f1'] for r in results) / len(results):.4f} |")
 
 
-def _wall(seconds: float) -> str:
-  return f"{seconds:.0f} s" if seconds else "reused"
+def _step_ms(workdir: str) -> str:
+  times = [r["step_time_s"] for r in _records(workdir) if "step_time_s" in r]
+  return f"{1e3 * statistics.median(times):.0f}"
 
 
 if __name__ == "__main__":
