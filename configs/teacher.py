@@ -12,7 +12,7 @@ against the base's 1.2M, batch 8 x 256 tokens. Measured 2026-12-01 on a 2-core C
 the base (training loss 3.18 against 3.21 at step 1600), so a teacher needs more steps,
 not only more parameters. Resumed to 3200 steps (the cosine schedule restarts over the
 new total) in 917 s more: 1.5442 bits/byte (loss 3.0076 nats/token), 0.050 below the
-AdamW base (configs/base.py's Muon recipe since reaches 1.5422 in its 1.2M parameters). Whole teacher: 2005 s of training on this machine (= 1303 s reference).
+AdamW base (configs/base.py's Muon recipe since reaches 1.5030 in its 1.2M parameters). Whole teacher: 2005 s of training on this machine (= 1303 s reference).
 """
 
 from tpu_lm.config.defaults import get_config as _defaults
