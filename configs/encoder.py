@@ -6,8 +6,13 @@ both ways within each document) and BERT's tied MLM head.
 Command:
   python -m tpu_lm.main --config=configs/encoder.py
 
-Its eval reports loss and bits per masked token and masked-token accuracy on a fixed
-seeded mask of the whole validation split (docs/encoders.md has the measured numbers).
+Measured 2026-12-04 on a 2-core CPU (speed factor 0.55), by experiments/encoder/run.py
+side by side with the base decoder, with the base's 20% cool-down of then: its step
+costs about 6% more than the decoder's (386 against 363 ms there, both slowed by running
+together); final eval on a fixed mask of the whole validation split (96,102 masked
+tokens): masked-token accuracy 0.4777, 3.8165 bits (2.6454 nats) per masked token.
+Fine-tuned, it classifies stdlib functions at 0.589 accuracy (the decoder: 0.622) and
+tags Python tokens at 0.959 (the decoder: 0.965): docs/encoders.md says why.
 Whole-word masking: --config.mlm.whole_word=True.
 """
 
