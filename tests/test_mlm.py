@@ -165,7 +165,7 @@ def test_an_encoder_trains_fills_masks_is_fine_tuned_and_refuses_left_to_right_g
   with pytest.raises(UserError, match="is an encoder \\(mlm run\\): .* --fill_mask='... <mask> ...'\\.$"):
     run_dir.load(workdir)
   # Its masks filled: the distribution at the mask over the text tokens, from the logits.
-  encoder = fill_mask.load(workdir)
+  encoder = run_dir.load_encoder(workdir)
   [candidates] = fill_mask.fill(encoder, "def <mask>(self):", top_k=4)
   tok = encoder.tokenizer
   ids = [tok.bos_id, *tok.encode_batch(["def "])[0], tok.sentinels[mlm.MASK], *tok.encode_batch(["(self):"])[0],
@@ -196,7 +196,7 @@ def test_an_encoder_trains_fills_masks_is_fine_tuned_and_refuses_left_to_right_g
                               prune_spec=prune.Spec())
   assert abs(done.compressed["eval_bits_per_token"] - done.source["eval_bits_per_token"]) < 0.05
   assert done.bits_per_weight < 32  # the blocks int8; the tied embedding table, most of this tiny model, float
-  [small] = fill_mask.fill(fill_mask.load(out_dir), "def <mask>(self):", top_k=4)
+  [small] = fill_mask.fill(run_dir.load_encoder(out_dir), "def <mask>(self):", top_k=4)
   assert [c.token_id for c in small][:2] == [c.token_id for c in candidates][:2]
   with pytest.raises(UserError, match="^--draft_workdir is for a decoder; .* is an encoder"):
     cli_body("serve", [f"--workdir={workdir}", f"--draft_workdir={workdir}"])

@@ -237,7 +237,7 @@ def interactive(run, seed: int, stop: tuple[str, ...]) -> None:
 
 def fill_masks() -> None:
   """--fill_mask: each text's masks, each with its candidates, best first."""
-  from tpu_lm.inference import fill_mask
+  from tpu_lm.inference import fill_mask, run_dir
 
   if _PROMPT.value or _PROMPT_FILE.value or _INTERACTIVE.value or _SUFFIX.value is not None:
     raise UserError("--fill_mask asks an encoder to fill masks: leave out --prompt, --prompt_file, --interactive and"
@@ -245,7 +245,7 @@ def fill_masks() -> None:
   top_k = _TOP_K.value if flags.FLAGS["top_k"].present else 5
   if top_k < 1:
     raise UserError(f"--top_k={top_k} is invalid with --fill_mask: give the number of candidates to show (1 or more).")
-  run = fill_mask.load(_WORKDIR.value, _STEP.value)
+  run = run_dir.load_encoder(_WORKDIR.value, step=_STEP.value)
   print(f"[loaded {run.workdir} at step {run.step}]", file=sys.stderr, flush=True)
   for text in _FILL_MASK.value:
     masks = fill_mask.fill(run, text, top_k)

@@ -140,11 +140,12 @@ def validate(config) -> None:
   if not 0 <= config.optim.decay_fraction <= 1:
     fail("optim.decay_fraction", config.optim.decay_fraction, "the wsd schedule decays over this fraction of"
          " num_train_steps: it must be in [0, 1]")
-  if config.optim.z_loss and not hasattr(tasks.from_config(config), "z_loss"):
+  objective = tasks.from_config(config)
+  if config.optim.z_loss and not hasattr(objective, "z_loss"):
     fail("optim.z_loss", config.optim.z_loss, f"the {tasks.name_of(config)} objective does not add the z-loss to its"
          " loss (lm, instructions, fim and distill do): set it to 0")
-  own = tasks.from_config(config).attention
-  if config.task.attention and tasks.name_of(config) != "classification" and config.task.attention != own:
+  own = objective.attention  # a classifier's and a tagger's is task.attention itself
+  if config.task.attention and config.task.attention != own:
     fail("task.attention", config.task.attention, f"only a classifier or a tagger chooses its attention; the"
          f" {tasks.name_of(config)} objective's is {own}: leave it ''")
   if config.optim.optimizer == "schedule_free_adamw":

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tpu_lm.tasks import classification
+
 POOLINGS = ("mean", "first", "last")
 
 
@@ -50,11 +52,5 @@ def _pooled(model, pooling: str, params, tokens_BxT, lengths_B):
   positions_BxT = jnp.broadcast_to(jnp.arange(t), tokens_BxT.shape)
   hidden_BxTxD = model.apply({"params": params}, tokens_BxT, segments_BxT, positions_BxT,
                              method="hidden").astype(jnp.float32)
-  if pooling == "first":
-    pooled_BxD = hidden_BxTxD[:, 0]
-  elif pooling == "last":
-    pooled_BxD = jnp.take_along_axis(hidden_BxTxD, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)[:, 0]
-  else:
-    weights_BxT = real_BxT.astype(jnp.float32)
-    pooled_BxD = (hidden_BxTxD * weights_BxT[..., None]).sum(1) / jnp.maximum(weights_BxT.sum(1), 1)[:, None]
+  pooled_BxD = classification.pool(hidden_BxTxD, real_BxT.astype(jnp.float32), pooling)
   return pooled_BxD / jnp.maximum(jnp.linalg.norm(pooled_BxD, axis=-1, keepdims=True), 1e-12)

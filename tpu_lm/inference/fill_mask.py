@@ -23,14 +23,6 @@ class Candidate:
   sequence: str  # the text with this token in the mask's place (the others left as <mask>)
 
 
-def load(workdir: str, step: int | None = None) -> run_dir.EncoderRun:
-  """The encoder run, refused in one line when it is not one."""
-  if not run_dir.is_encoder(workdir, step):
-    raise UserError(f"{workdir} reads left to right: --fill_mask needs an encoder trained with task.kind='mlm'"
-                    " (configs/encoder.py); sample a language model with --prompt instead.")
-  return run_dir.load_encoder(workdir, step=step)
-
-
 def fill(run: run_dir.EncoderRun, text: str, top_k: int = 5) -> list[list[Candidate]]:
   """For each <mask> in `text`, in order, its `top_k` most likely tokens (the
   vocabulary's own: never a special token)."""

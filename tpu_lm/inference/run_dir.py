@@ -116,8 +116,8 @@ def load_encoder(workdir: str, *, step: int | None = None, devices=None) -> Enco
   config = read_config(workdir, step)
   objective = tasks.from_config(config)
   if objective.attention != "bidirectional":
-    raise UserError(f"{workdir} is a {objective.name} run, not an encoder: it reads left to right; sample it with"
-                    " --prompt.")
+    raise UserError(f"{workdir} is a {objective.name} run, not an encoder: it reads left to right, so it fills no"
+                    " masks (--fill_mask needs a run of task.kind='mlm', configs/encoder.py); sample it with --prompt.")
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, (devices or jax.devices())[:1])
   params, model_cfg, _ = read_model(workdir, step, config, mesh)
   return EncoderRun(workdir, step, config, tokenizer_lib.load_for_run(workdir), objective,

@@ -63,13 +63,7 @@ class Classifier:
     hidden_BxTxD = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"], rngs=rngs,
                                method="hidden", prefix_BxT=batch.get("prefix"))
     real_BxT = (batch["segment_ids"] > 0).astype(jnp.float32)
-    if self.pooling == "mean":
-      pooled_BxD = (hidden_BxTxD * real_BxT[..., None]).sum(1) / jnp.maximum(real_BxT.sum(1), 1)[:, None]
-    elif self.pooling == "first":
-      pooled_BxD = hidden_BxTxD[:, 0]
-    else:
-      last_B = jnp.maximum(real_BxT.sum(1).astype(jnp.int32) - 1, 0)
-      pooled_BxD = jnp.take_along_axis(hidden_BxTxD, last_B[:, None, None], axis=1)[:, 0]
+    pooled_BxD = pool(hidden_BxTxD, real_BxT, self.pooling)
     weight_B = real_BxT[:, 0]  # padding rows (all segment 0) count for nothing
     return model.apply({"params": params}, pooled_BxD, method="classify"), weight_B
 
@@ -93,6 +87,18 @@ class Classifier:
 
   def eval_metrics(self, sums: dict) -> dict:
     return classification_metrics(np.asarray(sums["confusion"]), float(sums["nats"]), self.class_names)
+
+
+def pool(hidden_BxTxD, real_BxT, pooling: str):
+  """One state per row from its real (non-padding, left-aligned) positions: "mean", the
+  "first" (BOS: an encoder's CLS) or the "last" (its EOS, for a decoder the one that
+  has read the whole row). Classifiers and the server's embeddings pool alike."""
+  if pooling == "mean":
+    return (hidden_BxTxD * real_BxT[..., None]).sum(1) / jnp.maximum(real_BxT.sum(1), 1)[:, None]
+  if pooling == "first":
+    return hidden_BxTxD[:, 0]
+  last_B = jnp.maximum(real_BxT.sum(1).astype(jnp.int32) - 1, 0)
+  return jnp.take_along_axis(hidden_BxTxD, last_B[:, None, None], axis=1)[:, 0]
 
 
 def classification_metrics(confusion_CxC: np.ndarray, nats: float = 0.0, class_names=()) -> dict:

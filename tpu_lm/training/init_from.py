@@ -43,16 +43,16 @@ def check(setup, path: str) -> tuple[int, object]:
   if run_dir.quantized(saved):
     raise UserError(f"init_from={path} holds {saved.quant.weight_qtype} kernels (python -m tpu_lm.compress wrote"
                     " it): fine-tune the float run it came from, then compress the result.")
-  theirs = derived.model_config(saved)
-  if "bidirectional" in (theirs.attention_mask, setup.model_cfg.attention_mask) and (
-      theirs.attention_mask != setup.model_cfg.attention_mask):
-    encoder = theirs.attention_mask == "bidirectional"
+  source_cfg = derived.model_config(saved)
+  if "bidirectional" in (source_cfg.attention_mask, setup.model_cfg.attention_mask) and (
+      source_cfg.attention_mask != setup.model_cfg.attention_mask):
+    encoder = source_cfg.attention_mask == "bidirectional"
     raise UserError(
         f"init_from={path} is {'an encoder' if encoder else 'a decoder'} (its attention is"
-        f" {theirs.attention_mask}), this config's attention is {setup.model_cfg.attention_mask}: the parameters"
+        f" {source_cfg.attention_mask}), this config's attention is {setup.model_cfg.attention_mask}: the parameters"
         f" mean what they were trained to mean only with the same mask (set"
         f" task.attention={'bidirectional' if encoder else 'causal'!r} for a classifier).")
-  diff = derived.architecture_difference(theirs, setup.model_cfg)
+  diff = derived.architecture_difference(source_cfg, setup.model_cfg)
   if diff:
     field, theirs, ours = diff
     raise UserError(
