@@ -346,7 +346,8 @@ def _edit_config(source, tmp_path, **changes):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"architectures": ["BertForMaskedLM"]}, "holds a BertForMaskedLM model: tpu_lm converts GPT2LMHeadModel and LlamaForCausalLM"),
+    ({"architectures": ["T5ForConditionalGeneration"]}, "holds a T5ForConditionalGeneration model: tpu_lm converts"
+                                                         " GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM,"),
     ({"n_embd": 64}, r"has shape \(.*\), its config.json makes"),
     ({"activation_function": "relu"}, "activation_function='relu' is not supported"),
 ])

@@ -133,7 +133,6 @@ def test_an_encoder_attends_both_ways_within_a_document_and_never_across():
 @pytest.mark.parametrize("field, value, message", [
     ("mlm.rate", 0.0, "config field mlm.rate is 0.0: it must be the share of tokens chosen, in (0, 1]"),
     ("mlm.rate", 1.5, "config field mlm.rate is 1.5: it must be the share of tokens chosen, in (0, 1]"),
-    ("data.tokenizer", "hf", "config field data.tokenizer is 'hf': the masked LM adds its <mask> token"),
 ])
 def test_bad_masking_settings_are_refused_in_one_line(field, value, message):
   from tpu_lm.config import checks
@@ -150,9 +149,12 @@ def test_an_encoder_trains_fills_masks_is_fine_tuned_and_refuses_left_to_right_g
   from tpu_lm.inference import fill_mask, run_dir
   from tpu_lm.training import loop
 
+  from tpu_lm.config import defaults
+
   config = tiny_config(corpus_dir, data_dir)
   config.task.kind = "mlm"
-  config.model.tie_embeddings = True
+  defaults.bert_block(config.model)  # as configs/encoder.py: it exports as a RoFormerForMaskedLM
+  config.model.position = "rope"
   config.num_train_steps = 12
   workdir = str(tmp_path / "run")
   result = loop.train_and_evaluate(config, workdir)
@@ -187,6 +189,7 @@ def test_an_encoder_trains_fills_masks_is_fine_tuned_and_refuses_left_to_right_g
   with pytest.raises(UserError, match="^--fill_mask asks an encoder to fill masks: leave out --prompt"):
     cli_body("generate", [f"--workdir={workdir}", "--fill_mask=<mask>", "--prompt=a"])
   _served_for_embeddings(encoder)
+  _exported_to_transformers(encoder, tmp_path / "hf", candidates)
   # Compressed (int8 weights): its masked-token eval before and after, and it still fills masks.
   from tpu_lm.model import quant
   from tpu_lm.training import compression, prune
@@ -205,13 +208,38 @@ def test_an_encoder_trains_fills_masks_is_fine_tuned_and_refuses_left_to_right_g
   cls.update(init_from=workdir, num_train_steps=6, eval_every_steps=100, checkpoint_every_steps=100)
   cls.task.update(kind="classification", attention="bidirectional", pooling="first")
   cls.data.update(dataset="stdlib_functions", max_documents=400, seq_len=64, sentinels=(mlm.MASK,))
-  cls.model.tie_embeddings = True
+  cls.model = config.model.copy_and_resolve_references()
   result = loop.train_and_evaluate(cls, str(tmp_path / "cls"))
   assert 0 <= result["eval_accuracy"] <= 1 and len(result["eval_confusion"]) == 10
   cls.task.attention = ""  # a decoder's mask on an encoder's parameters
   with pytest.raises(UserError, match=r"is an encoder \(its attention is bidirectional\), this config's attention is"
                                       r" causal: .* \(set task.attention='bidirectional' for a classifier\)\.$"):
     loop.train_and_evaluate(cls, str(tmp_path / "cls2"))
+
+
+def _exported_to_transformers(run, out, candidates):
+  """Exported: a RoFormerForMaskedLM with our logits, whose tokenizer reads <mask> as its
+  mask token and closes a text with EOS, as training packed documents; transformers'
+  fill-mask pipeline answers as --fill_mask does."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from tpu_lm.interop import hf
+
+  hf.export_model(run.workdir, str(out))
+  model = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()
+  assert type(model).__name__ == "RoFormerForMaskedLM"
+  theirs_tok = transformers.AutoTokenizer.from_pretrained(out)
+  ids = theirs_tok("def <mask>(self):").input_ids
+  assert ids == run.encode_prompt("def <mask>(self):")
+  with torch.no_grad():
+    theirs = model(torch.tensor([ids])).logits.numpy()
+  ours = run.model.apply({"params": run.params}, jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32),
+                         jnp.arange(len(ids))[None])
+  np.testing.assert_allclose(theirs, np.asarray(ours)[..., :theirs.shape[-1]], atol=1e-4, rtol=0)
+  pipe = transformers.pipeline("fill-mask", model=str(out), tokenizer=str(out))
+  special = set(theirs_tok.all_special_ids)
+  answers = [c for c in pipe("def <mask>(self):", top_k=12) if c["token"] not in special][:len(candidates)]
+  assert [c["token"] for c in answers] == [c.token_id for c in candidates]
 
 
 def _served_for_embeddings(run):

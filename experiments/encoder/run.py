@@ -2,8 +2,9 @@
 on the same classification task.
 
 Pretrains configs/base.py (the decoder: next-token prediction, causal attention) and
-configs/encoder.py (the same model, data, recipe and steps as a masked LM: attention
-both ways, the loss on 15% of the tokens), then fine-tunes each for the offline
+configs/encoder.py (BERT's layout with rotary positions at the same width and depth,
+and the same data, recipe and steps, as a masked LM: attention both ways, the loss on
+15% of the tokens), then fine-tunes each for the offline
 classification task of the transfer experiment (stdlib_functions: which of ten
 standard-library packages a function comes from, held out by file) with
 configs/finetune.py, --steps steps: the decoder from its last token's state, the
@@ -97,8 +98,10 @@ def main() -> None:
     tuned = {job: (wall, result) for job, wall, result in pool.map(finetune, jobs)}
   dec, enc = _final_eval(pretrained["decoder"]), _final_eval(pretrained["encoder"])
   lines = [
-      "Pretraining, the same model (2 layers x 160, 1.2M parameters), data, Muon/WSD recipe and 2086 steps of"
-      " 8 x 256 tokens:", "",
+      "Pretraining, 2 layers x 160 each (the decoder Llama-shaped, 1.2M parameters; the encoder RoFormer-shaped, 1.0M:"
+      " BERT's post-norm blocks, GELU and tied head, rotary positions), the same data, Muon/WSD recipe and 2086 steps"
+      " of 8 x 256 tokens:",
+      "",
       "| model | objective | its own eval (whole validation split) | ms per step (median; the two ran side by"
       " side) |", "|---|---|---|---|",
       f"| decoder (`configs/base.py`) | next token, causal | {dec['eval_bpb']:.4f} bits/byte, loss"

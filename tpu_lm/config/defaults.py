@@ -139,7 +139,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The family fields (llama_block, gpt2_block):
   _choice("model.norm", tuple(layers.DEFAULT_EPS))
   _choice("model.position", ("learned", "rope"))
-  _choice("model.mlp", ("gelu", "swiglu", "relu2"))
+  _choice("model.mlp", ("gelu", "gelu_exact", "swiglu", "relu2"))  # gelu: the tanh form; gelu_exact: erf (BERT)
   for name in ("model.num_heads", "model.mlp_dim"):
     _positive_int(name)
   _non_negative("model.num_kv_heads")
@@ -166,6 +166,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.logit_softcap = 0.0  # > 0: logits = cap * tanh(logits / cap), in training and decoding
   _non_negative('model.logit_softcap')
   c.model.zero_init_out = False  # attention-out and MLP-down kernels start at zero
+  # BERT's layout (bert_block; Hugging Face BertForMaskedLM / RobertaForMaskedLM): "post"
+  # norms each block's residual sum and the embeddings, with no final norm; head_transform
+  # adds BERT's prediction head (dense, activation, LayerNorm, a bias on the logits).
+  c.model.norm_position = "pre"
+  _choice("model.norm_position", ("pre", "post"))
+  c.model.head_transform = False
+  c.model.pos_init = "normal"  # a learned position table's start: "normal" or "sinusoidal" (bert_block's)
+  _choice("model.pos_init", ("normal", "sinusoidal"))
 
   c.optim = ml_collections.ConfigDict()
   # "adamw", "sgd", "adafactor", or "muon": Muon for the blocks' weight matrices (at
@@ -408,6 +416,18 @@ def speedrun(c: ml_collections.ConfigDict) -> None:
   c.optim.optimizer = "muon"
   c.optim.schedule = "wsd"
   c.model.zero_init_out = True
+
+
+def bert_block(m: ml_collections.ConfigDict) -> None:
+  """BERT family (an encoder's; Devlin et al. 2019): learned positions, LayerNorm after
+  each sublayer and the embeddings, exact GELU, biases, tied embeddings under BERT's
+  prediction head. Exports to Hugging Face as BertForMaskedLM."""
+  gpt2_block(m)
+  m.mlp = "gelu_exact"
+  m.norm_position = "post"
+  m.head_transform = True
+  m.norm_eps = 1e-12
+  m.pos_init = "sinusoidal"  # an encoder learns word order from a random table far slower
 
 
 def gpt2_block(m: ml_collections.ConfigDict) -> None:

@@ -9,10 +9,13 @@ VOCAB_MULTIPLE = 128  # the model's vocabulary is padded to this for even shardi
 
 
 def tokenizer_vocab_size(config) -> int:
-  """The ids the run's tokenizer makes: its vocabulary and the objective's sentinels."""
+  """The ids the run's tokenizer makes: its vocabulary and the objective's sentinels
+  (past it, but for a Hugging Face tokenizer's)."""
   from tpu_lm import tasks
 
   own = 259 if config.data.tokenizer == "bytes" else config.data.vocab_size
+  if config.data.tokenizer == "hf":  # its sentinels (BERT's [MASK]) are in its vocabulary already
+    return own
   return own + len(sentinels(config.data, tasks.from_config(config)))
 
 
@@ -55,7 +58,7 @@ def model_config(config, platform: str = "cpu") -> ModelConfig:
 # What makes two models' parameters interchangeable (init_from checks these).
 _ARCHITECTURE = ("vocab_used", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "norm",
                  "norm_eps", "position", "rope_theta", "rope_scaling", "mlp", "use_bias", "tie_embeddings",
-                 "qk_norm", "logit_softcap")
+                 "qk_norm", "logit_softcap", "norm_position")
 
 
 def architecture_difference(saved: ModelConfig, ours: ModelConfig) -> tuple[str, object, object] | None:

@@ -54,6 +54,8 @@ class HFTokenizer:
     self.bos_id, self.eos_id = ids["bos_id"], ids["eos_id"]
     # Padding is never a target (weight 0): a tokenizer without a pad token pads with EOS.
     self.pad_id = ids["pad_id"] if ids["pad_id"] is not None else self.eos_id
+    # BERT's [MASK], RoBERTa's <mask>: the masked LM's <mask> sentinel is this id (add_sentinels).
+    self.mask_id = _named_ids(directory, self._tok, ("mask",)).get("mask")
     self.name = f"hf{self.vocab_size}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
   def encode_batch(self, texts):
@@ -88,20 +90,28 @@ def _token_text(value):
   return value if isinstance(value, str) else None
 
 
-def _special_ids(directory: str, tok) -> dict:
+def _named_ids(directory: str, tok, kinds) -> dict:
+  """{kind: id} of the tokens special_tokens_map.json / tokenizer_config.json name as
+  `{kind}_token` (the later file wins) and the vocabulary holds."""
   names = {}
-  for file in ("special_tokens_map.json", "tokenizer_config.json"):  # the later one wins
+  for file in ("special_tokens_map.json", "tokenizer_config.json"):
     try:
       with storage.open(os.path.join(directory, file)) as f:
         meta = json.load(f)
     except (OSError, ValueError):
       continue
-    for kind in ("bos", "eos", "pad"):
+    for kind in kinds:
       text = _token_text(meta.get(f"{kind}_token"))
       if text is not None:
         names[kind] = text
-  ids = {f"{k}_id": (tok.token_to_id(t) if t is not None else None) for k, t in
-         ((k, names.get(k)) for k in ("bos", "eos", "pad"))}
+  ids = {kind: tok.token_to_id(text) for kind, text in names.items()}
+  return {kind: i for kind, i in ids.items() if i is not None}
+
+
+def _special_ids(directory: str, tok) -> dict:
+  named = _named_ids(directory, tok, ("bos", "eos", "pad", "cls", "sep"))
+  # BERT's tokenizers name no BOS or EOS: its [CLS] opens a text and [SEP] closes it.
+  ids = {f"{k}_id": named.get(k, named.get(alias)) for k, alias in (("bos", "cls"), ("eos", "sep"), ("pad", None))}
   try:  # a model's config.json names ids where the tokenizer files name none
     with storage.open(os.path.join(directory, "config.json")) as f:
       model_config = json.load(f)

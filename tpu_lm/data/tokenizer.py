@@ -225,6 +225,8 @@ def add_sentinels(tok: Tokenizer, names: tuple[str, ...]) -> Tokenizer:
   The same tokenizer when it has them already."""
   if not names or tuple(tok.sentinels) == tuple(names):
     return tok
+  if hasattr(tok, "token_text") and not tok.sentinels:
+    return _own_sentinels(tok, names)
   if tok.sentinels or hasattr(tok, "token_text"):
     kind = "a Hugging Face tokenizer" if hasattr(tok, "token_text") else f"a tokenizer with {list(tok.sentinels)}"
     raise UserError(f"special tokens {list(names)} cannot be added to {kind}: train with data.tokenizer="
@@ -234,6 +236,24 @@ def add_sentinels(tok: Tokenizer, names: tuple[str, ...]) -> Tokenizer:
   out.vocab_size = tok.vocab_size + len(names)
   # Another vocabulary: a run's name check and tokenized caches tell it from the plain one.
   out.name = f"{tok.name}+{len(names)}"
+  return out
+
+
+# The sentinels a Hugging Face tokenizer may hold already, by the attribute that holds its id.
+_HF_SENTINELS = {"<mask>": "mask_id"}
+
+
+def _own_sentinels(tok, names: tuple[str, ...]):
+  """A Hugging Face tokenizer whose vocabulary has `names` already (BERT's [MASK] is the
+  masked LM's <mask>): the same ids, the same vocabulary, sentinels named."""
+  ids = {name: getattr(tok, _HF_SENTINELS[name], None) if name in _HF_SENTINELS else None for name in names}
+  missing = [name for name, i in ids.items() if i is None]
+  if missing:
+    what = "mask token (mask_token in its tokenizer_config.json)" if missing == ["<mask>"] else f"token {missing}"
+    raise UserError(f"the Hugging Face tokenizer {tok.name} has no {what}, which this objective needs: use a"
+                    " tokenizer that has one, or data.tokenizer='sentencepiece' or 'bytes'.")
+  out = copy.copy(tok)
+  out.sentinels = ids
   return out
 
 

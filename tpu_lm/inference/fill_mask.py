@@ -26,9 +26,18 @@ class Candidate:
 def fill(run: run_dir.EncoderRun, text: str, top_k: int = 5) -> list[list[Candidate]]:
   """For each <mask> in `text`, in order, its `top_k` most likely tokens (the
   vocabulary's own: never a special token)."""
+  from tpu_lm.interop import hf
+
   tok = run.tokenizer
+  if hf.imported_without_head(run.workdir):
+    raise UserError(f"{run.workdir} was imported from a BertModel, which has no masked-LM head: train it on"
+                    " task.kind='mlm' (--config.init_from) before filling masks, or import a BertForMaskedLM.")
+  mask_id = tok.sentinels[mlm.MASK]
+  # A Hugging Face tokenizer's mask is its own text (BERT's [MASK]); <mask> stands for it too.
+  mask_text = tok.token_text(mask_id) if hasattr(tok, "token_text") else mlm.MASK
+  text = text.replace(mlm.MASK, mask_text)
   tokens = run.encode_prompt(text)
-  where = [i for i, t in enumerate(tokens) if t == tok.sentinels[mlm.MASK]]
+  where = [i for i, t in enumerate(tokens) if t == mask_id]
   if not where:
     raise UserError(f"--fill_mask text has no {mlm.MASK}: write {mlm.MASK} where the model should fill in a token.")
   if len(tokens) > run.max_len:
@@ -36,12 +45,12 @@ def fill(run: run_dir.EncoderRun, text: str, top_k: int = 5) -> list[list[Candid
                     f" {run.max_len}: shorten it.")
   probs_MxV = np.asarray(_probabilities(run.model, run.params, jnp.asarray([tokens], jnp.int32), jnp.asarray(where),
                                         tok.vocab_size, jnp.asarray(_not_text(tok))))
-  pieces = text.split(mlm.MASK)
+  pieces = text.split(mask_text)
   out = []
   for m, probs_V in enumerate(probs_MxV):
     best = np.argsort(-probs_V, kind="stable")[:top_k]
     out.append([Candidate(int(t), tok.decode([int(t)]), float(probs_V[t]),
-                          mlm.MASK.join(pieces[:m + 1]) + tok.decode([int(t)]) + mlm.MASK.join(pieces[m + 1:]))
+                          mask_text.join(pieces[:m + 1]) + tok.decode([int(t)]) + mask_text.join(pieces[m + 1:]))
                 for t in best])
   return out
 

@@ -33,7 +33,8 @@ def model_fields(hf: dict) -> dict:
   }
 
 
-def hf_config(m, vocab_size: int, bos_id: int, eos_id: int, dtype: str) -> dict:
+def hf_config(m, vocab_size: int, tokenizer, dtype: str) -> dict:
+  bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
   return {
       "architectures": [ARCHITECTURE], "model_type": "gpt2", "vocab_size": vocab_size, "n_positions": m.max_len,
       "n_embd": m.d_model, "n_layer": m.num_layers, "n_head": m.num_heads, "n_inner": m.mlp_dim,
@@ -45,7 +46,8 @@ def hf_config(m, vocab_size: int, bos_id: int, eos_id: int, dtype: str) -> dict:
 
 
 def check_exportable(m) -> None:
-  require(m, {"norm": "layernorm", "position": "learned", "mlp": "gelu", "use_bias": True}, "GPT-2", "Llama")
+  require(m, {"norm": "layernorm", "position": "learned", "mlp": "gelu", "use_bias": True, "norm_position": "pre",
+                "head_transform": False}, "GPT-2", "Llama")
   if (m.num_kv_heads or m.num_heads) != m.num_heads or (m.head_dim and m.head_dim * m.num_heads != m.d_model):
     raise UserError("GPT-2 has neither grouped-query attention nor a separate head_dim: export it as Llama instead.")
 

@@ -4,9 +4,13 @@
 tokenizer files (or a hub name, where a network exists) -> a run directory that
 generate, serve and `init_from` accept. `export_model(workdir, dst)`: a run
 directory -> a directory `transformers.AutoModelForCausalLM.from_pretrained` and
-`AutoTokenizer.from_pretrained` load as they are.
+`AutoTokenizer.from_pretrained` load as they are (an encoder's:
+`AutoModelForMaskedLM` and the `fill-mask` pipeline).
 
-Architectures: GPT2LMHeadModel and LlamaForCausalLM (gpt2.py, llama.py). Weights
+Architectures: GPT2LMHeadModel and LlamaForCausalLM (gpt2.py, llama.py); the
+encoders BertForMaskedLM, BertForPreTraining, BertModel and RobertaForMaskedLM
+(bert.py), imported as masked-LM runs (task.kind="mlm"), and exported with
+RoFormerForMaskedLM for a rotary encoder (configs/encoder.py's). Weights
 keep their values exactly: float32 in the run directory (tpu_lm's parameters are
 always float32; a bfloat16 source converts losslessly), and exported in the dtype
 the model came in (recorded in `hf_source.json`) or the one asked for.
@@ -22,9 +26,10 @@ import numpy as np
 from tpu_lm import tasks
 from tpu_lm.config import defaults, derived
 from tpu_lm.errors import UserError
-from tpu_lm.interop import gpt2, llama, safetensors_io
+from tpu_lm.interop import bert, gpt2, llama, safetensors_io
+from tpu_lm.tasks import mlm
 
-ARCHITECTURES = {gpt2.ARCHITECTURE: gpt2, llama.ARCHITECTURE: llama}
+ARCHITECTURES = {gpt2.ARCHITECTURE: gpt2, llama.ARCHITECTURE: llama} | {f.ARCHITECTURE: f for f in bert.FAMILIES}
 SOURCE_FILE = "hf_source.json"  # in a converted run: what it came from
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
@@ -66,7 +71,7 @@ def read_hf_config(directory: str) -> tuple[dict, object]:
   arch = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
   if arch is None:
     raise UserError(f"{directory} holds a {', '.join(names) or hf.get('model_type', 'unknown')} model: tpu_lm"
-                    f" converts {' and '.join(ARCHITECTURES)}.")
+                    f" converts {', '.join(ARCHITECTURES)}.")
   return hf, arch
 
 
@@ -92,6 +97,9 @@ def to_config(hf: dict, arch, tokenizer, dtype: str = "float32", tokenizer_path:
     raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's embedding only {d.vocab_size}: the"
                     " tokenizer files belong to another model.")
   d.seq_len = min(d.seq_len, m.max_len)
+  if isinstance(arch, bert.Family):
+    config.task.kind = mlm.NAME  # an encoder: fills masks, embeds, fine-tunes; samples nothing
+    config.sample.num_prompts = 0
   s = config.sample
   s.prompt_tokens = min(s.prompt_tokens, m.max_len // 2)
   s.new_tokens = min(s.new_tokens, m.max_len - s.prompt_tokens)
@@ -114,6 +122,9 @@ def import_model(src: str, workdir: str, dtype: str = "float32") -> str:
   source_dtype = str(next(iter(tensors.values())).dtype) if tensors else "float32"
   if arch is gpt2:
     tensors = gpt2.strip_prefix(tensors)
+  elif isinstance(arch, bert.Family):
+    tensors = bert.normalize_names(tensors, arch)
+    tokenizer = tokenizer_lib.add_sentinels(tokenizer, (mlm.MASK,))  # its own mask token is the <mask>
   model_cfg = derived.model_config(config)
   try:
     params = arch.to_params(tensors, arch.model_fields(hf), model_cfg.vocab_size)
@@ -121,15 +132,35 @@ def import_model(src: str, workdir: str, dtype: str = "float32") -> str:
     raise UserError(f"{directory} lacks the tensor {e.args[0]!r} a {arch.ARCHITECTURE} of this config has: its"
                     " weights are incomplete or of another model.") from None
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  fresh_head = arch is bert.BERT_MODEL
+  if fresh_head:
+    params |= _fresh_head(model_cfg)
   _check_against_model(params, model_cfg, directory)
   # Prompted as transformers prompts it; a run fine-tuned from this one, on documents
   # packed with [BOS], records [BOS] + tokens instead.
   run_dir.write(workdir, config, params, tokenizer, prompt=tokenizer_lib.PROMPT_OWN)
   with open(os.path.join(os.path.abspath(os.path.expanduser(workdir)), SOURCE_FILE), "w") as f:
-    json.dump({"source": src, "architecture": arch.ARCHITECTURE, "dtype": source_dtype}, f)
+    json.dump({"source": src, "architecture": arch.ARCHITECTURE, "dtype": source_dtype, "fresh_head": fresh_head}, f)
   n = sum(x.size for x in jax.tree.leaves(params))
+  note = (": a BertModel has no masked-LM head, so a fresh one was made (train the run on task.kind='mlm' before"
+          " filling masks; embeddings and fine-tuning read the encoder)") if fresh_head else ""
   return (f"wrote {workdir}: {arch.ARCHITECTURE}, {n:,} parameters ({model_cfg.num_layers} layers, width"
-          f" {model_cfg.d_model}), tokenizer {tokenizer.name}, from {directory}")
+          f" {model_cfg.d_model}), tokenizer {tokenizer.name}, from {directory}{note}")
+
+
+def _fresh_head(model_cfg) -> dict:
+  """A masked-LM prediction head as training initialises it (seed 0), for an encoder
+  imported without one."""
+  from tpu_lm.model import transformer
+
+  model = transformer.Transformer(model_cfg)
+  tokens = np.zeros((1, 1), np.int32)
+  params = jax.jit(lambda: model.init(jax.random.key(0), tokens, tokens, tokens)["params"])()
+  from flax.core import meta
+
+  params = meta.unbox(params)
+  return {k: jax.tree.map(lambda x: np.asarray(x, np.float32), params[k]) for k in ("head_dense", "head_norm",
+                                                                                    "output_bias")}
 
 
 def _check_against_model(params, model_cfg, directory: str) -> None:
@@ -155,15 +186,18 @@ def read_export_config(workdir: str, step: int | None = None, to: str = "Hugging
   step = run_dir.resolve_step(workdir, step)
   config = run_dir.read_config(workdir, step)
   objective = tasks.from_config(config)
-  if not objective.generates:
-    raise UserError(f"{workdir} is a {objective.name} run: only language models export to {to}.")
+  encoder = objective.name == mlm.NAME and to == "Hugging Face"
+  if not objective.generates and not encoder:
+    raise UserError(f"{workdir} is a {objective.name} run: only language models (and, to Hugging Face, masked-LM"
+                    f" encoders) export to {to}.")
   if run_dir.quantized(config):
     raise UserError(f"{workdir} holds integer kernels (written by python -m tpu_lm.compress): export the run it was"
                     " compressed from.")
   m = config.model
   for field, value, off in (("qk_norm", m.qk_norm, False), ("logit_softcap", m.logit_softcap, 0.0)):
     if value != off:
-      raise UserError(f"{workdir} was trained with model.{field}={value!r}, which the Llama and GPT-2 layouts of"
+      layouts = "BERT and RoFormer" if encoder else "Llama and GPT-2"
+      raise UserError(f"{workdir} was trained with model.{field}={value!r}, which the {layouts} layouts of"
                       f" {to} cannot express: its exported model would compute something else. Serve it with"
                       " python -m tpu_lm.serve, or train with the option off to export.")
   return workdir, step, config
@@ -189,7 +223,12 @@ def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "
 
   workdir, step, config = read_export_config(workdir, step)
   m = config.model
-  arch = gpt2 if m.position == "learned" else llama
+  if tasks.from_config(config).name == mlm.NAME and m.position == "rope":
+    arch = bert.ROFORMER
+  elif tasks.from_config(config).name == mlm.NAME:
+    arch = bert.ROBERTA if _source(workdir).get("architecture") == bert.ROBERTA.ARCHITECTURE else bert.BERT
+  else:
+    arch = gpt2 if m.position == "learned" else llama
   arch.check_exportable(m)
   if dtype == "auto":
     dtype = _source_dtype(workdir)
@@ -198,7 +237,13 @@ def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "
   tokenizer = tokenizer_lib.load_for_run(workdir)
   params = read_export_params(workdir, step, config)
   vocab = derived.tokenizer_vocab_size(config)
-  tensors = arch.from_params(params, m, vocab)
+  if isinstance(arch, bert.Family):
+    if imported_without_head(workdir):
+      raise UserError(f"{workdir} was imported from a BertModel and its masked-LM head never trained: train it on"
+                      " task.kind='mlm' (--config.init_from) before exporting it as a masked LM.")
+    tensors = arch.from_params(params, m, vocab, tokenizer.pad_id)
+  else:
+    tensors = arch.from_params(params, m, vocab)
   tensors = {k: np.asarray(v).astype(_DTYPES[dtype]) for k, v in tensors.items()}
   dst = os.path.abspath(os.path.expanduser(dst))
   if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
@@ -210,14 +255,14 @@ def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "
   except OSError as e:
     raise UserError(f"cannot create {dst} ({e.strerror}): pass a writable --to_hf directory.") from None
   try:
-    hf = arch.hf_config(m, vocab, tokenizer.bos_id, tokenizer.eos_id, dtype)
+    hf = arch.hf_config(m, vocab, tokenizer, dtype)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf, f, indent=2)
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
       json.dump({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                  "pad_token_id": tokenizer.pad_id}, f, indent=2)
     safetensors_io.write(tmp, tensors)
-    tokenizer_export.write(tokenizer, tmp, m.max_len)
+    tokenizer_export.write(tokenizer, tmp, m.max_len, encoder=isinstance(arch, bert.Family))
     os.replace(tmp, dst)
   finally:
     if os.path.exists(tmp):
@@ -227,10 +272,20 @@ def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "
   return f"wrote {dst}: {arch.ARCHITECTURE} ({dtype}) from {workdir} step {step}"
 
 
-def _source_dtype(workdir: str) -> str:
+def _source(workdir: str) -> dict:
+  """hf_source.json of an imported run ({} for one trained here)."""
   try:
     with open(os.path.join(workdir, SOURCE_FILE)) as f:
-      return json.load(f)["dtype"]
-  except (OSError, ValueError, KeyError):
-    return "float32"
+      return dict(json.load(f))
+  except (OSError, ValueError, TypeError):
+    return {}
+
+
+def imported_without_head(workdir: str) -> bool:
+  """Whether the run is a BertModel's import, whose masked-LM head never trained."""
+  return bool(_source(workdir).get("fresh_head"))
+
+
+def _source_dtype(workdir: str) -> str:
+  return _source(workdir).get("dtype", "float32")
 

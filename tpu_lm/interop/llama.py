@@ -52,7 +52,8 @@ def model_fields(hf: dict) -> dict:
   }
 
 
-def hf_config(m, vocab_size: int, bos_id: int, eos_id: int, dtype: str) -> dict:
+def hf_config(m, vocab_size: int, tokenizer, dtype: str) -> dict:
+  bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
   head_dim = m.head_dim or m.d_model // m.num_heads
   rope = {"rope_type": "default", "rope_theta": m.rope_theta}
   s = m.rope_scaling
@@ -74,7 +75,8 @@ def hf_config(m, vocab_size: int, bos_id: int, eos_id: int, dtype: str) -> dict:
 
 
 def check_exportable(m) -> None:
-  require(m, {"norm": "rmsnorm", "position": "rope", "mlp": "swiglu", "use_bias": False}, "Llama", "GPT-2")
+  require(m, {"norm": "rmsnorm", "position": "rope", "mlp": "swiglu", "use_bias": False, "norm_position": "pre",
+                "head_transform": False}, "Llama", "GPT-2")
 
 
 def to_params(t: dict, m: dict, vocab_padded: int) -> dict:

@@ -13,9 +13,11 @@ A Hugging Face tokenizer is copied as it came. tpu_lm's own are rebuilt with the
   ranked by the merged piece's score (what SentencePiece's encoder follows), spaces
   as "▁".
 
-Both prepend [BOS] when encoding (the post-processor), as tpu_lm's prompts do. An
+Both prepend [BOS] when encoding (the post-processor), as tpu_lm's prompts do, and an
+encoder's ([BOS] + text + [EOS], as it read every document) appends [EOS]. An
 objective's sentinels (fill in the middle: `<|fim_prefix|>` ...) are special tokens at
-their run's ids, so the exported model infills in transformers from the same text. The
+their run's ids, so the exported model infills in transformers from the same text (and
+the masked LM's `<mask>` is the tokenizer's mask_token, which fill-mask reads). The
 special tokens are named `<|tpu_lm_bos|>` and so on rather than SentencePiece's
 `<s>`: Hugging Face tokenizers match a special token's text wherever it appears in
 the input, and source code does contain `<s>` (tpu_lm encodes it as characters).
@@ -38,19 +40,21 @@ import json
 import os
 
 from tpu_lm.data import tokenizer as tokenizer_lib
+from tpu_lm.tasks.mlm import MASK
 
 _SPECIAL = tokenizer_lib.SPECIAL_NAMES  # the names the server reads in text (tokenizer.encode_text)
 
 
-def write(tok, directory: str, max_len: int | None = None) -> None:
+def write(tok, directory: str, max_len: int | None = None, encoder: bool = False) -> None:
+  """`encoder`: the run reads [BOS] + text + [EOS] (a masked LM's), not a prompt."""
   if hasattr(tok, "files"):  # already a Hugging Face tokenizer
     for name, data in tok.files().items():
       if name == "tokenizer.json":
-        data = _prompted_as_trained(tok, data)
+        data = _prompted_as_trained(tok, data, encoder)
       with open(os.path.join(directory, name), "wb") as f:
         f.write(data)
     return
-  hf_tok = build(tok)
+  hf_tok = build(tok, encoder)
   hf_tok.save(os.path.join(directory, "tokenizer.json"))
   if isinstance(tok, tokenizer_lib.SentencePieceTokenizer):
     with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
@@ -63,33 +67,46 @@ def write(tok, directory: str, max_len: int | None = None) -> None:
   }
   if tok.sentinels:  # transformers keeps them whole and drops them when decoding with skip_special_tokens
     meta["additional_special_tokens"] = list(tok.sentinels)
+  if MASK in tok.sentinels:
+    meta["mask_token"] = MASK
   if max_len:
     meta["model_max_length"] = max_len
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
     json.dump(meta, f, indent=2)
 
 
-def _prompted_as_trained(tok, tokenizer_json: bytes) -> bytes:
-  """A Hugging Face tokenizer.json that encodes prompts as the run's model saw texts
-  begin: as it came for an imported run; for one trained here ([BOS] + tokens: every
-  document was packed so) with a post-processor that prepends BOS, if it lacks one."""
+def _prompted_as_trained(tok, tokenizer_json: bytes, encoder: bool = False) -> bytes:
+  """A Hugging Face tokenizer.json that encodes texts as the run's model saw them: as it
+  came for an imported run; for one trained here ([BOS] + tokens: every document was
+  packed so, and an encoder's + [EOS]) with a post-processor that adds them, if it lacks one."""
   if getattr(tok, "prompt", tokenizer_lib.PROMPT_BOS) != tokenizer_lib.PROMPT_BOS:
     return tokenizer_json
   probe = "def f(x):\n    return x"
-  if tok.encode_with_special_tokens(probe) == tokenizer_lib.encode_prompt(tok, probe):
+  want = tokenizer_lib.encode_prompt(tok, probe) + ([tok.eos_id] if encoder else [])
+  if tok.encode_with_special_tokens(probe) == want:
     return tokenizer_json
-  from tokenizers import Tokenizer, processors
+  from tokenizers import Tokenizer
 
   hf_tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
-  bos = hf_tok.id_to_token(tok.bos_id)
-  hf_tok.post_processor = processors.TemplateProcessing(
-      single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_id)])
+  hf_tok.post_processor = _post_processor(hf_tok, tok, encoder)
   return hf_tok.to_str().encode("utf-8")
 
 
-def build(tok):
+def _post_processor(hf_tok, tok, encoder: bool):
+  """[BOS] $A, or an encoder's [BOS] $A [EOS] (a pair: each text so)."""
+  from tokenizers import processors
+
+  bos, eos = hf_tok.id_to_token(tok.bos_id), hf_tok.id_to_token(tok.eos_id)
+  if encoder:
+    return processors.TemplateProcessing(single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B {eos}",
+                                         special_tokens=[(bos, tok.bos_id), (eos, tok.eos_id)])
+  return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                       special_tokens=[(bos, tok.bos_id)])
+
+
+def build(tok, encoder: bool = False):
   """The equivalent `tokenizers.Tokenizer` of a bytes or SentencePiece tokenizer."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+  from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
   specials = {getattr(tok, key): name for key, name in _SPECIAL.items()}  # id -> name (pad may be eos)
   if isinstance(tok, tokenizer_lib.ByteTokenizer):
@@ -109,9 +126,7 @@ def build(tok):
   hf_tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in tok.sentinels])
   if any(hf_tok.token_to_id(name) != i for name, i in tok.sentinels.items()):
     raise ValueError(f"the sentinels {tok.sentinels} did not keep their ids in the exported tokenizer")
-  bos = hf_tok.id_to_token(tok.bos_id)
-  hf_tok.post_processor = processors.TemplateProcessing(
-      single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_id)])
+  hf_tok.post_processor = _post_processor(hf_tok, tok, encoder)
   return hf_tok
 
 

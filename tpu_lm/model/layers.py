@@ -17,6 +17,21 @@ def normal_init(std: float, axes: tuple):
   return nn.with_logical_partitioning(init, axes)
 
 
+def sinusoidal_init(std: float, axes: tuple):
+  """A [positions, D] table of sines and cosines (Vaswani et al. 2017: wavelengths 2 pi
+  .. 10000 * 2 pi), scaled to standard deviation `std`."""
+
+  def init(key, shape, dtype=jnp.float32):
+    del key  # deterministic
+    positions, d = shape
+    freqs_F = 10_000.0 ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angles_PxF = jnp.arange(positions, dtype=jnp.float32)[:, None] * freqs_F
+    table = jnp.concatenate([jnp.sin(angles_PxF), jnp.cos(angles_PxF)], axis=-1)[:, :d]
+    return (table * std * 2 ** 0.5).astype(dtype)  # a sine's standard deviation is 1/sqrt(2)
+
+  return nn.with_logical_partitioning(init, axes)
+
+
 def zeros_init(axes: tuple):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
@@ -76,9 +91,21 @@ def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float, scaling: 
   return out.astype(x_BxTxNxH.dtype)
 
 
+def activation(kind: str, x):
+  """The MLP's nonlinearity of a one-matrix `kind` (BERT's head transform uses it too):
+  "gelu" is GPT-2's tanh approximation, "gelu_exact" the erf form (BERT, RoBERTa)."""
+  if kind == "relu2":
+    return jnp.square(nn.relu(x))
+  if kind == "swiglu":  # a head transform of a SwiGLU model: its gate's activation
+    return nn.silu(x)
+  return nn.gelu(x, approximate=kind != "gelu_exact")
+
+
 class Mlp(nn.Module):
   mlp_dim: int
-  kind: str  # "gelu", "swiglu" or "relu2" (ReLU squared: the speedrun's, So et al. 2021's Primer)
+  # "gelu" (tanh form), "gelu_exact" (erf form), "swiglu", or "relu2" (ReLU squared: the
+  # speedrun's, So et al. 2021's Primer)
+  kind: str
   use_bias: bool
   init_std: float
   out_init_std: float
@@ -93,9 +120,7 @@ class Mlp(nn.Module):
       gate_BxTxF = dense(self.mlp_dim, ("embed", "mlp"), self.init_std, "gate")(x_BxTxD)
       up_BxTxF = dense(self.mlp_dim, ("embed", "mlp"), self.init_std, "up")(x_BxTxD)
       h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
-    elif self.kind == "relu2":
-      h_BxTxF = jnp.square(nn.relu(dense(self.mlp_dim, ("embed", "mlp"), self.init_std, "up")(x_BxTxD)))
     else:
-      h_BxTxF = nn.gelu(dense(self.mlp_dim, ("embed", "mlp"), self.init_std, "up")(x_BxTxD))
+      h_BxTxF = activation(self.kind, dense(self.mlp_dim, ("embed", "mlp"), self.init_std, "up")(x_BxTxD))
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("act_batch", "act_length", "act_mlp"))
     return dense(x_BxTxD.shape[-1], ("mlp", "embed"), self.out_init_std, "down")(h_BxTxF)

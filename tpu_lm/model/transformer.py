@@ -1,8 +1,11 @@
-"""A decoder-only Transformer in Flax Linen: GPT-2 and Llama families by config.
+"""A Transformer in Flax Linen: GPT-2, Llama and BERT families by config.
 
 GPT-2: learned positions, LayerNorm, GELU MLP, biases. Llama: rotary positions,
-RMSNorm, SwiGLU MLP, grouped-query attention, no biases. Parameters are float32
-and carry logical axis names; `ModelConfig.dtype` is the compute dtype.
+RMSNorm, SwiGLU MLP, grouped-query attention, no biases. BERT (an encoder: the
+objective's mask kind reads both ways): learned positions, post-norm blocks after a
+normed embedding, exact GELU, and an MLM head that transforms the hidden state before
+the tied output. Parameters are float32 and carry logical axis names;
+`ModelConfig.dtype` is the compute dtype.
 """
 
 import dataclasses
@@ -64,6 +67,21 @@ class ModelConfig:
   qk_norm: bool = False
   logit_softcap: float = 0.0
   zero_init_out: bool = False
+  # BERT's layout (Devlin et al. 2019; the Hugging Face interop's BertForMaskedLM and
+  # RobertaForMaskedLM): "post" normalises each block's residual sum after its sublayer
+  # (attn_norm after attention, mlp_norm after the MLP) and the embeddings before the
+  # first block (embed_norm), with no final norm; "pre" (GPT-2, Llama) normalises each
+  # sublayer's input and the last block's output. `head_transform`: the output head first
+  # maps the hidden state through a dense layer, the MLP's activation and a LayerNorm,
+  # and adds a bias to the vocabulary's logits (BERT's prediction head).
+  norm_position: str = "pre"
+  head_transform: bool = False
+  # How a learned position table starts: "normal" (GPT-2's, N(0, (init_std/2)^2)) or
+  # "sinusoidal" (Vaswani et al. 2017's waves, at the token embeddings' scale). An encoder
+  # has no causal mask to tell it where a token is, and from a random table it learned
+  # next to nothing of order in 1,200 steps (experiments/encoder): the waves give every
+  # relative offset a fixed linear form from the first step.
+  pos_init: str = "normal"
 
 
 # Finite, so that softmax, its gradient and any arithmetic on logits stay NaN-free.
@@ -71,7 +89,8 @@ MASKED_LOGIT = -1e30
 
 
 class Block(nn.Module):
-  """Pre-norm residual block. Returns (x, cache): `nn.scan` carries x (cache None)."""
+  """Residual block, pre-norm or post-norm (`norm_position`). Returns (x, cache):
+  `nn.scan` carries x (cache None)."""
 
   cfg: ModelConfig
   deterministic: bool
@@ -81,16 +100,25 @@ class Block(nn.Module):
     cfg = self.cfg
     # GPT-2's scaled init for the projections into the residual stream (or zero).
     out_std = 0.0 if cfg.zero_init_out else cfg.init_std / (2 * cfg.num_layers) ** 0.5
-    h_BxTxD = layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, eps=cfg.norm_eps, name="attn_norm")(x_BxTxD)
+    post = cfg.norm_position == "post"
+
+    def norm(name):
+      return layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, eps=cfg.norm_eps, name=name)
+
+    h_BxTxD = x_BxTxD if post else norm("attn_norm")(x_BxTxD)
     h_BxTxD, cache = Attention(
         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.use_bias, cfg.position == "rope",
         cfg.rope_theta, cfg.rope_scaling, cfg.init_std, out_std, cfg.dtype, cfg.attention, cfg.attention_mask,
         qk_norm_eps=(cfg.norm_eps or layers.DEFAULT_EPS["rmsnorm"]) if cfg.qk_norm else 0.0, name="attn",
     )(h_BxTxD, segment_ids_BxT, positions_BxT, cache, prefix_BxT)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(h_BxTxD, deterministic=self.deterministic)
-    h_BxTxD = layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, eps=cfg.norm_eps, name="mlp_norm")(x_BxTxD)
+    if post:
+      x_BxTxD = norm("attn_norm")(x_BxTxD)
+    h_BxTxD = x_BxTxD if post else norm("mlp_norm")(x_BxTxD)
     h_BxTxD = layers.Mlp(cfg.mlp_dim, cfg.mlp, cfg.use_bias, cfg.init_std, out_std, cfg.dtype, name="mlp")(h_BxTxD)
     x_BxTxD = x_BxTxD + nn.Dropout(cfg.dropout_rate)(h_BxTxD, deterministic=self.deterministic)
+    if post:
+      x_BxTxD = norm("mlp_norm")(x_BxTxD)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_length", "act_embed"))
     return x_BxTxD, cache
 
@@ -113,9 +141,9 @@ class Transformer(nn.Module):
         cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, embedding_init=layers.normal_init(cfg.init_std, ("vocab", "embed")),
     )
     if cfg.position == "learned":
-      self.pos_embed = self.param(
-          "pos_embed", layers.normal_init(cfg.init_std / 2, ("pos", "embed")), (cfg.max_len, cfg.d_model)
-      )
+      init = (layers.sinusoidal_init(cfg.init_std, ("pos", "embed")) if cfg.pos_init == "sinusoidal"
+              else layers.normal_init(cfg.init_std / 2, ("pos", "embed")))
+      self.pos_embed = self.param("pos_embed", init, (cfg.max_len, cfg.d_model))
     block = Block
     if cfg.remat != "none":
       block = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
@@ -132,7 +160,16 @@ class Transformer(nn.Module):
     else:
       self.layers = [block(cfg, self.deterministic) for _ in range(cfg.num_layers)]  # layers_0, layers_1, ...
     self.embed_dropout = nn.Dropout(cfg.dropout_rate)
-    self.final_norm = layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, eps=cfg.norm_eps, name=None)
+    norm = lambda: layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, eps=cfg.norm_eps, name=None)  # noqa: E731
+    if cfg.norm_position == "post":
+      self.embed_norm = norm()  # the blocks' outputs are normed already: no final norm
+    else:
+      self.final_norm = norm()
+    if cfg.head_transform and not cfg.num_classes:
+      self.head_dense = layers.projection(cfg.d_model, ("embed", "norm"), std=cfg.init_std, use_bias=True,
+                                          dtype=cfg.dtype, name=None)
+      self.head_norm = norm()
+      self.output_bias = self.param("output_bias", layers.zeros_init(("vocab",)), (cfg.vocab_size,))
     if cfg.num_classes:
       self.cls_head = layers.projection(
           cfg.num_classes, ("embed", "classes"), std=cfg.init_std, use_bias=True, dtype=cfg.dtype, name=None
@@ -167,6 +204,8 @@ class Transformer(nn.Module):
     x_BxTxD = self.embed(tokens_BxT)
     if cfg.position == "learned":
       x_BxTxD = x_BxTxD + jnp.take(self.pos_embed, positions_BxT, axis=0).astype(cfg.dtype)
+    if cfg.norm_position == "post":
+      x_BxTxD = self.embed_norm(x_BxTxD)
     x_BxTxD = self.embed_dropout(x_BxTxD, deterministic=self.deterministic)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_length", "act_embed"))
     # The residual stream, seen from outside (tpu_lm.interpret): each `perturb` adds a
@@ -185,7 +224,7 @@ class Transformer(nn.Module):
         new_cache.append(layer_cache)
         if cache is None:
           x_BxTxD = self._probe(f"residual_{i}", x_BxTxD)
-    x_BxTxD = self.final_norm(x_BxTxD).astype(cfg.dtype)
+    x_BxTxD = self._final_norm(x_BxTxD)
     if return_cache:
       return x_BxTxD, (new_cache if cache is not None else None)
     return x_BxTxD
@@ -195,13 +234,20 @@ class Transformer(nn.Module):
     self.sow("intermediates", name, x_BxTxD)
     return x_BxTxD
 
+  def _final_norm(self, x_BxTxD):
+    if self.cfg.norm_position == "post":
+      return x_BxTxD.astype(self.cfg.dtype)
+    return self.final_norm(x_BxTxD).astype(self.cfg.dtype)
+
   def lens(self, x_BxTxD):
     """The logit lens: a residual stream [B, T, D] read out as the final layer's is
     (final norm, unembedding) -> float32 logits [B, T, V]."""
-    return self.logits(self.final_norm(x_BxTxD).astype(self.cfg.dtype))
+    return self.logits(self._final_norm(x_BxTxD))
 
   def logits(self, x_BxTxD):
     """Hidden states [B, T, D] -> float32 logits [B, T, V] (any T: a chunk will do)."""
+    if self.cfg.head_transform:
+      x_BxTxD = self.head_norm(layers.activation(self.cfg.mlp, self.head_dense(x_BxTxD)))
     if self.cfg.tie_embeddings and x_BxTxD.shape[0] * x_BxTxD.shape[1] <= 8:
       # A few rows (decoding): table x hidden^T reads each embedding row once,
       # contiguously, where hidden x table^T makes XLA CPU copy the table's transpose.
@@ -214,6 +260,8 @@ class Transformer(nn.Module):
       logits_BxTxV = self.unembed(x_BxTxD)
     logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("act_batch", "act_length", "act_vocab"))
     logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+    if self.cfg.head_transform:
+      logits_BxTxV = logits_BxTxV + self.output_bias
     if self.cfg.logit_softcap > 0:
       # Gemma 2's and the speedrun's soft cap: |logit| < cap, smooth, the identity near 0.
       cap = self.cfg.logit_softcap

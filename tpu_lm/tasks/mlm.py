@@ -42,8 +42,9 @@ def word_edges(tokenizer) -> tuple[np.ndarray, np.ndarray]:
   one and the token before ends with one: "self" + "_name" is one word, "self" + "."
   two. Special and sentinel ids have no text: boundaries."""
   first, last = np.zeros(tokenizer.vocab_size, bool), np.zeros(tokenizer.vocab_size, bool)
-  for i in range(tokenizer.vocab_size - len(tokenizer.sentinels)):
-    text = tokenizer.decode([i])
+  sentinels = set(tokenizer.sentinels.values())
+  for i in range(tokenizer.vocab_size):
+    text = "" if i in sentinels else tokenizer.decode([i])
     if text:
       first[i], last[i] = _word_char(text[0]), _word_char(text[-1])
   return first, last
@@ -103,9 +104,10 @@ class MaskedLM:
     texts = [as_text(r[self.text_key]) for r in records]
     if rngs is None:  # eval: a mask fixed by the document's own text
       rngs = [np.random.default_rng(zlib.crc32(t.encode("utf-8"))) for t in texts]
-    special = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id}
-    plain = tokenizer.vocab_size - len(tokenizer.sentinels)
-    replacements = np.array([i for i in range(plain) if i not in special], np.int64)
+    # Random replacements: any id but the special ones (a Hugging Face tokenizer's mask is
+    # inside its vocabulary, ours past it).
+    special = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, *tokenizer.sentinels.values()}
+    replacements = np.array([i for i in range(tokenizer.vocab_size) if i not in special], np.int64)
     first = last = None
     if self.whole_word:
       first, last = word_edges(tokenizer)
@@ -130,9 +132,6 @@ class MaskedLM:
     rate = config.mlm.rate
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
       fail("mlm.rate", rate, "it must be the share of tokens chosen, in (0, 1] (BERT's is 0.15)")
-    if config.data.tokenizer == "hf":
-      fail("data.tokenizer", "hf", "the masked LM adds its <mask> token to a tokenizer tpu_lm makes: use"
-                                   " 'sentencepiece' or 'bytes'")
 
   def loss(self, model, params, batch, rng):
     rngs = None if rng is None else {"dropout": rng}
