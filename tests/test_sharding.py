@@ -63,6 +63,21 @@ def test_parallel_training_matches_one_device(mesh, shape, one_device):
     assert emb.spec[1] == "fsdp"
 
 
+@pytest.mark.slow
+def test_bert_layout_trains_on_a_mesh_as_on_one_device():
+  """Post-norm blocks, the normed embedding and BERT's prediction head (its dense kernel,
+  norm and vocabulary bias) shard, and train as on one device."""
+  batches = _batches(3)
+  bert = {"norm_position": "post", "head_transform": True, "mlp": "gelu_exact", "norm_eps": 1e-12}
+  ref_losses, ref_norms, ref_params, _ = _train({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1], batches, **bert)
+  losses, norms, params, setup = _train({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices(), batches, **bert)
+  assert {"head_dense", "head_norm", "output_bias", "embed_norm"} <= set(params) and "final_norm" not in params
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  np.testing.assert_allclose(norms, ref_norms, rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params)
+  assert setup.state_shardings.params["output_bias"].spec[0] == "tensor"
+
+
 @pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["layers", "scanned"])
 def test_muon_on_sharded_matrices_equals_one_device(scan):
   """Newton-Schulz on FSDP- and tensor-sharded matrices (XLA inserts the collectives) gives

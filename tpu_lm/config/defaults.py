@@ -172,8 +172,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.norm_position = "pre"
   _choice("model.norm_position", ("pre", "post"))
   c.model.head_transform = False
-  c.model.pos_init = "normal"  # a learned position table's start: "normal" or "sinusoidal" (bert_block's)
-  _choice("model.pos_init", ("normal", "sinusoidal"))
 
   c.optim = ml_collections.ConfigDict()
   # "adamw", "sgd", "adafactor", or "muon": Muon for the blocks' weight matrices (at
@@ -427,7 +425,6 @@ def bert_block(m: ml_collections.ConfigDict) -> None:
   m.norm_position = "post"
   m.head_transform = True
   m.norm_eps = 1e-12
-  m.pos_init = "sinusoidal"  # an encoder learns word order from a random table far slower
 
 
 def gpt2_block(m: ml_collections.ConfigDict) -> None:

@@ -17,21 +17,6 @@ def normal_init(std: float, axes: tuple):
   return nn.with_logical_partitioning(init, axes)
 
 
-def sinusoidal_init(std: float, axes: tuple):
-  """A [positions, D] table of sines and cosines (Vaswani et al. 2017: wavelengths 2 pi
-  .. 10000 * 2 pi), scaled to standard deviation `std`."""
-
-  def init(key, shape, dtype=jnp.float32):
-    del key  # deterministic
-    positions, d = shape
-    freqs_F = 10_000.0 ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-    angles_PxF = jnp.arange(positions, dtype=jnp.float32)[:, None] * freqs_F
-    table = jnp.concatenate([jnp.sin(angles_PxF), jnp.cos(angles_PxF)], axis=-1)[:, :d]
-    return (table * std * 2 ** 0.5).astype(dtype)  # a sine's standard deviation is 1/sqrt(2)
-
-  return nn.with_logical_partitioning(init, axes)
-
-
 def zeros_init(axes: tuple):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 

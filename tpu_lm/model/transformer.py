@@ -2,9 +2,9 @@
 
 GPT-2: learned positions, LayerNorm, GELU MLP, biases. Llama: rotary positions,
 RMSNorm, SwiGLU MLP, grouped-query attention, no biases. BERT (an encoder: the
-objective's mask kind reads both ways): learned positions, post-norm blocks after a
-normed embedding, exact GELU, and an MLM head that transforms the hidden state before
-the tied output. Parameters are float32 and carry logical axis names;
+objective's mask kind reads both ways): post-norm blocks after a normed embedding,
+exact GELU, and an MLM head that transforms the hidden state before the tied output;
+learned positions (BERT, RoBERTa) or rotary ones (RoFormer, configs/encoder.py). Parameters are float32 and carry logical axis names;
 `ModelConfig.dtype` is the compute dtype.
 """
 
@@ -76,12 +76,6 @@ class ModelConfig:
   # and adds a bias to the vocabulary's logits (BERT's prediction head).
   norm_position: str = "pre"
   head_transform: bool = False
-  # How a learned position table starts: "normal" (GPT-2's, N(0, (init_std/2)^2)) or
-  # "sinusoidal" (Vaswani et al. 2017's waves, at the token embeddings' scale). An encoder
-  # has no causal mask to tell it where a token is, and from a random table it learned
-  # next to nothing of order in 1,200 steps (experiments/encoder): the waves give every
-  # relative offset a fixed linear form from the first step.
-  pos_init: str = "normal"
 
 
 # Finite, so that softmax, its gradient and any arithmetic on logits stay NaN-free.
@@ -141,9 +135,9 @@ class Transformer(nn.Module):
         cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, embedding_init=layers.normal_init(cfg.init_std, ("vocab", "embed")),
     )
     if cfg.position == "learned":
-      init = (layers.sinusoidal_init(cfg.init_std, ("pos", "embed")) if cfg.pos_init == "sinusoidal"
-              else layers.normal_init(cfg.init_std / 2, ("pos", "embed")))
-      self.pos_embed = self.param("pos_embed", init, (cfg.max_len, cfg.d_model))
+      self.pos_embed = self.param(
+          "pos_embed", layers.normal_init(cfg.init_std / 2, ("pos", "embed")), (cfg.max_len, cfg.d_model)
+      )
     block = Block
     if cfg.remat != "none":
       block = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
