@@ -1,18 +1,18 @@
 """Encoder config: a small BERT-style masked language model on the Python standard
-library, on a CPU: configs/base.py's model, data, recipe and steps, with the masked-LM
+library, on a CPU: configs/base.py's width, data, recipe and steps, with the masked-LM
 objective (tasks/mlm.py: 15% of tokens chosen, 80/10/10 mask/random/keep, attention
-both ways within each document) and BERT's tied MLM head.
+both ways within each document), BERT's blocks and tied prediction head, and rotary
+positions.
 
 Command:
   python -m tpu_lm.main --config=configs/encoder.py
 
-Measured 2026-12-04 on a 2-core CPU (speed factor 0.55), by experiments/encoder/run.py
-side by side with the base decoder, with the base's 20% cool-down of then: its step
-costs about 6% more than the decoder's (386 against 363 ms there, both slowed by running
-together); final eval on a fixed mask of the whole validation split (96,102 masked
-tokens): masked-token accuracy 0.4777, 3.8165 bits (2.6454 nats) per masked token.
-Fine-tuned, it classifies stdlib functions at 0.589 accuracy (the decoder: 0.622) and
-tags Python tokens at 0.959 (the decoder: 0.965): docs/encoders.md says why.
+Measured 2026-12-04 on a 2-core CPU by experiments/encoder/run.py: final eval on a fixed
+mask of the whole validation split (96,102 masked tokens): masked-token accuracy 0.4943,
+3.7117 bits (2.5728 nats) per masked token. Fine-tuned, it classifies stdlib functions
+and tags Python tokens: docs/encoders.md has the table against the base decoder.
+Exported (python -m tpu_lm.convert --to_hf=DIR --workdir=RUN) it is a
+RoFormerForMaskedLM that transformers' fill-mask pipeline reads.
 Whole-word masking: --config.mlm.whole_word=True.
 """
 

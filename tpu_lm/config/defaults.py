@@ -264,6 +264,7 @@ def get_config() -> ml_collections.ConfigDict:
       ("pos", None),
       ("norm", None),
       ("classes", None),
+      ("vision", None),  # model/vision.py: the image side's flattened patches and the projector's input
       ("layers", None),
   )
 
