@@ -7,9 +7,11 @@ sharded index, tokenizer.json) or, where a network exists, a hub name (gpt2,
 meta-llama/Llama-3.2-1B), and writes a run directory that generate, serve and
 fine-tuning (--config.init_from=RUN) accept. --to_hf writes the run's newest (or
 --step's) parameters and its tokenizer as a directory transformers loads with
-AutoModelForCausalLM.from_pretrained / AutoTokenizer.from_pretrained.
+AutoModelForCausalLM.from_pretrained / AutoTokenizer.from_pretrained (an encoder run:
+AutoModelForMaskedLM and the fill-mask pipeline).
 GPT2LMHeadModel and LlamaForCausalLM (GQA, any rope_theta, tied or untied, Llama 3
-RoPE scaling) are supported. --to_gguf writes a Llama-shape run (and its bytes or
+RoPE scaling) are supported, and the encoders BertForMaskedLM, BertForPreTraining,
+BertModel and RobertaForMaskedLM (import and export) and RoFormerForMaskedLM (export). --to_gguf writes a Llama-shape run (and its bytes or
 SentencePiece tokenizer) as one GGUF file, which llama.cpp and Ollama load.
 """
 
