@@ -20,6 +20,7 @@ def test_patches_are_cut_in_reading_order():
   np.testing.assert_array_equal(patches[0, 3], [12, 13, 18, 19])  # first of the second row
 
 
+@pytest.mark.slow  # the vision-language tests below run the encoder too
 def test_every_patch_sees_the_whole_image_and_lands_in_the_decoders_width():
   cfg = vision.VisionConfig(image_height=16, image_width=32, out_dim=24, patch=8, num_layers=2, d_model=32,
                             num_heads=4, mlp_dim=64, projector="mlp")
@@ -45,3 +46,57 @@ def test_every_patch_sees_the_whole_image_and_lands_in_the_decoders_width():
 def test_impossible_shapes_are_refused(fields, message):
   with pytest.raises(ValueError, match=message):
     vision.VisionConfig(**{"image_height": 32, "image_width": 64, "out_dim": 16, **fields}).check()
+
+
+def _vision_lm(position="rope"):
+  from tpu_lm.model import transformer
+
+  cfg = transformer.ModelConfig(
+      vocab_size=128, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, max_len=16,
+      norm="rmsnorm", position=position, mlp="swiglu", use_bias=False, attention_mask="prefix",
+      vision=vision.VisionConfig(image_height=16, image_width=16, out_dim=32, patch=8, d_model=16, num_heads=2,
+                                 mlp_dim=32))
+  model = transformer.Transformer(cfg)
+  b, t = 2, 12
+  tokens = jax.random.randint(jax.random.key(2), (b, t), 3, 128).at[:, :4].set(0)  # 4 image slots, then text
+  segments, positions = jnp.ones((b, t), jnp.int32), jnp.broadcast_to(jnp.arange(t), (b, t))
+  prefix = jnp.arange(t)[None].repeat(b, 0) < 7  # the image and a 3-token prompt; the answer after
+  images = jax.random.uniform(jax.random.key(3), (b, 16, 16, 1), minval=-1, maxval=1)
+  params = meta.unbox(model.init(jax.random.key(4), tokens, segments, positions, prefix_BxT=prefix,
+                                 images=images)["params"])
+  return cfg, model, params, (tokens, segments, positions, prefix, images)
+
+
+@pytest.mark.slow  # three compiles (the fast set sees the mask test below)
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_decoding_after_an_image_prefix_equals_the_full_forward_pass(position):
+  from tpu_lm.model import transformer
+
+  cfg, model, params, (tokens, segments, positions, prefix, images) = _vision_lm(position)
+  apply = jax.jit(model.apply)
+  full = apply({"params": params}, tokens, segments, positions, prefix_BxT=prefix, images=images)
+  cache = transformer.init_cache(cfg, 2, 12)
+  first, cache = apply({"params": params}, tokens[:, :7], segments[:, :7], positions[:, :7], cache,
+                       prefix_BxT=prefix[:, :7], images=images)
+  np.testing.assert_allclose(first, full[:, :7], atol=1e-5)
+  for i in range(7, 12):  # the answer, a token at a time, images not passed again
+    step, cache = apply({"params": params}, tokens[:, i:i + 1], segments[:, i:i + 1], positions[:, i:i + 1], cache)
+    np.testing.assert_allclose(step[:, 0], full[:, i], atol=1e-5)
+
+
+def test_the_image_and_prompt_attend_both_ways_the_answer_causally_and_text_rows_read_their_tokens():
+  _, model, params, (tokens, segments, positions, prefix, images) = _vision_lm()
+  apply = jax.jit(lambda tokens, images, rows=None: model.apply(
+      {"params": params}, tokens, segments, positions, prefix_BxT=prefix, images=images, image_rows_B=rows))
+  base = apply(tokens, images)
+  changed = apply(tokens, images.at[0, 8:, 8:].set(1.0)) - base  # the image's last patch
+  assert jnp.abs(changed[0, 0]).max() > 1e-5 and jnp.abs(changed[1]).max() == 0  # its first patch sees it
+  changed = apply(tokens.at[0, 6].set(5), images) - base  # the prompt's last token
+  assert jnp.abs(changed[0, :6]).max() > 1e-5  # the image and earlier prompt see it: one prefix
+  changed = apply(tokens.at[0, 9].set(5), images) - base  # an answer token
+  assert jnp.abs(changed[0, :9]).max() == 0 and jnp.abs(changed[0, 9:]).max() > 1e-5  # only what follows sees it
+  # A mixed batch: row 1 without its image reads its own tokens there, as a text-only run would.
+  mixed = apply(tokens, images, jnp.array([True, False]))
+  np.testing.assert_array_equal(mixed[0], base[0])
+  text = model.apply({"params": params}, tokens, segments, positions, prefix_BxT=prefix)
+  np.testing.assert_allclose(mixed[1], text[1], atol=1e-6)

@@ -48,6 +48,7 @@ def model_config(config, platform: str = "cpu") -> ModelConfig:
       "vocab_used": vocab,
       "rope_scaling": rope_scaling(m),
       "num_classes": 0,  # an objective's (tpu_lm/tasks/), set where it is known
+      "vision": None,  # no config reads images yet (model/vision.py is the model half)
       "num_kv_heads": m.num_kv_heads or m.num_heads,
       "head_dim": m.head_dim or m.d_model // m.num_heads,
   }

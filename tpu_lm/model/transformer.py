@@ -76,6 +76,10 @@ class ModelConfig:
   # and adds a bias to the vocabulary's logits (BERT's prediction head).
   norm_position: str = "pre"
   head_transform: bool = False
+  # A vision-language model (model/vision.py's VisionConfig, or None): a ViT encodes each
+  # image into patch embeddings that take the place of the first num_patches token
+  # embeddings of its row, a prefix the "prefix" mask kind lets attend both ways.
+  vision: object = None
 
 
 # Finite, so that softmax, its gradient and any arithmetic on logits stay NaN-free.
@@ -164,6 +168,10 @@ class Transformer(nn.Module):
                                           dtype=cfg.dtype, name=None)
       self.head_norm = norm()
       self.output_bias = self.param("output_bias", layers.zeros_init(("vocab",)), (cfg.vocab_size,))
+    if cfg.vision is not None:
+      from tpu_lm.model import vision  # it builds its blocks from this module's
+
+      self.vision_encoder = vision.VisionEncoder(cfg.vision)
     if cfg.num_classes:
       self.cls_head = layers.projection(
           cfg.num_classes, ("embed", "classes"), std=cfg.init_std, use_bias=True, dtype=cfg.dtype, name=None
@@ -173,12 +181,17 @@ class Transformer(nn.Module):
           cfg.vocab_size, ("embed", "vocab"), std=cfg.init_std, use_bias=False, dtype=cfg.dtype, name=None
       )
 
-  def __call__(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache=None, prefix_BxT=None):
+  def __call__(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache=None, prefix_BxT=None, images=None,
+               image_rows_B=None):
     """Next-token logits [B, T, V] (with a cache: and the new cache); for a classifier,
     class logits [B, T, C] of every position's hidden state. `prefix_BxT`: with the
-    prefix mask kind, the tokens of each document's prefix (they attend both ways)."""
+    prefix mask kind, the tokens of each document's prefix (they attend both ways).
+    `images` [B, H, W, C] in [-1, 1] (a vision model's; at prefill, not at later decode
+    steps): each row's image fills its first num_patches positions, whatever tokens are
+    there, in the rows `image_rows_B` marks (all rows by default: a mixed batch marks its
+    text-only rows False)."""
     x_BxTxD, cache = self.hidden(tokens_BxT, segment_ids_BxT, positions_BxT, cache, return_cache=True,
-                                 prefix_BxT=prefix_BxT)
+                                 prefix_BxT=prefix_BxT, images=images, image_rows_B=image_rows_B)
     if self.cfg.num_classes:
       return self.classify(x_BxTxD)
     logits_BxTxV = self.logits(x_BxTxD)
@@ -188,14 +201,19 @@ class Transformer(nn.Module):
     """Pooled hidden states [..., D] -> float32 class logits [..., C]."""
     return self.cls_head(pooled_xD).astype(jnp.float32)
 
-  def hidden(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache=None, return_cache=False, prefix_BxT=None):
+  def hidden(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache=None, return_cache=False, prefix_BxT=None,
+             images=None, image_rows_B=None):
     """The final hidden states [B, T, D] (normed, compute dtype), before the unembedding."""
     cfg = self.cfg
     if cfg.attention_mask == "prefix" and prefix_BxT is None and cache is None:
       raise ValueError("a prefix-LM model needs prefix_BxT: which tokens of each document are its prefix")
     if cache is not None and cfg.scan_layers:
       raise ValueError("decode with scan_layers=False and unstack_layers(params)")
+    if images is not None and cfg.vision is None:
+      raise ValueError("images for a model without a vision encoder (ModelConfig.vision)")
     x_BxTxD = self.embed(tokens_BxT)
+    if images is not None:
+      x_BxTxD = self._with_images(x_BxTxD, images, image_rows_B)
     if cfg.position == "learned":
       x_BxTxD = x_BxTxD + jnp.take(self.pos_embed, positions_BxT, axis=0).astype(cfg.dtype)
     if cfg.norm_position == "post":
@@ -222,6 +240,14 @@ class Transformer(nn.Module):
     if return_cache:
       return x_BxTxD, (new_cache if cache is not None else None)
     return x_BxTxD
+
+  def _with_images(self, x_BxTxD, images, image_rows_B):
+    """The first num_patches embeddings of each marked row replaced by its image's."""
+    image_BxNxD = self.vision_encoder(images).astype(self.cfg.dtype)
+    n = image_BxNxD.shape[1]
+    if image_rows_B is not None:
+      image_BxNxD = jnp.where(image_rows_B[:, None, None], image_BxNxD, x_BxTxD[:, :n])
+    return jnp.concatenate([image_BxNxD, x_BxTxD[:, n:]], axis=1)
 
   def _probe(self, name, x_BxTxD):
     x_BxTxD = self.perturb(name, x_BxTxD)
