@@ -141,7 +141,8 @@ def test_export_loads_in_transformers_with_our_logits_and_its_own_weights(encode
   # Every tensor as it came, but the token-type table: its row 0 is in the positions.
   a, b = load_file(os.path.join(source, "model.safetensors")), load_file(out / "model.safetensors")
   prefix = "roberta." if name == "roberta" else "bert."
-  positions, types = f"{prefix}embeddings.position_embeddings.weight", f"{prefix}embeddings.token_type_embeddings.weight"
+  positions = f"{prefix}embeddings.position_embeddings.weight"
+  types = f"{prefix}embeddings.token_type_embeddings.weight"
   skip = 2 if name == "roberta" else 0  # RoBERTa's rows before its first position are never read
   np.testing.assert_allclose(b[positions][skip:] + b[types][0], a[positions][skip:] + a[types][0], atol=1e-6)
   assert not b[types].any() and b[types].shape == a[types].shape

@@ -11,8 +11,9 @@ AutoModelForCausalLM.from_pretrained / AutoTokenizer.from_pretrained (an encoder
 AutoModelForMaskedLM and the fill-mask pipeline).
 GPT2LMHeadModel and LlamaForCausalLM (GQA, any rope_theta, tied or untied, Llama 3
 RoPE scaling) are supported, and the encoders BertForMaskedLM, BertForPreTraining,
-BertModel and RobertaForMaskedLM (import and export) and RoFormerForMaskedLM (export). --to_gguf writes a Llama-shape run (and its bytes or
-SentencePiece tokenizer) as one GGUF file, which llama.cpp and Ollama load.
+BertModel and RobertaForMaskedLM (import and export) and RoFormerForMaskedLM (export).
+--to_gguf writes a Llama-shape run (and its bytes or SentencePiece tokenizer) as one
+GGUF file, which llama.cpp and Ollama load.
 """
 
 from absl import flags

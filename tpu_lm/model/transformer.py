@@ -158,12 +158,16 @@ class Transformer(nn.Module):
     else:
       self.layers = [block(cfg, self.deterministic) for _ in range(cfg.num_layers)]  # layers_0, layers_1, ...
     self.embed_dropout = nn.Dropout(cfg.dropout_rate)
-    norm = lambda: layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, eps=cfg.norm_eps, name=None)  # noqa: E731
+
+    def norm():
+      return layers.norm(cfg.norm, use_bias=cfg.use_bias, dtype=cfg.dtype, eps=cfg.norm_eps, name=None)
+
     if cfg.norm_position == "post":
       self.embed_norm = norm()  # the blocks' outputs are normed already: no final norm
     else:
       self.final_norm = norm()
     if cfg.head_transform and not cfg.num_classes:
+      # D -> D: its input sharded as every "embed" axis, its output left whole (as a norm's).
       self.head_dense = layers.projection(cfg.d_model, ("embed", "norm"), std=cfg.init_std, use_bias=True,
                                           dtype=cfg.dtype, name=None)
       self.head_norm = norm()

@@ -86,7 +86,8 @@ class VisionEncoder(nn.Module):
     # encoder's width where it meets the projector, whose output takes "embed").
     x_BxNxD = layers.projection(cfg.d_model, ("vision", "embed"), std=cfg.init_std, use_bias=True, dtype=cfg.dtype,
                                 name="patch_embed")(patches_BxNxF)
-    pos_NxD = self.param("pos_embed", layers.normal_init(cfg.init_std, ("pos", "embed")), (cfg.num_patches, cfg.d_model))
+    pos_NxD = self.param("pos_embed", layers.normal_init(cfg.init_std, ("pos", "embed")),
+                         (cfg.num_patches, cfg.d_model))
     x_BxNxD = x_BxNxD + pos_NxD.astype(cfg.dtype)
     b, n = x_BxNxD.shape[:2]
     segments_BxN = jnp.ones((b, n), jnp.int32)
