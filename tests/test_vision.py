@@ -62,8 +62,8 @@ def _vision_lm(position="rope"):
   segments, positions = jnp.ones((b, t), jnp.int32), jnp.broadcast_to(jnp.arange(t), (b, t))
   prefix = jnp.arange(t)[None].repeat(b, 0) < 7  # the image and a 3-token prompt; the answer after
   images = jax.random.uniform(jax.random.key(3), (b, 16, 16, 1), minval=-1, maxval=1)
-  params = meta.unbox(model.init(jax.random.key(4), tokens, segments, positions, prefix_BxT=prefix,
-                                 images=images)["params"])
+  init = jax.jit(lambda key: model.init(key, tokens, segments, positions, prefix_BxT=prefix, images=images))
+  params = meta.unbox(init(jax.random.key(4))["params"])
   return cfg, model, params, (tokens, segments, positions, prefix, images)
 
 
