@@ -140,7 +140,8 @@ def import_model(src: str, workdir: str, dtype: str = "float32") -> str:
   # packed with [BOS], records [BOS] + tokens instead.
   run_dir.write(workdir, config, params, tokenizer, prompt=tokenizer_lib.PROMPT_OWN)
   with open(os.path.join(os.path.abspath(os.path.expanduser(workdir)), SOURCE_FILE), "w") as f:
-    json.dump({"source": src, "architecture": arch.ARCHITECTURE, "dtype": source_dtype, "fresh_head": fresh_head}, f)
+    json.dump({"source": src, "architecture": arch.ARCHITECTURE, "dtype": source_dtype, "fresh_head": fresh_head},
+              f)
   n = sum(x.size for x in jax.tree.leaves(params))
   note = (": a BertModel has no masked-LM head, so a fresh one was made (train the run on task.kind='mlm' before"
           " filling masks; embeddings and fine-tuning read the encoder)") if fresh_head else ""
@@ -151,16 +152,15 @@ def import_model(src: str, workdir: str, dtype: str = "float32") -> str:
 def _fresh_head(model_cfg) -> dict:
   """A masked-LM prediction head as training initialises it (seed 0), for an encoder
   imported without one."""
+  from flax.core import meta
+
   from tpu_lm.model import transformer
 
   model = transformer.Transformer(model_cfg)
   tokens = np.zeros((1, 1), np.int32)
-  params = jax.jit(lambda: model.init(jax.random.key(0), tokens, tokens, tokens)["params"])()
-  from flax.core import meta
-
-  params = meta.unbox(params)
-  return {k: jax.tree.map(lambda x: np.asarray(x, np.float32), params[k]) for k in ("head_dense", "head_norm",
-                                                                                    "output_bias")}
+  params = meta.unbox(jax.jit(lambda: model.init(jax.random.key(0), tokens, tokens, tokens)["params"])())
+  return {k: jax.tree.map(lambda x: np.asarray(x, np.float32), params[k])
+          for k in ("head_dense", "head_norm", "output_bias")}
 
 
 def _check_against_model(params, model_cfg, directory: str) -> None:
