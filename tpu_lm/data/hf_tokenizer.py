@@ -48,14 +48,15 @@ class HFTokenizer:
       raise UserError(f"{path} is not a readable Hugging Face tokenizer ({str(e)[:200]}): replace the file.") from None
     self.directory = directory
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-    # A run directory records the ids it was trained with; a model directory names
-    # them in its files.
-    ids = special_ids or _special_ids(directory, self._tok)
+    # The tokens its files name, read once. A run directory records the ids it was
+    # trained with; a model directory names them in its files.
+    named = _named_ids(directory, self._tok, ("bos", "eos", "pad", "cls", "sep", "mask"))
+    ids = special_ids or _special_ids(directory, named)
     self.bos_id, self.eos_id = ids["bos_id"], ids["eos_id"]
     # Padding is never a target (weight 0): a tokenizer without a pad token pads with EOS.
     self.pad_id = ids["pad_id"] if ids["pad_id"] is not None else self.eos_id
     # BERT's [MASK], RoBERTa's <mask>: the masked LM's <mask> sentinel is this id (add_sentinels).
-    self.mask_id = _named_ids(directory, self._tok, ("mask",)).get("mask")
+    self.mask_id = named.get("mask")
     self.name = f"hf{self.vocab_size}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
   def encode_batch(self, texts):
@@ -108,8 +109,8 @@ def _named_ids(directory: str, tok, kinds) -> dict:
   return {kind: i for kind, i in ids.items() if i is not None}
 
 
-def _special_ids(directory: str, tok) -> dict:
-  named = _named_ids(directory, tok, ("bos", "eos", "pad", "cls", "sep"))
+def _special_ids(directory: str, named: dict) -> dict:
+  """BOS, EOS and padding ids from the tokens the files name (`named`), else config.json's."""
   # BERT's tokenizers name no BOS or EOS: its [CLS] opens a text and [SEP] closes it.
   ids = {f"{k}_id": named.get(k, named.get(alias)) for k, alias in (("bos", "cls"), ("eos", "sep"), ("pad", None))}
   try:  # a model's config.json names ids where the tokenizer files name none

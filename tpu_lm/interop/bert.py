@@ -32,6 +32,7 @@ import numpy as np
 
 from tpu_lm.errors import UserError
 from tpu_lm.interop.gpt2 import pad_rows
+from tpu_lm.interop.llama import permute_rope
 
 _LAYER = {  # ours -> theirs, under {prefix}encoder.layer.{i}.
     ("attn", "query"): "attention.self.query", ("attn", "key"): "attention.self.key",
@@ -153,10 +154,11 @@ class Family:
       q, layer = f"{self.prefix}encoder.layer.{i}.", params[f"layers_{i}"]
       for (group, ours), theirs in _LAYER.items():
         w = layer[group][ours]
-        kernel, bias = w["kernel"], w["bias"] if "bias" in w else np.zeros(w["kernel"].shape[1], w["kernel"].dtype)
+        weight = w["kernel"].T
+        bias = w["bias"] if "bias" in w else np.zeros(weight.shape[0], weight.dtype)
         if self.rotary and ours in ("query", "key"):
-          kernel, bias = _interleave(kernel, head_dim), _interleave(bias, head_dim)
-        out[f"{q}{theirs}.weight"], out[f"{q}{theirs}.bias"] = kernel.T, bias
+          weight, bias = permute_rope(weight, m.num_heads), permute_rope(bias[:, None], m.num_heads)[:, 0]
+        out[f"{q}{theirs}.weight"], out[f"{q}{theirs}.bias"] = weight, bias
       for ours, theirs in _NORMS.items():
         out[f"{q}{theirs}.weight"], out[f"{q}{theirs}.bias"] = layer[ours]["scale"], layer[ours]["bias"]
     h = self.head
@@ -168,16 +170,6 @@ class Family:
     if not m.tie_embeddings:
       out[h["decoder"] + ".weight"] = params["unembed"]["kernel"][:, :vocab_size].T
     return out
-
-
-def _interleave(x: np.ndarray, head_dim: int) -> np.ndarray:
-  """Output columns (the last axis) of each head from rotate-half order (j, j + H/2 a
-  rotation pair) to RoFormer's interleaved order (2j, 2j + 1)."""
-  half = np.arange(head_dim // 2)
-  order = np.stack([half, half + head_dim // 2], axis=-1).reshape(-1)  # new column c takes old order[c]
-  heads = x.shape[-1] // head_dim
-  cols = (np.arange(heads)[:, None] * head_dim + order[None]).reshape(-1)
-  return x[..., cols]
 
 
 def _sinusoids(positions: int, head_dim: int) -> np.ndarray:

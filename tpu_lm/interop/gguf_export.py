@@ -98,13 +98,6 @@ def export(workdir: str, path: str, gguf_type: str = "f16", step: int | None = N
           f" width {m.d_model}, {len(vocab['tokens'])} tokens) from {workdir} step {step}")
 
 
-def permute_rope(w_OxI: np.ndarray, heads: int) -> np.ndarray:
-  """A query or key projection's rows ([heads * D, in]) from rotate-half pairs (i, i + D/2)
-  to llama.cpp's interleaved pairs (2i, 2i + 1), head by head (its converter's `permute`)."""
-  out, d_in = w_OxI.shape
-  return w_OxI.reshape(heads, 2, out // heads // 2, d_in).swapaxes(1, 2).reshape(out, d_in)
-
-
 def llama_cpp_tensors(hf_tensors: dict, m) -> dict:
   """Hugging Face Llama tensors (llama.from_params) under llama.cpp's names, q and k
   permuted for its RoPE, plus `rope_freqs` for Llama 3 scaling; float32."""
@@ -116,9 +109,9 @@ def llama_cpp_tensors(hf_tensors: dict, m) -> dict:
       continue
     _, _, i, sub = base.split(".", 3)  # model.layers.{i}.{sub}
     if sub == "self_attn.q_proj":
-      x = permute_rope(x, m.num_heads)
+      x = llama.permute_rope(x, m.num_heads)
     elif sub == "self_attn.k_proj":
-      x = permute_rope(x, m.num_kv_heads or m.num_heads)
+      x = llama.permute_rope(x, m.num_kv_heads or m.num_heads)
     out[f"blk.{i}.{LAYER_NAMES[sub]}.weight"] = x
   if m.rope_scaling.type == "llama3":
     out["rope_freqs.weight"] = _rope_divisors(m)

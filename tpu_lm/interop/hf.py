@@ -223,9 +223,10 @@ def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "
 
   workdir, step, config = read_export_config(workdir, step)
   m = config.model
-  if tasks.from_config(config).name == mlm.NAME and m.position == "rope":
+  encoder = tasks.from_config(config).name == mlm.NAME
+  if encoder and m.position == "rope":
     arch = bert.ROFORMER
-  elif tasks.from_config(config).name == mlm.NAME:
+  elif encoder:
     arch = bert.ROBERTA if _source(workdir).get("architecture") == bert.ROBERTA.ARCHITECTURE else bert.BERT
   else:
     arch = gpt2 if m.position == "learned" else llama
@@ -237,7 +238,7 @@ def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "
   tokenizer = tokenizer_lib.load_for_run(workdir)
   params = read_export_params(workdir, step, config)
   vocab = derived.tokenizer_vocab_size(config)
-  if isinstance(arch, bert.Family):
+  if encoder:
     if imported_without_head(workdir):
       raise UserError(f"{workdir} was imported from a BertModel and its masked-LM head never trained: train it on"
                       " task.kind='mlm' (--config.init_from) before exporting it as a masked LM.")
@@ -262,7 +263,7 @@ def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "
       json.dump({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                  "pad_token_id": tokenizer.pad_id}, f, indent=2)
     safetensors_io.write(tmp, tensors)
-    tokenizer_export.write(tokenizer, tmp, m.max_len, encoder=isinstance(arch, bert.Family))
+    tokenizer_export.write(tokenizer, tmp, m.max_len, encoder=encoder)
     os.replace(tmp, dst)
   finally:
     if os.path.exists(tmp):

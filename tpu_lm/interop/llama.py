@@ -6,6 +6,8 @@ weights need no permutation; grouped-query heads map kv head j to query heads
 j*G .. j*G+G-1 in both.
 """
 
+import numpy as np
+
 from tpu_lm.errors import UserError
 from tpu_lm.interop.gpt2 import pad_rows, require
 
@@ -92,6 +94,14 @@ def to_params(t: dict, m: dict, vocab_padded: int) -> dict:
   if not m["tie_embeddings"]:
     params["unembed"] = {"kernel": pad_rows(t["lm_head.weight"], vocab_padded).T}
   return params
+
+
+def permute_rope(w_OxI: np.ndarray, heads: int) -> np.ndarray:
+  """A query or key projection's rows ([heads * D, in]; a bias as [heads * D, 1]) from
+  our rotate-half pairs (i, i + D/2) to interleaved pairs (2i, 2i + 1), head by head:
+  llama.cpp's RoPE (its converter's `permute`) and RoFormer's."""
+  out, d_in = w_OxI.shape
+  return w_OxI.reshape(heads, 2, out // heads // 2, d_in).swapaxes(1, 2).reshape(out, d_in)
 
 
 def from_params(params: dict, m, vocab_size: int) -> dict:

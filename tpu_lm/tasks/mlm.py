@@ -50,6 +50,17 @@ def word_edges(tokenizer) -> tuple[np.ndarray, np.ndarray]:
   return first, last
 
 
+@functools.lru_cache(maxsize=8)
+def random_replacements(tokenizer) -> np.ndarray:
+  """The ids a chosen token may be replaced by: any but the special ones (a Hugging Face
+  tokenizer's mask is inside its vocabulary, ours past it). Once per tokenizer: encoding
+  runs per batch of documents."""
+  special = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, *tokenizer.sentinels.values()}
+  out = np.array([i for i in range(tokenizer.vocab_size) if i not in special], np.int64)
+  out.setflags(write=False)  # shared by every call
+  return out
+
+
 def _word_char(c: str) -> bool:
   return c.isalnum() or c == "_"
 
@@ -104,10 +115,7 @@ class MaskedLM:
     texts = [as_text(r[self.text_key]) for r in records]
     if rngs is None:  # eval: a mask fixed by the document's own text
       rngs = [np.random.default_rng(zlib.crc32(t.encode("utf-8"))) for t in texts]
-    # Random replacements: any id but the special ones (a Hugging Face tokenizer's mask is
-    # inside its vocabulary, ours past it).
-    special = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, *tokenizer.sentinels.values()}
-    replacements = np.array([i for i in range(tokenizer.vocab_size) if i not in special], np.int64)
+    replacements = random_replacements(tokenizer)
     first = last = None
     if self.whole_word:
       first, last = word_edges(tokenizer)
