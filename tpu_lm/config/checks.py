@@ -123,6 +123,7 @@ def validate(config) -> None:
     fail("data.tokenizer_sample_mb", config.data.tokenizer_sample_mb, "it must be a number of MB > 0")
   if config.data.tokenizer == "hf" and not config.data.tokenizer_path and not config.init_from:
     fail("data.tokenizer_path", "", "data.tokenizer='hf' needs the directory of a Hugging Face tokenizer.json")
+  _check_vision(config)
   tasks.from_config(config).check(config)  # the objective's own rules
   if config.data.dataset == tasks.instructions.DATASET and tasks.name_of(config) != tasks.instructions.NAME:
     fail("task.kind", config.task.kind, "data.dataset='instructions' trains the language model: use 'lm'")
@@ -192,6 +193,26 @@ def validate(config) -> None:
         f"sample.prompt_tokens ({config.sample.prompt_tokens}) plus new tokens must fit model.max_len"
         f" ({m.max_len}); lower them or raise model.max_len",
     )
+
+
+def _check_vision(config) -> None:
+  from tpu_lm.config import derived
+
+  v = config.vision
+  reads = getattr(tasks.from_config(config), "reads_images", False)
+  if not v.image_height and not v.image_width:
+    return
+  if not reads:
+    fail("vision.image_height", v.image_height, f"the {tasks.name_of(config)} objective reads no images: set it to"
+         " 0, or use task.kind='reading'")
+  if not v.image_height or not v.image_width:
+    fail("vision.image_width" if v.image_height else "vision.image_height", 0,
+         "give the images both a height and a width in pixels")
+  try:
+    derived.vision_config(config).check()
+  except ValueError as e:
+    fail("vision", f"{v.image_height}x{v.image_width}, patch {v.patch}", f"{e}: change vision.image_height,"
+         " image_width, patch or num_heads")
 
 
 def _check_eval_harness(config) -> None:

@@ -173,6 +173,30 @@ def get_config() -> ml_collections.ConfigDict:
   _choice("model.norm_position", ("pre", "post"))
   c.model.head_transform = False
 
+  # A vision encoder (model/vision.py: a ViT and a projector into model.d_model) whose
+  # patch embeddings lead each row, before BOS: a model that reads images (task.kind
+  # "reading"; configs/reading.py). image_height 0: none. Images are cut into patch x
+  # patch squares, each a position: (height / patch) x (width / patch) of data.seq_len.
+  c.vision = ml_collections.ConfigDict()
+  c.vision.image_height = 0
+  _non_negative('vision.image_height')
+  c.vision.image_width = 0
+  _non_negative('vision.image_width')
+  c.vision.channels = 1  # 1: grayscale, 3: RGB
+  _choice('vision.channels', (1, 3))
+  c.vision.patch = 8
+  _positive_int('vision.patch')
+  c.vision.num_layers = 2
+  _non_negative('vision.num_layers')
+  c.vision.d_model = 128
+  _positive_int('vision.d_model')
+  c.vision.num_heads = 4
+  _positive_int('vision.num_heads')
+  c.vision.mlp_dim = 512
+  _positive_int('vision.mlp_dim')
+  c.vision.projector = "linear"  # or LLaVA-1.5's "mlp" (two layers, GELU)
+  _choice('vision.projector', ('linear', 'mlp'))
+
   c.optim = ml_collections.ConfigDict()
   # "adamw", "sgd", "adafactor", or "muon": Muon for the blocks' weight matrices (at
   # muon_learning_rate) with AdamW for embeddings, head, norms and biases (at learning_rate);
@@ -331,6 +355,29 @@ def get_config() -> ml_collections.ConfigDict:
   c.mlm = ml_collections.ConfigDict()
   c.mlm.rate = 0.15
   c.mlm.whole_word = False
+
+  # Reading (task.kind="reading", tasks/reading.py): each example an image, then its text,
+  # the loss on the text. source "render": a line of each document drawn on the fly
+  # (data/render.py) at a font size from min_font to max_font pixels, its corner moved
+  # up to max_offset pixels, Gaussian noise of `noise` x full scale; lines shorter than
+  # min_chars are skipped. source "images": a TFDS image-text dataset's image_key image,
+  # its text data.text_key, or its class label written into caption_template
+  # ("a photo of a {label}"). eval_examples: held-out examples read greedily at each eval
+  # (character error rate, exact lines).
+  c.reading = ml_collections.ConfigDict()
+  c.reading.source = "render"
+  c.reading.min_font = 14
+  c.reading.max_font = 18
+  c.reading.max_offset = 4
+  _non_negative('reading.max_offset')
+  c.reading.noise = 0.1
+  _non_negative('reading.noise')
+  c.reading.min_chars = 8
+  _positive_int('reading.min_chars')
+  c.reading.image_key = "image"
+  c.reading.caption_template = ""
+  c.reading.eval_examples = 64
+  _non_negative('reading.eval_examples')
 
   # Differentially private training (DP-SGD through jax-privacy; tpu_lm/privacy):
   # each example (one packed row of data.seq_len tokens) joins a step with probability

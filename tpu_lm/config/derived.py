@@ -48,12 +48,24 @@ def model_config(config, platform: str = "cpu") -> ModelConfig:
       "vocab_used": vocab,
       "rope_scaling": rope_scaling(m),
       "num_classes": 0,  # an objective's (tpu_lm/tasks/), set where it is known
-      "vision": None,  # no config reads images yet (model/vision.py is the model half)
+      "vision": vision_config(config),
       "num_kv_heads": m.num_kv_heads or m.num_heads,
       "head_dim": m.head_dim or m.d_model // m.num_heads,
   }
   copied = {f.name: m[f.name] for f in dataclasses.fields(ModelConfig) if f.name not in derived}
   return ModelConfig(**copied, **derived)
+
+
+def vision_config(config):
+  """The `vision` section as model/vision.py's VisionConfig (None: the model reads no images)."""
+  v, m = config.get("vision"), config.model
+  if v is None or not v.image_height:
+    return None
+  from tpu_lm.model.vision import VisionConfig
+
+  return VisionConfig(image_height=v.image_height, image_width=v.image_width, out_dim=m.d_model, channels=v.channels,
+                      patch=v.patch, num_layers=v.num_layers, d_model=v.d_model, num_heads=v.num_heads,
+                      mlp_dim=v.mlp_dim, projector=v.projector, init_std=m.init_std, dtype=m.dtype)
 
 
 # What makes two models' parameters interchangeable (init_from checks these).

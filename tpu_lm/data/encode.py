@@ -17,6 +17,14 @@ class Encoded:
   # masked LM: the document with its chosen tokens masked). Then each position's target
   # is its own id, not the next one (data/stream.py), and BOS and EOS are read, never scored.
   inputs: np.ndarray | None = None
+  # An image the document is read after (a vision-language model's, tasks/reading.py):
+  # pixels [H, W, C] uint8. Its `image_slots` positions come first in the row, before
+  # BOS; the model's vision encoder fills them (model/transformer.py), nothing predicts them.
+  image: np.ndarray | None = None
+  image_slots: int = 0
+  # Ids at the start of `ids` read both ways with the image and BOS (a prefix LM's
+  # prompt: the row's `prefix`); what follows is causal.
+  prefix: int = 0
 
 
 def as_text(value) -> str:

@@ -36,7 +36,7 @@ class Split:
 
 def _options(split: Split) -> dict:
   return {"bos_id": split.bos_id, "eos_id": split.eos_id, "one_per_row": split.layout.one_per_row,
-          "loss_mask": split.layout.loss_mask}
+          "loss_mask": split.layout.loss_mask, "image": split.layout.image}
 
 
 def train_iter(split: Split, *, seq_len: int, global_batch: int, seed: int, process_index: int = 0,

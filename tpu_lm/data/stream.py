@@ -55,13 +55,16 @@ class _Doc(NamedTuple):
   num_bytes: int
   label: int
   targets: np.ndarray
+  image: np.ndarray | None = None  # pixels the document is read after (its image slots lead `tokens`)
+  prefix: int = 0  # leading tokens read both ways (the image slots, BOS and a prompt)
 
 
 class ShardStream:
   def __init__(self, source, *, shard: int, num_shards: int, seq_len: int, seed: int, bos_id: int, eos_id: int,
                shuffle: bool = True, one_pass: bool = False, max_rows: int = 0, one_per_row: bool = False,
-               loss_mask: bool = False, with_bytes: bool = False):
+               loss_mask: bool = False, with_bytes: bool = False, image: tuple = ()):
     self.shard, self.num_shards, self.seq_len, self.seed = shard, num_shards, seq_len, seed
+    self.image = tuple(image)
     self.bos_id, self.eos_id = bos_id, eos_id
     self.shuffle, self.one_pass, self.max_rows = shuffle, one_pass, max_rows
     self.one_per_row, self.loss_mask, self.with_bytes = one_per_row, loss_mask, with_bytes
@@ -106,12 +109,22 @@ class ShardStream:
 
   def supply(self, key, encoded: Encoded) -> None:
     tokens = np.concatenate([[self.bos_id], encoded.ids, [self.eos_id]]).astype(np.int32)
+    if encoded.image is not None:  # read after its image: slots the vision encoder fills lead the document
+      slots = encoded.image_slots
+      tokens = np.concatenate([np.zeros(slots, np.int32), tokens])
+      mask = np.zeros(len(tokens), np.int32)  # neither the slots nor BOS are predicted
+      mask[slots + 1:] = 1
+      if encoded.weights is not None:
+        mask[slots + 1:-1] = encoded.weights
+      self._cache[key] = _Doc(tokens, mask, encoded.num_bytes, encoded.label, tokens, encoded.image,
+                              slots + 1 + encoded.prefix)
+      return
     if encoded.inputs is None:  # a decoder's: each token's target is the next
       mask = np.ones(len(tokens), np.int32)  # per token, as a target: 1 if it counts (BOS never is, EOS always)
       mask[0] = 0
       if encoded.weights is not None:
         mask[1:-1] = encoded.weights
-      self._cache[key] = _Doc(tokens, mask, encoded.num_bytes, encoded.label, tokens)
+      self._cache[key] = _Doc(tokens, mask, encoded.num_bytes, encoded.label, tokens, None, 1 + encoded.prefix)
       return
     # An encoder's: position i reads inputs[i] and predicts tokens[i]. Rows pair input i
     # with target i + 1, so the targets move one place right (a pad in front) and the
@@ -189,16 +202,36 @@ class ShardStream:
     return row
 
   def _example_row(self, fetch):
+    """One example: with a loss mask its (input, next-token target) pairs, cut to the
+    row; without, the whole document read (a classifier's, cut to end in EOS), its label."""
     t = self.seq_len
-    inputs, seg, positions = (np.zeros(t, np.int32) for _ in range(3))
-    label = 0
+    inputs, targets, seg, positions, mask = (np.zeros(t, np.int32) for _ in range(5))
+    label, image, prefix, num_bytes = 0, None, 0, 0
     if not self.done:
       doc = self._doc(fetch)
-      tokens, label = doc.tokens, doc.label
-      ids = np.concatenate([tokens[: t - 1], [self.eos_id]]) if len(tokens) > t else tokens
-      inputs[: len(ids)], seg[: len(ids)], positions[: len(ids)] = ids, 1, np.arange(len(ids))
+      tokens, label, image, prefix = doc.tokens, doc.label, doc.image, doc.prefix
+      if self.loss_mask:
+        n = min(len(tokens) - 1, t)
+        inputs[:n], targets[:n], mask[:n] = tokens[:n], doc.targets[1:n + 1], doc.mask[1:n + 1]
+      else:
+        ids = np.concatenate([tokens[: t - 1], [self.eos_id]]) if len(tokens) > t else tokens
+        n = len(ids)
+        inputs[:n] = ids
+      seg[:n], positions[:n] = 1, np.arange(n)
+      num_bytes = doc.num_bytes
       self._advance_doc()
-    return {"inputs": inputs, "segment_ids": seg, "positions": positions, "label": np.int32(label)}
+    row = {"inputs": inputs, "segment_ids": seg, "positions": positions}
+    if self.loss_mask:
+      row["targets"], row["loss_mask"] = targets, mask
+    else:
+      row["label"] = np.int32(label)
+    if self.image:
+      row["image"] = np.zeros(self.image, np.uint8) if image is None else image.reshape(self.image)
+      row["image_row"] = np.bool_(image is not None)
+      row["prefix"] = (np.arange(t) < prefix) & (seg > 0)
+    if self.with_bytes:
+      row["num_bytes"], row["num_docs"] = np.float32(num_bytes), np.int32(seg[0] > 0)
+    return row
 
 
 class BlockStream:
@@ -333,16 +366,19 @@ class Loader:
 
   def __init__(self, source, encoder, *, seq_len: int, global_batch: int, seed: int, bos_id: int, eos_id: int,
                process_index: int = 0, process_count: int = 1, one_per_row: bool = False, loss_mask: bool = False,
-               block_docs: int = 128, prefetch: int = 4, lookahead: int = 8):
+               image: tuple = (), block_docs: int = 128, prefetch: int = 4, lookahead: int = 8):
     if global_batch % process_count:
       raise UserError(f"data.global_batch_size ({global_batch}) must be divisible by the processes ({process_count}).")
     per = global_batch // process_count
     self.rows = range(process_index * per, (process_index + 1) * per)
     self.source, self.encoder = source, encoder
     self.block_docs = 0 if one_per_row else block_docs  # part of what a saved state means
+    if image and not one_per_row:
+      raise ValueError("rows with images hold one example each: a layout with `image` needs one_per_row")
     if one_per_row:  # examples: each row a new one, in a seeded order per epoch
       self.streams = [ShardStream(source, shard=r, num_shards=global_batch, seq_len=seq_len, seed=seed, bos_id=bos_id,
-                                  eos_id=eos_id, one_per_row=True) for r in self.rows]
+                                  eos_id=eos_id, one_per_row=True, loss_mask=loss_mask, image=image)
+                      for r in self.rows]
     else:
       self.streams = [BlockStream(source, shard=r, num_shards=global_batch, seq_len=seq_len, seed=seed,
                                   bos_id=bos_id, eos_id=eos_id, block_docs=block_docs, loss_mask=loss_mask)
@@ -437,7 +473,7 @@ EVAL_SEED = 0  # a bounded eval's sample of documents: the same in every eval of
 
 def eval_rows(source, encoder, *, seq_len: int, global_batch: int, bos_id: int, eos_id: int, max_batches: int = 0,
               process_index: int = 0, process_count: int = 1, one_per_row: bool = False, loss_mask: bool = False,
-              on_progress=None):
+              image: tuple = (), on_progress=None):
   """This process's rows of every eval batch: each document once, in order. A pass
   bounded to `max_batches` reads the documents in a fixed seeded order instead (a
   sample that does not depend on the split's order or prefer short documents), packs
@@ -450,7 +486,8 @@ def eval_rows(source, encoder, *, seq_len: int, global_batch: int, bos_id: int, 
   per = global_batch // process_count
   streams = [ShardStream(source, shard=r, num_shards=global_batch, seq_len=seq_len, seed=EVAL_SEED, bos_id=bos_id,
                          eos_id=eos_id, shuffle=bool(max_batches), one_pass=True, max_rows=max_batches,
-                         one_per_row=one_per_row, loss_mask=loss_mask, with_bytes=not one_per_row)
+                         one_per_row=one_per_row, loss_mask=loss_mask, with_bytes=not one_per_row or loss_mask,
+                         image=image)
              for r in range(process_index * per, (process_index + 1) * per)]
   fetch = _fetcher(source, encoder)
   batches = 0

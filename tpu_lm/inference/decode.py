@@ -32,27 +32,34 @@ from tpu_lm.model import params as params_lib
 from tpu_lm.model import transformer
 
 
-def prefill(model, params, tokens_BxP, lengths_B, cache_len: int):
+def prefill(model, params, tokens_BxP, lengths_B, cache_len: int, images=None, image_rows_B=None):
   """Right-padded prompts through the model into a fresh KV cache of `cache_len`
   positions: (the cache, each prompt's next-token logits [B, V]). Only each prompt's
-  last position is unembedded: one [B, V] of logits, not [B, P, V]."""
+  last position is unembedded: one [B, V] of logits, not [B, P, V]. `images` (uint8
+  [B, H, W, C], a vision model's) fill the first positions of the rows `image_rows_B`
+  marks (their prompts hold that many placeholder ids there)."""
   b, p = tokens_BxP.shape
   cache = transformer.init_cache(model.cfg, b, cache_len)
   positions_BxP = jnp.broadcast_to(jnp.arange(p), (b, p))
   # A prefix LM reads its whole prompt both ways; what it generates is causal.
   prefix_BxP = positions_BxP < lengths_B[:, None] if model.cfg.attention_mask == "prefix" else None
   variables = {"params": params}
+  pictures = {}
+  if images is not None:
+    from tpu_lm.model.vision import pixels_to_unit
+
+    pictures = {"images": pixels_to_unit(images), "image_rows_B": image_rows_B}
   hidden_BxPxD, cache = model.apply(variables, tokens_BxP, jnp.ones_like(tokens_BxP), positions_BxP, cache=cache,
-                                    return_cache=True, method="hidden", prefix_BxT=prefix_BxP)
+                                    return_cache=True, method="hidden", prefix_BxT=prefix_BxP, **pictures)
   last_Bx1xD = jnp.take_along_axis(hidden_BxPxD, (lengths_B - 1)[:, None, None], axis=1)
   return cache, model.apply(variables, last_Bx1xD, method="logits")[:, 0]
 
 
-def _generate(params, tokens_BxP, lengths_B, max_new_B, temperature_B, top_k_B, top_p_B, seeds_B, *,
-              model, cache_len: int, max_new: int, eos_id: int, pad_id: int, vocab_size: int, emit,
+def _generate(params, tokens_BxP, lengths_B, max_new_B, temperature_B, top_k_B, top_p_B, seeds_B, images, image_rows_B,
+              *, model, cache_len: int, max_new: int, eos_id: int, pad_id: int, vocab_size: int, emit,
               sampler: tuple[str, int]):
   b = tokens_BxP.shape[0]
-  cache, logits_BxV = prefill(model, params, tokens_BxP, lengths_B, cache_len)
+  cache, logits_BxV = prefill(model, params, tokens_BxP, lengths_B, cache_len, images, image_rows_B)
   variables = {"params": params}
   usable_V = jnp.arange(logits_BxV.shape[-1]) < vocab_size  # the model's vocab is padded for sharding
 
@@ -136,16 +143,10 @@ class Decoder:
 
   def __init__(self, model_cfg: transformer.ModelConfig, params, *, eos_id: int, pad_id: int, vocab_size: int,
                context: Callable | None = None, batch_multiple: int = 1, wrap: Callable | None = None):
-    if model_cfg.scan_layers:
-      params = params_lib.unstack_layers(params)
+    self.scanned = model_cfg.scan_layers
     self.cfg = dataclasses.replace(model_cfg, scan_layers=False, remat="none", dropout_rate=0.0)
-    # Decoding reads every weight once per token: keep them in the compute dtype
-    # (bfloat16 halves the bytes read); float32 master copies are for training.
-    # (run_dir reads them from the checkpoint in that dtype already: no copy then.)
-    dtype = jnp.dtype(self.cfg.dtype)
-    params = jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x, params)
-    self.params, self.eos_id, self.pad_id, self.vocab_size = params, eos_id, pad_id, vocab_size
+    self.set_params(params)
+    self.eos_id, self.pad_id, self.vocab_size = eos_id, pad_id, vocab_size
     self.max_len = model_cfg.max_len
     self.context = context or (lambda: nn.logical_axis_rules(()))
     self.batch_multiple = batch_multiple
@@ -158,6 +159,17 @@ class Decoder:
                           vocab_size=vocab_size),
         static_argnames=("cache_len", "max_new", "emit", "sampler"),
     )
+
+  def set_params(self, params) -> None:
+    """Decode with these parameters from now on (the same shapes: nothing recompiles)."""
+    if self.scanned:
+      params = params_lib.unstack_layers(params)
+    # Decoding reads every weight once per token: keep them in the compute dtype
+    # (bfloat16 halves the bytes read); float32 master copies are for training.
+    # (run_dir reads them from the checkpoint in that dtype already: no copy then.)
+    dtype = jnp.dtype(self.cfg.dtype)
+    self.params = jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x, params)
 
   def check(self, prompt_len: int, sampling: Sampling) -> None:
     """Raises UserError when a request's settings are out of range or it cannot fit the model's context."""
@@ -174,7 +186,8 @@ class Decoder:
       )
 
   def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling | Sequence[Sampling],
-               on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None) -> list[Completion]:
+               on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+               images: Sequence | None = None) -> list[Completion]:
     """Continues each prompt (token ids, BOS included) and returns its new tokens.
 
     `on_step(i, tokens[B], finished[B])`, when given, is called from inside the
@@ -183,6 +196,10 @@ class Decoder:
     return which rows end after this token (a bool, or one per row; None: none),
     e.g. where a stop sequence appeared: their Completion ends there, "stop". Its
     answer gates the next step (a host round trip per step).
+
+    `images` (a vision model's): per prompt, its image (uint8 [H, W, C]) or None; a
+    prompt with one starts with the image's placeholder positions (one per patch), which
+    the image fills, then BOS.
     """
     if isinstance(sampling, Sampling):
       sampling = [sampling] * len(prompts)
@@ -202,11 +219,12 @@ class Decoder:
     sampler = (kind, bucket(top_k, 16, self.vocab_size) if kind == "top_k" else 0)
 
     tokens, lengths, fields = batch_arrays(prompts, sampling, b, p_len, self.pad_id)
+    pixels, image_rows = self._images(images, n, b)
     with self._lock, self.context():
       self._on_step, self._rows = on_step, n
       out, counts = self._fn(
           self.params, tokens, lengths, fields["max_new"], fields["temperature"], fields["top_k"],
-          fields["top_p"], fields["seed"], cache_len=cache_len, max_new=max_new, sampler=sampler,
+          fields["top_p"], fields["seed"], pixels, image_rows, cache_len=cache_len, max_new=max_new, sampler=sampler,
           emit=self._emit if on_step else None,
       )
       if not out.is_fully_addressable:  # rows spread over several processes: gather them
@@ -215,6 +233,21 @@ class Decoder:
       out, counts = np.asarray(out), np.asarray(counts)
       self._on_step = None
     return completions(out[:n], counts[:n], sampling, self.eos_id)
+
+  def _images(self, images, n: int, b: int):
+    """(uint8 pixels [b, H, W, C], which rows have an image [b]) for a vision model; (None,
+    None) otherwise."""
+    v = self.cfg.vision
+    if v is None:
+      if images is not None and any(i is not None for i in images):
+        raise UserError("this model reads no images (it has no vision encoder): send text only.")
+      return None, None
+    pixels = np.zeros((b, v.image_height, v.image_width, v.channels), np.uint8)
+    rows = np.zeros(b, bool)
+    for i, image in enumerate(list(images or [])[:n]):
+      if image is not None:
+        pixels[i], rows[i] = np.asarray(image, np.uint8).reshape(pixels.shape[1:]), True
+    return pixels, rows
 
   def _emit(self, i, tokens_B, done_B):
     ended_B = np.zeros(np.shape(tokens_B), bool)

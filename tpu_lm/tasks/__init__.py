@@ -1,5 +1,5 @@
 """Objectives: what a run optimizes, one module each (causal_lm, instructions,
-classification, tagging, distill, fim, mlm), found by name (`task.kind` in the config).
+classification, tagging, distill, fim, mlm, reading), found by name (`task.kind` in the config).
 
 An objective owns everything that differs between them, and nothing else does:
 - what a record becomes (`encode`: the document's token ids, which of them are
@@ -20,11 +20,11 @@ and a line in BUILDERS (or `register` from outside the package).
 """
 
 from tpu_lm.errors import UserError
-from tpu_lm.tasks import causal_lm, classification, distill, fim, instructions, mlm, tagging
+from tpu_lm.tasks import causal_lm, classification, distill, fim, instructions, mlm, reading, tagging
 
 BUILDERS = {causal_lm.NAME: causal_lm.build, instructions.NAME: instructions.build,
             classification.NAME: classification.build, distill.NAME: distill.build, fim.NAME: fim.build,
-            mlm.NAME: mlm.build, tagging.NAME: tagging.build}
+            mlm.NAME: mlm.build, tagging.NAME: tagging.build, reading.NAME: reading.build}
 
 
 def register(name: str, build) -> None:

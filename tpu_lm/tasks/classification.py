@@ -11,6 +11,7 @@ import numpy as np
 
 from tpu_lm.data.encode import Encoded, as_text
 from tpu_lm.data.layout import RowLayout
+from tpu_lm.tasks import losses
 
 NAME = "classification"
 METRICS = {"eval_loss": "minimize", "eval_accuracy": "maximize", "eval_macro_f1": "maximize",
@@ -61,7 +62,7 @@ class Classifier:
 
   def _logits(self, model, params, batch, rngs):
     hidden_BxTxD = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"], rngs=rngs,
-                               method="hidden", prefix_BxT=batch.get("prefix"))
+                               method="hidden", **losses.reading_inputs(batch))
     real_BxT = (batch["segment_ids"] > 0).astype(jnp.float32)
     pooled_BxD = pool(hidden_BxTxD, real_BxT, self.pooling)
     weight_B = real_BxT[:, 0]  # padding rows (all segment 0) count for nothing

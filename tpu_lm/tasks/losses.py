@@ -13,6 +13,18 @@ def token_weights(batch) -> jax.Array:
   return (batch["segment_ids"] > 0).astype(jnp.float32)
 
 
+def reading_inputs(batch) -> dict:
+  """The model's keyword inputs beyond tokens a batch may carry: the prefix a prefix LM
+  reads both ways, and images (uint8 pixels -> [-1, 1]) with the rows that have one."""
+  out = {"prefix_BxT": batch.get("prefix")}
+  if "image" in batch:
+    from tpu_lm.model.vision import pixels_to_unit
+
+    out["images"] = pixels_to_unit(batch["image"])
+    out["image_rows_B"] = batch.get("image_row")
+  return out
+
+
 def cross_entropy_sum(logits_BxTxV, targets_BxT, weights_BxT, z_loss: float = 0.0):
   """Summed, weighted cross-entropy (nats) and the summed weights. z_loss > 0 adds
   PaLM's auxiliary z_loss * log(Z)^2 per target (Z the softmax normaliser): it keeps
@@ -45,10 +57,8 @@ def token_nats(model, params, batch, rngs=None, logits_chunk: int = 0, z_loss: f
   """
   variables = {"params": params}
   weights_BxT = token_weights(batch)
-  hidden_BxTxD = model.apply(
-      variables, batch["inputs"], batch["segment_ids"], batch["positions"], rngs=rngs, method="hidden",
-      prefix_BxT=batch.get("prefix"),
-  )
+  hidden_BxTxD = model.apply(variables, batch["inputs"], batch["segment_ids"], batch["positions"], rngs=rngs,
+                             method="hidden", **reading_inputs(batch))
   t = hidden_BxTxD.shape[1]
   if not logits_chunk or logits_chunk >= t:
     return cross_entropy_sum(model.apply(variables, hidden_BxTxD, method="logits"), batch["targets"], weights_BxT,

@@ -34,7 +34,34 @@ def evaluate(setup, params, corpus, eval_step=None) -> dict:
     raise UserError(f"the eval scored nothing: the validation split {d.eval_split!r} of {d.dataset!r} has"
                     f" {len(corpus.validation)} documents but no {'tokens' if 'eval_tokens' in result else 'examples'}"
                     " to score; set data.eval_split to a split with text.")
+  if getattr(setup.task, "reads_images", False):
+    result.update(read_images(setup, params, corpus))
   return result
+
+
+def read_images(setup, params, corpus, show: int = 3) -> dict:
+  """A reading objective's held-out examples read greedily from their images alone:
+  character error rate and exact lines (tasks/reading.py); the first `show` printed."""
+  from tpu_lm.tasks import reading
+
+  task, tok = setup.task, corpus.tokenizer
+  n = min(task.eval_examples, len(corpus.validation))
+  if not n:
+    return {}
+  decoder = getattr(setup, "_reader", None)  # one compiled decoder per run: each eval swaps the parameters in
+  if decoder is None:
+    mesh = setup.mesh.shape
+    decoder = setup._reader = decode.Decoder(
+        setup.model_cfg, params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size,
+        context=setup.context, batch_multiple=mesh["data"] * mesh["fsdp"])
+  else:
+    decoder.set_params(params)
+  max_new = setup.config.data.seq_len - task.image_slots - 1
+  read, references = task.transcribe(decoder, tok, corpus.validation.source.get(list(range(n))), max_new)
+  if jax.process_index() == 0:
+    for r, ref in list(zip(read, references))[:show]:
+      metrics_lib.console(f"--- read ---\n  truth: {ref}\n  read:  {r}")
+  return reading.reading_scores(read, references)
 
 
 def _everywhere(flag: bool) -> bool:
