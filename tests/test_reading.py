@@ -1,6 +1,8 @@
 """The reading objective (tasks/reading.py): an image of a line, then the line; rows,
 resume, eval scores, the config's rules and a whole run."""
 
+import base64
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,136 @@ def test_a_reading_run_reads_held_out_images_and_resumes_exactly(corpus_dir, dat
   resumed = loop.train_and_evaluate(config, str(tmp_path / "cut"))
   for key in ("eval_loss", "eval_token_accuracy", "eval_cer"):
     assert resumed[key] == whole[key], key
+
+
+class _StubRun:
+  """What parse_request reads of a run that reads images (no model: nothing decodes)."""
+
+  def __init__(self, vision=True):
+    from types import SimpleNamespace
+
+    from tpu_lm.model.vision import VisionConfig
+
+    self.tokenizer = ByteTokenizer()
+    self.objective = _reading()
+    cfg = VisionConfig(image_height=SHAPE[0], image_width=SHAPE[1], out_dim=8) if vision else None
+    self.decoder = SimpleNamespace(cfg=SimpleNamespace(vision=cfg), vocab_size=self.tokenizer.vocab_size,
+                                   check=lambda *a: None)
+    self.config = None
+
+  def encode_prompt(self, text):
+    return [self.tokenizer.bos_id, *self.tokenizer.encode_batch([text])[0]]
+
+
+def _png(text="x = 1"):
+  import io
+
+  from PIL import Image
+
+  buffer = io.BytesIO()
+  Image.fromarray(render.render(text, np.random.default_rng(0))).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def _chat(*parts):
+  import json
+
+  return json.dumps({"messages": [{"role": "user", "content": list(parts)}], "max_tokens": 4}).encode()
+
+
+def _image_part(url):
+  return {"type": "image_url", "image_url": {"url": url}}
+
+
+def test_chat_image_parts_become_the_pixels_read_before_the_prompt():
+  from tpu_lm.serving import requests
+
+  limits = requests.Limits(max_prompt_tokens=64, max_new_tokens=16, max_body_bytes=1 << 20, timeout_s=10, max_batch=4)
+  url = "data:image/png;base64," + base64.b64encode(_png()).decode()
+  request = requests.parse_request(_chat({"type": "text", "text": "ab"}, _image_part(url)), _StubRun(), limits,
+                                   chat=True)
+  [image] = request.images
+  assert image.shape == SHAPE and image.dtype == np.uint8 and image.std() > 10
+  tok = ByteTokenizer()
+  assert request.ids[0] == [0] * SLOTS + [tok.bos_id, *tok.encode_batch(["ab"])[0]]
+  assert request.lead == [SLOTS + 1]  # the image and BOS are context, not prompt tokens
+
+
+@pytest.mark.parametrize("parts, vision, message", [
+    ([_image_part("https://example.com/cat.png")], True, "this server fetches nothing"),
+    ([_image_part("data:image/png;base64,@@@")], True, "the image cannot be read"),
+    ([_image_part("data:image/png;base64," + "aGVsbG8=")], True, "not an image file Pillow can read"),
+    ([_image_part("data:,x")], True, "must be base64"),
+    ([{"type": "audio", "data": "x"}], True, "must be a {\"type\": \"text\""),
+    ([_image_part("data:image/png;base64," + base64.b64encode(_png()).decode())] * 2, True,
+     "holds 2 images; this model reads one"),
+    ([_image_part("data:image/png;base64,AAAA")], False, "this model reads no images"),
+])
+def test_bad_image_parts_are_refused_in_one_line(parts, vision, message):
+  from tpu_lm.serving import requests
+  from tpu_lm.serving.body import RequestError
+
+  limits = requests.Limits(max_prompt_tokens=64, max_new_tokens=16, max_body_bytes=1 << 20, timeout_s=10, max_batch=4)
+  run = _StubRun(vision)
+  if not vision:
+    run.objective = type("Chat", (), {"chat": True, "chat_prompt": lambda self, m: m[-1]["content"]})()
+  with pytest.raises(RequestError, match=message) as e:
+    requests.parse_request(_chat(*parts), run, limits, chat=True)
+  assert e.value.status == 400
+
+
+@pytest.fixture(scope="module")
+def reading_run(corpus_dir, data_dir, tmp_path_factory):
+  from tpu_lm.training import loop
+
+  workdir = str(tmp_path_factory.mktemp("reading") / "run")
+  config = _tiny_reading(corpus_dir, data_dir)
+  config.update(num_train_steps=4, eval_every_steps=100)
+  loop.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.mark.slow  # a server, the generate command and inspect on a trained reading run
+def test_generate_the_server_and_inspect_read_an_image_as_the_decoder_does(reading_run, tmp_path, capsys):
+  import json
+
+  import jax
+
+  from tests.conftest import cli_body
+  from tests.test_serve import AUTH, KEY, _post, _start
+  from tpu_lm.inference import decode, run_dir
+
+  png_path = tmp_path / "line.png"
+  png_path.write_bytes(_png("x = 1"))
+  run = run_dir.load(reading_run, devices=jax.devices()[:1])
+  pixels = reading.decode_image(_png("x = 1"), SHAPE)
+  prompt = reading.image_prompt(SLOTS, run.encode_prompt(""))
+  [expected] = run.decoder.generate([prompt], decode.Sampling(8, 0.0), images=[pixels])
+  text = run.tokenizer.decode(expected.tokens)
+  # The image reaches the decoder: a blank one gives other next-token logits.
+  logits = lambda image: decode.prefill(run.decoder.model, run.decoder.params, np.array([prompt]),  # noqa: E731
+                                        np.array([len(prompt)]), len(prompt), image[None], np.array([True]))[1]
+  assert float(np.abs(logits(pixels) - logits(np.zeros(SHAPE, np.uint8))).max()) > 1e-4
+
+  cli_body("generate", [f"--workdir={reading_run}", f"--image={png_path}", "--temperature=0", "--max_new_tokens=8"])
+  assert capsys.readouterr().out.startswith(text)
+
+  proc, port = _start(reading_run, env={"TPU_LM_API_KEY": KEY})
+  try:
+    url = "data:image/png;base64," + base64.b64encode(_png("x = 1")).decode()
+    body = {"messages": [{"role": "user", "content": [_image_part(url)]}], "max_tokens": 8, "temperature": 0}
+    status, data = _post(port, body, "/v1/chat/completions", headers=AUTH)
+    assert status == 200, data
+    assert json.loads(data)["choices"][0]["message"]["content"] == text
+    body["messages"][0]["content"] = [_image_part("http://example.com/a.png")]
+    status, data = _post(port, body, "/v1/chat/completions", headers=AUTH)
+    assert status == 400 and "this server fetches nothing" in data
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    proc.stderr.close()
+
+  cli_body("inspection", [f"--workdir={reading_run}", f"--image={png_path}", f"--out={tmp_path / 'inspect'}"])
+  out = capsys.readouterr().out
+  assert "image_attention.png" in out and (tmp_path / "inspect" / "image_attention.png").stat().st_size > 1000

@@ -9,6 +9,10 @@ completion streams to the terminal token by token; several (more prompts, or
 between each prompt and the suffix: the middle is decoded until the model ends it,
 and printed between the two.
 
+--image=FILE gives a run that reads images (task.kind="reading", configs/reading.py)
+a picture (PNG, JPEG, ...; resized to the model's image size) to read before each
+prompt; the prompt may then be left out (the model reads the image alone).
+
 --fill_mask asks an encoder run (task.kind="mlm") for the most likely tokens at each
 <mask> in a text, with their probabilities (--top_k of them if given, else 5).
 
@@ -49,6 +53,8 @@ _DRAFT = flags.DEFINE_string("draft_workdir", None, "Speculative decoding: a run
 _DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Tokens the draft proposes per round (1 to 16), with --draft_workdir.")
 _FILL_MASK = flags.DEFINE_multi_string("fill_mask", [], "An encoder run (task.kind='mlm'): a text with <mask> where"
                                        " a token is missing; prints the likeliest tokens there. Repeatable.")
+_IMAGE = flags.DEFINE_string("image", None, "A run that reads images (task.kind='reading'): a picture file each"
+                             " prompt is read after; without --prompt the model reads the image alone.")
 flags.mark_flags_as_required(["workdir"])
 cli.at_least(_NUM_SAMPLES, 1)
 cli.at_least(_TENSOR, 1)
@@ -69,6 +75,8 @@ def _prompts() -> list[str]:
       raise UserError(f"cannot read --prompt_file={path} ({getattr(e, 'strerror', None) or e}): pass a UTF-8 text file.") from None
   if any(not stop for stop in _STOP.value):
     raise UserError("--stop is empty: give the text a completion should end before.")
+  if not prompts and _IMAGE.value is not None and not _INTERACTIVE.value:
+    prompts = [""]  # the image alone
   if not prompts and not _INTERACTIVE.value:
     raise UserError("no prompt given: pass --prompt=TEXT, --prompt_file=PATH or --interactive.")
   if _SUFFIX.value is not None and _INTERACTIVE.value:
@@ -83,7 +91,33 @@ def _check_infill(run) -> None:
                     " cannot use --suffix: train one with configs/fim.py (task.kind='fim'), or leave --suffix out.")
 
 
+def _image(run):
+  """--image's pixels, fitted to the run's images (None without --image)."""
+  if _IMAGE.value is None:
+    return None
+  vision = run.decoder.cfg.vision
+  if vision is None:
+    raise UserError(f"{run.workdir} reads no images (task.kind={run.config.task.kind!r}, no vision encoder): leave out"
+                    " --image, or train a run that reads them with configs/reading.py.")
+  if _SUFFIX.value is not None or _DRAFT.value:
+    raise UserError("--image goes with --prompt alone: leave out --suffix and --draft_workdir.")
+  from tpu_lm import storage
+  from tpu_lm.tasks import reading
+
+  try:
+    with storage.open(_IMAGE.value, "rb") as f:
+      data = f.read()
+    return reading.decode_image(data, (vision.image_height, vision.image_width, vision.channels))
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read --image={_IMAGE.value}: {getattr(e, 'strerror', None) or e}; pass a PNG or JPEG"
+                    " file.") from None
+
+
 def _prompt_ids(run, prompt: str) -> list[int]:
+  if getattr(run, "image", None) is not None:
+    from tpu_lm.tasks import reading
+
+    return reading.image_prompt(run.decoder.cfg.vision.num_patches, run.encode_prompt(prompt))
   if _SUFFIX.value is None:
     return run.encode_prompt(prompt)
   return run.objective.infill_prompt(run.tokenizer, prompt, _SUFFIX.value)
@@ -174,7 +208,9 @@ def _decode(run, jobs, stop: tuple[str, ...], interrupted, show=None):
           show(piece)
     return [now or text.stops.stopped for text in texts]
 
-  completions = run.decoder.generate([_prompt_ids(run, p) for p, _ in jobs], [s for _, s in jobs], on_step=on_step)
+  images = None if getattr(run, "image", None) is None else [run.image] * len(jobs)
+  completions = run.decoder.generate([_prompt_ids(run, p) for p, _ in jobs], [s for _, s in jobs], on_step=on_step,
+                                     images=images)
   for text in texts:
     piece = text.finish()
     if show:
@@ -271,6 +307,11 @@ def body() -> None:
     run = run_dir.load(_WORKDIR.value, step=_STEP.value, tensor_parallel=_TENSOR.value)
     print(f"[loaded {run.workdir} at step {run.step}]", file=sys.stderr, flush=True)
     _check_infill(run)
+    run.image = _image(run)
+    if run.image is not None and not flags.FLAGS["max_new_tokens"].present:
+      # The image's positions take most of a reading model's context: what is left, by default.
+      longest = max((len(_prompt_ids(run, p)) for p in prompts), default=run.decoder.cfg.vision.num_patches + 1)
+      flags.FLAGS.max_new_tokens = max(run.decoder.max_len - longest, 1)
     if _DRAFT.value:
       from tpu_lm.inference import speculative
 

@@ -7,7 +7,10 @@ Prints the logit lens (the top next-token prediction read off every layer's resi
 stream, per position) and the attributions of one prediction (gradient x input and
 integrated gradients, per input token); with --corrupt, activation patching: how
 much of the prediction each (layer, position) of the clean text restores in the
-corrupted one. Writes attention heatmaps (PNG per layer), attributions.png,
+corrupted one. With --image (a run that reads images, task.kind="reading"): what the
+model reads in the picture (or --text, a transcript to explain) and, per token, which
+patches of the picture its prediction attends to, drawn over the picture
+(image_attention.png). Writes attention heatmaps (PNG per layer), attributions.png,
 patching.png, one self-contained inspect.html and inspect.json to --out (default
 RUN/inspect). From Python: tpu_lm.interpret.run.load + analysis.inspect_text.
 """
@@ -27,7 +30,9 @@ _OUT = flags.DEFINE_string("out", "", "Where the pictures and the page go (defau
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Predictions kept per layer and position in the logit lens.")
 _IG_STEPS = flags.DEFINE_integer("ig_steps", 64, "Integration steps of integrated gradients.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to read (default: the newest).")
-flags.mark_flags_as_required(["workdir", "text"])
+_IMAGE = flags.DEFINE_string("image", None, "A picture for a run that reads images: shows where each token it reads"
+                             " looks (--text: a transcript to explain instead of the model's own reading).")
+flags.mark_flags_as_required(["workdir"])
 
 
 def body() -> None:
@@ -35,8 +40,15 @@ def body() -> None:
     raise UserError("--ig_steps and --top_k must be at least 1.")
   from tpu_lm.interpret import analysis, run
 
+  if _TEXT.value is None and _IMAGE.value is None:
+    raise UserError("pass --text=TEXT (the text to look inside), or --image=FILE for a run that reads images.")
   m = run.load(_WORKDIR.value, _STEP.value)
   out = _OUT.value or os.path.join(m.workdir, "inspect")
+  if _IMAGE.value is not None:
+    _inspect_image(m, out)
+    return
+  if m.model.cfg.vision is not None:
+    raise UserError(f"{m.workdir} reads images: pass --image=FILE (and --text for a transcript to explain).")
   r = analysis.inspect_text(m, _TEXT.value, out=out, target=_TARGET.value, position=_POSITION.value,
                             corrupt=_CORRUPT.value, top_k=_TOP_K.value, ig_steps=_IG_STEPS.value)
   a = r["attributions"]
@@ -56,4 +68,31 @@ def body() -> None:
     for name, row in zip(p["points"], p["restored_PxT"]):
       best = int(abs(row).argmax()) if row.size else 0
       print(f"  {name:<12} most at position {best} {r['tokens'][best]!r}: {row[best]:+.2f}")
+  print("\nwrote " + ", ".join(r["files"]))
+
+
+def _inspect_image(m, out: str) -> None:
+  from tpu_lm import storage
+  from tpu_lm.interpret import image_attention
+  from tpu_lm.tasks import reading
+
+  vision = m.model.cfg.vision
+  if vision is None:
+    raise UserError(f"{m.workdir} reads no images (it has no vision encoder): leave out --image.")
+  if _CORRUPT.value or _TARGET.value:
+    raise UserError("--corrupt and --target explain text prompts: leave them out with --image.")
+  try:
+    with storage.open(_IMAGE.value, "rb") as f:
+      pixels = reading.decode_image(f.read(), (vision.image_height, vision.image_width, vision.channels))
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read --image={_IMAGE.value}: {getattr(e, 'strerror', None) or e}; pass a PNG or JPEG"
+                    " file.") from None
+  r = image_attention.inspect_image(m, pixels, _TEXT.value, out=out)
+  rows, cols = vision.grid
+  print(f"{m.workdir} at step {m.step}: {'explaining' if _TEXT.value is not None else 'reads'} {r['text']!r}\n")
+  print(f"per token, the image's share of its prediction's attention and the patch it looks at most"
+        f" ({rows} x {cols} patches of {vision.patch} pixels; row, column):")
+  for piece, attention_RxC in zip(r["tokens"], r["maps_KxRxC"]):
+    row, col = divmod(int(attention_RxC.argmax()), cols)
+    print(f"  {piece!r:<12} {attention_RxC.sum():.2f}  patch ({row}, {col})")
   print("\nwrote " + ", ".join(r["files"]))

@@ -49,6 +49,7 @@ class Job:
   logprobs: bool = False  # report each token's log-probability and the top alternatives
   halt: threading.Event = dataclasses.field(default_factory=threading.Event)  # this sequence hit a stop sequence
   end_id: int | None = None  # a token that ends this sequence as end-of-sequence does (an infill's end of middle)
+  image: object = None  # uint8 [H, W, C] read before the prompt (a vision model's; its positions lead prompt_ids)
 
 
 class Busy(Exception):
@@ -177,7 +178,7 @@ class Engine:
                    max(len(v.job.prompt_ids) + v.job.sampling.max_new_tokens for v in self._live.values()))
     for live in admitted:
       try:
-        self.slots.prefill(live.slot, live.job.prompt_ids)
+        self.slots.prefill(live.slot, live.job.prompt_ids, live.job.image)
       except Exception as e:  # this prompt's; the slot stays free
         logging.exception("prefill failed")
         self._fail(live, 500, f"the prompt could not be prefilled: {type(e).__name__}: {e}")

@@ -57,8 +57,8 @@ class StepOut:
   accepted: np.ndarray | None = None
 
 
-def _prefill(params, tokens_1xP, lengths_1, *, model):
-  return prefill(model, params, tokens_1xP, lengths_1, tokens_1xP.shape[1])
+def _prefill(params, tokens_1xP, lengths_1, images=None, image_rows_1=None, *, model):
+  return prefill(model, params, tokens_1xP, lengths_1, tokens_1xP.shape[1], images, image_rows_1)
 
 
 def _insert(cache, logits_RxV, new_cache, new_logits_1xV, slot_1):
@@ -180,8 +180,9 @@ class SlotDecoder:
         self._cache, self._logits = self._resize(self._cache, self._logits, rows=want[0], length=want[1])
     self.shape = want
 
-  def prefill(self, slot: int, ids: list[int]) -> None:
+  def prefill(self, slot: int, ids: list[int], image=None) -> None:
     """Puts a prompt (token ids) into `slot`: its keys and values, and its next-token logits.
+    `image` (a vision model's, uint8 [H, W, C]): read in the prompt's first positions.
 
     One prompt a call: the compilations are one per prompt-length bucket, not one per
     (number arriving together x length), and a batch of prompts costs about the same
@@ -191,7 +192,8 @@ class SlotDecoder:
     tokens = np.full((1, p), self.decoder.pad_id, np.int32)
     tokens[0, : len(ids)] = ids
     with self.decoder.context():
-      new_cache, new_logits = self._prefill(self.decoder.params, tokens, np.array([len(ids)], np.int32))
+      pixels, rows = self.decoder._images([image], 1, 1)
+      new_cache, new_logits = self._prefill(self.decoder.params, tokens, np.array([len(ids)], np.int32), pixels, rows)
       self._cache, self._logits = self._insert(self._cache, self._logits, new_cache, new_logits,
                                                np.array([slot], np.int32))
 

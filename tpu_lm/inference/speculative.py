@@ -378,7 +378,9 @@ class SpeculativeSlots(slots_lib.SlotDecoder):
     self._prev, self._x = (np.pad(a[: want[0]], (0, max(0, want[0] - len(a)))) for a in (self._prev, self._x))
     self.shape = want
 
-  def prefill(self, slot: int, ids: list[int]) -> None:
+  def prefill(self, slot: int, ids: list[int], image=None) -> None:
+    if image is not None:  # attach() refuses prefix-LM models, as every model that reads images is
+      raise ValueError("speculative decoding reads no images")
     self._x[slot], self._prev[slot] = ids[-1], ids[-2] if len(ids) > 1 else ids[-1]
     if len(ids) == 1:  # nothing before the pending token; the slot's old keys lie at or past it
       return

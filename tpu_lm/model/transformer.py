@@ -212,10 +212,9 @@ class Transformer(nn.Module):
     if self.is_initializing():  # parameters for every part, whatever the dummy input lacks
       if cfg.attention_mask == "prefix" and prefix_BxT is None:
         prefix_BxT = jnp.zeros(tokens_BxT.shape, bool)
-      if cfg.vision is not None and images is None:
+      if cfg.vision is not None and images is None:  # the encoder's parameters, its output unused
         v = cfg.vision
-        images = jnp.zeros((tokens_BxT.shape[0], v.image_height, v.image_width, v.channels), jnp.float32)
-        image_rows_B = jnp.zeros((tokens_BxT.shape[0],), bool)
+        self.vision_encoder(jnp.zeros((1, v.image_height, v.image_width, v.channels), jnp.float32))
     if cfg.attention_mask == "prefix" and prefix_BxT is None and cache is None:
       raise ValueError("a prefix-LM model needs prefix_BxT: which tokens of each document are its prefix")
     if cache is not None and cfg.scan_layers:

@@ -222,7 +222,8 @@ class _Answerer:
 
     events, cancelled = _Events(), threading.Event()
     jobs = [Job(i * len(samplings) + j, p, s, events, cancelled, head["id"], request.logprobs is not None,
-                end_id=request.end_id) for i, p in enumerate(request.ids) for j, s in enumerate(samplings)]
+                end_id=request.end_id, image=request.images[i] if request.images else None)
+            for i, p in enumerate(request.ids) for j, s in enumerate(samplings)]
     try:
       self.engine.submit(jobs)
     except Busy as e:

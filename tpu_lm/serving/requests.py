@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.errors import UserError
 from tpu_lm.inference.sampling import Sampling
-from tpu_lm.serving import schema
+from tpu_lm.serving import images, schema
 from tpu_lm.serving.body import RequestError, check_text, read_json, token_ids
 from tpu_lm.serving.body import shown as _shown
 from tpu_lm.tasks import instructions
@@ -40,6 +40,7 @@ class Request:
   logprobs: int | None = None  # None: off; else the alternatives reported per token (0-5)
   chat: bool = False  # /v1/chat/completions: answered as chat messages
   end_id: int | None = None  # a fill-in-the-middle request's end of middle: it ends a choice as end-of-sequence does
+  images: list | None = None  # per prompt, the image it is read after (uint8 [H, W, C]) or None (images.py)
 
 
 
@@ -76,10 +77,13 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
                               f"{run.config.data.dataset!r}), so chat completions are not served: instruction-tune"
                               " it (configs/finetune.py with --config.data.dataset=instructions) or send the text"
                               " to POST /v1/completions.")
-    problem = instructions.check_messages(req.get("messages"))
+    vision = run.decoder.cfg.vision
+    messages, image = images.split_parts(
+        req.get("messages"), vision and (vision.image_height, vision.image_width, vision.channels))
+    problem = instructions.check_messages(messages)
     if problem:
       raise RequestError(400, problem, "messages")
-    prompts, given = [run.objective.chat_prompt(req["messages"])], None
+    prompts, given = [run.objective.chat_prompt(messages)], None
     if fields.max_completion_tokens is not None:  # the newer name of max_tokens
       if fields.max_completion_tokens > limits.max_new_tokens:
         raise refuse("max_completion_tokens")
@@ -117,6 +121,11 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
     for i, p in enumerate(prompts):
       check_text(p, what(i), "messages" if chat else "prompt")
     ids, lead = zip(*(_encode(run, p) for p in prompts))
+    if chat and image is not None:  # its positions lead the prompt: context, not prompt tokens
+      from tpu_lm.tasks import reading
+
+      slots = run.decoder.cfg.vision.num_patches
+      ids, lead = [reading.image_prompt(slots, p) for p in ids], [k + slots for k in lead]
   else:  # taken as sent, as OpenAI and vLLM take them: no BOS added
     ids, lead = given, [0] * len(given)
     prompts = [run.tokenizer.decode(p) for p in given]
@@ -131,7 +140,8 @@ def parse_request(body: bytes, run, limits: Limits, *, chat: bool = False) -> Re
       run.decoder.check(len(p), samplings[0] if max_tokens else dataclasses.replace(samplings[0], max_new_tokens=1))
     except UserError as e:
       raise RequestError(400, str(e) if chat or len(ids) == 1 else f"{what(i)}: {e}", "max_tokens") from None
-  return Request(prompts, list(ids), list(lead), samplings, fields.stream, tuple(stop), echo, logprobs, chat, end_id)
+  return Request(prompts, list(ids), list(lead), samplings, fields.stream, tuple(stop), echo, logprobs, chat, end_id,
+                 [image] if chat and image is not None else None)
 
 
 def _suffix(suffix: str | None, run, echo: bool, given) -> str | None:

@@ -22,7 +22,8 @@ Prompt = Annotated[str | list[str] | list[int] | list[list[int]], SkipValidation
 
 class Message(BaseModel):
   role: Literal["system", "user", "assistant"]
-  content: str
+  # Text, or (a model that reads images) OpenAI's content parts: text and one inline image.
+  content: str | list[dict]
 
 
 class _Sampling(BaseModel):

@@ -51,10 +51,11 @@ class Reading(LanguageModel):
   label_key: str = "label"
   min_chars: int = 8  # lines shorter than this (stripped) are never drawn
   eval_examples: int = 64
+  chat_template: str = "{prompt}"  # the chat completions' prompt: the conversation's text as it stands
 
   name = NAME
   generates = True
-  chat = False
+  chat = True  # the server's chat completions take an image part (serving/images.py)
   attention = "prefix"
   records = "text"  # the tokenizer is the text corpus's: a text run's decoder can start this one (init_from)
   text_reference = False
@@ -117,6 +118,13 @@ class Reading(LanguageModel):
     return [Encoded(np.asarray(i, np.int32), num_bytes=len(text.encode("utf-8")), image=image,
                     image_slots=self.image_slots) for i, (text, image) in zip(ids, examples)]
 
+  def chat_prompt(self, messages) -> str:
+    """The conversation's text as instruction tuning renders it (earlier turns folded above
+    the last user message); the image goes before it (serving/images.py)."""
+    from tpu_lm.tasks import instructions
+
+    return instructions.Instructions.chat_prompt(self, messages)
+
   def check(self, config) -> None:
     from tpu_lm.config.checks import fail
 
@@ -165,10 +173,34 @@ class Reading(LanguageModel):
     from tpu_lm.inference.sampling import Sampling
 
     examples = [self.example(r, None) for r in records]
-    prompt = [0] * self.image_slots + [tokenizer.bos_id]
+    prompt = image_prompt(self.image_slots, [tokenizer.bos_id])
     completions = decoder.generate([prompt] * len(examples), Sampling(max_new_tokens, 0.0),
                                    images=[image for _, image in examples])
     return [tokenizer.decode(c.tokens) for c in completions], [text for text, _ in examples]
+
+
+def image_prompt(image_slots: int, prompt_ids: list[int]) -> list[int]:
+  """A prompt read after an image: its placeholder positions (the image fills them),
+  then the prompt's ids ([BOS] + text)."""
+  return [0] * image_slots + list(prompt_ids)
+
+
+def decode_image(data: bytes, shape: tuple) -> np.ndarray:
+  """An image file's bytes (PNG, JPEG, anything Pillow reads) as the model's [H, W, C]
+  uint8 pixels; ValueError saying why it cannot be read."""
+  import io
+
+  from PIL import Image, UnidentifiedImageError
+
+  try:
+    with Image.open(io.BytesIO(data)) as picture:
+      picture.load()
+      array = np.asarray(picture.convert("L" if shape[2] == 1 else "RGB"), np.uint8)
+  except UnidentifiedImageError:
+    raise ValueError("not an image file Pillow can read") from None
+  except (OSError, SyntaxError, ValueError) as e:  # a truncated or damaged file
+    raise ValueError(f"a damaged image file ({e})") from None
+  return fit_image(array, shape)
 
 
 def fit_image(image: np.ndarray, shape: tuple) -> np.ndarray:
