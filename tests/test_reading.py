@@ -97,7 +97,7 @@ def _reading_config(**overrides):
     ({"vision.image_height": 0, "vision.image_width": 0}, "vision.image_height is 0: task.kind=.reading. reads images"),
     ({"task.kind": "lm"}, "the lm objective reads no images"),
     ({"vision.image_width": 0}, "give the images both a height and a width"),
-    ({"vision.image_height": 36}, "does not cut into 8-pixel patches"),
+    ({"vision.image_height": 36}, "does not cut into 8x8-pixel patches"),
     ({"data.seq_len": 130}, "the image takes 128 positions"),
     ({"reading.max_font": 30}, "does not fit 32 pixels"),
     ({"reading.source": "web"}, "use one of 'render', 'images'"),
@@ -273,3 +273,46 @@ def test_generate_the_server_and_inspect_read_an_image_as_the_decoder_does(readi
   cli_body("inspection", [f"--workdir={reading_run}", f"--image={png_path}", f"--out={tmp_path / 'inspect'}"])
   out = capsys.readouterr().out
   assert "image_attention.png" in out and (tmp_path / "inspect" / "image_attention.png").stat().st_size > 1000
+
+
+def test_an_image_text_dataset_is_read_as_it_is_with_captions_or_class_labels():
+  tok = ByteTokenizer()
+  rng = np.random.default_rng(0)
+  photos = [{"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "label": i % 2,
+             "captions": {"text": np.array([b"a red square", b"something red"])}} for i in range(3)]
+  labelled = _reading(source="images", caption_template="a photo of a {label}", class_names=("cat", "dog_house"))
+  encoded = labelled.encode(photos, tok)
+  assert [tok.decode(e.ids) for e in encoded] == ["a photo of a cat", "a photo of a dog house", "a photo of a cat"]
+  assert encoded[0].image.shape == SHAPE and encoded[0].image_slots == SLOTS
+  captioned = _reading(source="images", text_key="captions")
+  assert tok.decode(captioned.encode(photos[:1], tok)[0].ids) == "a red square"  # held out: the first caption
+  drawn = {tok.decode(captioned.encode(photos[:1], tok, [np.random.default_rng(s)])[0].ids) for s in range(8)}
+  assert drawn == {"a red square", "something red"}  # training: any of them
+  assert captioned.features() == [("reading.image_key", "image"), ("data.text_key", "captions")]
+
+
+@pytest.mark.slow  # transformers loads the exported decoder
+def test_the_exported_decoder_scores_text_as_the_run_does_and_the_vision_half_is_saved_beside_it(reading_run,
+                                                                                                  tmp_path):
+  import jax
+  import torch
+  import transformers
+
+  from tpu_lm.inference import run_dir
+  from tpu_lm.interop import hf, safetensors_io
+
+  message = hf.export_model(reading_run, str(tmp_path / "hf"))
+  assert "vision_encoder.safetensors" in message
+  run = run_dir.load(reading_run, devices=jax.devices()[:1])
+  ids = run.encode_prompt("x = 1 + 2")
+  t = len(ids)
+  ours = run.decoder.model.apply({"params": run.decoder.params}, np.array([ids]), np.ones((1, t), np.int32),
+                                 np.arange(t)[None], prefix_BxT=np.arange(t)[None] < 1)  # BOS alone: causal
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+  with torch.no_grad():
+    theirs = model(torch.tensor([ids])).logits[0].numpy()
+  vocab = theirs.shape[-1]
+  np.testing.assert_allclose(np.asarray(ours[0, :, :vocab]), theirs, atol=2e-4)
+  saved = safetensors_io.read_file(str(tmp_path / "hf" / "vision_encoder.safetensors"))
+  projector = run.decoder.params["vision_encoder"]["projector"]["kernel"]
+  np.testing.assert_array_equal(saved["projector/kernel"], np.asarray(projector))

@@ -18,6 +18,9 @@ def test_patches_are_cut_in_reading_order():
   np.testing.assert_array_equal(patches[0, 0], [0, 1, 6, 7])  # top-left 2x2, row-major
   np.testing.assert_array_equal(patches[0, 1], [2, 3, 8, 9])  # its right neighbour
   np.testing.assert_array_equal(patches[0, 3], [12, 13, 18, 19])  # first of the second row
+  strips = vision.patchify(images, 2, patch_height=4)  # full-height strips, two pixels wide
+  assert strips.shape == (2, 3, 8)
+  np.testing.assert_array_equal(strips[0, 1], [2, 3, 8, 9, 14, 15, 20, 21])
 
 
 @pytest.mark.slow  # the vision-language tests below run the encoder too
@@ -39,7 +42,8 @@ def test_every_patch_sees_the_whole_image_and_lands_in_the_decoders_width():
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"image_height": 30}, "does not cut into 8-pixel patches"),
+    ({"image_height": 30}, "does not cut into 8x8-pixel patches"),
+    ({"patch_height": 32, "image_height": 16}, "does not cut into 32x8-pixel patches"),
     ({"num_heads": 5}, "does not split into 5 heads"),
     ({"projector": "qformer"}, "use 'linear' or 'mlp'"),
 ])

@@ -212,7 +212,7 @@ def _check_vision(config) -> None:
     derived.vision_config(config).check()
   except ValueError as e:
     fail("vision", f"{v.image_height}x{v.image_width}, patch {v.patch}", f"{e}: change vision.image_height,"
-         " image_width, patch or num_heads")
+         " image_width, patch, patch_height or num_heads")
 
 
 def _check_eval_harness(config) -> None:

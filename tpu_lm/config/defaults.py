@@ -175,8 +175,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # A vision encoder (model/vision.py: a ViT and a projector into model.d_model) whose
   # patch embeddings lead each row, before BOS: a model that reads images (task.kind
-  # "reading"; configs/reading.py). image_height 0: none. Images are cut into patch x
-  # patch squares, each a position: (height / patch) x (width / patch) of data.seq_len.
+  # "reading"; configs/reading.py). image_height 0: none. Images are cut into patches
+  # `patch` pixels wide and `patch_height` (default `patch`) tall, each a position of
+  # data.seq_len before BOS.
   c.vision = ml_collections.ConfigDict()
   c.vision.image_height = 0
   _non_negative('vision.image_height')
@@ -186,6 +187,8 @@ def get_config() -> ml_collections.ConfigDict:
   _choice('vision.channels', (1, 3))
   c.vision.patch = 8
   _positive_int('vision.patch')
+  c.vision.patch_height = 0  # 0: square patches; else this tall (the image's height: strips, for lines of text)
+  _non_negative('vision.patch_height')
   c.vision.num_layers = 2
   _non_negative('vision.num_layers')
   c.vision.d_model = 128

@@ -64,7 +64,7 @@ def vision_config(config):
   from tpu_lm.model.vision import VisionConfig
 
   return VisionConfig(image_height=v.image_height, image_width=v.image_width, out_dim=m.d_model, channels=v.channels,
-                      patch=v.patch, num_layers=v.num_layers, d_model=v.d_model, num_heads=v.num_heads,
+                      patch=v.patch, patch_height=v.patch_height, num_layers=v.num_layers, d_model=v.d_model, num_heads=v.num_heads,
                       mlp_dim=v.mlp_dim, projector=v.projector, init_std=m.init_std, dtype=m.dtype)
 
 

@@ -264,13 +264,38 @@ def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "
                  "pad_token_id": tokenizer.pad_id}, f, indent=2)
     safetensors_io.write(tmp, tensors)
     tokenizer_export.write(tokenizer, tmp, m.max_len, encoder=encoder)
+    vision = derived.vision_config(config)
+    if vision is not None:
+      _write_vision(tmp, params["vision_encoder"], vision, _DTYPES[dtype])
     os.replace(tmp, dst)
   finally:
     if os.path.exists(tmp):
       import shutil
 
       shutil.rmtree(tmp)
-  return f"wrote {dst}: {arch.ARCHITECTURE} ({dtype}) from {workdir} step {step}"
+  done = f"wrote {dst}: {arch.ARCHITECTURE} ({dtype}) from {workdir} step {step}"
+  if derived.vision_config(config) is not None:
+    done += (f"; the decoder alone, reading left to right (the run reads a prompt both ways), and the vision"
+             f" encoder and projector in {VISION_WEIGHTS} and {VISION_CONFIG} (no transformers class reads them)")
+  return done
+
+
+VISION_WEIGHTS, VISION_CONFIG = "vision_encoder.safetensors", "vision_config.json"
+
+
+def _write_vision(directory: str, params: dict, vision, dtype) -> None:
+  """A reading run's image half beside its exported decoder: the ViT and projector as
+  safetensors (tpu_lm's names and [in, out] kernels) and the settings that rebuild it,
+  with how a prompt is laid out (num_patches placeholder positions, then BOS)."""
+  import dataclasses
+
+  flat = {"/".join(str(k.key) for k in path): np.asarray(x).astype(dtype)
+          for path, x in jax.tree_util.tree_leaves_with_path(params)}
+  safetensors_io.write_file(os.path.join(directory, VISION_WEIGHTS), flat, {"format": "np"})
+  with open(os.path.join(directory, VISION_CONFIG), "w") as f:
+    json.dump({**dataclasses.asdict(vision), "num_patches": vision.num_patches,
+               "prompt": "num_patches placeholder positions filled by the projected patches, then BOS and the text"},
+              f, indent=2)
 
 
 def _source(workdir: str) -> dict:

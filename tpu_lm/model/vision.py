@@ -2,8 +2,9 @@
 states into a decoder's input embeddings: the image half of a vision-language model in
 the PaLI / LLaVA design, where an image becomes a prefix of the text.
 
-An image [H, W, C] is cut into non-overlapping P x P patches in reading order (row by
-row), each flattened and projected to the encoder's width, plus a learned position per
+An image [H, W, C] is cut into non-overlapping patches (P x P, or `patch_height` x P:
+a line of text reads best in full-height strips, one position per few pixels of the
+line) in reading order (row by row), each flattened and projected to the encoder's width, plus a learned position per
 patch; pre-norm Transformer blocks (the decoder's own `Block`, attending both ways) and
 a final norm follow, then the projector ("linear", or LLaVA-1.5's "mlp": two layers with
 a GELU) maps each patch state to `out_dim`, the decoder's width. Every matmul is the one
@@ -25,7 +26,8 @@ class VisionConfig:
   image_width: int
   out_dim: int  # the decoder's width
   channels: int = 1
-  patch: int = 8
+  patch: int = 8  # pixels; the patches' width, and their height unless patch_height is set
+  patch_height: int = 0
   num_layers: int = 2
   d_model: int = 128
   num_heads: int = 4
@@ -35,8 +37,13 @@ class VisionConfig:
   dtype: str = "float32"
 
   @property
+  def patch_shape(self) -> tuple[int, int]:
+    return self.patch_height or self.patch, self.patch
+
+  @property
   def grid(self) -> tuple[int, int]:
-    return self.image_height // self.patch, self.image_width // self.patch
+    ph, pw = self.patch_shape
+    return self.image_height // ph, self.image_width // pw
 
   @property
   def num_patches(self) -> int:
@@ -44,8 +51,9 @@ class VisionConfig:
     return rows * cols
 
   def check(self) -> None:
-    if self.image_height % self.patch or self.image_width % self.patch:
-      raise ValueError(f"a {self.image_height}x{self.image_width} image does not cut into {self.patch}-pixel patches")
+    ph, pw = self.patch_shape
+    if self.image_height % ph or self.image_width % pw:
+      raise ValueError(f"a {self.image_height}x{self.image_width} image does not cut into {ph}x{pw}-pixel patches")
     if self.d_model % self.num_heads:
       raise ValueError(f"width {self.d_model} does not split into {self.num_heads} heads")
     if self.projector not in ("linear", "mlp"):
@@ -60,11 +68,13 @@ class VisionConfig:
                        init_std=self.init_std, dtype=self.dtype, attention="xla", attention_mask="bidirectional")
 
 
-def patchify(images_BxHxWxC, patch: int):
-  """[B, H, W, C] -> [B, N, P*P*C]: patches in reading order, each row-major within."""
+def patchify(images_BxHxWxC, patch: int, patch_height: int = 0):
+  """[B, H, W, C] -> [B, N, Ph*Pw*C]: patches (patch_height or patch tall, patch wide) in
+  reading order, each row-major within."""
   b, h, w, c = images_BxHxWxC.shape
-  x = images_BxHxWxC.reshape(b, h // patch, patch, w // patch, patch, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+  ph, pw = patch_height or patch, patch
+  x = images_BxHxWxC.reshape(b, h // ph, ph, w // pw, pw, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // ph) * (w // pw), ph * pw * c)
 
 
 def pixels_to_unit(images_uint8):
@@ -81,7 +91,7 @@ class VisionEncoder(nn.Module):
   def __call__(self, images_BxHxWxC):
     cfg = self.cfg
     block_cfg = cfg.block_config()
-    patches_BxNxF = patchify(images_BxHxWxC, cfg.patch).astype(cfg.dtype)
+    patches_BxNxF = patchify(images_BxHxWxC, cfg.patch, cfg.patch_height).astype(cfg.dtype)
     # "vision": a feature axis of the image side kept whole (the flattened patch; the
     # encoder's width where it meets the projector, whose output takes "embed").
     x_BxNxD = layers.projection(cfg.d_model, ("vision", "embed"), std=cfg.init_std, use_bias=True, dtype=cfg.dtype,

@@ -78,8 +78,8 @@ class Reading(LanguageModel):
     return [("reading.image_key", self.image_key), text]
 
   def sample_text(self, record) -> str:
-    if self.source == "images" and self.caption_template:
-      return self._caption(record)
+    if self.source == "images":
+      return self._caption(record) if self.caption_template else self._text(record[self.text_key], None)
     return as_text(record[self.text_key])
 
   # -- examples ------------------------------------------------------------------------------------------------------
@@ -93,6 +93,18 @@ class Reading(LanguageModel):
     chosen = lines[int(rng.integers(len(lines)))].replace("\t", " ")
     return chosen[: render.fits(chosen, self.difficulty.max_font, self.difficulty)].rstrip()
 
+  @staticmethod
+  def _text(value, rng) -> str:
+    """A record's text: a string, or one of several (coco_captions' {"text": [five captions]}:
+    a training example draws one, a held-out one reads the first)."""
+    if isinstance(value, dict):
+      value = value.get("text", next(iter(value.values()), ""))
+    if isinstance(value, (list, tuple, np.ndarray)):
+      if not len(value):
+        return ""
+      value = value[int(rng.integers(len(value)))] if rng is not None else value[0]
+    return as_text(value)
+
   def _caption(self, record) -> str:
     label = int(record[self.label_key])
     name = self.class_names[label] if label < len(self.class_names) else str(label)
@@ -102,7 +114,7 @@ class Reading(LanguageModel):
     """(the text, the image [H, W, C] uint8) of a record; `rng` None: the validation
     form, seeded by the record's own text."""
     if self.source == "images":
-      text = self._caption(record) if self.caption_template else as_text(record[self.text_key])
+      text = self._caption(record) if self.caption_template else self._text(record[self.text_key], rng)
       return text, fit_image(np.asarray(record[self.image_key]), self.image_shape)
     text = as_text(record[self.text_key])
     if rng is None:
@@ -246,7 +258,8 @@ def reading_scores(read: list[str], references: list[str]) -> dict:
 def build(config, class_names=()) -> Reading:
   v, r, m = config.vision, config.reading, config.model
   shape = (int(v.image_height), int(v.image_width), int(v.channels))
-  slots = (shape[0] // v.patch) * (shape[1] // v.patch) if v.patch > 0 else 0  # the encoder's patches
+  ph, pw = v.patch_height or v.patch, v.patch
+  slots = (shape[0] // ph) * (shape[1] // pw) if ph > 0 and pw > 0 else 0  # the encoder's patches
   return Reading(text_key=config.data.text_key, logits_chunk=m.logits_chunk, z_loss=float(config.optim.z_loss),
                  image_shape=shape, image_slots=slots,
                  difficulty=render.Difficulty(shape[0], shape[1], r.min_font, r.max_font, r.max_offset, r.noise),

@@ -1,5 +1,6 @@
 """Which parameters a run trains: all of them, all but those `optim.freeze` matches,
-or with LoRA only the adapters (and a classification head, which is new anyway).
+or with LoRA only the adapters (and a classification head or a vision encoder, new to
+the decoder anyway).
 
 Frozen parameters get no optimizer state and no update (`optax.multi_transform`
 with `optax.set_to_zero`), and the step differentiates with respect to the trained
@@ -17,7 +18,9 @@ import numpy as np
 
 from tpu_lm.model import lora
 
-HEADS = ("cls_head/",)  # made fresh for a task, so always trained
+# Trained in full under LoRA: a task's fresh head, and the image half of a model that
+# reads images (new to the text decoder that LoRA adapts; optim.freeze can still freeze it).
+HEADS = ("cls_head/", "vision_encoder/")
 
 
 def param_path(path) -> str:
