@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import corpus_for, tiny_config
-from tpu_lm.data import local_files, pipeline
+from tpu_lm.data import local_files, pipeline, stream
+from tpu_lm.data.layout import RowLayout
 from tpu_lm.data import tokenizer as tokenizer_lib
 from tpu_lm.errors import UserError
 
@@ -339,3 +340,16 @@ def test_runs_that_start_together_build_a_dataset_once_not_over_each_other(tmp_p
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     splits = list(pool.map(lambda _: sources.open_splits(config.data), range(4)))
   assert len({len(s.train) for s in splits}) == 1 and len(splits[0].train) > 0
+
+
+@pytest.mark.parametrize("layout", [RowLayout(), RowLayout(loss_mask=True), RowLayout(one_per_row=True)],
+                         ids=["packed", "loss_mask", "classifier"])
+def test_a_layout_names_every_field_of_its_rows(layout):
+  """What --compile_for compiles a step for is what the stream makes."""
+  split = pipeline.Split.of_tokens([[5, 6, 7, 8, 9]] * 8)
+  loader = stream.Loader(split.source, split.encoder, seq_len=8, global_batch=4, seed=0, bos_id=1, eos_id=2,
+                         one_per_row=layout.one_per_row, loss_mask=layout.loss_mask)
+  batch = next(loader)
+  loader.close()
+  assert ({k: (v.shape[1:], v.dtype) for k, v in batch.items()}
+          == {k: (s, np.dtype(d)) for k, (s, d) in layout.row_fields(8).items()})

@@ -46,6 +46,16 @@ def test_a_row_is_the_image_then_bos_and_the_line_which_alone_is_scored():
     assert batch["image"][r].std() > 10  # a drawing, not a blank
 
 
+def test_the_layout_names_every_field_of_a_row_with_its_shape():
+  tok, objective = ByteTokenizer(), _reading()
+  loader = stream.Loader(_source(), encode.Encoder(tok, objective, randomize=True), seq_len=40, global_batch=4,
+                         seed=3, bos_id=tok.bos_id, eos_id=tok.eos_id, **objective.layout.__dict__)
+  batch = next(loader)
+  loader.close()
+  fields = objective.layout.row_fields(40)  # what --compile_for compiles the step for
+  assert {k: (v.shape[1:], v.dtype) for k, v in batch.items()} == {k: (s, np.dtype(d)) for k, (s, d) in fields.items()}
+
+
 def test_image_rows_resume_exactly_and_training_draws_anew_each_epoch():
   tok, objective = ByteTokenizer(), _reading()
   rest, again = rows_resumed(tok, encode.Encoder(tok, objective, randomize=True), **objective.layout.__dict__)
@@ -97,8 +107,8 @@ def _reading_config(**overrides):
     ({"vision.image_height": 0, "vision.image_width": 0}, "vision.image_height is 0: task.kind=.reading. reads images"),
     ({"task.kind": "lm"}, "the lm objective reads no images"),
     ({"vision.image_width": 0}, "give the images both a height and a width"),
-    ({"vision.image_height": 36}, "does not cut into 8x8-pixel patches"),
-    ({"data.seq_len": 130}, "the image takes 128 positions"),
+    ({"vision.image_height": 36}, "does not cut into 32x8-pixel patches"),
+    ({"data.seq_len": 40}, "the image takes 32 positions"),
     ({"reading.max_font": 30}, "does not fit 32 pixels"),
     ({"reading.source": "web"}, "use one of 'render', 'images'"),
 ])
@@ -316,3 +326,11 @@ def test_the_exported_decoder_scores_text_as_the_run_does_and_the_vision_half_is
   saved = safetensors_io.read_file(str(tmp_path / "hf" / "vision_encoder.safetensors"))
   projector = run.decoder.params["vision_encoder"]["projector"]["kernel"]
   np.testing.assert_array_equal(saved["projector/kernel"], np.asarray(projector))
+
+
+@pytest.mark.slow  # libtpu compiles the step for a TPU slice
+def test_the_reading_config_compiles_for_a_tpu_slice():
+  from tpu_lm.training import aot
+
+  report = aot.compile_for(_reading_config(), "v5p-8")
+  assert report.fits and report.num_params > 1_000_000

@@ -12,7 +12,7 @@ rate and exact-line accuracy, against:
   half the steps while the vision encoder and projector learn, then unfrozen; or adapted
   by LoRA (rank 8 on the decoder's projections) while the vision half trains in full.
 
-  python experiments/multimodal/run.py [--jobs 2]
+  python experiments/multimodal/run.py [--fresh]
 
 Every run is the real command in a subprocess; finished runs in runs/ are reused (pass
 --fresh to rerun). Puts the table on top of results.md next to this file (newest
@@ -33,6 +33,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 from experiments import record
@@ -158,7 +159,6 @@ def _code(text: str) -> str:
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--jobs", type=int, default=2, help="runs at once")
   p.add_argument("--fresh", action="store_true", help="rerun finished runs too")
   args = p.parse_args()
   factor = record.speed_factor()
@@ -166,17 +166,26 @@ def main() -> None:
   plan = runs(runs_dir)
   walls: dict[str, float] = {}
 
-  def go(name):
-    config, overrides, _, _ = plan[name]
-    walls[name] = train(config, os.path.join(runs_dir, name), overrides, args.fresh)
-    print(f"{name}: {walls[name]:.0f} s {_final_eval(os.path.join(runs_dir, name))}", flush=True)
+  finished = {name: threading.Event() for name in plan}
 
-  # In waves: a run starts after the one it begins from.
-  waves = [["scratch", "text"], ["steps_1043", "steps_2086", "frozen"], ["size_16", "size_24", "unfrozen"],
-           ["pretrained", "lora"]]
-  for wave in waves:
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-      list(pool.map(go, wave))
+  def lane(names):
+    for name in names:
+      config, overrides, _, after = plan[name]
+      if after:
+        finished[after].wait()  # a run starts from the one before it
+        if _final_eval(os.path.join(runs_dir, after)) is None:
+          raise SystemExit(f"{name} starts from {after}, which failed")
+      try:
+        walls[name] = train(config, os.path.join(runs_dir, name), overrides, args.fresh)
+      finally:
+        finished[name].set()  # (a failure too: what waits on it stops)
+      print(f"{name}: {walls[name]:.0f} s {_final_eval(os.path.join(runs_dir, name))}", flush=True)
+
+  # Two lanes side by side: the pretrained decoder's chain, and the runs from scratch (then LoRA).
+  lanes = [["text", "frozen", "unfrozen", "pretrained"],
+           ["scratch", "steps_1043", "steps_2086", "size_16", "size_24", "lora"]]
+  with concurrent.futures.ThreadPoolExecutor(len(lanes)) as pool:
+    list(pool.map(lane, lanes))
 
   text = _final_eval(os.path.join(runs_dir, "text"))
   lines = [

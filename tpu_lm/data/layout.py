@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class RowLayout:
@@ -17,6 +19,21 @@ class RowLayout:
   one_per_row: bool = False
   loss_mask: bool = False
   image: tuple = ()
+
+  def row_fields(self, seq_len: int) -> dict[str, tuple[tuple, np.dtype]]:
+    """(shape, dtype) of each field of a training row (stream.py builds them): what a
+    step is compiled for before any data exists (--compile_for)."""
+    t = (seq_len,)
+    fields = {"inputs": (t, np.int32), "segment_ids": (t, np.int32), "positions": (t, np.int32)}
+    if self.one_per_row and not self.loss_mask:
+      fields["label"] = ((), np.int32)  # a classifier's: the whole example read, its class beside it
+    else:
+      fields["targets"] = (t, np.int32)
+    if self.loss_mask:
+      fields["loss_mask"] = (t, np.int32)
+    if self.image:
+      fields.update(image=(tuple(self.image), np.uint8), image_row=((), np.bool_), prefix=(t, np.bool_))
+    return fields
 
 
 PACKED = RowLayout()

@@ -94,8 +94,10 @@ def export(workdir: str, path: str, gguf_type: str = "f16", step: int | None = N
     if os.path.exists(tmp):
       os.remove(tmp)
   size = os.path.getsize(path) / 2**20
+  vision = " (the decoder alone: the vision encoder is not written; --to_hf saves it)" if config.vision.image_height \
+      else ""
   return (f"wrote {path}: GGUF {gguf_type}, {size:,.1f} MiB, {len(tensors)} tensors (llama, {m.num_layers} layers,"
-          f" width {m.d_model}, {len(vocab['tokens'])} tokens) from {workdir} step {step}")
+          f" width {m.d_model}, {len(vocab['tokens'])} tokens) from {workdir} step {step}{vision}")
 
 
 def llama_cpp_tensors(hf_tensors: dict, m) -> dict:

@@ -13,7 +13,6 @@ import re
 import time
 
 import jax
-import jax.numpy as jnp
 
 from tpu_lm.config import checks
 from tpu_lm.model import params as params_lib
@@ -153,11 +152,10 @@ def _program_flops(config) -> float:
 
 
 def _abstract_batch(config, setup) -> dict:
+  """The objective's rows (its layout's fields: a loss mask, a label, images), a global batch of them."""
   d = config.data
-  return {
-      k: jax.ShapeDtypeStruct((d.global_batch_size, d.seq_len), jnp.int32, sharding=setup.batch_sharding)
-      for k in ("inputs", "targets", "segment_ids", "positions")
-  }
+  return {k: jax.ShapeDtypeStruct((d.global_batch_size, *shape), dtype, sharding=setup.batch_sharding)
+          for k, (shape, dtype) in setup.task.layout.row_fields(d.seq_len).items()}
 
 
 def run(config, slice_name: str, num_slices: int, mfu: float) -> Report:
