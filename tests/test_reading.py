@@ -111,6 +111,7 @@ def _reading_config(**overrides):
     ({"data.seq_len": 40}, "the image takes 32 positions"),
     ({"reading.max_font": 30}, "does not fit 32 pixels"),
     ({"reading.source": "web"}, "use one of 'render', 'images'"),
+    ({"reading.text_share": 1.0}, "the share of training examples without an image"),
 ])
 def test_impossible_reading_settings_are_refused_in_one_line(overrides, message):
   from tpu_lm.config import checks
@@ -334,3 +335,20 @@ def test_the_reading_config_compiles_for_a_tpu_slice():
 
   report = aot.compile_for(_reading_config(), "v5p-8")
   assert report.fits and report.num_params > 1_000_000
+
+
+def test_mixed_batches_hold_text_only_rows_scored_as_a_language_model():
+  tok, objective = ByteTokenizer(), _reading(text_share=0.5)
+  loader = stream.Loader(_source(), encode.Encoder(tok, objective, randomize=True), seq_len=40, global_batch=8,
+                         seed=3, bos_id=tok.bos_id, eos_id=tok.eos_id, **objective.layout.__dict__)
+  batch = next(loader)
+  loader.close()
+  text_rows = np.flatnonzero(~batch["image_row"])
+  assert 0 < len(text_rows) < 8  # both kinds in one batch
+  for r in text_rows:
+    assert batch["inputs"][r][0] == tok.bos_id and (batch["image"][r] == 0).all()
+    assert batch["prefix"][r].sum() == 1  # BOS alone: the text is causal
+    real = batch["segment_ids"][r] > 0
+    np.testing.assert_array_equal(batch["loss_mask"][r], real.astype(np.int32))  # every token scored
+  held_out = objective.encode(_source().get([0, 1]), tok)  # eval: always the image
+  assert all(e.image is not None for e in held_out)

@@ -381,6 +381,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.reading.caption_template = ""
   c.reading.eval_examples = 64
   _non_negative('reading.eval_examples')
+  # Mixed batches: this share of training examples is a window of the document's text
+  # alone (no image; every token scored, as a language model), so the decoder keeps
+  # reading text. 0: every example an image.
+  c.reading.text_share = 0.0
 
   # Differentially private training (DP-SGD through jax-privacy; tpu_lm/privacy):
   # each example (one packed row of data.seq_len tokens) joins a step with probability

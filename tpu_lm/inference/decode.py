@@ -219,7 +219,7 @@ class Decoder:
     sampler = (kind, bucket(top_k, 16, self.vocab_size) if kind == "top_k" else 0)
 
     tokens, lengths, fields = batch_arrays(prompts, sampling, b, p_len, self.pad_id)
-    pixels, image_rows = self._images(images, n, b)
+    pixels, image_rows = self.image_batch(images, n, b)
     with self._lock, self.context():
       self._on_step, self._rows = on_step, n
       out, counts = self._fn(
@@ -234,7 +234,7 @@ class Decoder:
       self._on_step = None
     return completions(out[:n], counts[:n], sampling, self.eos_id)
 
-  def _images(self, images, n: int, b: int):
+  def image_batch(self, images, n: int, b: int):
     """(uint8 pixels [b, H, W, C], which rows have an image [b]) for a vision model; (None,
     None) otherwise."""
     v = self.cfg.vision

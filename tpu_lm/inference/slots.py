@@ -192,7 +192,7 @@ class SlotDecoder:
     tokens = np.full((1, p), self.decoder.pad_id, np.int32)
     tokens[0, : len(ids)] = ids
     with self.decoder.context():
-      pixels, rows = self.decoder._images([image], 1, 1)
+      pixels, rows = self.decoder.image_batch([image], 1, 1)
       new_cache, new_logits = self._prefill(self.decoder.params, tokens, np.array([len(ids)], np.int32), pixels, rows)
       self._cache, self._logits = self._insert(self._cache, self._logits, new_cache, new_logits,
                                                np.array([slot], np.int32))

@@ -51,6 +51,7 @@ class Reading(LanguageModel):
   label_key: str = "label"
   min_chars: int = 8  # lines shorter than this (stripped) are never drawn
   eval_examples: int = 64
+  text_share: float = 0.0  # training examples that are text alone (a window of the document), no image
   chat_template: str = "{prompt}"  # the chat completions' prompt: the conversation's text as it stands
 
   name = NAME
@@ -123,12 +124,22 @@ class Reading(LanguageModel):
     pixels = render.render(line, rng, self.difficulty)
     return line, np.repeat(pixels[..., None], self.image_shape[2], axis=-1)
 
+  def text_window(self, record, rng: np.random.Generator) -> str:
+    """A text-only example: the document's lines from a random one on (the row cuts it)."""
+    lines = as_text(record[self.text_key]).splitlines(keepends=True)
+    return "".join(lines[int(rng.integers(len(lines))):]) if lines else ""
+
   def encode(self, records, tokenizer, rngs=None) -> list[Encoded]:
     rngs = rngs or [None] * len(records)
-    examples = [self.example(r, g) for r, g in zip(records, rngs)]
+    # Mixed batches: with text_share, a training example is text alone (read as a language
+    # model reads it: image_row False, every token scored), keeping the decoder's text.
+    text_only = [g is not None and self.text_share > 0 and g.random() < self.text_share for g in rngs]
+    examples = [(self.text_window(r, g), None) if alone else self.example(r, g)
+                for r, g, alone in zip(records, rngs, text_only)]
     ids = tokenizer.encode_batch([text for text, _ in examples])
     return [Encoded(np.asarray(i, np.int32), num_bytes=len(text.encode("utf-8")), image=image,
-                    image_slots=self.image_slots) for i, (text, image) in zip(ids, examples)]
+                    image_slots=self.image_slots if image is not None else 0)
+            for i, (text, image) in zip(ids, examples)]
 
   def chat_prompt(self, messages) -> str:
     """The conversation's text as instruction tuning renders it (earlier turns folded above
@@ -157,6 +168,9 @@ class Reading(LanguageModel):
       except ValueError as e:
         fail("reading", f"{r.min_font}..{r.max_font} px, offset {r.max_offset}", f"{e}: change reading.min_font,"
              " max_font, max_offset or noise, or vision.image_height")
+    if not 0 <= r.text_share < 1:
+      fail("reading.text_share", r.text_share, "it is the share of training examples without an image: use a"
+           " number in [0, 1)")
     if r.source == "images" and r.caption_template and "{label}" not in r.caption_template:
       fail("reading.caption_template", r.caption_template, "it must contain {label}, e.g. 'a photo of a {label}'")
 
@@ -265,4 +279,4 @@ def build(config, class_names=()) -> Reading:
                  difficulty=render.Difficulty(shape[0], shape[1], r.min_font, r.max_font, r.max_offset, r.noise),
                  source=r.source, image_key=r.image_key, caption_template=r.caption_template,
                  class_names=tuple(class_names), label_key=config.data.label_key, min_chars=r.min_chars,
-                 eval_examples=r.eval_examples)
+                 eval_examples=r.eval_examples, text_share=float(r.text_share))

@@ -48,10 +48,10 @@ def read_images(setup, params, corpus, show: int = 3) -> dict:
   n = min(task.eval_examples, len(corpus.validation))
   if not n:
     return {}
-  decoder = getattr(setup, "_reader", None)  # one compiled decoder per run: each eval swaps the parameters in
+  decoder = setup.reader  # one compiled decoder per run: each eval swaps the parameters in
   if decoder is None:
     mesh = setup.mesh.shape
-    decoder = setup._reader = decode.Decoder(
+    decoder = setup.reader = decode.Decoder(
         setup.model_cfg, params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size,
         context=setup.context, batch_multiple=mesh["data"] * mesh["fsdp"])
   else:

@@ -26,6 +26,7 @@ class Setup:
     """`task`: the run's objective (tasks/), default the config's (a classifier's needs
     the dataset's class names: built where they are known)."""
     self.config, self.mesh = config, mesh
+    self.reader = None  # a reading objective's eval decoder (evaluate.read_images), compiled once
     self.rules = mesh_lib.rules_tuple(config.mesh.rules)
     self.task = task or tasks.from_config(config)
     self.model_cfg = dataclasses.replace(
