@@ -65,3 +65,34 @@ def publish(path: str, header: str, lines: list[str], factor: str, about: str = 
   if not quiet:
     print(entry, flush=True)
   prepend(path, entry, header, replace_latest)
+
+
+def final_eval(workdir: str) -> dict | None:
+  """A run directory's last eval record (metrics.jsonl), or None before its first."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  evals = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+  evals = [r for r in evals if "eval_loss" in r]
+  return evals[-1] if evals else None
+
+
+def train(config: str, workdir: str, overrides: dict, fresh: bool = False) -> float:
+  """`python -m tpu_lm.main` in a subprocess (SystemExit with its stderr if it fails); its
+  wall time in seconds. A finished run is reused unless `fresh`: its time is read back
+  (0 where none was kept)."""
+  import shutil
+  import time
+
+  timing = os.path.join(workdir, "wall_s.txt")
+  if not fresh and final_eval(workdir) is not None:
+    return float(open(timing).read()) if os.path.exists(timing) else 0.0
+  shutil.rmtree(workdir, ignore_errors=True)
+  cmd = [sys.executable, "-m", "tpu_lm.main", f"--config={config}", f"--workdir={workdir}",
+         *(f"--config.{k}={v}" for k, v in overrides.items())]
+  t0 = time.time()
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  if out.returncode:
+    raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+  wall = time.time() - t0
+  with open(timing, "w") as f:
+    f.write(f"{wall:.1f}")
+  return wall

@@ -25,12 +25,17 @@ def _source(n=40):
       {"text": f"import mod{i}\n\n    x = {i} + 1\nprint(x, {i})\n"} for i in idx]})()
 
 
-def test_a_row_is_the_image_then_bos_and_the_line_which_alone_is_scored():
-  tok, objective = ByteTokenizer(), _reading()
-  loader = stream.Loader(_source(), encode.Encoder(tok, objective, randomize=True), seq_len=40, global_batch=4,
+def _first_batch(tok, objective, rows=4):
+  loader = stream.Loader(_source(), encode.Encoder(tok, objective, randomize=True), seq_len=40, global_batch=rows,
                          seed=3, bos_id=tok.bos_id, eos_id=tok.eos_id, **objective.layout.__dict__)
   batch = next(loader)
   loader.close()
+  return batch
+
+
+def test_a_row_is_the_image_then_bos_and_the_line_which_alone_is_scored():
+  tok, objective = ByteTokenizer(), _reading()
+  batch = _first_batch(tok, objective)
   assert batch["image"].shape == (4, *SHAPE) and batch["image"].dtype == np.uint8 and batch["image_row"].all()
   for r in range(4):
     inputs, targets, mask, prefix = (batch[k][r] for k in ("inputs", "targets", "loss_mask", "prefix"))
@@ -48,10 +53,7 @@ def test_a_row_is_the_image_then_bos_and_the_line_which_alone_is_scored():
 
 def test_the_layout_names_every_field_of_a_row_with_its_shape():
   tok, objective = ByteTokenizer(), _reading()
-  loader = stream.Loader(_source(), encode.Encoder(tok, objective, randomize=True), seq_len=40, global_batch=4,
-                         seed=3, bos_id=tok.bos_id, eos_id=tok.eos_id, **objective.layout.__dict__)
-  batch = next(loader)
-  loader.close()
+  batch = _first_batch(tok, objective)
   fields = objective.layout.row_fields(40)  # what --compile_for compiles the step for
   assert {k: (v.shape[1:], v.dtype) for k, v in batch.items()} == {k: (s, np.dtype(d)) for k, (s, d) in fields.items()}
 
@@ -339,10 +341,7 @@ def test_the_reading_config_compiles_for_a_tpu_slice():
 
 def test_mixed_batches_hold_text_only_rows_scored_as_a_language_model():
   tok, objective = ByteTokenizer(), _reading(text_share=0.5)
-  loader = stream.Loader(_source(), encode.Encoder(tok, objective, randomize=True), seq_len=40, global_batch=8,
-                         seed=3, bos_id=tok.bos_id, eos_id=tok.eos_id, **objective.layout.__dict__)
-  batch = next(loader)
-  loader.close()
+  batch = _first_batch(tok, objective, rows=8)
   text_rows = np.flatnonzero(~batch["image_row"])
   assert 0 < len(text_rows) < 8  # both kinds in one batch
   for r in text_rows:

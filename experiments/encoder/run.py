@@ -29,11 +29,7 @@ import argparse
 import concurrent.futures
 import json
 import os
-import shutil
 import statistics
-import subprocess
-import sys
-import time
 
 from experiments import record
 
@@ -47,25 +43,6 @@ def _records(workdir: str) -> list[dict]:
   return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
-def _final_eval(workdir: str) -> dict | None:
-  evals = [r for r in _records(workdir) if "eval_loss" in r]
-  return evals[-1] if evals else None
-
-
-def main_command(config: str, workdir: str, overrides: dict, fresh: bool) -> float:
-  """Runs python -m tpu_lm.main; its wall time in seconds (0 when a finished run is reused)."""
-  if not fresh and _final_eval(workdir) is not None:
-    return 0.0
-  shutil.rmtree(workdir, ignore_errors=True)
-  cmd = [sys.executable, "-m", "tpu_lm.main", f"--config={config}", f"--workdir={workdir}",
-         *(f"--config.{k}={v}" for k, v in overrides.items())]
-  t0 = time.time()
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-  if out.returncode:
-    raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-  return time.time() - t0
-
-
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of batch 8")
@@ -77,9 +54,9 @@ def main() -> None:
   runs = os.path.join(HERE, "runs")
   pretrained = {kind: os.path.join(runs, kind) for kind in PRETRAINED}
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    list(pool.map(lambda kind: main_command(PRETRAINED[kind], pretrained[kind], {"sample.num_prompts": 0},
+    list(pool.map(lambda kind: record.train(PRETRAINED[kind], pretrained[kind], {"sample.num_prompts": 0},
                                             fresh=False), PRETRAINED))
-  print({kind: _final_eval(pretrained[kind]) for kind in PRETRAINED}, flush=True)
+  print({kind: record.final_eval(pretrained[kind]) for kind in PRETRAINED}, flush=True)
   jobs = [(kind, seed) for kind in PRETRAINED for seed in args.seeds]
 
   tasks = {"cls": {"task.kind": "classification", "data.dataset": "stdlib_functions", "data.path": ""},
@@ -88,15 +65,15 @@ def main() -> None:
   def finetune(job):
     kind, task, seed = job
     workdir = os.path.join(runs, f"{kind}_{task}_s{seed}")
-    wall = main_command(f"configs/finetune.py:{pretrained[kind]}", workdir, {
+    wall = record.train(f"configs/finetune.py:{pretrained[kind]}", workdir, {
         **tasks[task], "seed": seed, "num_train_steps": args.steps, "eval_every_steps": args.steps,
         "checkpoint_every_steps": args.steps, "log_every_steps": 50}, fresh=not args.reuse)
-    return job, wall, _final_eval(workdir)
+    return job, wall, record.final_eval(workdir)
 
   jobs = [(kind, task, seed) for task in tasks for kind, seed in jobs]
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
     tuned = {job: (wall, result) for job, wall, result in pool.map(finetune, jobs)}
-  dec, enc = _final_eval(pretrained["decoder"]), _final_eval(pretrained["encoder"])
+  dec, enc = record.final_eval(pretrained["decoder"]), record.final_eval(pretrained["encoder"])
   lines = [
       "Pretraining, 2 layers x 160 each (the decoder Llama-shaped, 1.2M parameters; the encoder RoFormer-shaped, 1.0M:"
       " BERT's post-norm blocks, GELU and tied head, rotary positions), the same data, Muon/WSD recipe and 2086 steps"

@@ -119,15 +119,11 @@ def normalized(text: str) -> str:
 
 
 def edit_similarity(a: str, b: str) -> float:
+  from tpu_lm.tasks.reading import edit_distance
+
   if not a and not b:
     return 1.0
-  previous = list(range(len(b) + 1))
-  for i, ca in enumerate(a, 1):
-    current = [i]
-    for j, cb in enumerate(b, 1):
-      current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-    previous = current
-  return 1 - previous[-1] / max(len(a), len(b))
+  return 1 - edit_distance(a, b) / max(len(a), len(b))
 
 
 def answers(run, prompts: list[list[int]], new_tokens: int, end_id, max_batch: int) -> list[str]:

@@ -28,13 +28,8 @@ if __name__ == "__main__" and not __package__:  # run as a file: rerun as a modu
 
 import argparse
 import concurrent.futures
-import json
 import os
-import shutil
-import subprocess
-import sys
 import threading
-import time
 
 from experiments import record
 
@@ -81,31 +76,6 @@ def runs(runs_dir: str) -> dict:
       "lora": ("configs/reading.py", {"init_from": text, "lora.rank": 8, "lora.targets": "layers_.*"},
                "pretrained decoder adapted by LoRA (rank 8), the image half trained in full", "text"),
   }
-
-
-def _final_eval(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "metrics.jsonl")
-  evals = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-  evals = [r for r in evals if "eval_loss" in r]
-  return evals[-1] if evals else None
-
-
-def train(config: str, workdir: str, overrides: dict, fresh: bool) -> float:
-  """Runs python -m tpu_lm.main; its wall time in seconds (read back for a reused run)."""
-  timing = os.path.join(workdir, "wall_s.txt")
-  if not fresh and _final_eval(workdir) is not None and os.path.exists(timing):
-    return float(open(timing).read())
-  shutil.rmtree(workdir, ignore_errors=True)
-  cmd = [sys.executable, "-m", "tpu_lm.main", f"--config={config}", f"--workdir={workdir}",
-         *(f"--config.{k}={v}" for k, v in overrides.items())]
-  t0 = time.time()
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-  if out.returncode:
-    raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-  wall = time.time() - t0
-  with open(timing, "w") as f:
-    f.write(f"{wall:.1f}")
-  return wall
 
 
 def samples(workdir: str, path: str, count: int = 8) -> list[tuple[str, str]]:
@@ -173,13 +143,13 @@ def main() -> None:
       config, overrides, _, after = plan[name]
       if after:
         finished[after].wait()  # a run starts from the one before it
-        if _final_eval(os.path.join(runs_dir, after)) is None:
+        if record.final_eval(os.path.join(runs_dir, after)) is None:
           raise SystemExit(f"{name} starts from {after}, which failed")
       try:
-        walls[name] = train(config, os.path.join(runs_dir, name), overrides, args.fresh)
+        walls[name] = record.train(config, os.path.join(runs_dir, name), overrides, args.fresh)
       finally:
         finished[name].set()  # (a failure too: what waits on it stops)
-      print(f"{name}: {walls[name]:.0f} s {_final_eval(os.path.join(runs_dir, name))}", flush=True)
+      print(f"{name}: {walls[name]:.0f} s {record.final_eval(os.path.join(runs_dir, name))}", flush=True)
 
   # Two lanes side by side: the pretrained decoder's chain, and the runs from scratch (then LoRA).
   lanes = [["text", "frozen", "unfrozen", "pretrained"],
@@ -187,7 +157,7 @@ def main() -> None:
   with concurrent.futures.ThreadPoolExecutor(len(lanes)) as pool:
     list(pool.map(lane, lanes))
 
-  text = _final_eval(os.path.join(runs_dir, "text"))
+  text = record.final_eval(os.path.join(runs_dir, "text"))
   lines = [
       "Held-out lines: one from each of the 96 validation files of the standard library, each drawn the same way"
       " every time (font, offset and noise seeded by the line), read greedily from the image alone. Character"
@@ -198,7 +168,7 @@ def main() -> None:
   for name, (_, overrides, what, _) in plan.items():
     if name == "text":
       continue
-    result = _final_eval(os.path.join(runs_dir, name))
+    result = record.final_eval(os.path.join(runs_dir, name))
     height = overrides.get("vision.image_height", 32)
     steps = overrides.get("num_train_steps", STEPS)
     lines.append(f"| {what} | {steps} | {height} x {8 * height} | {result['eval_cer']:.3f} |"

@@ -81,3 +81,17 @@ def token_nats(model, params, batch, rngs=None, logits_chunk: int = 0, z_loss: f
   xs = (chunks(hidden_BxTxD), chunks(batch["targets"]), chunks(weights_BxT))
   (nats, count), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), xs)
   return nats, count
+
+
+def scored_token_sums(model, params, batch) -> dict:
+  """An eval batch's summed cross-entropy ("nats"), scored targets ("tokens"), targets the
+  argmax gets right ("correct") and the documents it ends ("documents"): the sums behind
+  loss and next-token accuracy, for objectives whose rows carry their targets and weights."""
+  variables = {"params": params}
+  hidden_BxTxD = model.apply(variables, batch["inputs"], batch["segment_ids"], batch["positions"], method="hidden",
+                             **reading_inputs(batch))
+  logits_BxTxV = model.apply(variables, hidden_BxTxD, method="logits")
+  weights_BxT = token_weights(batch)
+  nats, count = cross_entropy_sum(logits_BxTxV, batch["targets"], weights_BxT)
+  correct = ((jnp.argmax(logits_BxTxV, -1) == batch["targets"]) * weights_BxT).sum()
+  return {"nats": nats, "tokens": count, "correct": correct, "documents": batch["num_docs"].sum()}

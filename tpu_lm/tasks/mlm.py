@@ -22,7 +22,6 @@ import functools
 import math
 import zlib
 
-import jax.numpy as jnp
 import numpy as np
 
 from tpu_lm.data.encode import Encoded, as_text
@@ -147,13 +146,7 @@ class MaskedLM:
     return nats, count, {}
 
   def eval_sums(self, model, params, batch) -> dict:
-    variables = {"params": params}
-    hidden_BxTxD = model.apply(variables, batch["inputs"], batch["segment_ids"], batch["positions"], method="hidden")
-    logits_BxTxV = model.apply(variables, hidden_BxTxD, method="logits")
-    weights_BxT = losses.token_weights(batch)
-    nats, count = losses.cross_entropy_sum(logits_BxTxV, batch["targets"], weights_BxT)
-    correct = ((jnp.argmax(logits_BxTxV, -1) == batch["targets"]) * weights_BxT).sum()
-    return {"nats": nats, "tokens": count, "correct": correct, "documents": batch["num_docs"].sum()}
+    return losses.scored_token_sums(model, params, batch)
 
   def eval_metrics(self, sums: dict) -> dict:
     nats, count = float(sums["nats"]), float(sums["tokens"])
