@@ -277,6 +277,11 @@ def test_generate_the_server_and_inspect_read_an_image_as_the_decoder_does(readi
     body["messages"][0]["content"] = [_image_part("http://example.com/a.png")]
     status, data = _post(port, body, "/v1/chat/completions", headers=AUTH)
     assert status == 400 and "this server fetches nothing" in data
+    # Text alone is scored left to right and embedded, as for any decoder.
+    status, data = _post(port, {"prompt": "x = 1", "echo": True, "logprobs": 1, "max_tokens": 0}, headers=AUTH)
+    assert status == 200 and len(json.loads(data)["choices"][0]["logprobs"]["token_logprobs"]) == 5, data
+    status, data = _post(port, {"input": "x = 1"}, "/v1/embeddings", headers=AUTH)
+    assert status == 200, data
   finally:
     proc.terminate()
     proc.wait(timeout=30)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tpu_lm.inference import score
 from tpu_lm.tasks import classification
 
 POOLINGS = ("mean", "first", "last")
@@ -50,7 +51,7 @@ def _pooled(model, pooling: str, params, tokens_BxT, lengths_B):
   real_BxT = jnp.arange(t)[None] < lengths_B[:, None]
   segments_BxT = real_BxT.astype(jnp.int32)  # 0: padding, attended by nothing
   positions_BxT = jnp.broadcast_to(jnp.arange(t), tokens_BxT.shape)
-  hidden_BxTxD = model.apply({"params": params}, tokens_BxT, segments_BxT, positions_BxT,
-                             method="hidden").astype(jnp.float32)
+  hidden_BxTxD = model.apply({"params": params}, tokens_BxT, segments_BxT, positions_BxT, method="hidden",
+                             prefix_BxT=score.left_to_right(model, positions_BxT)).astype(jnp.float32)
   pooled_BxD = classification.pool(hidden_BxTxD, real_BxT.astype(jnp.float32), pooling)
   return pooled_BxD / jnp.maximum(jnp.linalg.norm(pooled_BxD, axis=-1, keepdims=True), 1e-12)

@@ -31,12 +31,20 @@ class Scored:
   top_logprobs: np.ndarray  # [T - 1, k]
 
 
+def left_to_right(model, positions_BxT):
+  """A prefix LM's prefix when text is scored left to right: its first token (BOS) alone,
+  so every prediction reads only what precedes it (None for other models)."""
+  cfg = getattr(model, "cfg", None)
+  return positions_BxT < 1 if getattr(cfg, "attention_mask", "") == "prefix" else None
+
+
 def _score(params, tokens_BxT, real_BxT, targets_BxT, *, model, vocab_size: int, top: int):
   """Log-probabilities of targets_BxT[:, i] given tokens_BxT[:, :i + 1] (the model reads
   the inputs only: a sequence of max_len + 1 tokens is scored in full, max_len predictions)."""
   t = tokens_BxT.shape[1]
   positions_BxT = jnp.broadcast_to(jnp.arange(t), tokens_BxT.shape)
-  logits_BxTxV = model.apply({"params": params}, tokens_BxT, real_BxT, positions_BxT)
+  logits_BxTxV = model.apply({"params": params}, tokens_BxT, real_BxT, positions_BxT,
+                             prefix_BxT=left_to_right(model, positions_BxT))
   usable_V = jnp.arange(logits_BxTxV.shape[-1]) < vocab_size  # the model's vocab is padded for sharding
   logp_BxTxV = jax.nn.log_softmax(jnp.where(usable_V, logits_BxTxV, -jnp.inf), axis=-1)
   chosen_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
