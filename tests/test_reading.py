@@ -356,3 +356,27 @@ def test_mixed_batches_hold_text_only_rows_scored_as_a_language_model():
     np.testing.assert_array_equal(batch["loss_mask"][r], real.astype(np.int32))  # every token scored
   held_out = objective.encode(_source().get([0, 1]), tok)  # eval: always the image
   assert all(e.image is not None for e in held_out)
+
+
+@pytest.mark.slow  # two compiles of the train step
+def test_a_reading_model_trains_on_a_mesh_as_on_one_device(corpus_dir, data_dir):
+  """The vision encoder and projector shard by their rules, and images split by rows with
+  the batch: the same losses, gradient norms and parameters as one device."""
+  import jax
+
+  from tests.conftest import train_steps
+  from tpu_lm import tasks
+
+  config = _tiny_reading(corpus_dir, data_dir)
+  tok, objective = ByteTokenizer(), tasks.from_config(config)
+  loader = stream.Loader(_source(), encode.Encoder(tok, objective, randomize=True), seq_len=32, global_batch=8,
+                         seed=0, bos_id=tok.bos_id, eos_id=tok.eos_id, **objective.layout.__dict__)
+  batches = [next(loader) for _ in range(3)]
+  loader.close()
+  one = train_steps(config, batches, jax.devices()[:1])
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  mesh = train_steps(config, batches, jax.devices())
+  np.testing.assert_allclose(mesh[0], one[0], rtol=1e-5)
+  np.testing.assert_allclose(mesh[1], one[1], rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), mesh[2].params, one[2].params)
+  assert "vision_encoder" in one[2].params
