@@ -16,6 +16,12 @@ cost, so twice its steps fit in its time.
 
 Command:
   python -m tpu_lm.main --config=configs/reading.py
+
+Measured 2026-12-05 on a 2-core CPU (speed factor 0.58): 414 s for the whole command
+(the base config's 449 s on the same machine); on the 96 held-out lines (one from each
+validation file), character error rate 0.076 and 42.7% of the lines exact (seed 1: 0.093,
+40.6%). experiments/multimodal/results.md has the steps, image sizes and pretrained
+decoders against it.
 """
 
 from configs import base

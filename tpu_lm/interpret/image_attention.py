@@ -84,7 +84,7 @@ def inspect_image(m, pixels, text: str | None = None, out: str = "", max_new: in
   return result
 
 
-def png(pixels, maps_KxRxC, pieces, path: str) -> str:
+def png(pixels, maps_KxRxC, pieces, path: str, dpi: int = 100) -> str:
   """The picture, then one row per token: the picture with its attention map in red."""
   from matplotlib.figure import Figure  # no pyplot: a library never switches the caller's backend
 
@@ -108,5 +108,5 @@ def png(pixels, maps_KxRxC, pieces, path: str) -> str:
   for ax in axes:
     ax.set_xticks([])
     ax.set_yticks([])
-  fig.savefig(path, dpi=100)
+  fig.savefig(path, dpi=dpi)
   return path
