@@ -114,6 +114,7 @@ def _reading_config(**overrides):
     ({"reading.max_font": 30}, "does not fit 32 pixels"),
     ({"reading.source": "web"}, "use one of 'render', 'images'"),
     ({"reading.text_share": 1.0}, "the share of training examples without an image"),
+    ({"reading.source": "images", "reading.text_share": 0.5}, "reading.source='images' reads an image dataset"),
 ])
 def test_impossible_reading_settings_are_refused_in_one_line(overrides, message):
   from tpu_lm.config import checks
@@ -190,6 +191,18 @@ def _chat(*parts):
   return json.dumps({"messages": [{"role": "user", "content": list(parts)}], "max_tokens": 4}).encode()
 
 
+def _huge_png() -> bytes:
+  """A PNG whose header claims 20000 x 20000 pixels: tiny to send, gigabytes to unpack."""
+  import struct
+  import zlib
+
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+  header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+  return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
 def _image_part(url):
   return {"type": "image_url", "image_url": {"url": url}}
 
@@ -213,6 +226,8 @@ def test_chat_image_parts_become_the_pixels_read_before_the_prompt():
     ([_image_part("data:image/png;base64,@@@")], True, "the image cannot be read"),
     ([_image_part("data:image/png;base64," + "aGVsbG8=")], True, "not an image file Pillow can read"),
     ([_image_part("data:,x")], True, "must be base64"),
+    ([_image_part("data:image/png;base64," + base64.b64encode(_huge_png()).decode())], True,
+     "an image larger than Pillow opens"),
     ([{"type": "audio", "data": "x"}], True, "must be a {\"type\": \"text\""),
     ([_image_part("data:image/png;base64," + base64.b64encode(_png()).decode())] * 2, True,
      "holds 2 images; this model reads one"),

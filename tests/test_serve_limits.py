@@ -37,6 +37,7 @@ class GatedSlots:
   flight by clearing it, and lets them on a step at a time with `allow`."""
 
   max_len, eos_id, vocab_size = 64, 2, TOKENIZER.vocab_size
+  cfg = types.SimpleNamespace(vision=None)  # the model reads no images
 
   def __init__(self, endless: bool = False):
     self.endless = endless
@@ -58,7 +59,7 @@ class GatedSlots:
   def fit(self, rows, length):
     pass
 
-  def prefill(self, slot, ids):
+  def prefill(self, slot, ids, image=None):
     pass
 
   def step(self, rows):

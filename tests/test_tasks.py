@@ -56,7 +56,7 @@ def test_an_unknown_objective_is_one_line_naming_the_known_ones():
   with pytest.raises(UserError) as e:
     checks.validate(config)
   assert str(e.value) == ("config field task.kind is 'nonsense': use one of 'lm', 'instructions', 'classification',"
-                          " 'distill', 'fim', 'mlm', 'tagging'.")
+                          " 'distill', 'fim', 'mlm', 'tagging', 'reading'.")
 
 
 def test_configs_written_before_objectives_had_names_find_theirs():

@@ -104,3 +104,34 @@ def test_the_image_and_prompt_attend_both_ways_the_answer_causally_and_text_rows
   np.testing.assert_array_equal(mixed[0], base[0])
   text = model.apply({"params": params}, tokens, segments, positions, prefix_BxT=prefix)
   np.testing.assert_allclose(mixed[1], text[1], atol=1e-6)
+
+
+@pytest.mark.slow  # the KV-cache decoder's compile and a full forward pass
+def test_the_decoder_reads_an_image_row_and_a_text_row_as_the_full_forward_pass_does():
+  """Decoder.generate (the path of generate --image, the server and training's eval): an
+  image row (4 slots, BOS, a 2-token prompt read both ways with it) and a text-only row
+  (read left to right, BOS alone its prefix) in one batch; each greedy token is the full
+  forward pass's argmax over the image, the prompt and the tokens before it."""
+  from tpu_lm.inference import decode
+
+  cfg, model, params, _ = _vision_lm()
+  decoder = decode.Decoder(cfg, params, eos_id=1, pad_id=0, vocab_size=128)
+  image = np.asarray(jax.random.randint(jax.random.key(5), (16, 16, 1), 0, 256), np.uint8)
+  prompts = [[0, 0, 0, 0, 2, 40, 41], [2, 50, 51, 52]]
+  out = decoder.generate(prompts, decode.Sampling(max_new_tokens=6, temperature=0.0), images=[image, None])
+  for row, (prompt, completion) in enumerate(zip(prompts, out)):
+    tokens = jnp.asarray([prompt + completion.tokens])
+    t = tokens.shape[1]
+    positions = jnp.arange(t)[None]
+    reads_image = row == 0
+    logits = model.apply({"params": params}, tokens, jnp.ones_like(tokens), positions,
+                         prefix_BxT=positions < (len(prompt) if reads_image else 1),
+                         images=vision.pixels_to_unit(jnp.asarray(image)[None]),
+                         image_rows_B=jnp.asarray([reads_image]))
+    expected = np.asarray(jnp.argmax(logits[0, len(prompt) - 1:-1], -1))
+    assert completion.tokens and list(expected) == completion.tokens, row
+    # The prefill's logits themselves (this tiny model's argmax mostly repeats its input).
+    tokens_1xP = jnp.asarray([prompt])
+    _, first = decode.prefill(decoder.model, decoder.params, tokens_1xP, jnp.asarray([len(prompt)]), 16,
+                              jnp.asarray(image)[None], jnp.asarray([reads_image]))
+    np.testing.assert_allclose(first[0], logits[0, len(prompt) - 1], atol=1e-5, err_msg=f"row {row}")

@@ -34,7 +34,6 @@ import statistics
 from experiments import record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
 PRETRAINED = {"decoder": "configs/base.py", "encoder": "configs/encoder.py"}
 
 

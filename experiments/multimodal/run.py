@@ -13,12 +13,13 @@ rate and exact-line accuracy, against:
   half the steps while the vision encoder and projector learn, then unfrozen; or adapted
   by LoRA (rank 8 on the decoder's projections) while the vision half trains in full.
 
-  python experiments/multimodal/run.py [--fresh]
+  python experiments/multimodal/run.py [--fresh] [--only=lora,...]
 
 Every run is the real command in a subprocess; finished runs in runs/ are reused (pass
 --fresh to rerun). Puts the table on top of results.md next to this file (newest
 first); draws held-out samples with their images (reading_samples.png) and where the
-config's run looks while reading one of them (attention.png) next to it.
+config's run looks while reading one of them (attention.png) next to it. `--only` runs
+the named runs (and those they start from) and prints their rows, writing nothing.
 """
 
 if __name__ == "__main__" and not __package__:  # run as a file: rerun as a module
@@ -35,7 +36,6 @@ import threading
 from experiments import record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
 STEPS = 4172  # configs/reading.STEPS
 FREEZE_DECODER = "(?!vision_encoder/).*"  # every parameter but the image half's
 FIRST_SITTING = 0.575  # the speed factor measured when the runs before seed 1 ran (2026-12-05)
@@ -142,14 +142,52 @@ def _code(text: str) -> str:
   return "`` " + text.replace("|", "\\|") + " ``" if text else "(nothing)"
 
 
+def _row(plan: dict, runs_dir: str, name: str, wall: float) -> str:
+  """A run's row of the table."""
+  _, overrides, what, _ = plan[name]
+  result = record.final_eval(os.path.join(runs_dir, name))
+  height = overrides.get("vision.image_height", 32)
+  steps = overrides.get("num_train_steps", STEPS)
+  return (f"| {what} | {steps} | {height} x {8 * height} | {result['eval_cer']:.3f} | {result['eval_exact']:.3f} |"
+          f" {result['eval_token_accuracy']:.3f} | {result['eval_loss']:.3f} | {wall:.0f} |")
+
+
+def _only(plan: dict, runs_dir: str, names: list[str], fresh: bool, factor: float) -> None:
+  """The named runs, each after the runs it starts from, one at a time; their rows printed."""
+  unknown = [n for n in names if n not in plan]
+  if unknown:
+    raise SystemExit(f"--only: no run named {', '.join(unknown)}; the runs are {', '.join(plan)}")
+  order: list[str] = []
+
+  def visit(name):
+    after = plan[name][3]
+    if after:
+      visit(after)
+    if name not in order:
+      order.append(name)
+
+  for name in names:
+    visit(name)
+  walls = {name: record.train(plan[name][0], os.path.join(runs_dir, name), plan[name][1], fresh and name in names)
+           for name in order}
+  print(factor)
+  for name in names:
+    print(_row(plan, runs_dir, name, walls[name]) if name != "text" else
+          f"text: {record.final_eval(os.path.join(runs_dir, name))['eval_bpb']:.4f} bits/byte, {walls[name]:.0f} s")
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--fresh", action="store_true", help="rerun finished runs too")
+  p.add_argument("--only", default="", help="comma-separated runs to measure alone (their rows printed, not written)")
   args = p.parse_args()
   factor = record.speed_factor()
   runs_dir = os.path.join(HERE, "runs")
   plan = runs(runs_dir)
   walls: dict[str, float] = {}
+  if args.only:
+    _only(plan, runs_dir, args.only.split(","), args.fresh, factor)
+    return
 
   finished = {name: threading.Event() for name in plan}
 
@@ -184,15 +222,7 @@ def main() -> None:
       " walls within a sitting only.", "",
       "| run | steps | image | CER | exact lines | next-character accuracy | eval loss (nats/char) | wall s |",
       "|---|---|---|---|---|---|---|---|"]
-  for name, (_, overrides, what, _) in plan.items():
-    if name == "text":
-      continue
-    result = record.final_eval(os.path.join(runs_dir, name))
-    height = overrides.get("vision.image_height", 32)
-    steps = overrides.get("num_train_steps", STEPS)
-    lines.append(f"| {what} | {steps} | {height} x {8 * height} | {result['eval_cer']:.3f} |"
-                 f" {result['eval_exact']:.3f} | {result['eval_token_accuracy']:.3f} | {result['eval_loss']:.3f} |"
-                 f" {walls[name]:.0f} |")
+  lines += [_row(plan, runs_dir, name, walls[name]) for name in plan if name != "text"]
   lines += ["", f"The text pretraining (configs/base.py with data.tokenizer='bytes', 2086 steps of 8 x 256 bytes):"
             f" {text['eval_bpb']:.4f} bits/byte on the validation split, {walls['text']:.0f} s.", ""]
   pairs = samples(os.path.join(runs_dir, "scratch"), os.path.join(HERE, "reading_samples.png"))

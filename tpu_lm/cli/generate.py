@@ -113,8 +113,8 @@ def _image(run):
                     " file.") from None
 
 
-def _prompt_ids(run, prompt: str) -> list[int]:
-  if getattr(run, "image", None) is not None:
+def _prompt_ids(run, prompt: str, image=None) -> list[int]:
+  if image is not None:
     from tpu_lm.tasks import reading
 
     return reading.image_prompt(run.decoder.cfg.vision.num_patches, run.encode_prompt(prompt))
@@ -191,10 +191,11 @@ class _Text(StoppedText):
     return completion.finish_reason
 
 
-def _decode(run, jobs, stop: tuple[str, ...], interrupted, show=None):
+def _decode(run, jobs, stop: tuple[str, ...], interrupted, show=None, image=None):
   """Decodes (prompt, Sampling) pairs in one batch; each row ends at the step its text
   shows a stop sequence, every row at the step after Ctrl-C. `show(piece)` streams
-  row 0's text. Returns the Completions and their _Texts."""
+  row 0's text; `image` (--image's pixels) is read before every prompt. Returns the
+  Completions and their _Texts."""
   texts = [_Text(run.tokenizer, stop, _end_id(run)) for _ in jobs]
   eos = run.decoder.eos_id
 
@@ -208,9 +209,9 @@ def _decode(run, jobs, stop: tuple[str, ...], interrupted, show=None):
           show(piece)
     return [now or text.stops.stopped for text in texts]
 
-  images = None if getattr(run, "image", None) is None else [run.image] * len(jobs)
-  completions = run.decoder.generate([_prompt_ids(run, p) for p, _ in jobs], [s for _, s in jobs], on_step=on_step,
-                                     images=images)
+  pictures = {} if image is None else {"images": [image] * len(jobs)}  # (a draft model's decoder reads none)
+  completions = run.decoder.generate([_prompt_ids(run, p, image) for p, _ in jobs], [s for _, s in jobs],
+                                     on_step=on_step, **pictures)
   for text in texts:
     piece = text.finish()
     if show:
@@ -223,23 +224,23 @@ def _show(piece: str) -> None:
   sys.stdout.flush()
 
 
-def complete_one(run, prompt: str, sampling, stop: tuple[str, ...]) -> bool:
+def complete_one(run, prompt: str, sampling, stop: tuple[str, ...], image=None) -> bool:
   """Prints the prompt, then each new piece of text the moment its token exists.
   Returns whether Ctrl-C ended it."""
   _show(prompt)
   with CtrlC() as interrupted:
-    [completion], [text] = _decode(run, [(prompt, sampling)], stop, interrupted, show=_show)
+    [completion], [text] = _decode(run, [(prompt, sampling)], stop, interrupted, show=_show, image=image)
   _show(_SUFFIX.value or "")
   _show("\n[interrupted]\n" if interrupted.pressed else
         f"\n[{len(completion.tokens)} tokens, {text.reason(completion, sampling)}]\n")
   return interrupted.pressed
 
 
-def complete_batch(run, jobs, stop: tuple[str, ...]) -> bool:
+def complete_batch(run, jobs, stop: tuple[str, ...], image=None) -> bool:
   """Decodes (prompt, Sampling) pairs together and prints each completion in turn.
   Returns whether Ctrl-C ended them."""
   with CtrlC() as interrupted:
-    completions, texts = _decode(run, jobs, stop, interrupted)
+    completions, texts = _decode(run, jobs, stop, interrupted, image=image)
   for i, ((prompt, s), c, text) in enumerate(zip(jobs, completions, texts)):
     print(f"--- sample {i + 1}/{len(jobs)} (seed {s.seed}; {len(c.tokens)} tokens, {text.reason(c, s)}) ---")
     print(prompt + text.text + (_SUFFIX.value or ""), flush=True)
@@ -248,7 +249,7 @@ def complete_batch(run, jobs, stop: tuple[str, ...]) -> bool:
   return interrupted.pressed
 
 
-def interactive(run, seed: int, stop: tuple[str, ...]) -> None:
+def interactive(run, seed: int, stop: tuple[str, ...], image=None) -> None:
   """One prompt per line, each streamed; Ctrl-C ends a completion (or clears the line),
   Ctrl-D quits."""
   print("[interactive: one prompt per line (\\n for a newline); Ctrl-C stops a completion; Ctrl-D quits]",
@@ -265,7 +266,7 @@ def interactive(run, seed: int, stop: tuple[str, ...]) -> None:
     if not line.strip():
       continue
     try:
-      complete_one(run, line.replace("\\n", "\n"), _sampling(seed), stop)
+      complete_one(run, line.replace("\\n", "\n"), _sampling(seed), stop, image)
     except UserError as e:  # e.g. a prompt too long: say so and keep the model loaded
       print(f"error: {e}", file=sys.stderr, flush=True)
     seed = (seed + 1) % 2**32
@@ -307,10 +308,10 @@ def body() -> None:
     run = run_dir.load(_WORKDIR.value, step=_STEP.value, tensor_parallel=_TENSOR.value)
     print(f"[loaded {run.workdir} at step {run.step}]", file=sys.stderr, flush=True)
     _check_infill(run)
-    run.image = _image(run)
-    if run.image is not None and not flags.FLAGS["max_new_tokens"].present:
+    image = _image(run)
+    if image is not None and not flags.FLAGS["max_new_tokens"].present:
       # The image's positions take most of a reading model's context: what is left, by default.
-      longest = max((len(_prompt_ids(run, p)) for p in prompts), default=run.decoder.cfg.vision.num_patches + 1)
+      longest = max((len(_prompt_ids(run, p, image)) for p in prompts), default=run.decoder.cfg.vision.num_patches + 1)
       flags.FLAGS.max_new_tokens = max(run.decoder.max_len - longest, 1)
     if _DRAFT.value:
       from tpu_lm.inference import speculative
@@ -321,16 +322,16 @@ def body() -> None:
     interrupted = False
     if prompts:
       if len(prompts) * _NUM_SAMPLES.value == 1:
-        interrupted = complete_one(run, prompts[0], _sampling(_SEED.value), stop)
+        interrupted = complete_one(run, prompts[0], _sampling(_SEED.value), stop, image)
       else:
         jobs = [(p, _sampling((_SEED.value + j) % 2**32)) for p in prompts for j in range(_NUM_SAMPLES.value)]
-        interrupted = complete_batch(run, jobs, stop)
+        interrupted = complete_batch(run, jobs, stop, image)
     if _DRAFT.value:
       total = run.decoder.total
       print(f"[speculative: {total.accepted} of {total.proposed} draft tokens accepted ({total.rate:.0%})]",
             file=sys.stderr, flush=True)
     if _INTERACTIVE.value:
-      interactive(run, _SEED.value, stop)
+      interactive(run, _SEED.value, stop, image)
     elif interrupted:
       sys.exit(130)  # as a shell reports a command ended by Ctrl-C
   except KeyboardInterrupt:  # Ctrl-C while loading or compiling, outside a decode

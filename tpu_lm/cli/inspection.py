@@ -91,7 +91,7 @@ def _inspect_image(m, out: str) -> None:
   rows, cols = vision.grid
   print(f"{m.workdir} at step {m.step}: {'explaining' if _TEXT.value is not None else 'reads'} {r['text']!r}\n")
   print(f"per token, the image's share of its prediction's attention and the patch it looks at most"
-        f" ({rows} x {cols} patches of {vision.patch} pixels; row, column):")
+        f" ({rows} x {cols} patches of {vision.patch_shape[0]} x {vision.patch_shape[1]} pixels; row, column):")
   for piece, attention_RxC in zip(r["tokens"], r["maps_KxRxC"]):
     row, col = divmod(int(attention_RxC.argmax()), cols)
     print(f"  {piece!r:<12} {attention_RxC.sum():.2f}  patch ({row}, {col})")

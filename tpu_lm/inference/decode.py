@@ -41,8 +41,17 @@ def prefill(model, params, tokens_BxP, lengths_B, cache_len: int, images=None, i
   b, p = tokens_BxP.shape
   cache = transformer.init_cache(model.cfg, b, cache_len)
   positions_BxP = jnp.broadcast_to(jnp.arange(p), (b, p))
-  # A prefix LM reads its whole prompt both ways; what it generates is causal.
-  prefix_BxP = positions_BxP < lengths_B[:, None] if model.cfg.attention_mask == "prefix" else None
+  prefix_BxP = None
+  if model.cfg.attention_mask == "prefix":
+    # A prefix LM reads its whole prompt both ways; what it generates is causal. A vision
+    # model's row without an image is text, read left to right as its mixed batches train
+    # it: BOS alone its prefix (as score.left_to_right reads text).
+    ends_B = lengths_B
+    if model.cfg.vision is not None:
+      with_image_B = jnp.zeros_like(lengths_B, bool) if images is None else (
+          jnp.ones_like(lengths_B, bool) if image_rows_B is None else image_rows_B)
+      ends_B = jnp.where(with_image_B, lengths_B, 1)
+    prefix_BxP = positions_BxP < ends_B[:, None]
   variables = {"params": params}
   pictures = {}
   if images is not None:

@@ -238,6 +238,7 @@ def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "
   tokenizer = tokenizer_lib.load_for_run(workdir)
   params = read_export_params(workdir, step, config)
   vocab = derived.tokenizer_vocab_size(config)
+  vision = derived.vision_config(config)  # a reading run's image half, written beside the decoder
   if encoder:
     if imported_without_head(workdir):
       raise UserError(f"{workdir} was imported from a BertModel and its masked-LM head never trained: train it on"
@@ -264,7 +265,6 @@ def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "
                  "pad_token_id": tokenizer.pad_id}, f, indent=2)
     safetensors_io.write(tmp, tensors)
     tokenizer_export.write(tokenizer, tmp, m.max_len, encoder=encoder)
-    vision = derived.vision_config(config)
     if vision is not None:
       _write_vision(tmp, params["vision_encoder"], vision, _DTYPES[dtype])
     os.replace(tmp, dst)
@@ -274,7 +274,7 @@ def export_model(workdir: str, dst: str, step: int | None = None, dtype: str = "
 
       shutil.rmtree(tmp)
   done = f"wrote {dst}: {arch.ARCHITECTURE} ({dtype}) from {workdir} step {step}"
-  if derived.vision_config(config) is not None:
+  if vision is not None:
     done += (f"; the decoder alone, reading left to right (the run reads a prompt both ways), and the vision"
              f" encoder and projector in {VISION_WEIGHTS} and {VISION_CONFIG} (no transformers class reads them)")
   return done

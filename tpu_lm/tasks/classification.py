@@ -62,7 +62,7 @@ class Classifier:
 
   def _logits(self, model, params, batch, rngs):
     hidden_BxTxD = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"], rngs=rngs,
-                               method="hidden", **losses.reading_inputs(batch))
+                               method="hidden", **losses.extra_inputs(batch))
     real_BxT = (batch["segment_ids"] > 0).astype(jnp.float32)
     pooled_BxD = pool(hidden_BxTxD, real_BxT, self.pooling)
     weight_B = real_BxT[:, 0]  # padding rows (all segment 0) count for nothing

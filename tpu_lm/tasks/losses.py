@@ -13,7 +13,7 @@ def token_weights(batch) -> jax.Array:
   return (batch["segment_ids"] > 0).astype(jnp.float32)
 
 
-def reading_inputs(batch) -> dict:
+def extra_inputs(batch) -> dict:
   """The model's keyword inputs beyond tokens a batch may carry: the prefix a prefix LM
   reads both ways, and images (uint8 pixels -> [-1, 1]) with the rows that have one."""
   out = {"prefix_BxT": batch.get("prefix")}
@@ -58,7 +58,7 @@ def token_nats(model, params, batch, rngs=None, logits_chunk: int = 0, z_loss: f
   variables = {"params": params}
   weights_BxT = token_weights(batch)
   hidden_BxTxD = model.apply(variables, batch["inputs"], batch["segment_ids"], batch["positions"], rngs=rngs,
-                             method="hidden", **reading_inputs(batch))
+                             method="hidden", **extra_inputs(batch))
   t = hidden_BxTxD.shape[1]
   if not logits_chunk or logits_chunk >= t:
     return cross_entropy_sum(model.apply(variables, hidden_BxTxD, method="logits"), batch["targets"], weights_BxT,
@@ -89,7 +89,7 @@ def scored_token_sums(model, params, batch) -> dict:
   loss and next-token accuracy, for objectives whose rows carry their targets and weights."""
   variables = {"params": params}
   hidden_BxTxD = model.apply(variables, batch["inputs"], batch["segment_ids"], batch["positions"], method="hidden",
-                             **reading_inputs(batch))
+                             **extra_inputs(batch))
   logits_BxTxV = model.apply(variables, hidden_BxTxD, method="logits")
   weights_BxT = token_weights(batch)
   nats, count = cross_entropy_sum(logits_BxTxV, batch["targets"], weights_BxT)

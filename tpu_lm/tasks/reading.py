@@ -170,6 +170,9 @@ class Reading(LanguageModel):
     if not 0 <= r.text_share < 1:
       fail("reading.text_share", r.text_share, "it is the share of training examples without an image: use a"
            " number in [0, 1)")
+    if r.source == "images" and r.text_share:
+      fail("reading.text_share", r.text_share, "text-only rows are windows of the text corpus's documents, and"
+           " reading.source='images' reads an image dataset's captions: set it to 0 there")
     if r.source == "images" and r.caption_template and "{label}" not in r.caption_template:
       fail("reading.caption_template", r.caption_template, "it must contain {label}, e.g. 'a photo of a {label}'")
 
@@ -216,6 +219,9 @@ def decode_image(data: bytes, shape: tuple) -> np.ndarray:
       array = np.asarray(picture.convert("L" if shape[2] == 1 else "RGB"), np.uint8)
   except UnidentifiedImageError:
     raise ValueError("not an image file Pillow can read") from None
+  except Image.DecompressionBombError:  # a small file that would unpack to gigabytes of pixels
+    raise ValueError(f"an image larger than Pillow opens ({Image.MAX_IMAGE_PIXELS:,} pixels at most): send a"
+                     " smaller picture") from None
   except (OSError, SyntaxError, ValueError) as e:  # a truncated or damaged file
     raise ValueError(f"a damaged image file ({e})") from None
   return fit_image(array, shape)

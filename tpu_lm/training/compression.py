@@ -82,7 +82,8 @@ def compress(src: str, out: str, *, quant_spec: quant.Spec, prune_spec: prune.Sp
     written.quant.update(weight_qtype=quant_spec.weight_qtype, tile_size=quant_spec.tile_size,
                          act_qtype=quant_spec.act_qtype, targets=quant_spec.targets, qat=False)
     step_fn = jax.jit(lambda p, b: eval_step(p, b, model=qmodel, task=setup.task))
-    after = evaluate.evaluate(setup, params, corpus, eval_step=step_fn)
+    after = evaluate.evaluate(setup, params, corpus, eval_step=step_fn,
+                              wrap=lambda model: quant.ptq_model(model, quant_spec))
     saved = quant.saved_form(params)
   else:
     after = evaluate.evaluate(setup, params, corpus)

@@ -10,10 +10,11 @@ from tpu_lm.progress import Progress
 from tpu_lm.training import metrics as metrics_lib
 
 
-def evaluate(setup, params, corpus, eval_step=None) -> dict:
+def evaluate(setup, params, corpus, eval_step=None, wrap=None) -> dict:
   """The task's eval metrics over the validation split (or eval_max_batches batches
   of its documents in a fixed seeded order, if set); `eval_step` (params, batch) ->
-  sums, default setup's (another model over the same batches: a quantized one)."""
+  sums, default setup's (another model over the same batches: a quantized one, which
+  `wrap(model)` gives the decoder that reads held-out images)."""
   eval_step = eval_step or setup.eval_step
   d = setup.config.data
   if len(corpus.validation) == 0:
@@ -35,27 +36,46 @@ def evaluate(setup, params, corpus, eval_step=None) -> dict:
                     f" {len(corpus.validation)} documents but no {'tokens' if 'eval_tokens' in result else 'examples'}"
                     " to score; set data.eval_split to a split with text.")
   if getattr(setup.task, "reads_images", False):
-    result.update(read_images(setup, params, corpus))
+    result.update(read_images(setup, params, corpus, wrap))
   return result
 
 
-def read_images(setup, params, corpus, show: int = 3) -> dict:
+def decodable(setup, params):
+  """The parameters a KV-cache decoder runs as training's eval model does: a LoRA run's
+  adapters merged into their kernels (the plain model the decoder builds has no adapters
+  and would silently skip them)."""
+  lora_cfg = setup.config.lora
+  if not lora_cfg.rank:
+    return params
+  from tpu_lm.model import lora
+
+  return lora.merge(params, rank=lora_cfg.rank, alpha=lora_cfg.alpha)
+
+
+def _decoder(setup, params, tok, wrap=None):
+  mesh = setup.mesh.shape
+  return decode.Decoder(setup.model_cfg, decodable(setup, params), eos_id=tok.eos_id, pad_id=tok.pad_id,
+                        vocab_size=tok.vocab_size, context=setup.context, batch_multiple=mesh["data"] * mesh["fsdp"],
+                        wrap=wrap)
+
+
+def read_images(setup, params, corpus, wrap=None, show: int = 3) -> dict:
   """A reading objective's held-out examples read greedily from their images alone:
-  character error rate and exact lines (tasks/reading.py); the first `show` printed."""
+  character error rate and exact lines (tasks/reading.py); the first `show` printed.
+  `wrap`: the model that runs `params` when it is not the plain one (quantized)."""
   from tpu_lm.tasks import reading
 
   task, tok = setup.task, corpus.tokenizer
   n = min(task.eval_examples, len(corpus.validation))
   if not n:
     return {}
-  decoder = setup.reader  # one compiled decoder per run: each eval swaps the parameters in
-  if decoder is None:
-    mesh = setup.mesh.shape
-    decoder = setup.reader = decode.Decoder(
-        setup.model_cfg, params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size,
-        context=setup.context, batch_multiple=mesh["data"] * mesh["fsdp"])
+  if wrap is not None:  # another model, read once (compression's quantized copy)
+    decoder = _decoder(setup, params, tok, wrap)
+  elif setup.reader is None:  # one compiled decoder per run: each eval swaps the parameters in
+    decoder = setup.reader = _decoder(setup, params, tok)
   else:
-    decoder.set_params(params)
+    decoder = setup.reader
+    decoder.set_params(decodable(setup, params))
   max_new = setup.config.data.seq_len - task.image_slots - 1
   read, references = task.transcribe(decoder, tok, corpus.validation.source.get(list(range(n))), max_new)
   if jax.process_index() == 0:
@@ -78,12 +98,8 @@ def print_samples(setup, params, corpus) -> None:
   prompts = pipeline.first_tokens(corpus.validation, s.num_prompts, s.prompt_tokens)
   if not len(prompts):
     return
-  mesh = setup.mesh.shape
   tok = corpus.tokenizer
-  decoder = decode.Decoder(
-      setup.model_cfg, params, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size,
-      context=setup.context, batch_multiple=mesh["data"] * mesh["fsdp"],
-  )
+  decoder = _decoder(setup, params, tok)
   samplings = [decode.Sampling(s.new_tokens, s.temperature, s.top_k, seed=setup.config.seed + i)
                for i in range(len(prompts))]
   for prompt, c in zip(prompts, decoder.generate([list(p) for p in prompts], samplings)):
