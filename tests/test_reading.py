@@ -308,6 +308,37 @@ def test_generate_the_server_and_inspect_read_an_image_as_the_decoder_does(readi
   assert "image_attention.png" in out and (tmp_path / "inspect" / "image_attention.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # a LoRA fine-tune of the reading run and an int8 copy of it
+def test_the_held_out_reading_a_run_reports_is_its_saved_models_lora_merged_or_quantized(reading_run, corpus_dir,
+                                                                                       data_dir, tmp_path):
+  import jax
+
+  from tpu_lm.data import sources
+  from tpu_lm.inference import run_dir
+  from tpu_lm.model import quant
+  from tpu_lm.training import compression, loop, prune
+
+  def read(workdir, n):
+    run = run_dir.load(workdir, devices=jax.devices()[:1])
+    records = sources.open_splits(run.config.data).validation.get(list(range(n)))
+    texts, truth = run.objective.transcribe(run.decoder, run.tokenizer, records, run.config.data.seq_len - SLOTS - 1)
+    return reading.reading_scores(texts, truth)["eval_cer"], texts
+
+  config = _tiny_reading(corpus_dir, data_dir)
+  config.update(num_train_steps=3, eval_every_steps=100, init_from=reading_run)
+  config.lora.rank, config.lora.targets = 4, "layers_.*"
+  config.optim.learning_rate = 0.05  # adapters large enough to change what the decoder reads
+  result = loop.train_and_evaluate(config, str(tmp_path / "lora"))
+  n = result["eval_read_examples"]
+  cer, texts = read(str(tmp_path / "lora"), n)
+  assert texts != read(reading_run, n)[1]  # the adapters matter: read without them, the eval would differ
+  assert result["eval_cer"] == cer
+
+  out = str(tmp_path / "int8")
+  done = compression.compress(reading_run, out, quant_spec=quant.Spec(weight_qtype="int8"), prune_spec=prune.Spec())
+  assert done.compressed["eval_cer"] == read(out, n)[0]
+
+
 def test_an_image_text_dataset_is_read_as_it_is_with_captions_or_class_labels():
   tok = ByteTokenizer()
   rng = np.random.default_rng(0)
