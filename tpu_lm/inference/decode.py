@@ -48,8 +48,7 @@ def prefill(model, params, tokens_BxP, lengths_B, cache_len: int, images=None, i
     # it: BOS alone its prefix (as score.left_to_right reads text).
     ends_B = lengths_B
     if model.cfg.vision is not None:
-      with_image_B = jnp.zeros_like(lengths_B, bool) if images is None else (
-          jnp.ones_like(lengths_B, bool) if image_rows_B is None else image_rows_B)
+      with_image_B = image_rows_B if image_rows_B is not None else jnp.full(lengths_B.shape, images is not None)
       ends_B = jnp.where(with_image_B, lengths_B, 1)
     prefix_BxP = positions_BxP < ends_B[:, None]
   variables = {"params": params}

@@ -52,7 +52,8 @@ def decodable(setup, params):
   return lora.merge(params, rank=lora_cfg.rank, alpha=lora_cfg.alpha)
 
 
-def _decoder(setup, params, tok, wrap=None):
+def decoder_for(setup, params, tok, wrap=None) -> decode.Decoder:
+  """A KV-cache decoder of the parameters training holds, on its mesh (`decodable`)."""
   mesh = setup.mesh.shape
   return decode.Decoder(setup.model_cfg, decodable(setup, params), eos_id=tok.eos_id, pad_id=tok.pad_id,
                         vocab_size=tok.vocab_size, context=setup.context, batch_multiple=mesh["data"] * mesh["fsdp"],
@@ -70,9 +71,9 @@ def read_images(setup, params, corpus, wrap=None, show: int = 3) -> dict:
   if not n:
     return {}
   if wrap is not None:  # another model, read once (compression's quantized copy)
-    decoder = _decoder(setup, params, tok, wrap)
+    decoder = decoder_for(setup, params, tok, wrap)
   elif setup.reader is None:  # one compiled decoder per run: each eval swaps the parameters in
-    decoder = setup.reader = _decoder(setup, params, tok)
+    decoder = setup.reader = decoder_for(setup, params, tok)
   else:
     decoder = setup.reader
     decoder.set_params(decodable(setup, params))
@@ -99,7 +100,7 @@ def print_samples(setup, params, corpus) -> None:
   if not len(prompts):
     return
   tok = corpus.tokenizer
-  decoder = _decoder(setup, params, tok)
+  decoder = decoder_for(setup, params, tok)
   samplings = [decode.Sampling(s.new_tokens, s.temperature, s.top_k, seed=setup.config.seed + i)
                for i in range(len(prompts))]
   for prompt, c in zip(prompts, decoder.generate([list(p) for p in prompts], samplings)):

@@ -40,18 +40,12 @@ class Harness:
     """The tasks' metrics for `params` at `step` (a flat dict of floats)."""
     from tpu_lm.harness import benchmarks
     from tpu_lm.harness.model import TpuLM
-    from tpu_lm.inference import decode, run_dir
+    from tpu_lm.inference import run_dir
+    from tpu_lm.training import evaluate
 
     config, h = setup.config, setup.config.eval_harness
     t0 = time.time()
-    if config.lora.rank:  # the adapters merged into their kernels, as a saved run is read
-      from tpu_lm.model import lora
-
-      params = lora.merge(params, rank=config.lora.rank, alpha=config.lora.alpha)
-    mesh = setup.mesh.shape
-    decoder = decode.Decoder(setup.model_cfg, params, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                             vocab_size=tokenizer.vocab_size, context=setup.context,
-                             batch_multiple=mesh["data"] * mesh["fsdp"])
+    decoder = evaluate.decoder_for(setup, params, tokenizer)  # LoRA's adapters merged, as a saved run is read
     run = run_dir.Run(workdir, step, config, tokenizer, decoder, setup.task)
     lm = TpuLM(run, batch_size=h.batch_size, max_gen_toks=h.max_gen_toks, seed=config.seed)
     # bootstrap_iters=0: no resampled standard errors inside training (they cost minutes on big tasks).
